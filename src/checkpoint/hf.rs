@@ -1,0 +1,248 @@
+//! HuggingFace directories <-> zoo models. `config.json` decides the architecture; weights come from
+//! `model.safetensors` or its shards; a directory saved here loads in transformers'
+//! `LlavaForConditionalGeneration.from_pretrained` without conversion.
+use burn::tensor::Device;
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+
+use super::keys;
+use super::params::{Collector, Loader};
+use super::safetensors_io::{WeightStore, write_file};
+use crate::error::{Error, Result, read_json};
+use crate::zoo::connectors::ConnectorSpec;
+use crate::zoo::encoders::{FeatureSelect, VitSpec};
+use crate::zoo::llms::LlmSpec;
+use crate::zoo::llms::config::parse_act;
+use crate::zoo::mllm::{Llava, LlavaSpec};
+
+fn config_of(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "no such checkpoint directory"));
+    }
+    let path = dir.join("config.json");
+    let v: serde_json::Value = read_json(&path)?;
+    Ok((path, v))
+}
+
+fn model_type(v: &serde_json::Value) -> &str {
+    v.get("model_type").and_then(|m| m.as_str()).unwrap_or("")
+}
+
+/// The spec a LLaVA config.json describes.
+pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
+    let (path, v) = config_of(dir)?;
+    if model_type(&v) != "llava" {
+        return Err(Error::key(
+            &path,
+            "model_type",
+            format!(
+                "`{}` is not a LLaVA checkpoint (expected \"llava\"); compose standalone encoder/LLM directories with --encoder/--llm",
+                model_type(&v)
+            ),
+        ));
+    }
+    let vision = VitSpec::from_hf(
+        v.get("vision_config").unwrap_or(&serde_json::Value::Null),
+        &path,
+        "vision_config.",
+    )?;
+    let llm = LlmSpec::from_hf(
+        v.get("text_config").unwrap_or(&serde_json::Value::Null),
+        &path,
+        "text_config.",
+        v.get("tie_word_embeddings").and_then(|t| t.as_bool()),
+    )?;
+    let act = parse_act(
+        v.get("projector_hidden_act")
+            .and_then(|a| a.as_str())
+            .unwrap_or("gelu"),
+        &path,
+        "projector_hidden_act",
+    )?;
+    let select = FeatureSelect::from_hf(
+        v.get("vision_feature_layer")
+            .unwrap_or(&serde_json::Value::Null),
+        v.get("vision_feature_select_strategy")
+            .and_then(|s| s.as_str())
+            .unwrap_or("default"),
+        &path,
+    )?;
+    let image_token_id = v
+        .get("image_token_index")
+        .or_else(|| v.get("image_token_id"))
+        .and_then(|x| x.as_i64())
+        .ok_or_else(|| Error::key(&path, "image_token_index", "missing"))?;
+    let spec = LlavaSpec {
+        vision,
+        select,
+        connector: ConnectorSpec::Mlp { depth: 2, act },
+        projector_bias: v
+            .get("multimodal_projector_bias")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(true),
+        llm,
+        image_token_id,
+    };
+    spec.validate().map_err(|m| Error::file(&path, m))?;
+    Ok(spec)
+}
+
+/// Loads a `LlavaForConditionalGeneration` directory. Every tensor must be present and used.
+pub fn load_llava(dir: &Path, device: &Device) -> Result<Llava> {
+    let spec = llava_spec(dir)?;
+    let store = WeightStore::open_dir(dir)?;
+    let model = spec.init(device);
+    let keys: &dyn Fn(&str) -> Vec<String> = &keys::llava;
+    Loader::new(&store, keys, &[], device).load(model)
+}
+
+/// How to build a LLaVA model from standalone parts: an encoder directory (CLIPVisionModel / SiglipVisionModel /
+/// CLIPModel), an LLM directory (LlamaForCausalLM / Qwen2ForCausalLM), and a connector that starts fresh.
+pub struct Composition<'a> {
+    pub encoder: &'a Path,
+    pub llm: &'a Path,
+    pub connector: ConnectorSpec,
+    pub select: FeatureSelect,
+    /// Input resolution; position embeddings are interpolated when it differs from the encoder's.
+    pub image_size: Option<usize>,
+    pub image_token_id: i64,
+}
+
+/// Partial load, explicit: encoder and LLM weights from their directories, connector freshly initialized.
+pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
+    let (vpath, vcfg) = config_of(c.encoder)?;
+    // A full CLIPModel keeps its tower config under vision_config.
+    let (vv, prefix) = match vcfg.get("vision_config") {
+        Some(inner) if model_type(&vcfg) != "clip_vision_model" => {
+            (inner.clone(), "vision_config.")
+        }
+        _ => (vcfg.clone(), ""),
+    };
+    let mut vision = VitSpec::from_hf(&vv, &vpath, prefix)?;
+    if let Some(s) = c.image_size {
+        if s % vision.patch_size != 0 {
+            return Err(Error::input(format!(
+                "image size {s} is not a multiple of the encoder's patch size {}",
+                vision.patch_size
+            )));
+        }
+        vision.input_size = s;
+    }
+    let (lpath, lcfg) = config_of(c.llm)?;
+    let llm = LlmSpec::from_hf(&lcfg, &lpath, "", None)?;
+    let spec = LlavaSpec {
+        vision,
+        select: c.select.clone(),
+        connector: c.connector.clone(),
+        projector_bias: true,
+        llm,
+        image_token_id: c.image_token_id,
+    };
+    spec.validate().map_err(Error::input)?;
+    let model = spec.init(device);
+    let vstore = WeightStore::open_dir(c.encoder)?;
+    let lstore = WeightStore::open_dir(c.llm)?;
+    let vkeys = |p: &str| {
+        p.strip_prefix("vision_tower.")
+            .map(keys::vision)
+            .unwrap_or_default()
+    };
+    let lkeys = |p: &str| {
+        p.strip_prefix("language_model.")
+            .map(keys::llm)
+            .unwrap_or_default()
+    };
+    let vk: &dyn Fn(&str) -> Vec<String> = &|p| {
+        let k = vkeys(p);
+        if k.is_empty() { vec![p.to_string()] } else { k }
+    };
+    let lk: &dyn Fn(&str) -> Vec<String> = &|p| {
+        let k = lkeys(p);
+        if k.is_empty() { vec![p.to_string()] } else { k }
+    };
+    let model = Loader::new(
+        &vstore,
+        vk,
+        &["multi_modal_projector.", "language_model."],
+        device,
+    )
+    .load(model)?;
+    Loader::new(
+        &lstore,
+        lk,
+        &["multi_modal_projector.", "vision_tower."],
+        device,
+    )
+    .load(model)
+}
+
+/// The config.json transformers reads for this model.
+pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
+    let act = match &spec.connector {
+        ConnectorSpec::Mlp { depth: 2, act } => *act,
+        other => {
+            return Err(Error::input(format!(
+                "the LLaVA HF layout holds a 2-layer MLP projector; this model's connector is {other:?} and cannot be saved as LlavaForConditionalGeneration"
+            )));
+        }
+    };
+    let mut vision = spec.vision.to_hf();
+    vision["image_size"] = spec.vision.input_size.into();
+    Ok(serde_json::json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision,
+        "text_config": spec.llm.to_hf(),
+        "image_token_index": spec.image_token_id,
+        "image_seq_length": spec.image_tokens(),
+        "projector_hidden_act": act.hf_name(),
+        "multimodal_projector_bias": spec.projector_bias,
+        "vision_feature_layer": spec.select.hf_layer(),
+        "vision_feature_select_strategy": if spec.select.drop_cls { "default" } else { "full" },
+        "tie_word_embeddings": spec.llm.tie_word_embeddings,
+        "dtype": "float32",
+    }))
+}
+
+/// Writes `config.json` + `model.safetensors` (f32 or bf16/f16) into `out`, and copies the tokenizer/processor
+/// files from `assets` (the directory the model came from) when given.
+pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut cfg = llava_config(&model.spec)?;
+    cfg["dtype"] = match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
+    .into();
+    if model.spec.vision.input_size != model.spec.vision.image_size {
+        // The position table is stored at the trained grid; transformers interpolates it at run time
+        // (`interpolate_pos_encoding`), so the saved image_size stays the trained one.
+        cfg["vision_config"]["image_size"] = model.spec.vision.image_size.into();
+    }
+    let keys: &dyn Fn(&str) -> Vec<String> = &keys::llava;
+    let tensors = Collector::collect(model, keys, dtype);
+    write_file(&out.join("model.safetensors"), &tensors)?;
+    let cfg_path = out.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|source| {
+        Error::Io {
+            path: cfg_path,
+            source,
+        }
+    })?;
+    if let Some(src) = assets {
+        for f in crate::data::tokenizer::ASSET_FILES {
+            let p = src.join(f);
+            if p.exists() && src != out {
+                std::fs::copy(&p, out.join(f)).map_err(|source| Error::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Explicit key tables between mitune's module paths and HuggingFace checkpoint names, in one place.
+//! Module fields carry HF names, so most paths map by prefix; norms' `gamma`/`beta` become `weight`/`bias`
+//! (done by the loader) and the projector's `layers.{i}` become `linear_{i+1}`. The first candidate is the name
+//! mitune writes; the others are accepted on read (transformers 4.x hub layout and 5.x native layout).
+
+/// Keys of a `LlavaForConditionalGeneration` checkpoint.
+pub fn llava(path: &str) -> Vec<String> {
+    if let Some(rest) = path.strip_prefix("vision_tower.") {
+        vec![
+            format!("vision_tower.vision_model.{rest}"),
+            format!("vision_tower.{rest}"),
+            format!("model.vision_tower.vision_model.{rest}"),
+            format!("model.vision_tower.{rest}"),
+        ]
+    } else if let Some(rest) = path.strip_prefix("multi_modal_projector.") {
+        let k = projector(rest);
+        vec![
+            format!("multi_modal_projector.{k}"),
+            format!("model.multi_modal_projector.{k}"),
+        ]
+    } else if let Some(rest) = path.strip_prefix("language_model.") {
+        if rest.starts_with("lm_head.") {
+            vec![format!("language_model.{rest}"), rest.to_string()]
+        } else {
+            vec![
+                format!("language_model.model.{rest}"),
+                format!("model.language_model.{rest}"),
+            ]
+        }
+    } else {
+        vec![path.to_string()]
+    }
+}
+
+/// `layers.{i}.weight` -> `linear_{i+1}.weight`
+pub fn projector(rest: &str) -> String {
+    match rest.strip_prefix("layers.").and_then(|r| r.split_once('.')) {
+        Some((i, tail)) => format!("linear_{}.{tail}", i.parse::<usize>().map_or(0, |i| i + 1)),
+        None => rest.to_string(),
+    }
+}
+
+/// Keys of a standalone `CLIPVisionModel` / `SiglipVisionModel` (a full `CLIPModel` too: its text tower is ignored).
+pub fn vision(path: &str) -> Vec<String> {
+    vec![format!("vision_model.{path}"), path.to_string()]
+}
+
+/// Keys of a standalone `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+pub fn llm(path: &str) -> Vec<String> {
+    if path.starts_with("lm_head.") {
+        vec![path.to_string()]
+    } else {
+        vec![format!("model.{path}"), path.to_string()]
+    }
+}
+
+/// Stored tensors that are known and deliberately not used (buffers, heads LLaVA does not need, the text tower of a
+/// full CLIP checkpoint). Anything else left over is an "unexpected tensor" error.
+pub fn ignorable(key: &str) -> bool {
+    const PARTS: [&str; 9] = [
+        "vision_tower.head.",
+        "position_ids",
+        "rotary_emb.inv_freq",
+        "text_model.",
+        "logit_scale",
+        "logit_bias",
+        "visual_projection.",
+        "text_projection.",
+        "vision_model.head.",
+    ];
+    PARTS.iter().any(|p| key.contains(p)) || key.starts_with("head.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn llava_names() {
+        assert_eq!(
+            llava("multi_modal_projector.layers.1.bias")[0],
+            "multi_modal_projector.linear_2.bias"
+        );
+        assert_eq!(
+            llava("language_model.lm_head.weight")[0],
+            "language_model.lm_head.weight"
+        );
+        assert_eq!(
+            llava("language_model.norm.weight")[1],
+            "model.language_model.norm.weight"
+        );
+        assert_eq!(
+            llava("vision_tower.post_layernorm.bias")[1],
+            "vision_tower.post_layernorm.bias"
+        );
+    }
+}

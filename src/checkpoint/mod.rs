@@ -1,0 +1,8 @@
+//! Checkpoints in HuggingFace layout, read and written: LLaVA directories, standalone encoder/LLM directories a
+//! model is composed from, tokenizer and processor files.
+pub mod hf;
+pub mod keys;
+pub mod params;
+pub mod safetensors_io;
+
+pub use hf::{Composition, compose_llava, load_llava, save_llava};

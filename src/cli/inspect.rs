@@ -1,0 +1,81 @@
+//! `mitune inspect DIR`: what a checkpoint holds, before anyone trains on it.
+use burn::module::Module;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::checkpoint::hf::llava_spec;
+use crate::checkpoint::load_llava;
+use crate::checkpoint::safetensors_io::WeightStore;
+use crate::error::Result;
+
+pub fn run(dir: &Path) -> Result<()> {
+    let spec = llava_spec(dir)?;
+    let store = WeightStore::open_dir(dir)?;
+    let device = burn::tensor::Device::flex();
+    let model = load_llava(dir, &device)?;
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    for k in store.keys() {
+        *dtypes
+            .entry(format!("{:?}", store.dtype(k).unwrap()))
+            .or_default() += 1;
+    }
+    let v = &spec.vision;
+    let l = &spec.llm;
+    let (vp, cp, lp) = (
+        model.vision_tower.num_params(),
+        model.multi_modal_projector.num_params(),
+        model.language_model.num_params(),
+    );
+    println!("{}  (LlavaForConditionalGeneration)", dir.display());
+    println!(
+        "├─ vision_tower          {:?} ViT  {:>12} params",
+        v.family, vp
+    );
+    println!(
+        "│    {} layers, d={}, heads={}, patch={}, image={}px, act={}",
+        v.num_layers,
+        v.hidden_size,
+        v.num_heads,
+        v.patch_size,
+        v.input_size,
+        v.act.hf_name()
+    );
+    println!(
+        "│    features: layers {:?}, {}",
+        spec.select.layers,
+        if spec.select.drop_cls {
+            "default (drop first token)"
+        } else {
+            "full"
+        }
+    );
+    println!(
+        "├─ multi_modal_projector {:?}  {:>12} params",
+        spec.connector, cp
+    );
+    println!("└─ language_model        {:?}  {:>12} params", l.family, lp);
+    println!(
+        "     {} layers, d={}, heads={}/{} kv, head_dim={}, ffn={}, rope θ={} {:?}, tied={}",
+        l.num_layers,
+        l.hidden_size,
+        l.num_heads,
+        l.num_kv_heads,
+        l.head_dim,
+        l.intermediate_size,
+        l.rope.theta,
+        l.rope.scaling,
+        l.tie_word_embeddings
+    );
+    println!("total params: {}", vp + cp + lp);
+    println!(
+        "stored dtypes: {dtypes:?} ({} tensors)",
+        store.keys().count()
+    );
+    println!(
+        "image tokens per image: {}  (image token id {})",
+        spec.image_tokens(),
+        spec.image_token_id
+    );
+    println!("vocab size: {}", l.vocab_size);
+    Ok(())
+}

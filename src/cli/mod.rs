@@ -1,0 +1,72 @@
+//! Command line: `mitune generate`, `mitune inspect`, `mitune export`. Errors print as one line and exit 1.
+mod generate;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mitune",
+    version,
+    about = "Train and run multimodal LLMs (LLaVA-style) on burn"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a LLaVA-style HuggingFace checkpoint directory.
+    Generate(generate::Args),
+    /// Show a checkpoint's components, parameter counts, dtypes, image tokens and vocabulary.
+    Inspect {
+        /// Checkpoint directory (LlavaForConditionalGeneration layout).
+        dir: PathBuf,
+    },
+    /// Load a checkpoint and save it again in the LlavaForConditionalGeneration layout.
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect { dir } => inspect::run(&dir),
+        Command::Export { model, out, dtype } => export(&model, &out, &dtype),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> crate::Result<()> {
+    let dtype = match dtype {
+        "f32" => safetensors::Dtype::F32,
+        "bf16" => safetensors::Dtype::BF16,
+        "f16" => safetensors::Dtype::F16,
+        other => {
+            return Err(crate::Error::input(format!(
+                "--dtype {other}: use f32, bf16 or f16"
+            )));
+        }
+    };
+    let device = crate::default_device();
+    let m = crate::checkpoint::load_llava(model, &device)?;
+    crate::checkpoint::save_llava(&m, out, dtype, Some(model))?;
+    eprintln!("saved {} -> {}", model.display(), out.display());
+    Ok(())
+}

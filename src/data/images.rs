@@ -1,0 +1,249 @@
+//! Image preprocessing as transformers' CLIP/SigLIP image processors do it: (LLaVA's pad-to-square with the mean
+//! colour), resize (shortest edge, or to a fixed size) with the configured filter, center crop, rescale by 1/255,
+//! normalize by mean/std, channels first. The image crate's CatmullRom is within ≈0.05 of PIL's bicubic.
+use burn::tensor::{Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+use serde_json::Value;
+use std::path::Path;
+
+use crate::error::{Error, Result, read_json};
+use crate::zoo::layers::float_tensor;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resize {
+    ShortestEdge(u32),
+    Exact { height: u32, width: u32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    pub resize: Option<Resize>,
+    pub filter: FilterType,
+    pub crop: Option<(u32, u32)>,
+    pub rescale: Option<f32>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub normalize: bool,
+    /// LLaVA-1.5's `image_aspect_ratio = "pad"`: pad to a square with the mean colour before resizing.
+    pub pad_to_square: bool,
+}
+
+fn f32s(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
+    match v.and_then(|x| x.as_array()) {
+        Some(a) if a.len() == 3 => [0, 1, 2].map(|i| a[i].as_f64().unwrap_or(0.0) as f32),
+        _ => match v.and_then(|x| x.as_f64()) {
+            Some(s) => [s as f32; 3],
+            None => default,
+        },
+    }
+}
+
+impl ImageProcessor {
+    /// From `preprocessor_config.json`, or the `image_processor` entry of a 5.x `processor_config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        let (path, v) = if pre.exists() {
+            let v: Value = read_json(&pre)?;
+            (pre, v)
+        } else {
+            let p = dir.join("processor_config.json");
+            if !p.exists() {
+                return Err(Error::file(
+                    dir,
+                    "no preprocessor_config.json or processor_config.json: cannot preprocess images for this checkpoint",
+                ));
+            }
+            let v: Value = read_json(&p)?;
+            let ip = v
+                .get("image_processor")
+                .cloned()
+                .ok_or_else(|| Error::key(&p, "image_processor", "missing"))?;
+            (p, ip)
+        };
+        Self::from_hf(&v, &path)
+    }
+
+    pub fn from_hf(v: &Value, path: &Path) -> Result<Self> {
+        let flag = |k: &str, d: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(d);
+        let dim = |o: &Value, k: &str| o.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
+        let resize = if flag("do_resize", true) {
+            let size = v
+                .get("size")
+                .ok_or_else(|| Error::key(path, "size", "missing while do_resize is true"))?;
+            if let Some(s) = dim(size, "shortest_edge") {
+                Some(Resize::ShortestEdge(s))
+            } else if let (Some(height), Some(width)) = (dim(size, "height"), dim(size, "width")) {
+                Some(Resize::Exact { height, width })
+            } else if let Some(s) = size.as_u64() {
+                Some(Resize::Exact {
+                    height: s as u32,
+                    width: s as u32,
+                })
+            } else {
+                return Err(Error::key(
+                    path,
+                    "size",
+                    format!("unsupported size {size} (shortest_edge, or height and width)"),
+                ));
+            }
+        } else {
+            None
+        };
+        let filter = match v.get("resample").and_then(|r| r.as_u64()).unwrap_or(3) {
+            0 => FilterType::Nearest,
+            1 => FilterType::Lanczos3,
+            2 => FilterType::Triangle,
+            3 => FilterType::CatmullRom,
+            other => {
+                return Err(Error::key(
+                    path,
+                    "resample",
+                    format!("unsupported PIL resample filter {other}"),
+                ));
+            }
+        };
+        let crop = if flag("do_center_crop", false) {
+            let c = v.get("crop_size").ok_or_else(|| {
+                Error::key(path, "crop_size", "missing while do_center_crop is true")
+            })?;
+            match (dim(c, "height"), dim(c, "width"), c.as_u64()) {
+                (Some(h), Some(w), _) => Some((h, w)),
+                (_, _, Some(s)) => Some((s as u32, s as u32)),
+                _ => {
+                    return Err(Error::key(
+                        path,
+                        "crop_size",
+                        format!("unsupported crop size {c}"),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        Ok(ImageProcessor {
+            resize,
+            filter,
+            crop,
+            rescale: flag("do_rescale", true).then(|| {
+                v.get("rescale_factor")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(1.0 / 255.0) as f32
+            }),
+            mean: f32s(v.get("image_mean"), [0.5; 3]),
+            std: f32s(v.get("image_std"), [0.5; 3]),
+            normalize: flag("do_normalize", true),
+            pad_to_square: false,
+        })
+    }
+
+    /// Output (height, width) of `preprocess`.
+    pub fn output_size(&self, w: u32, h: u32) -> (u32, u32) {
+        let (h, w) = self.resized(w, h);
+        self.crop.unwrap_or((h, w))
+    }
+
+    fn resized(&self, w: u32, h: u32) -> (u32, u32) {
+        match &self.resize {
+            None => (h, w),
+            Some(Resize::Exact { height, width }) => (*height, *width),
+            // transformers' get_resize_output_image_size(default_to_square=False)
+            Some(Resize::ShortestEdge(s)) => {
+                if w <= h {
+                    ((*s as u64 * h as u64 / w as u64) as u32, *s)
+                } else {
+                    (*s, (*s as u64 * w as u64 / h as u64) as u32)
+                }
+            }
+        }
+    }
+
+    /// An RGB image -> [3, h, w] values, channels first.
+    pub fn preprocess(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
+        let mut rgb: RgbImage = img.to_rgb8();
+        if self.pad_to_square {
+            rgb = expand_to_square(&rgb, self.mean);
+        }
+        let (w, h) = rgb.dimensions();
+        let (nh, nw) = self.resized(w, h);
+        if (nh, nw) != (h, w) {
+            rgb = image::imageops::resize(&rgb, nw, nh, self.filter);
+        }
+        if let Some((ch, cw)) = self.crop {
+            let (w, h) = rgb.dimensions();
+            let top = h.saturating_sub(ch) / 2;
+            let left = w.saturating_sub(cw) / 2;
+            rgb = image::imageops::crop_imm(&rgb, left, top, cw.min(w), ch.min(h)).to_image();
+        }
+        let (w, h) = rgb.dimensions();
+        let mut out = vec![0f32; 3 * (w * h) as usize];
+        for (x, y, p) in rgb.enumerate_pixels() {
+            for c in 0..3 {
+                let mut v = p[c] as f32;
+                if let Some(r) = self.rescale {
+                    v *= r;
+                }
+                if self.normalize {
+                    v = (v - self.mean[c]) / self.std[c];
+                }
+                out[c * (w * h) as usize + (y * w + x) as usize] = v;
+            }
+        }
+        (out, h, w)
+    }
+
+    /// Loads and preprocesses image files into one batch [n, 3, h, w]; all must come out the same size.
+    pub fn batch(&self, paths: &[impl AsRef<Path>], device: &Device) -> Result<Option<Tensor<4>>> {
+        if paths.is_empty() {
+            return Ok(None);
+        }
+        let mut all = vec![];
+        let mut size = None;
+        for p in paths {
+            let img = load_image(p.as_ref())?;
+            let (v, h, w) = self.preprocess(&img);
+            if *size.get_or_insert((h, w)) != (h, w) {
+                return Err(Error::file(
+                    p.as_ref(),
+                    format!(
+                        "preprocesses to {h}x{w}, other images to {:?}; set a fixed crop/resize",
+                        size.unwrap()
+                    ),
+                ));
+            }
+            all.extend(v);
+        }
+        let (h, w) = size.unwrap();
+        Ok(Some(float_tensor(
+            all,
+            [paths.len(), 3, h as usize, w as usize],
+            device,
+        )))
+    }
+}
+
+/// LLaVA's expand2square: centre the image on a square canvas filled with the mean colour (as 0..255 ints).
+fn expand_to_square(img: &RgbImage, mean: [f32; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == h {
+        return img.clone();
+    }
+    let s = w.max(h);
+    let bg = image::Rgb(mean.map(|m| (m * 255.0) as u8));
+    let mut canvas = RgbImage::from_pixel(s, s, bg);
+    image::imageops::overlay(&mut canvas, img, ((s - w) / 2) as i64, ((s - h) / 2) as i64);
+    canvas
+}
+
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    image::open(path).map_err(|e| match e {
+        image::ImageError::IoError(source) => Error::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => Error::file(
+            path,
+            format!("cannot decode image: {other} (PNG and JPEG are supported)"),
+        ),
+    })
+}

@@ -1,0 +1,220 @@
+//! Text side of a HuggingFace processor: `tokenizer.json` (tokenizers crate, offline), special tokens from
+//! `tokenizer_config.json`, the chat template (`chat_template.jinja`, `chat_template.json`, or the
+//! `chat_template` key of tokenizer/processor config) rendered with minijinja, and LLaVA's `<image>` expansion:
+//! each marker becomes `tokens_per_image` placeholder ids, as `LlavaProcessor` does.
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, read_json, read_string};
+
+/// Files that travel with a checkpoint (copied when mitune saves a model).
+pub const ASSET_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+];
+
+pub struct TextProcessor {
+    tok: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub eos_token_id: Option<i64>,
+    pub chat_template: Option<String>,
+    pub image_token: String,
+    pub image_token_id: i64,
+    pub tokens_per_image: usize,
+    dir: PathBuf,
+}
+
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextProcessor {
+    pub fn load(dir: &Path, image_token_id: i64, tokens_per_image: usize) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(Error::file(
+                &tok_path,
+                "missing: mitune needs the fast tokenizer file (save it with transformers' tokenizer.save_pretrained)",
+            ));
+        }
+        let tok = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::file(&tok_path, format!("cannot read tokenizer: {e}")))?;
+        let cfg: Value = {
+            let p = dir.join("tokenizer_config.json");
+            if p.exists() {
+                read_json(&p)?
+            } else {
+                Value::Null
+            }
+        };
+        let proc_cfg: Value = {
+            let p = dir.join("processor_config.json");
+            if p.exists() {
+                read_json(&p)?
+            } else {
+                Value::Null
+            }
+        };
+        let chat_template = Self::find_template(dir, &cfg, &proc_cfg)?;
+        let image_token = token_str(cfg.get("image_token"))
+            .or_else(|| token_str(proc_cfg.get("image_token")))
+            .or_else(|| tok.id_to_token(image_token_id as u32))
+            .unwrap_or_else(|| "<image>".into());
+        let eos_token = token_str(cfg.get("eos_token"));
+        let eos_token_id = eos_token
+            .as_ref()
+            .and_then(|t| tok.token_to_id(t))
+            .map(i64::from);
+        Ok(TextProcessor {
+            bos_token: token_str(cfg.get("bos_token")),
+            eos_token,
+            eos_token_id,
+            chat_template,
+            image_token,
+            image_token_id,
+            tokens_per_image,
+            tok,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn find_template(dir: &Path, cfg: &Value, proc_cfg: &Value) -> Result<Option<String>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.exists() {
+            return Ok(Some(read_string(&jinja)?));
+        }
+        let json = dir.join("chat_template.json");
+        if json.exists() {
+            let v: Value = read_json(&json)?;
+            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                return Ok(Some(t.to_string()));
+            }
+        }
+        Ok(cfg
+            .get("chat_template")
+            .or_else(|| proc_cfg.get("chat_template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string))
+    }
+
+    pub fn markers(&self, text: &str) -> usize {
+        text.matches(self.image_token.as_str()).count()
+    }
+
+    /// Tokenizes `text`; with `add_special` the tokenizer's post-processor adds BOS etc. exactly as transformers
+    /// does for a raw prompt. Each image marker is then expanded to `tokens_per_image` placeholders.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
+        let enc = self
+            .tok
+            .encode(text, add_special)
+            .map_err(|e| Error::input(format!("tokenizer failed on the prompt: {e}")))?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let found = ids.iter().filter(|&&i| i == self.image_token_id).count();
+        let markers = self.markers(text);
+        if found != markers {
+            return Err(Error::file(
+                self.dir.join("tokenizer.json"),
+                format!(
+                    "the prompt has {markers} `{}` marker(s) but the tokenizer produced {found} image token(s) (id {}): the marker must be an added special token",
+                    self.image_token, self.image_token_id
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(ids.len() + found * self.tokens_per_image);
+        for id in ids {
+            if id == self.image_token_id {
+                out.extend(std::iter::repeat_n(id, self.tokens_per_image));
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Renders messages `(role, content)` through the chat template. Templates that iterate typed content parts
+    /// (`{"type": "image"}`, `{"type": "text", "text": …}`, as llava-hf ships) get the content split at markers.
+    pub fn render_chat(
+        &self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            return Err(Error::file(
+                &self.dir,
+                "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); use --raw",
+            ));
+        };
+        let typed = template.contains("['type']") || template.contains(".type");
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|(role, content)| {
+                let content = if typed {
+                    let mut parts = vec![];
+                    for (i, piece) in content.split(self.image_token.as_str()).enumerate() {
+                        if i > 0 {
+                            parts.push(serde_json::json!({"type": "image"}));
+                        }
+                        if !piece.is_empty() {
+                            parts.push(serde_json::json!({"type": "text", "text": piece}));
+                        }
+                    }
+                    Value::Array(parts)
+                } else {
+                    Value::String(content.clone())
+                };
+                serde_json::json!({"role": role, "content": content})
+            })
+            .collect();
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        let where_ = self.dir.join("chat_template");
+        env.add_template("chat", template)
+            .map_err(|e| Error::file(&where_, format!("invalid chat template: {e}")))?;
+        let t = env.get_template("chat").unwrap();
+        t.render(context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(&msgs)),
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+            add_generation_prompt => add_generation_prompt,
+        })
+        .map_err(|e| Error::file(&where_, format!("chat template failed: {e}")))
+    }
+
+    /// One user turn through the chat template with the generation prompt, tokenized without adding special tokens
+    /// (the template renders BOS itself), as `apply_chat_template(..., tokenize=True)`.
+    pub fn encode_chat(&self, user: &str) -> Result<Vec<i64>> {
+        let text = self.render_chat(&[("user".into(), user.into())], true)?;
+        self.encode(&text, false)
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tok.decode(&ids, true).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,200 @@
+//! LLaVA assembly (Liu et al. 2023, transformers `modeling_llava.py`): encoder → feature selection → connector →
+//! projected features scattered into the positions of the image placeholder tokens of the prompt → LLM.
+//! Each `<image>` marker has already been expanded into `tokens_per_image` placeholder ids (see `data::prompt`),
+//! so sequences have fixed length and batch like text; rows may hold 0, 1 or several images.
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::zoo::connectors::{ConnectorSpec, Projector};
+use crate::zoo::encoders::{FeatureSelect, VisionTower, VitSpec};
+use crate::zoo::layers::int_tensor;
+use crate::zoo::llms::{Decoder, KvCache, LlmSpec};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlavaSpec {
+    pub vision: VitSpec,
+    pub select: FeatureSelect,
+    pub connector: ConnectorSpec,
+    pub projector_bias: bool,
+    pub llm: LlmSpec,
+    pub image_token_id: i64,
+}
+
+#[derive(Module, Debug)]
+pub struct Llava {
+    pub vision_tower: VisionTower,
+    pub multi_modal_projector: Projector,
+    pub language_model: Decoder,
+    #[module(skip)]
+    pub spec: LlavaSpec,
+}
+
+/// A batch of token rows (already padded to one length) and the images of all rows, in reading order.
+pub struct MmInput {
+    /// [b][t] token ids, image placeholders included.
+    pub ids: Vec<Vec<i64>>,
+    /// [b][t] false at padding.
+    pub attention: Vec<Vec<bool>>,
+    /// [n_images, c, s, s] in the order the placeholders appear (row by row).
+    pub pixels: Option<Tensor<4>>,
+}
+
+impl MmInput {
+    pub fn single(ids: Vec<i64>, pixels: Option<Tensor<4>>) -> Self {
+        let attention = vec![vec![true; ids.len()]];
+        MmInput {
+            ids: vec![ids],
+            attention,
+            pixels,
+        }
+    }
+}
+
+impl LlavaSpec {
+    /// (image tokens per image, feature width into the connector)
+    pub fn image_tokens(&self) -> usize {
+        self.select.tokens_and_width(&self.vision).0
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.select.indices(self.vision.num_layers)?;
+        if self.llm.num_heads % self.llm.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.llm.num_heads, self.llm.num_kv_heads
+            ));
+        }
+        if self.image_token_id < 0 || self.image_token_id as usize >= self.llm.vocab_size {
+            return Err(format!(
+                "image_token_index {} is outside the vocabulary ({})",
+                self.image_token_id, self.llm.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn init(&self, device: &Device) -> Llava {
+        let (_, width) = self.select.tokens_and_width(&self.vision);
+        Llava {
+            vision_tower: self.vision.init(device),
+            multi_modal_projector: self.connector.init(
+                width,
+                self.llm.hidden_size,
+                self.projector_bias,
+                device,
+            ),
+            language_model: self.llm.init(device),
+            spec: self.clone(),
+        }
+    }
+}
+
+impl Llava {
+    /// Checks that placeholders and images agree before any compute: every image fills exactly
+    /// `image_tokens()` consecutive placeholder positions.
+    pub fn check_images(&self, ids: &[Vec<i64>], n_images: usize) -> Result<()> {
+        let per = self.spec.image_tokens();
+        let found: usize = ids
+            .iter()
+            .flatten()
+            .filter(|&&t| t == self.spec.image_token_id)
+            .count();
+        if found != per * n_images {
+            return Err(Error::input(format!(
+                "image placeholders and images do not match: {found} placeholder tokens for {n_images} image(s) of {per} tokens each \
+                 (each <image> marker needs exactly one image)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Token embeddings with image features scattered into placeholder positions: [b, t, d].
+    pub fn input_embeds(&self, input: &MmInput) -> Result<Tensor<3>> {
+        let device = self.devices()[0].clone();
+        let n_images = input.pixels.as_ref().map_or(0, |p| p.dims()[0]);
+        self.check_images(&input.ids, n_images)?;
+        let (b, t) = (input.ids.len(), input.ids[0].len());
+        let img = self.spec.image_token_id;
+        // Placeholder ids may lie outside the vocabulary in some checkpoints: embed them as 0, they are replaced.
+        let flat: Vec<i64> = input
+            .ids
+            .iter()
+            .flatten()
+            .map(|&x| if x == img { 0 } else { x })
+            .collect();
+        let embeds = self.language_model.embed(int_tensor(flat, [b, t], &device));
+        let Some(pixels) = input.pixels.clone() else {
+            return Ok(embeds);
+        };
+        let feats = self.image_features(pixels); // [n, tokens, d]
+        let [n, per, d] = feats.dims();
+        // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
+        // embeddings and then the image features in reading order.
+        let mut k = 0;
+        let idx: Vec<i64> = input
+            .ids
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, &x)| {
+                if x == img {
+                    k += 1;
+                    (b * t + k - 1) as i64
+                } else {
+                    i as i64
+                }
+            })
+            .collect();
+        let source = Tensor::cat(
+            vec![embeds.reshape([b * t, d]), feats.reshape([n * per, d])],
+            0,
+        );
+        Ok(source
+            .select(0, int_tensor(idx, [b * t], &device))
+            .reshape([b, t, d]))
+    }
+
+    /// pixels [n, c, s, s] -> projected image features [n, tokens, d_llm]
+    pub fn image_features(&self, pixels: Tensor<4>) -> Tensor<3> {
+        let f = self.vision_tower.features(pixels, &self.spec.select);
+        self.multi_modal_projector.forward(f)
+    }
+
+    /// Full forward: logits [b, t, vocab]. Positions are 0..t for every row, as transformers' forward without
+    /// explicit `position_ids` (generation uses padding-aware positions, see `generate`).
+    pub fn forward(&self, input: &MmInput) -> Result<Tensor<3>> {
+        let t = input.ids[0].len();
+        let positions: Vec<Vec<i64>> = input.ids.iter().map(|_| (0..t as i64).collect()).collect();
+        self.forward_with(input, &positions, None)
+    }
+
+    pub fn forward_with(
+        &self,
+        input: &MmInput,
+        positions: &[Vec<i64>],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>> {
+        let x = self.input_embeds(input)?;
+        let h = self
+            .language_model
+            .forward_embeds(x, positions, &input.attention, cache);
+        Ok(self.language_model.logits(h))
+    }
+
+    /// One decoding step over new ids [b, t_new] given the cache; `key_valid` covers past + new.
+    pub fn step(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: &[Vec<i64>],
+        key_valid: &[Vec<bool>],
+        cache: &mut KvCache,
+    ) -> Tensor<3> {
+        let x = self.language_model.embed(ids);
+        let h = self
+            .language_model
+            .forward_embeds(x, positions, key_valid, Some(cache));
+        self.language_model.logits(h)
+    }
+}

@@ -1,0 +1,6 @@
+//! The model zoo: encoders, connectors, LLMs, and their assembly into an MLLM.
+pub mod connectors;
+pub mod encoders;
+pub mod layers;
+pub mod llms;
+pub mod mllm;
