@@ -1,0 +1,202 @@
+//! The `mitune` binary as a user runs it: generate --json against transformers, export round-trip, and bad input
+//! (each a one-line error, exit code != 0, no panic).
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn mitune(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mitune-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Asserts a clean user-facing failure: non-zero exit, one line on stderr containing `needle`, no panic.
+fn fails_cleanly(args: &[&str], needle: &str) {
+    let (ok, _, err) = mitune(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+}
+
+#[test]
+fn generate_json_matches_transformers() {
+    for name in MODELS {
+        let dir = fixture(name);
+        let e = expected(name);
+        let g = &e.meta["greedy"];
+        let img = image("astronaut_32.png");
+        let (ok, out, err) = mitune(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--raw",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            v["input_ids"], e.meta["image_text"]["input_ids"],
+            "{name}: input ids after image expansion"
+        );
+        assert_eq!(v["output_ids"], g["output_ids"], "{name}: greedy ids");
+        for (a, b) in v["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(g["logprobs"].as_array().unwrap())
+        {
+            let d = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(d < 1e-4, "{name}: logprob {a} vs {b}");
+        }
+        assert!(v["text"].is_string());
+    }
+}
+
+/// mitune-saved checkpoint: reloads in mitune with the same logits; the committed transformers check
+/// (tools/make_fixtures.py roundtrip) loaded the same export with LlavaForConditionalGeneration.
+#[test]
+fn export_round_trip() {
+    use burn::tensor::Device;
+    use mitune::zoo::layers::{float_tensor, to_vec};
+    use mitune::zoo::mllm::MmInput;
+    let out = scratch("export");
+    let src = fixture("llava_clip_llama");
+    let (ok, _, err) = mitune(&[
+        "export",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let device = Device::flex();
+    let model = mitune::checkpoint::load_llava(&out, &device).unwrap();
+    let e = expected("llava_clip_llama");
+    let (s, px) = e.tensor("image_text.pixel_values");
+    let px = float_tensor(px, [s[0], s[1], s[2], s[3]], &device);
+    let got = to_vec(
+        model
+            .forward(&MmInput::single(e.ids("image_text"), Some(px)))
+            .unwrap(),
+    );
+    let (_, want) = e.tensor("image_text.logits");
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+    assert!(out.join("tokenizer.json").exists() && out.join("chat_template.jinja").exists());
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("roundtrip_check.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        check["ok"], true,
+        "transformers could not reload a mitune export: {check}"
+    );
+    assert!(check["max_abs_logit_diff"].as_f64().unwrap() < 1e-4);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let good = fixture("llava_clip_llama");
+    let img = image("astronaut_32.png");
+    let (g, i) = (good.to_str().unwrap(), img.to_str().unwrap());
+    // wrong paths
+    fails_cleanly(
+        &["generate", "--model", "/no/such/model", "--prompt", "hi"],
+        "/no/such/model",
+    );
+    fails_cleanly(
+        &[
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            "<image> hi",
+            "--image",
+            "/no/such.png",
+        ],
+        "/no/such.png",
+    );
+    // two markers, one image
+    fails_cleanly(
+        &[
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            "<image> and <image>",
+            "--image",
+            i,
+        ],
+        "2 `<image>` marker(s) but 1",
+    );
+    // truncated safetensors
+    let d = scratch("truncated");
+    copy_dir(&good, &d);
+    let f = d.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    fails_cleanly(
+        &["inspect", d.to_str().unwrap()],
+        "model.safetensors: not a valid safetensors file",
+    );
+    // unknown activation
+    let d = scratch("act");
+    copy_dir(&good, &d);
+    let c = d.join("config.json");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"silu\"", "\"swiglu_v9\"");
+    std::fs::write(&c, text).unwrap();
+    fails_cleanly(
+        &["inspect", d.to_str().unwrap()],
+        "text_config.hidden_act`: unsupported activation `swiglu_v9`",
+    );
+    // unsupported model_type
+    let d = scratch("mt");
+    copy_dir(&good, &d);
+    let c = d.join("config.json");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+    std::fs::write(&c, text).unwrap();
+    fails_cleanly(
+        &["inspect", d.to_str().unwrap()],
+        "unsupported LLM model_type `gpt_neox`",
+    );
+    // shape mismatch: config claims a wider FFN than the weights
+    let d = scratch("shape");
+    copy_dir(&good, &d);
+    let c = d.join("config.json");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::write(&c, text).unwrap();
+    fails_cleanly(&["inspect", d.to_str().unwrap()], "shape mismatch");
+}
