@@ -119,6 +119,7 @@ fn export_round_trip() {
         "transformers could not reload a mitune export: {check}"
     );
     assert!(check["max_abs_logit_diff"].as_f64().unwrap() < 1e-4);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -199,4 +200,7 @@ fn bad_input_gives_one_line_errors() {
         .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(&c, text).unwrap();
     fails_cleanly(&["inspect", d.to_str().unwrap()], "shape mismatch");
+    for tag in ["truncated", "act", "mt", "shape"] {
+        let _ = std::fs::remove_dir_all(scratch(tag));
+    }
 }

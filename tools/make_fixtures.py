@@ -237,6 +237,29 @@ def cases(name, model, proc, imgs, storage):
     tensors["preprocess.chelsea"] = pv.contiguous()
     meta["preprocess"] = {"image": "chelsea_75x50.png"}
 
+    # 9. the same encoder and LLM as standalone transformers directories (CLIPVisionModel / LlamaForCausalLM ...),
+    #    for composing a model from parts with a fresh connector
+    parts = FIX / (name + "_parts")
+    vt = model.model.vision_tower
+    vt.save_pretrained(parts / "encoder")
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    lm.save_pretrained(parts / "llm")
+    # 10. direct resolution scaling: a 64 px input through the 32 px tower, position embeddings interpolated
+    #     (bicubic, align_corners=False) by transformers' interpolate_pos_encoding; LLaVA's selected features
+    g = torch.Generator().manual_seed(1)
+    hires = torch.randn(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        hs = vt(pixel_values=hires, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+    layers = model.config.vision_feature_layer
+    layers = layers if isinstance(layers, list) else [layers]
+    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    tensors["hires.pixel_values"] = hires.contiguous()
+    tensors["hires.features"] = torch.cat([hs[l][:, drop:] for l in layers], -1).contiguous()
+    meta["parts"] = {"encoder_class": type(vt).__name__, "llm_class": type(lm).__name__}
+
     save_file(tensors, str(d / "expected.safetensors"))
     (d / "expected.json").write_text(json.dumps(meta, indent=1))
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params; greedy {new}")
