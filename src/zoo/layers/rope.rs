@@ -74,8 +74,7 @@ impl Rope {
         for row in positions {
             for &p in row {
                 // emb = cat(freqs, freqs): both halves use the same frequencies. f32 as transformers computes it.
-                for half in 0..2 {
-                    let _ = half;
+                for _half in 0..2 {
                     for f in &inv {
                         let a = (p as f32) * (*f as f32);
                         cos.push(a.cos());
