@@ -167,39 +167,34 @@ fn bad_input_gives_one_line_errors() {
         &["inspect", d.to_str().unwrap()],
         "model.safetensors: not a valid safetensors file",
     );
-    // unknown activation
-    let d = scratch("act");
-    copy_dir(&good, &d);
-    let c = d.join("config.json");
-    let text = std::fs::read_to_string(&c)
-        .unwrap()
-        .replace("\"silu\"", "\"swiglu_v9\"");
-    std::fs::write(&c, text).unwrap();
-    fails_cleanly(
-        &["inspect", d.to_str().unwrap()],
+    // config errors: unknown activation, unsupported model_type, a shape the weights contradict
+    let edited = |tag: &str, from: &str, to: &str, needle: &str| {
+        let d = scratch(tag);
+        copy_dir(&good, &d);
+        let c = d.join("config.json");
+        let text = std::fs::read_to_string(&c).unwrap();
+        assert!(text.contains(from), "fixture config lacks {from}");
+        std::fs::write(&c, text.replace(from, to)).unwrap();
+        fails_cleanly(&["inspect", d.to_str().unwrap()], needle);
+    };
+    edited(
+        "act",
+        "\"silu\"",
+        "\"swiglu_v9\"",
         "text_config.hidden_act`: unsupported activation `swiglu_v9`",
     );
-    // unsupported model_type
-    let d = scratch("mt");
-    copy_dir(&good, &d);
-    let c = d.join("config.json");
-    let text = std::fs::read_to_string(&c)
-        .unwrap()
-        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
-    std::fs::write(&c, text).unwrap();
-    fails_cleanly(
-        &["inspect", d.to_str().unwrap()],
+    edited(
+        "mt",
+        "\"model_type\": \"llama\"",
+        "\"model_type\": \"gpt_neox\"",
         "unsupported LLM model_type `gpt_neox`",
     );
-    // shape mismatch: config claims a wider FFN than the weights
-    let d = scratch("shape");
-    copy_dir(&good, &d);
-    let c = d.join("config.json");
-    let text = std::fs::read_to_string(&c)
-        .unwrap()
-        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
-    std::fs::write(&c, text).unwrap();
-    fails_cleanly(&["inspect", d.to_str().unwrap()], "shape mismatch");
+    edited(
+        "shape",
+        "\"intermediate_size\": 128",
+        "\"intermediate_size\": 96",
+        "shape mismatch",
+    );
     for tag in ["truncated", "act", "mt", "shape"] {
         let _ = std::fs::remove_dir_all(scratch(tag));
     }
