@@ -142,24 +142,11 @@ pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
     let model = spec.init(device);
     let vstore = WeightStore::open_dir(c.encoder)?;
     let lstore = WeightStore::open_dir(c.llm)?;
-    let vkeys = |p: &str| {
-        p.strip_prefix("vision_tower.")
-            .map(keys::vision)
-            .unwrap_or_default()
-    };
-    let lkeys = |p: &str| {
-        p.strip_prefix("language_model.")
-            .map(keys::llm)
-            .unwrap_or_default()
-    };
-    let vk: &dyn Fn(&str) -> Vec<String> = &|p| {
-        let k = vkeys(p);
-        if k.is_empty() { vec![p.to_string()] } else { k }
-    };
-    let lk: &dyn Fn(&str) -> Vec<String> = &|p| {
-        let k = lkeys(p);
-        if k.is_empty() { vec![p.to_string()] } else { k }
-    };
+    // Fresh prefixes skip the other components, so each store only sees its own component's paths.
+    let vk: &dyn Fn(&str) -> Vec<String> =
+        &|p| keys::vision(p.strip_prefix("vision_tower.").unwrap_or(p));
+    let lk: &dyn Fn(&str) -> Vec<String> =
+        &|p| keys::llm(p.strip_prefix("language_model.").unwrap_or(p));
     let model = Loader::new(
         &vstore,
         vk,
@@ -186,8 +173,7 @@ pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
             )));
         }
     };
-    let mut vision = spec.vision.to_hf();
-    vision["image_size"] = spec.vision.input_size.into();
+    let vision = spec.vision.to_hf();
     Ok(serde_json::json!({
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -218,11 +204,6 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
         _ => "float32",
     }
     .into();
-    if model.spec.vision.input_size != model.spec.vision.image_size {
-        // The position table is stored at the trained grid; transformers interpolates it at run time
-        // (`interpolate_pos_encoding`), so the saved image_size stays the trained one.
-        cfg["vision_config"]["image_size"] = model.spec.vision.image_size.into();
-    }
     let keys: &dyn Fn(&str) -> Vec<String> = &keys::llava;
     let tensors = Collector::collect(model, keys, dtype);
     write_file(&out.join("model.safetensors"), &tensors)?;

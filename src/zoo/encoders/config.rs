@@ -128,7 +128,9 @@ impl VitSpec {
             "num_attention_heads": self.num_heads,
             "num_channels": self.num_channels,
             "patch_size": self.patch_size,
-            "image_size": self.input_size,
+            // The position table is stored at the trained grid: transformers interpolates it at run time
+            // (`interpolate_pos_encoding`) for other input sizes, so the trained size is what config.json holds.
+            "image_size": self.image_size,
             "layer_norm_eps": self.layer_norm_eps,
             "hidden_act": self.act.hf_name(),
         })
