@@ -9,8 +9,7 @@ use mitune::checkpoint::hf::llava_spec;
 use mitune::checkpoint::{Composition, compose_llava, load_llava};
 use mitune::zoo::connectors::ConnectorSpec;
 use mitune::zoo::layers::act::Act;
-use mitune::zoo::layers::{float_tensor, to_vec};
-use mitune::zoo::mllm::MmInput;
+use mitune::zoo::layers::to_vec;
 
 #[test]
 fn compose_from_standalone_parts() {
@@ -38,16 +37,7 @@ fn compose_from_standalone_parts() {
             "{name}: connector should be freshly initialized"
         );
         composed.multi_modal_projector = full.multi_modal_projector.clone();
-        let e = expected(name);
-        let (s, px) = e.tensor("image_text.pixel_values");
-        let px = float_tensor(px, [s[0], s[1], s[2], s[3]], &device);
-        let got = to_vec(
-            composed
-                .forward(&MmInput::single(e.ids("image_text"), Some(px)))
-                .unwrap(),
-        );
-        let (_, want) = e.tensor("image_text.logits");
-        let err = max_abs_diff(&got, &want);
+        let err = image_text_logit_error(&composed, &expected(name), &device);
         assert!(err < 1e-4, "{name}: composed model max |Δlogit| = {err}");
     }
 }
@@ -75,9 +65,9 @@ fn compose_at_higher_resolution_matches_transformers() {
             "{name}: tokens at 64 px"
         );
         let e = expected(name);
-        let (s, px) = e.tensor("hires.pixel_values");
-        let px = float_tensor(px, [s[0], s[1], s[2], s[3]], &device);
-        let got = m.vision_tower.features(px, &m.spec.select);
+        let got = m
+            .vision_tower
+            .features(pixels(&e, "hires.pixel_values", &device), &m.spec.select);
         let (ws, want) = e.tensor("hires.features");
         assert_eq!(got.dims().to_vec(), ws, "{name}: feature shape");
         let err = max_abs_diff(&to_vec(got), &want);

@@ -2,7 +2,7 @@
 //! log-probs, masked loss and a connector gradient, image preprocessing, chat templating.
 mod common;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use common::*;
 use mitune::checkpoint::load_llava;
 use mitune::data::images::ImageProcessor;
@@ -10,11 +10,6 @@ use mitune::data::tokenizer::TextProcessor;
 use mitune::generate::{GenConfig, generate};
 use mitune::zoo::layers::{float_tensor, int_tensor, to_vec};
 use mitune::zoo::mllm::MmInput;
-
-fn pixels(e: &Expected, key: &str, device: &Device) -> Tensor<4> {
-    let (s, v) = e.tensor(key);
-    float_tensor(v, [s[0], s[1], s[2], s[3]], device)
-}
 
 /// transformers: `model(input_ids, pixel_values).logits[0]` — f32 within 1e-4.
 #[test]
