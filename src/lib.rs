@@ -5,6 +5,8 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod recipe;
+pub mod stages;
 pub mod zoo;
 
 pub use error::{Error, Result};

@@ -15,7 +15,7 @@ use crate::zoo::llms::LlmSpec;
 use crate::zoo::llms::config::parse_act;
 use crate::zoo::mllm::{Llava, LlavaSpec};
 
-fn config_of(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+pub fn config_of(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     if !dir.is_dir() {
         return Err(Error::file(dir, "no such checkpoint directory"));
     }
@@ -108,17 +108,22 @@ pub struct Composition<'a> {
     pub image_token_id: i64,
 }
 
-/// Partial load, explicit: encoder and LLM weights from their directories, connector freshly initialized.
-pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
-    let (vpath, vcfg) = config_of(c.encoder)?;
-    // A full CLIPModel keeps its tower config under vision_config.
+/// The vision spec of a standalone encoder directory (CLIPVisionModel / SiglipVisionModel, or a full CLIPModel
+/// whose tower config sits under `vision_config`).
+pub fn vision_spec_of(dir: &Path) -> Result<VitSpec> {
+    let (vpath, vcfg) = config_of(dir)?;
     let (vv, prefix) = match vcfg.get("vision_config") {
         Some(inner) if model_type(&vcfg) != "clip_vision_model" => {
             (inner.clone(), "vision_config.")
         }
         _ => (vcfg.clone(), ""),
     };
-    let mut vision = VitSpec::from_hf(&vv, &vpath, prefix)?;
+    VitSpec::from_hf(&vv, &vpath, prefix)
+}
+
+/// Partial load, explicit: encoder and LLM weights from their directories, connector freshly initialized.
+pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
+    let mut vision = vision_spec_of(c.encoder)?;
     if let Some(s) = c.image_size {
         if s % vision.patch_size != 0 {
             return Err(Error::input(format!(
@@ -139,28 +144,100 @@ pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
         image_token_id: c.image_token_id,
     };
     spec.validate().map_err(Error::input)?;
-    let model = spec.init(device);
-    let vstore = WeightStore::open_dir(c.encoder)?;
-    let lstore = WeightStore::open_dir(c.llm)?;
-    // Fresh prefixes skip the other components, so each store only sees its own component's paths.
-    let vk: &dyn Fn(&str) -> Vec<String> =
-        &|p| keys::vision(p.strip_prefix("vision_tower.").unwrap_or(p));
-    let lk: &dyn Fn(&str) -> Vec<String> =
-        &|p| keys::llm(p.strip_prefix("language_model.").unwrap_or(p));
-    let model = Loader::new(
-        &vstore,
-        vk,
-        &["multi_modal_projector.", "language_model."],
-        device,
-    )
-    .load(model)?;
-    Loader::new(
-        &lstore,
-        lk,
-        &["multi_modal_projector.", "vision_tower."],
-        device,
-    )
-    .load(model)
+    load_parts(spec.init(device), Some(c.encoder), Some(c.llm), device)
+}
+
+/// Fills the encoder and/or the LLM of an initialized model from standalone directories; the other parts stay
+/// as initialized.
+pub fn load_parts(
+    model: Llava,
+    encoder: Option<&Path>,
+    llm: Option<&Path>,
+    device: &Device,
+) -> Result<Llava> {
+    let mut model = model;
+    if let Some(dir) = encoder {
+        let store = WeightStore::open_dir(dir)?;
+        // Fresh prefixes skip the other components, so each store only sees its own component's paths.
+        let vk: &dyn Fn(&str) -> Vec<String> =
+            &|p| keys::vision(p.strip_prefix("vision_tower.").unwrap_or(p));
+        model = Loader::new(
+            &store,
+            vk,
+            &["multi_modal_projector.", "language_model."],
+            device,
+        )
+        .load(model)?;
+    }
+    if let Some(dir) = llm {
+        let store = WeightStore::open_dir(dir)?;
+        let lk: &dyn Fn(&str) -> Vec<String> =
+            &|p| keys::llm(p.strip_prefix("language_model.").unwrap_or(p));
+        model = Loader::new(
+            &store,
+            lk,
+            &["multi_modal_projector.", "vision_tower."],
+            device,
+        )
+        .load(model)?;
+    }
+    Ok(model)
+}
+
+/// Which component a standalone export holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Encoder,
+    Llm,
+}
+
+/// Writes one component as a standalone transformers directory: `CLIPVisionModel`/`SiglipVisionModel`
+/// (`vision_model.*`) or `LlamaForCausalLM`/`Qwen2ForCausalLM` (`model.*`, `lm_head.weight`), f32.
+pub fn save_part(model: &Llava, part: Part, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    const SKIP: &str = "__skip__.";
+    let (prefix, cfg) = match part {
+        Part::Encoder => {
+            let mut v = model.spec.vision.to_hf();
+            let arch = match model.spec.vision.family {
+                crate::zoo::encoders::VitFamily::Clip => "CLIPVisionModel",
+                crate::zoo::encoders::VitFamily::Siglip => "SiglipVisionModel",
+            };
+            v["architectures"] = serde_json::json!([arch]);
+            ("vision_tower.", v)
+        }
+        Part::Llm => {
+            let mut v = model.spec.llm.to_hf();
+            v["architectures"] = serde_json::json!([model.spec.llm.family.hf_architecture()]);
+            ("language_model.", v)
+        }
+    };
+    let keys = |p: &str| -> Vec<String> {
+        match p.strip_prefix(prefix) {
+            Some(rest) if part == Part::Encoder => keys::vision(rest),
+            Some(rest) => keys::llm(rest),
+            None => vec![format!("{SKIP}{p}")],
+        }
+    };
+    let keys: &dyn Fn(&str) -> Vec<String> = &keys;
+    let mut tensors = Collector::collect(model, keys, Dtype::F32);
+    tensors.retain(|t| !t.name.starts_with(SKIP));
+    write_file(&out.join("model.safetensors"), &tensors)?;
+    write_json(&out.join("config.json"), &cfg)
+}
+
+/// Writes pretty JSON through a temporary file and a rename (a kill never leaves half a file).
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The config.json transformers reads for this model.

@@ -1,6 +1,7 @@
 //! Command line: `mitune generate`, `mitune inspect`, `mitune export`. Errors print as one line and exit 1.
 mod generate;
 mod inspect;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -18,6 +19,23 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Run a recipe's pipeline of stages (align, instruct, ...) with checkpoints, logs and held-out metrics.
+    Train(train::TrainArgs),
+    /// Check a recipe (every error with its key and file:line); with --data, dry-run its data.
+    Validate(train::ValidateArgs),
+    /// Write a built-in dataset: `mitune data shapes --out datasets/shapes`.
+    Data {
+        /// Which dataset (only `shapes`).
+        which: String,
+        #[arg(long, default_value = "datasets/shapes")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        train: usize,
+        #[arg(long, default_value_t = 200)]
+        heldout: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Generate text from a LLaVA-style HuggingFace checkpoint directory.
     Generate(generate::Args),
     /// Show a checkpoint's components, parameter counts, dtypes, image tokens and vocabulary.
@@ -40,6 +58,9 @@ pub enum Command {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => train::train(a),
+        Command::Validate(a) => train::validate(a),
+        Command::Data { which, out, train, heldout, seed } => data(&which, &out, train, heldout, seed),
         Command::Generate(args) => generate::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
         Command::Export { model, out, dtype } => export(&model, &out, &dtype),
@@ -68,5 +89,15 @@ fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> crate:
     let m = crate::checkpoint::load_llava(model, &device)?;
     crate::checkpoint::save_llava(&m, out, dtype, Some(model))?;
     eprintln!("saved {} -> {}", model.display(), out.display());
+    Ok(())
+}
+
+fn data(which: &str, out: &std::path::Path, train: usize, heldout: usize, seed: u64) -> crate::Result<()> {
+    if which != "shapes" {
+        return Err(crate::Error::input(format!("mitune data {which}: the built-in datasets are: shapes")));
+    }
+    let cfg = crate::data::shapes::ShapesConfig { seed, train, heldout, ..Default::default() };
+    let wrote = crate::data::shapes::ensure(out, &cfg)?;
+    eprintln!("{} {}", if wrote { "wrote" } else { "up to date:" }, out.display());
     Ok(())
 }

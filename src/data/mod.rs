@@ -1,3 +1,9 @@
-//! Data at the model's edge: tokenizer + chat templates + `<image>` expansion, and image preprocessing.
+//! Data: dataset readers, chat templates and loss masks, the checks run before training, batching with
+//! prefetch, image preprocessing, and the synthetic shapes world of the quickstart.
 pub mod images;
+pub mod loader;
+pub mod prepare;
+pub mod shapes;
+pub mod sources;
+pub mod templates;
 pub mod tokenizer;

@@ -20,6 +20,7 @@ pub const ASSET_FILES: [&str; 8] = [
     "generation_config.json",
 ];
 
+#[derive(Clone)]
 pub struct TextProcessor {
     tok: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
@@ -159,6 +160,16 @@ impl TextProcessor {
                 "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); use --raw",
             ));
         };
+        self.render_template(template, messages, add_generation_prompt)
+    }
+
+    /// Renders messages through any jinja chat template (the checkpoint's or a built-in one).
+    pub fn render_template(
+        &self,
+        template: &str,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let typed = template.contains("['type']") || template.contains(".type");
         let msgs: Vec<Value> = messages
             .iter()
@@ -207,6 +218,35 @@ impl TextProcessor {
     pub fn encode_chat(&self, user: &str) -> Result<Vec<i64>> {
         let text = self.render_chat(&[("user".into(), user.into())], true)?;
         self.encode(&text, false)
+    }
+
+    /// Token ids and byte offsets into `text`, without special tokens added (templates render BOS themselves).
+    /// Image markers stay single tokens here: the caller expands them.
+    pub fn encode_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+        let enc = self
+            .tok
+            .encode(text, false)
+            .map_err(|e| Error::input(format!("tokenizer failed: {e}")))?;
+        let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
+    }
+
+    /// Padding id for batches: `<pad>`/`[PAD]` when the vocabulary has one, else EOS, else 0 (padded positions are
+    /// masked out of attention and loss, so the value only has to be a valid id).
+    pub fn pad_id(&self) -> i64 {
+        ["<pad>", "[PAD]", "<|endoftext|>"]
+            .iter()
+            .find_map(|t| self.token_id(t))
+            .or(self.eos_token_id)
+            .unwrap_or(0)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.tok.token_to_id(token).map(i64::from)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn decode(&self, ids: &[i64]) -> String {

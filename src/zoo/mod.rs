@@ -4,3 +4,4 @@ pub mod encoders;
 pub mod layers;
 pub mod llms;
 pub mod mllm;
+pub mod presets;

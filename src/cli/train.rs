@@ -1,0 +1,81 @@
+//! `mitune train RECIPE [--set k=v]... [--resume|--fresh]` and `mitune validate RECIPE [--set k=v]... [--data]`.
+use clap::Args as ClapArgs;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::stages::run::{self, Existing};
+
+#[derive(ClapArgs)]
+pub struct TrainArgs {
+    /// Recipe file (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set stages.instruct.optim.lr=1e-5` (the key must exist).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the run from its last checkpoint (exactly: weights, optimizer, data position).
+    #[arg(long, conflicts_with = "fresh")]
+    pub resume: bool,
+    /// Delete an existing run of this name and start over.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+#[derive(ClapArgs)]
+pub struct ValidateArgs {
+    pub recipe: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Also dry-run the data of every stage: images, markers, lengths, supervised tokens.
+    #[arg(long)]
+    pub data: bool,
+}
+
+fn load(recipe: &std::path::Path, sets: &[String]) -> Result<(crate::recipe::schema::Recipe, String)> {
+    match crate::recipe::load(recipe, sets) {
+        Ok((rc, resolved)) => Ok((rc, toml::to_string(&resolved.table).unwrap_or_default())),
+        Err(errs) => {
+            for e in &errs {
+                eprintln!("error: {e}");
+            }
+            Err(Error::input(format!("{}: {} problem(s) in the recipe", recipe.display(), errs.len())))
+        }
+    }
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let (rc, text) = load(&a.recipe, &a.sets)?;
+    let existing = match (a.resume, a.fresh) {
+        (true, _) => Existing::Resume,
+        (_, true) => Existing::Fresh,
+        _ => Existing::Refuse,
+    };
+    let device = crate::default_device().autodiff();
+    run::train(&rc, &text, existing, &device)?;
+    Ok(())
+}
+
+pub fn validate(a: ValidateArgs) -> Result<()> {
+    let (rc, _) = load(&a.recipe, &a.sets)?;
+    println!("{}: ok ({} stages: {})", a.recipe.display(), rc.pipeline.len(), rc.pipeline.join(" -> "));
+    if !a.data {
+        return Ok(());
+    }
+    run::prepare_data(&rc)?;
+    let device = crate::default_device();
+    let built = crate::stages::build::build(&rc.model, false, &device)?;
+    for name in &rc.pipeline {
+        let t = rc.stages[name].train();
+        let template = crate::data::templates::source(t.template, &built.text).map_err(Error::input)?;
+        let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));
+        let p = crate::data::prepare::prepare(&t.data, &built.text, &template, t.max_len, rc.seed, t.on_bad_sample, &dir, &format!("stages.{name}.data"))?;
+        let sup: usize = p.encoded.iter().map(|e| e.supervised()).sum();
+        let longest = p.encoded.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        println!(
+            "stages.{name}: {} samples ok, {} skipped, {sup} supervised tokens, longest {longest}/{} tokens",
+            p.encoded.len(),
+            p.bad.len(),
+            t.max_len
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Batches: the order of an epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches
+//! an uninterrupted run would. Global batches hold one modality where possible (LLaVA's `group_by_modality_length`)
+//! and are sorted by length inside, so micro-batches carry little padding. Images are decoded and preprocessed in
+//! parallel (rayon) on a background thread a few steps ahead of compute.
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use rayon::prelude::*;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+
+use super::images::{ImageProcessor, load_image};
+use super::templates::Encoded;
+use crate::recipe::schema::Mix;
+
+/// One micro-batch, padded on the right (positions 0..t, as transformers' training forward).
+pub struct MicroBatch {
+    /// [b][t]
+    pub ids: Vec<Vec<i64>>,
+    pub attention: Vec<Vec<bool>>,
+    pub labels: Vec<Vec<bool>>,
+    /// [n_images, 3, s, s] flattened, in placeholder order; `Err` names the image that failed to load.
+    pub pixels: Result<Option<(Vec<f32>, [usize; 4])>, String>,
+    /// Tokens incl. image placeholders and padding (what the model computes on).
+    pub tokens: usize,
+    pub supervised: usize,
+}
+
+/// Per-epoch sample sets of each source: `(source, weight)` per encoded sample.
+pub struct Order {
+    pub mix: Mix,
+    pub global: usize,
+    pub seed: u64,
+    /// Encoded-sample indices grouped by source, with each source's weight.
+    pub sources: Vec<(Vec<usize>, f64)>,
+    /// Whether a sample has images (for modality grouping) and its length.
+    pub has_image: Vec<bool>,
+    pub len: Vec<usize>,
+}
+
+impl Order {
+    /// Global batches of epoch `epoch`, each a list of sample indices (longest first).
+    pub fn epoch(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        let mut drawn: Vec<Vec<usize>> = vec![];
+        for (idx, w) in &self.sources {
+            let mut pool = idx.clone();
+            pool.shuffle(&mut rng);
+            let k = (w * pool.len() as f64).round() as usize;
+            drawn.push((0..k).map(|i| pool[i % pool.len().max(1)]).collect());
+        }
+        let mut chunks = match self.mix {
+            Mix::Mixed => {
+                let mut all: Vec<usize> = drawn.concat();
+                all.shuffle(&mut rng);
+                let mut c = self.chunk(&all);
+                c.shuffle(&mut rng);
+                c
+            }
+            Mix::Sequential => drawn
+                .iter()
+                .flat_map(|d| {
+                    let mut c = self.chunk(d);
+                    c.shuffle(&mut rng);
+                    c
+                })
+                .collect(),
+        };
+        for c in &mut chunks {
+            c.sort_by_key(|&i| std::cmp::Reverse(self.len[i]));
+        }
+        chunks
+    }
+
+    /// Same-modality chunks of `global`; leftovers of both modalities fill mixed chunks; a last partial one is
+    /// dropped so every step has the same batch size.
+    fn chunk(&self, order: &[usize]) -> Vec<Vec<usize>> {
+        let (mm, text): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| self.has_image[i]);
+        let mut out = vec![];
+        let mut rest = vec![];
+        for pool in [mm, text] {
+            let full = pool.len() / self.global * self.global;
+            out.extend(pool[..full].chunks(self.global).map(<[usize]>::to_vec));
+            rest.extend_from_slice(&pool[full..]);
+        }
+        let full = rest.len() / self.global * self.global;
+        out.extend(rest[..full].chunks(self.global).map(<[usize]>::to_vec));
+        out
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.epoch(0).len()
+    }
+}
+
+/// Pads rows and loads the images of one micro-batch.
+pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -> MicroBatch {
+    let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let mut mb = MicroBatch {
+        ids: vec![],
+        attention: vec![],
+        labels: vec![],
+        pixels: Ok(None),
+        tokens: samples.len() * t,
+        supervised: 0,
+    };
+    for s in samples {
+        let pad = t - s.ids.len();
+        let mut ids = s.ids.clone();
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        let mut labels = s.labels.clone();
+        labels.extend(std::iter::repeat_n(false, pad));
+        // Targets are shifted: position 0 is never predicted.
+        mb.supervised += labels.iter().skip(1).filter(|&&l| l).count();
+        let mut att = vec![true; s.ids.len()];
+        att.extend(std::iter::repeat_n(false, pad));
+        mb.ids.push(ids);
+        mb.labels.push(labels);
+        mb.attention.push(att);
+    }
+    let paths: Vec<_> = samples.iter().flat_map(|s| s.images.iter()).collect();
+    if !paths.is_empty() {
+        let decoded: Result<Vec<(Vec<f32>, u32, u32)>, String> = paths
+            .par_iter()
+            .map(|p| {
+                load_image(p)
+                    .map(|img| images.preprocess(&img))
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        mb.pixels = decoded.map(|d| {
+            let (h, w) = (d[0].1 as usize, d[0].2 as usize);
+            let n = d.len();
+            Some((d.into_iter().flat_map(|x| x.0).collect(), [n, 3, h, w]))
+        });
+    }
+    mb
+}
+
+/// Produces the micro-batches of steps `from..to` on a background thread, `ahead` steps in advance.
+pub fn prefetch(
+    order: Arc<Order>,
+    encoded: Arc<Vec<Encoded>>,
+    images: Arc<ImageProcessor>,
+    micro: usize,
+    pad_id: i64,
+    from: usize,
+    to: usize,
+    ahead: usize,
+) -> Receiver<(usize, Vec<MicroBatch>)> {
+    let (tx, rx) = sync_channel(ahead);
+    std::thread::spawn(move || {
+        let per_epoch = order.steps_per_epoch().max(1);
+        let mut cached: Option<(usize, Vec<Vec<usize>>)> = None;
+        for step in from..to {
+            let epoch = step / per_epoch;
+            if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                cached = Some((epoch, order.epoch(epoch)));
+            }
+            let batch = &cached.as_ref().unwrap().1[step % per_epoch];
+            let micros = batch
+                .chunks(micro)
+                .map(|c| {
+                    let s: Vec<&Encoded> = c.iter().map(|&i| &encoded[i]).collect();
+                    micro_batch(&s, pad_id, &images)
+                })
+                .collect();
+            if tx.send((step, micros)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}

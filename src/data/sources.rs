@@ -1,0 +1,219 @@
+//! Dataset readers: each public layout becomes the same [`Sample`] (messages + image paths). Layouts follow
+//! shared/formats/: LLaVA JSON/JSONL (`conversations` of human/gpt turns, LLaVA-Pretrain uses it too), ShareGPT-style
+//! `messages` (role/content + `images`, LLaMA-Factory's mllm_demo), caption pairs, VQA pairs (turned into
+//! instructions: the survey's data adaptation), and raw text for causal-LM pre-training.
+//! A malformed record is not an error of the whole file: it becomes a [`Bad`] with file, index, id and reason, and
+//! the stage's `on_bad_sample` policy decides.
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, read_string};
+use crate::recipe::schema::Source;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub id: String,
+    /// Index of the source in the stage's data spec (for mixtures and logs).
+    pub source: usize,
+    pub images: Vec<PathBuf>,
+    pub messages: Vec<(Role, String)>,
+    /// Raw text for causal-LM pre-training: every token supervised, no template.
+    pub raw_text: Option<String>,
+    /// Extra fields of the record (e.g. `task`, `kind` of held-out sets).
+    pub meta: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bad {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Caption instructions sampled per sample (LLaVA-Pretrain's brief-description pool, abridged).
+pub const CAPTION_POOL: [&str; 6] = [
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Summarize the visual content of the image.",
+    "Write a terse but informative summary of the picture.",
+    "Share a concise interpretation of the image provided.",
+];
+
+fn records(path: &Path) -> Result<Vec<Value>> {
+    let text = read_string(path)?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    if jsonl {
+        let mut out = vec![];
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(serde_json::from_str(line).map_err(|e| {
+                Error::file(path, format!("line {}: invalid JSON: {e}", i + 1))
+            })?);
+        }
+        Ok(out)
+    } else {
+        match serde_json::from_str(&text) {
+            Ok(Value::Array(a)) => Ok(a),
+            Ok(_) => Err(Error::file(path, "expected a JSON array of records")),
+            Err(e) => Err(Error::file(path, format!("invalid JSON: {e}"))),
+        }
+    }
+}
+
+fn image_list(r: &Value, base: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+    let one = r.get("image");
+    let many = r.get("images");
+    let names: Vec<&Value> = match (one, many) {
+        (Some(Value::String(_)), _) => vec![one.unwrap()],
+        (Some(Value::Array(a)), _) | (None, Some(Value::Array(a))) => a.iter().collect(),
+        (None, None) | (Some(Value::Null), _) => vec![],
+        _ => return Err("`image`/`images` must be a string or a list of strings".into()),
+    };
+    names
+        .into_iter()
+        .map(|v| {
+            v.as_str()
+                .map(|s| base.join(s))
+                .ok_or_else(|| "image paths must be strings".to_string())
+        })
+        .collect()
+}
+
+fn str_field<'a>(r: &'a Value, key: &str) -> std::result::Result<&'a str, String> {
+    r.get(key)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| format!("missing string field `{key}`"))
+}
+
+fn meta(r: &Value, known: &[&str]) -> Value {
+    match r {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .filter(|(k, _)| !known.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+fn turns(list: &Value, role_key: &str, text_key: &str) -> std::result::Result<Vec<(Role, String)>, String> {
+    let list = list.as_array().ok_or("turns must be a list")?;
+    let mut out = vec![];
+    for (i, t) in list.iter().enumerate() {
+        let role = t.get(role_key).and_then(|r| r.as_str()).unwrap_or("");
+        let role = match role {
+            "human" | "user" => Role::User,
+            "gpt" | "assistant" | "model" => Role::Assistant,
+            "system" => Role::System,
+            other => return Err(format!("turn {i}: unknown role `{other}` (human/gpt or user/assistant/system)")),
+        };
+        let text = t
+            .get(text_key)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| format!("turn {i}: missing string `{text_key}`"))?;
+        out.push((role, text.to_string()));
+    }
+    Ok(out)
+}
+
+/// Reads one source. `rng_seed` drives the instruction sampling of caption sources (deterministic).
+pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>, Vec<Bad>)> {
+    let (path, images, cap) = match source {
+        Source::LlavaJson { path, images, cap, .. }
+        | Source::Messages { path, images, cap, .. }
+        | Source::Captions { path, images, cap, .. }
+        | Source::Vqa { path, images, cap, .. } => (path, images.clone(), *cap),
+        Source::Text { path, cap, .. } => (path, None, *cap),
+    };
+    let base = images.unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    let mut recs = records(path)?;
+    if let Some(c) = cap {
+        recs.truncate(c);
+    }
+    let mut rng = StdRng::seed_from_u64(rng_seed ^ (index as u64).wrapping_mul(0x9E37_79B9));
+    let (mut good, mut bad) = (vec![], vec![]);
+    for (i, r) in recs.iter().enumerate() {
+        let id = r
+            .get("id")
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .unwrap_or_else(|| format!("#{i}"));
+        let parsed = parse(source, r, &base, &mut rng);
+        match parsed {
+            Ok((images, messages, raw_text, known)) => good.push(Sample {
+                id,
+                source: index,
+                images,
+                messages,
+                raw_text,
+                meta: meta(r, known),
+            }),
+            Err(reason) => bad.push(Bad {
+                id: format!("{}:{} ({id})", path.display(), i),
+                reason,
+            }),
+        }
+    }
+    Ok((good, bad))
+}
+
+type Parsed = (Vec<PathBuf>, Vec<(Role, String)>, Option<String>, &'static [&'static str]);
+
+fn parse(source: &Source, r: &Value, base: &Path, rng: &mut StdRng) -> std::result::Result<Parsed, String> {
+    let with_marker = |text: &str, rng: &mut StdRng| {
+        if rng.random_bool(0.5) {
+            format!("<image>\n{text}")
+        } else {
+            format!("{text}\n<image>")
+        }
+    };
+    match source {
+        Source::LlavaJson { .. } => {
+            let conv = r.get("conversations").ok_or("missing `conversations`")?;
+            Ok((image_list(r, base)?, turns(conv, "from", "value")?, None, &["id", "image", "images", "conversations"]))
+        }
+        Source::Messages { .. } => {
+            let conv = r.get("messages").ok_or("missing `messages`")?;
+            Ok((image_list(r, base)?, turns(conv, "role", "content")?, None, &["id", "images", "messages"]))
+        }
+        Source::Captions { instructions, .. } => {
+            let caption = str_field(r, "caption")?;
+            let pool: Vec<&str> = if instructions.is_empty() {
+                CAPTION_POOL.to_vec()
+            } else {
+                instructions.iter().map(String::as_str).collect()
+            };
+            let q = with_marker(pool[rng.random_range(0..pool.len())], rng);
+            let msgs = vec![(Role::User, q), (Role::Assistant, caption.to_string())];
+            Ok((image_list(r, base)?, msgs, None, &["id", "image", "caption"]))
+        }
+        Source::Vqa { hint, .. } => {
+            let q = str_field(r, "question")?;
+            let a = str_field(r, "answer")?;
+            let q = with_marker(&format!("{q}\n{hint}"), rng);
+            let msgs = vec![(Role::User, q), (Role::Assistant, a.to_string())];
+            Ok((image_list(r, base)?, msgs, None, &["id", "image", "question", "answer"]))
+        }
+        Source::Text { .. } => Ok((vec![], vec![], Some(str_field(r, "text")?.to_string()), &["id", "text"])),
+    }
+}

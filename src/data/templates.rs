@@ -1,0 +1,179 @@
+//! Chat templates and the loss mask. Built-in templates are jinja strings (LLaVA's `plain`, `vicuna_v1`,
+//! `llama_2`, and `chatml`), rendered by the same minijinja path as a checkpoint's own `chat_template`, and written
+//! into exported checkpoints so `generate` and transformers prompt the model exactly as it was trained.
+//!
+//! The mask is derived the same way for every template (never per-template offsets, LLaVA's most reported bug):
+//! assistant turn i spans from the end of `render(messages[..i], add_generation_prompt)` to the end of
+//! `render(messages[..=i])`; a token is supervised when it starts inside such a span. The result is checked by
+//! decoding the supervised tokens back to the assistant text.
+use std::path::PathBuf;
+
+use super::sources::{Role, Sample};
+use super::tokenizer::TextProcessor;
+use crate::recipe::schema::Template;
+
+pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
+
+const PLAIN: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{% if '<image>' in m['content'] %}<image>{% endif %}{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}";
+
+const VICUNA_V1: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.{% endif %} {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
+
+const LLAMA_2: &str = "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% else %}{% set sys = 'You are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.' %}{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {% if loop.first or (loop.index0 == 1 and messages[0]['role'] == 'system') %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n{% endif %}{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}";
+
+const CHATML: &str = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// The jinja source of a template (`tokenizer` = the checkpoint's own).
+pub fn source(template: Template, tp: &TextProcessor) -> std::result::Result<String, String> {
+    Ok(match template {
+        Template::Plain => PLAIN.into(),
+        Template::VicunaV1 => VICUNA_V1.into(),
+        Template::Llama2 => LLAMA_2.into(),
+        Template::Chatml => CHATML.into(),
+        Template::Tokenizer => tp.chat_template.clone().ok_or_else(|| {
+            format!(
+                "template = \"tokenizer\" but {} has no chat template; pick plain, vicuna_v1, llama_2 or chatml",
+                tp.dir().display()
+            )
+        })?,
+    })
+}
+
+/// A sample ready for the model.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub index: usize,
+    /// [t] token ids with image placeholders expanded.
+    pub ids: Vec<i64>,
+    /// [t] true where the token is a training target.
+    pub labels: Vec<bool>,
+    pub images: Vec<PathBuf>,
+}
+
+impl Encoded {
+    pub fn supervised(&self) -> usize {
+        self.labels.iter().filter(|&&l| l).count()
+    }
+}
+
+fn pairs(messages: &[(Role, String)], marker: &str) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .map(|(r, c)| (r.as_str().to_string(), c.replace("<image>", marker)))
+        .collect()
+}
+
+/// Renders the prompt for generation: every message, then the assistant generation prompt.
+pub fn prompt(tp: &TextProcessor, src: &str, messages: &[(Role, String)]) -> std::result::Result<String, String> {
+    tp.render_template(src, &pairs(messages, &tp.image_token), true)
+        .map_err(|e| e.to_string())
+}
+
+/// Renders, tokenizes and masks one sample; errors are the reason the sample is bad.
+pub fn encode(
+    tp: &TextProcessor,
+    src: &str,
+    sample: &Sample,
+    index: usize,
+    max_len: usize,
+) -> std::result::Result<Encoded, String> {
+    let (text, spans, answers) = if let Some(raw) = &sample.raw_text {
+        // Causal LM: BOS + text + EOS, all supervised.
+        let bos = tp.bos_token.clone().unwrap_or_default();
+        let eos = tp.eos_token.clone().unwrap_or_default();
+        let text = format!("{bos}{raw}{eos}");
+        (text.clone(), vec![(bos.len(), text.len())], vec![raw.clone()])
+    } else {
+        let msgs = pairs(&sample.messages, &tp.image_token);
+        let render = |m: &[(String, String)], gen_prompt: bool| {
+            tp.render_template(src, m, gen_prompt).map_err(|e| e.to_string())
+        };
+        let full = render(&msgs, false)?;
+        let mut spans = vec![];
+        let mut answers = vec![];
+        for (i, (role, content)) in sample.messages.iter().enumerate() {
+            if *role != Role::Assistant {
+                continue;
+            }
+            let before = render(&msgs[..i], true)?;
+            let upto = render(&msgs[..=i], false)?;
+            if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                return Err(format!(
+                    "the template does not render turn {i} as a prefix-stable span (render(messages[..{i}], add_generation_prompt) is not a prefix of the rendered conversation); the loss mask cannot be derived"
+                ));
+            }
+            spans.push((before.len(), upto.len()));
+            answers.push(content.clone());
+        }
+        if spans.is_empty() {
+            return Err("no assistant turn: nothing to learn from".into());
+        }
+        (full, spans, answers)
+    };
+    let markers = tp.markers(&text);
+    if markers != sample.images.len() {
+        return Err(format!(
+            "{} `<image>` marker(s) after templating but {} image(s)",
+            markers,
+            sample.images.len()
+        ));
+    }
+    let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| e.to_string())?;
+    let per = tp.tokens_per_image;
+    let (mut out_ids, mut labels) = (vec![], vec![]);
+    let mut span_tokens: Vec<Vec<i64>> = vec![vec![]; spans.len()];
+    let mut found = 0;
+    for (&id, &(start, _)) in ids.iter().zip(&offsets) {
+        if id == tp.image_token_id {
+            found += 1;
+            out_ids.extend(std::iter::repeat_n(id, per));
+            labels.extend(std::iter::repeat_n(false, per));
+            continue;
+        }
+        let span = spans.iter().position(|&(a, b)| start >= a && start < b);
+        if let Some(k) = span {
+            span_tokens[k].push(id);
+        }
+        out_ids.push(id);
+        labels.push(span.is_some());
+    }
+    if found != markers {
+        return Err(format!(
+            "{markers} `{}` marker(s) but the tokenizer produced {found} image token(s): the marker must be a special token",
+            tp.image_token
+        ));
+    }
+    // The supervised tokens of each turn must decode back to that turn's text (catches template/tokenizer
+    // disagreement before it silently trains on the wrong tokens).
+    for (k, toks) in span_tokens.iter().enumerate() {
+        let got = tp.decode(toks);
+        if got.trim() != answers[k].trim() {
+            return Err(format!(
+                "assistant turn {k}: the supervised tokens decode to {:?}, not the answer {:?} (template and tokenizer disagree)",
+                got.trim(),
+                answers[k].trim()
+            ));
+        }
+    }
+    if out_ids.len() > max_len {
+        if let Some(last_image) = out_ids.iter().rposition(|&t| t == tp.image_token_id)
+            && last_image >= max_len
+        {
+            return Err(format!(
+                "{} tokens after image expansion: truncating to max_len {max_len} would cut image tokens; raise max_len or drop the sample",
+                out_ids.len()
+            ));
+        }
+        out_ids.truncate(max_len);
+        labels.truncate(max_len);
+    }
+    // Position 0 is never a target (nothing predicts it).
+    if labels.iter().skip(1).all(|l| !l) {
+        return Err(format!("no supervised token left within max_len {max_len}"));
+    }
+    Ok(Encoded {
+        index,
+        ids: out_ids,
+        labels,
+        images: sample.images.clone(),
+    })
+}

@@ -1,0 +1,240 @@
+//! Recipes: schema (serde types), resolution (extends + `--set`), and validation that collects every error with
+//! its key path and, where the TOML source gives it, file:line.
+pub mod resolve;
+pub mod schema;
+
+use std::path::Path;
+
+use resolve::Resolved;
+use schema::{Heldout, ModelSpec, Prepare, Recipe, StageSpec};
+
+/// Known top-level keys (anything else is a typo).
+const TOP: [&str; 8] = ["name", "seed", "pipeline", "output", "prepare", "model", "stages", "heldout"];
+
+/// One validation error: where, and what.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub at: String,
+    pub key: String,
+    pub msg: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: `{}`: {}", self.at, self.key, self.msg)
+    }
+}
+
+fn problem(r: &Resolved, key: &str, msg: impl Into<String>) -> Problem {
+    let path: Vec<String> = key.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let at = r
+        .locate(&path)
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| r.files.first().map(|f| f.display().to_string()).unwrap_or_default());
+    Problem {
+        at,
+        key: key.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// Deserializes `value` as `T`, reporting the key path serde got stuck at (prefixed by `base`).
+fn section<T: serde::de::DeserializeOwned>(
+    r: &Resolved,
+    base: &str,
+    value: toml::Value,
+    out: &mut Vec<Problem>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let key = if inner == "." || inner.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}.{inner}")
+            };
+            out.push(problem(r, &key, e.into_inner().to_string()));
+            None
+        }
+    }
+}
+
+/// Resolves and validates a recipe; `Err` holds every problem found.
+pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<String>> {
+    let r = resolve::resolve(path, sets).map_err(|e| vec![e.to_string()])?;
+    let mut errs = vec![];
+    let t = r.table.clone();
+    for k in t.keys() {
+        if !TOP.contains(&k.as_str()) {
+            errs.push(problem(&r, k, format!("unknown key (known: {})", TOP.join(", "))));
+        }
+    }
+    let get = |k: &str| t.get(k).cloned();
+    let name: Option<String> = match get("name") {
+        Some(v) => section(&r, "name", v, &mut errs),
+        None => {
+            errs.push(problem(&r, "name", "missing: every recipe names its run"));
+            None
+        }
+    };
+    let seed: Option<u64> = get("seed").map_or(Some(0), |v| section(&r, "seed", v, &mut errs));
+    let pipeline: Option<Vec<String>> = match get("pipeline") {
+        Some(v) => section(&r, "pipeline", v, &mut errs),
+        None => {
+            errs.push(problem(&r, "pipeline", "missing: list the stages to run in order"));
+            None
+        }
+    };
+    let output = get("output").map_or(Some("checkpoints/runs".into()), |v| section(&r, "output", v, &mut errs));
+    let prepare: Option<Vec<Prepare>> = get("prepare").map_or(Some(vec![]), |v| section(&r, "prepare", v, &mut errs));
+    let model: Option<ModelSpec> = match get("model") {
+        Some(v) => section(&r, "model", v, &mut errs),
+        None => {
+            errs.push(problem(&r, "model", "missing [model] section"));
+            None
+        }
+    };
+    let heldout: Option<Option<Heldout>> = match get("heldout") {
+        Some(v) => section(&r, "heldout", v, &mut errs).map(Some),
+        None => Some(None),
+    };
+    let mut stages = std::collections::BTreeMap::new();
+    match t.get("stages").and_then(|s| s.as_table()) {
+        Some(tab) => {
+            for (k, v) in tab {
+                if let Some(s) = section::<StageSpec>(&r, &format!("stages.{k}"), v.clone(), &mut errs) {
+                    stages.insert(k.clone(), s);
+                }
+            }
+        }
+        None => errs.push(problem(&r, "stages", "missing [stages.<name>] tables")),
+    }
+    let (Some(name), Some(seed), Some(pipeline), Some(output), Some(prepare), Some(model), Some(heldout)) =
+        (name, seed, pipeline, output, prepare, model, heldout)
+    else {
+        return Err(errs.iter().map(|p| p.to_string()).collect());
+    };
+    let recipe = Recipe { name, seed, pipeline, output, prepare, model, stages, heldout };
+    cross_check(&recipe, &r, &mut errs);
+    if errs.is_empty() {
+        Ok((recipe, r))
+    } else {
+        Err(errs.iter().map(|p| p.to_string()).collect())
+    }
+}
+
+/// Checks between fields: stage names, init references, batch arithmetic, model sources, paths.
+fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
+    let prepared: Vec<&Path> = rc
+        .prepare
+        .iter()
+        .map(|p| match p {
+            Prepare::Shapes { out, .. } => out.as_path(),
+        })
+        .collect();
+    // A path is fine when it exists or a `prepare` entry will generate it.
+    let exists = |p: &Path| p.exists() || prepared.iter().any(|d| p.starts_with(d));
+    if rc.pipeline.is_empty() {
+        errs.push(problem(r, "pipeline", "empty: name at least one stage"));
+    }
+    for (i, name) in rc.pipeline.iter().enumerate() {
+        let Some(stage) = rc.stages.get(name) else {
+            errs.push(problem(r, "pipeline", format!("stage {name:?} has no [stages.{name}] table")));
+            continue;
+        };
+        let key = format!("stages.{name}");
+        let t = stage.train();
+        if let Some(init) = &t.init {
+            match (&init.from_stage, &init.checkpoint) {
+                (Some(from), None) => {
+                    if !rc.pipeline[..i].contains(from) {
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.init.from_stage"),
+                            format!("{from:?} is not a stage earlier in the pipeline ({})", rc.pipeline[..i].join(", ")),
+                        ));
+                    }
+                }
+                (None, Some(dir)) => {
+                    if !dir.join("config.json").exists() {
+                        errs.push(problem(r, &format!("{key}.init.checkpoint"), format!("{} has no config.json", dir.display())));
+                    }
+                }
+                _ => errs.push(problem(r, &format!("{key}.init"), "give exactly one of from_stage or checkpoint")),
+            }
+        }
+        if t.batch.micro == 0 || t.batch.global % t.batch.micro != 0 {
+            errs.push(problem(
+                r,
+                &format!("{key}.batch"),
+                format!("global {} must be a positive multiple of micro {}", t.batch.global, t.batch.micro),
+            ));
+        }
+        if t.max_len < 2 {
+            errs.push(problem(r, &format!("{key}.max_len"), "must be at least 2"));
+        }
+        if t.data.sources.is_empty() {
+            errs.push(problem(r, &format!("{key}.data.sources"), "empty: give at least one source"));
+        }
+        for (j, s) in t.data.sources.iter().chain(t.eval.iter().flat_map(|e| e.data.sources.iter())).enumerate() {
+            let path = source_path(s);
+            if !exists(path) {
+                errs.push(problem(r, &format!("{key}.data.sources"), format!("source {j}: {} does not exist", path.display())));
+            }
+        }
+        if let Some(train) = &t.train {
+            for p in train {
+                if !p.starts_with("re:") && !["encoder", "connector", "llm"].contains(&p.as_str()) {
+                    errs.push(problem(r, &format!("{key}.train"), format!("{p:?}: use encoder, connector, llm or re:<regex>")));
+                }
+            }
+        }
+    }
+    for name in rc.stages.keys() {
+        if !rc.pipeline.contains(name) {
+            eprintln!("note: stages.{name} is defined but not in the pipeline");
+        }
+    }
+    let m = &rc.model;
+    if let Some(dir) = &m.from {
+        if m.encoder.is_some() || m.llm.is_some() || m.connector.is_some() {
+            errs.push(problem(r, "model.from", "a whole checkpoint excludes [model.encoder]/[model.llm]/[model.connector]"));
+        }
+        if !dir.join("config.json").exists() {
+            errs.push(problem(r, "model.from", format!("{} has no config.json", dir.display())));
+        }
+    } else {
+        if m.encoder.is_none() {
+            errs.push(problem(r, "model.encoder", "missing (or give model.from)"));
+        }
+        if m.llm.is_none() {
+            errs.push(problem(r, "model.llm", "missing (or give model.from)"));
+        }
+    }
+    for (key, w) in [
+        ("model.encoder.weights", m.encoder.as_ref().and_then(|e| e.weights.as_ref())),
+        ("model.llm.weights", m.llm.as_ref().and_then(|l| l.weights.as_ref())),
+        ("model.llm.tokenizer", m.llm.as_ref().and_then(|l| l.tokenizer.as_ref())),
+    ] {
+        if let Some(w) = w
+            && !exists(w)
+        {
+            errs.push(problem(r, key, format!("{} does not exist", w.display())));
+        }
+    }
+    if let Some(h) = &rc.heldout {
+        for (i, t) in h.tasks.iter().enumerate() {
+            if !exists(&t.path) {
+                errs.push(problem(r, "heldout.tasks", format!("task {i} ({}): {} does not exist", t.name, t.path.display())));
+            }
+        }
+    }
+}
+
+pub fn source_path(s: &schema::Source) -> &Path {
+    use schema::Source::*;
+    match s {
+        LlavaJson { path, .. } | Messages { path, .. } | Captions { path, .. } | Vqa { path, .. } | Text { path, .. } => path,
+    }
+}

@@ -1,0 +1,409 @@
+//! The recipe schema: serde types only, no tensors. Every choice is an enum tagged by `kind` (or a closed string
+//! enum), every struct denies unknown fields, so a typo is an error with its key path, never a silent default
+//! (shared/STYLE.md principles 1 and 6). Dimensions are never repeated here: the connector's widths come from the
+//! encoder and the LLM, the vocabulary from the tokenizer.
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::zoo::connectors::ConnectorSpec;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Stage names in the order they run.
+    pub pipeline: Vec<String>,
+    /// Where runs go: `<output>/<name>/`.
+    #[serde(default = "default_output")]
+    pub output: PathBuf,
+    #[serde(default)]
+    pub prepare: Vec<Prepare>,
+    pub model: ModelSpec,
+    pub stages: BTreeMap<String, StageSpec>,
+    /// Generation-based held-out metrics, measured before the first stage and after every training stage.
+    pub heldout: Option<Heldout>,
+}
+fn default_output() -> PathBuf {
+    "checkpoints/runs".into()
+}
+
+/// Datasets generated on first use (the embedded shapes world).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Prepare {
+    Shapes {
+        out: PathBuf,
+        #[serde(default)]
+        seed: u64,
+        train: usize,
+        heldout: usize,
+        #[serde(default = "default_vocab")]
+        vocab_size: usize,
+    },
+}
+fn default_vocab() -> usize {
+    512
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A whole LlavaForConditionalGeneration directory (then encoder/llm/connector must be absent).
+    pub from: Option<PathBuf>,
+    pub encoder: Option<EncoderSpec>,
+    pub connector: Option<ConnectorSpec>,
+    pub llm: Option<LlmSource>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    ClipVit,
+    SiglipVit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Select {
+    /// Patch tokens only (LLaVA's `default`: the CLS token is dropped).
+    Patch,
+    /// Every token the tower outputs (`full`).
+    Full,
+}
+
+/// An encoder from a weights directory (`weights`) or fresh from a preset with fields overridden.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    pub kind: EncoderKind,
+    pub weights: Option<PathBuf>,
+    pub preset: Option<String>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub patch_size: Option<usize>,
+    /// Input resolution (position embeddings interpolated when it differs from the weights').
+    pub image_size: Option<usize>,
+    #[serde(default = "default_feature_layer")]
+    pub feature_layer: i64,
+    #[serde(default = "default_select")]
+    pub select: Select,
+}
+fn default_feature_layer() -> i64 {
+    -2
+}
+fn default_select() -> Select {
+    Select::Patch
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmKind {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// An LLM from a weights directory (its tokenizer comes with it) or fresh from a preset (then `tokenizer` names
+/// the directory with tokenizer.json, and the vocabulary size is the tokenizer's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSource {
+    pub kind: LlmKind,
+    pub weights: Option<PathBuf>,
+    pub preset: Option<String>,
+    pub tokenizer: Option<PathBuf>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub num_kv_heads: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StageSpec {
+    /// Alignment pre-training on caption pairs: by default only the connector learns.
+    Align(TrainStage),
+    /// Instruction tuning: loss on the assistant turns only; by default connector and LLM learn.
+    Instruct(TrainStage),
+    /// Pre-training of the components themselves (causal LM on text, captioning for an encoder).
+    Pretrain(TrainStage),
+}
+
+impl StageSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageSpec::Align(_) => "align",
+            StageSpec::Instruct(_) => "instruct",
+            StageSpec::Pretrain(_) => "pretrain",
+        }
+    }
+    pub fn train(&self) -> &TrainStage {
+        match self {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStage {
+    /// Where the weights come from; default: the previous stage of the pipeline, or the model section.
+    pub init: Option<Init>,
+    /// Which parameters learn: `encoder`, `connector`, `llm`, or `re:<regex>` over parameter paths.
+    pub train: Option<Vec<String>>,
+    pub data: DataSpec,
+    pub template: Template,
+    pub batch: Batch,
+    pub optim: Optim,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[serde(default = "one")]
+    pub clip_grad_norm: f64,
+    #[serde(default = "one")]
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (overrides `epochs`).
+    pub max_steps: Option<usize>,
+    pub max_len: usize,
+    /// Defaults to the recipe's seed.
+    pub seed: Option<u64>,
+    #[serde(default = "ten")]
+    pub log_every: usize,
+    pub eval: Option<EvalSpec>,
+    #[serde(default = "hundred")]
+    pub save_every: usize,
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub on_bad_sample: OnBad,
+    /// Export only one component of the final model (pre-training recipes release standalone encoders/LLMs).
+    pub export: Option<ExportPart>,
+}
+fn one() -> f64 {
+    1.0
+}
+fn ten() -> usize {
+    10
+}
+fn hundred() -> usize {
+    100
+}
+fn two() -> usize {
+    2
+}
+
+/// Exactly one of: `{ from_stage = "align" }` (the final weights of an earlier stage of this pipeline) or
+/// `{ checkpoint = DIR }` (a LlavaForConditionalGeneration directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Init {
+    pub from_stage: Option<String>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportPart {
+    Encoder,
+    Llm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBad {
+    #[default]
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Template {
+    /// LLaVA pre-training: the image, then the caption; instructions dropped.
+    Plain,
+    VicunaV1,
+    Llama2,
+    Chatml,
+    /// The checkpoint's own jinja chat template.
+    Tokenizer,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub global: usize,
+    pub micro: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Optim {
+    Adamw {
+        lr: f64,
+        #[serde(default = "betas")]
+        betas: [f64; 2],
+        #[serde(default = "eps")]
+        eps: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        /// Per-part learning rates (`connector = 1e-3`), overriding `lr` for that part.
+        #[serde(default)]
+        part_lr: BTreeMap<String, f64>,
+    },
+}
+fn betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn eps() -> f64 {
+    1e-8
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    Constant {
+        #[serde(default)]
+        warmup_steps: usize,
+    },
+    Linear {
+        #[serde(default)]
+        warmup_ratio: f64,
+        #[serde(default)]
+        warmup_steps: usize,
+    },
+    WarmupCosine {
+        #[serde(default)]
+        warmup_ratio: f64,
+        #[serde(default)]
+        warmup_steps: usize,
+        #[serde(default)]
+        min_lr_ratio: f64,
+    },
+}
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Constant { warmup_steps: 0 }
+    }
+}
+
+/// One source or a mixture of several.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub mix: Mix,
+    /// LLaVA's `expand2square`: pad to a square with the processor's mean colour before resizing.
+    #[serde(default)]
+    pub pad_to_square: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mix {
+    /// Shuffled together.
+    #[default]
+    Mixed,
+    /// One source after another, each shuffled.
+    Sequential,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// LLaVA JSON or JSONL: `id`, `image`/`images`, `conversations` of human/gpt turns.
+    LlavaJson {
+        path: PathBuf,
+        /// Image paths are relative to this folder (default: the file's folder).
+        images: Option<PathBuf>,
+        #[serde(default = "one")]
+        weight: f64,
+        cap: Option<usize>,
+    },
+    /// ShareGPT-style `messages` of role/content with an `images` list.
+    Messages {
+        path: PathBuf,
+        images: Option<PathBuf>,
+        #[serde(default = "one")]
+        weight: f64,
+        cap: Option<usize>,
+    },
+    /// Plain caption pairs `{image, caption}`; an instruction is sampled from `instructions` per sample.
+    Captions {
+        path: PathBuf,
+        images: Option<PathBuf>,
+        #[serde(default)]
+        instructions: Vec<String>,
+        #[serde(default = "one")]
+        weight: f64,
+        cap: Option<usize>,
+    },
+    /// VQA pairs `{image, question, answer}` turned into instructions, with a short-answer hint.
+    Vqa {
+        path: PathBuf,
+        images: Option<PathBuf>,
+        #[serde(default = "hint")]
+        hint: String,
+        #[serde(default = "one")]
+        weight: f64,
+        cap: Option<usize>,
+    },
+    /// Raw text `{"text": …}` per JSONL line: every token is supervised (causal LM).
+    Text {
+        path: PathBuf,
+        #[serde(default = "one")]
+        weight: f64,
+        cap: Option<usize>,
+    },
+}
+fn hint() -> String {
+    "Answer with a single word.".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Held-out loss every N optimizer steps.
+    pub every: usize,
+    pub data: DataSpec,
+    #[serde(default = "sixty_four")]
+    pub max_samples: usize,
+}
+fn sixty_four() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heldout {
+    pub tasks: Vec<HeldoutTask>,
+    /// Template used to prompt; defaults to the last training stage's.
+    pub template: Option<Template>,
+    #[serde(default = "thirty_two")]
+    pub max_new_tokens: usize,
+    #[serde(default = "two_hundred")]
+    pub limit: usize,
+}
+fn thirty_two() -> usize {
+    32
+}
+fn two_hundred() -> usize {
+    200
+}
+
+/// A held-out set in LLaVA layout (one question, one reference answer per record) scored by exact match after
+/// VQA-style normalisation (case, punctuation, articles).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldoutTask {
+    pub name: String,
+    pub path: PathBuf,
+    pub images: Option<PathBuf>,
+}

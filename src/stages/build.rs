@@ -1,0 +1,287 @@
+//! The recipe's `[model]` section → a model plus its processors: a whole LLaVA directory (`from`), or encoder /
+//! connector / LLM each from a weights directory or fresh from a preset (prismatic-style composition). Also writes
+//! a trained model back as an HF directory with everything `mitune generate` and transformers need.
+use burn::tensor::Device;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::hf::{Part, config_of, llava_spec, load_parts, save_part, write_json};
+use crate::checkpoint::{load_llava, save_llava};
+use crate::data::images::ImageProcessor;
+use crate::data::tokenizer::TextProcessor;
+use crate::error::{Error, Result, read_json};
+use crate::recipe::schema::{EncoderKind, EncoderSpec, LlmKind, LlmSource, ModelSpec, Select};
+use crate::zoo::connectors::ConnectorSpec;
+use crate::zoo::encoders::{FeatureSelect, VitFamily, VitSpec};
+use crate::zoo::layers::act::Act;
+use crate::zoo::llms::{LlmFamily, LlmSpec};
+use crate::zoo::mllm::{Llava, LlavaSpec};
+use crate::zoo::presets;
+
+pub struct Built {
+    pub model: Llava,
+    pub text: TextProcessor,
+    pub images: ImageProcessor,
+    /// The image processor's HF json (written as preprocessor_config.json on export).
+    pub processor: Value,
+}
+
+/// CLIP's / SigLIP's processor settings for a fresh encoder at `size` pixels.
+pub fn processor_json(family: VitFamily, size: usize) -> Value {
+    match family {
+        VitFamily::Clip => json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": true, "size": {"shortest_edge": size}, "resample": 3,
+            "do_center_crop": true, "crop_size": {"height": size, "width": size},
+            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }),
+        VitFamily::Siglip => json!({
+            "image_processor_type": "SiglipImageProcessor",
+            "do_resize": true, "size": {"height": size, "width": size}, "resample": 3,
+            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        }),
+    }
+}
+
+fn read_processor(dir: &Path) -> Result<Value> {
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        return read_json(&pre);
+    }
+    let p = dir.join("processor_config.json");
+    let v: Value = read_json(&p)?;
+    v.get("image_processor")
+        .cloned()
+        .ok_or_else(|| Error::key(&p, "image_processor", "missing"))
+}
+
+fn processors(
+    tok_dir: &Path,
+    spec: &LlavaSpec,
+    processor: Value,
+    pad_to_square: bool,
+) -> Result<(TextProcessor, ImageProcessor, Value)> {
+    let text = TextProcessor::load(tok_dir, spec.image_token_id, spec.image_tokens())?;
+    let mut images = ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
+    images.pad_to_square = pad_to_square;
+    Ok((text, images, processor))
+}
+
+/// A LlavaForConditionalGeneration directory with its tokenizer and processor (`from = DIR`, stage outputs).
+pub fn load_dir(dir: &Path, device: &Device) -> Result<Built> {
+    let spec = llava_spec(dir)?;
+    let model = load_llava(dir, device)?;
+    let (text, images, processor) = processors(dir, &spec, read_processor(dir)?, false)?;
+    Ok(Built {
+        model,
+        text,
+        images,
+        processor,
+    })
+}
+
+fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VitSpec, Value)> {
+    let family = match e.kind {
+        EncoderKind::ClipVit => VitFamily::Clip,
+        EncoderKind::SiglipVit => VitFamily::Siglip,
+    };
+    let (mut spec, processor) = match (&e.weights, &e.preset) {
+        (Some(dir), None) => {
+            let spec = crate::checkpoint::hf::vision_spec_of(dir)?;
+            let proc = read_processor(dir).unwrap_or_else(|_| processor_json(family, spec.image_size));
+            (spec, proc)
+        }
+        (None, Some(p)) => {
+            let spec = presets::encoder(p, family).ok_or_else(|| {
+                Error::input(format!(
+                    "{key}.preset = {p:?}: unknown preset (known: {})",
+                    presets::ENCODER_PRESETS.join(", ")
+                ))
+            })?;
+            (spec, Value::Null)
+        }
+        _ => {
+            return Err(Error::input(format!(
+                "{key}: give exactly one of `weights` (a directory) or `preset`"
+            )));
+        }
+    };
+    let fresh = e.preset.is_some();
+    for (v, slot) in [
+        (e.hidden_size, &mut spec.hidden_size),
+        (e.intermediate_size, &mut spec.intermediate_size),
+        (e.num_layers, &mut spec.num_layers),
+        (e.num_heads, &mut spec.num_heads),
+        (e.patch_size, &mut spec.patch_size),
+    ] {
+        if let Some(v) = v {
+            if !fresh {
+                return Err(Error::input(format!(
+                    "{key}: architecture fields can only override a preset, not pretrained weights"
+                )));
+            }
+            *slot = v;
+        }
+    }
+    if let Some(s) = e.image_size {
+        if s % spec.patch_size != 0 {
+            return Err(Error::input(format!(
+                "{key}.image_size = {s} is not a multiple of the patch size {}",
+                spec.patch_size
+            )));
+        }
+        spec.input_size = s;
+        if fresh {
+            spec.image_size = s;
+        }
+    }
+    let processor = if processor.is_null() || e.image_size.is_some() {
+        processor_json(family, spec.input_size)
+    } else {
+        processor
+    };
+    Ok((spec, processor))
+}
+
+fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {
+    let family = match l.kind {
+        LlmKind::Llama => LlmFamily::Llama,
+        LlmKind::Mistral => LlmFamily::Mistral,
+        LlmKind::Qwen2 => LlmFamily::Qwen2,
+    };
+    match (&l.weights, &l.preset) {
+        (Some(dir), None) => {
+            let (path, cfg) = config_of(dir)?;
+            let spec = LlmSpec::from_hf(&cfg, &path, "", None)?;
+            Ok((spec, l.tokenizer.clone().unwrap_or_else(|| dir.clone())))
+        }
+        (None, Some(p)) => {
+            let tok_dir = l.tokenizer.clone().ok_or_else(|| {
+                Error::input(format!("{key}: a fresh LLM needs `tokenizer = DIR` (a directory with tokenizer.json)"))
+            })?;
+            let tok = TextProcessor::load(&tok_dir, 0, 1)?;
+            let mut spec = presets::llm(p, family, tok.vocab_size()).ok_or_else(|| {
+                Error::input(format!(
+                    "{key}.preset = {p:?}: unknown preset (known: {})",
+                    presets::LLM_PRESETS.join(", ")
+                ))
+            })?;
+            for (v, slot) in [
+                (l.hidden_size, &mut spec.hidden_size),
+                (l.intermediate_size, &mut spec.intermediate_size),
+                (l.num_layers, &mut spec.num_layers),
+                (l.num_heads, &mut spec.num_heads),
+                (l.num_kv_heads, &mut spec.num_kv_heads),
+            ] {
+                if let Some(v) = v {
+                    *slot = v;
+                }
+            }
+            spec.head_dim = spec.hidden_size / spec.num_heads;
+            spec.rope.head_dim = spec.head_dim;
+            if let Some(t) = l.tie_word_embeddings {
+                spec.tie_word_embeddings = t;
+            }
+            spec.bos_token_id = tok.bos_token.as_deref().and_then(|t| tok.token_id(t));
+            spec.eos_token_ids = tok.eos_token_id.into_iter().collect();
+            spec.pad_token_id = tok.token_id("<pad>");
+            Ok((spec, tok_dir))
+        }
+        _ => Err(Error::input(format!(
+            "{key}: give exactly one of `weights` (a directory) or `preset`"
+        ))),
+    }
+}
+
+/// Builds the model the recipe describes; weights load for the parts that name a directory.
+pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Built> {
+    if let Some(dir) = &m.from {
+        let mut b = load_dir(dir, device)?;
+        b.images.pad_to_square = pad_to_square;
+        return Ok(b);
+    }
+    let (Some(e), Some(l)) = (&m.encoder, &m.llm) else {
+        return Err(Error::input(
+            "model: give `from = DIR` or both [model.encoder] and [model.llm]",
+        ));
+    };
+    let (vision, processor) = encoder_spec(e, "model.encoder")?;
+    let (llm, tok_dir) = llm_spec(l, "model.llm")?;
+    let probe = TextProcessor::load(&tok_dir, 0, 1)?;
+    let image_token_id = probe.token_id("<image>").ok_or_else(|| {
+        Error::file(
+            tok_dir.join("tokenizer.json"),
+            "the tokenizer has no `<image>` token: add it as a special token (and resize the embeddings) first",
+        )
+    })?;
+    let spec = LlavaSpec {
+        vision,
+        select: FeatureSelect {
+            layers: vec![e.feature_layer],
+            drop_cls: e.select == Select::Patch && e.kind == EncoderKind::ClipVit,
+        },
+        connector: m.connector.clone().unwrap_or(ConnectorSpec::Mlp {
+            depth: 2,
+            act: Act::Gelu,
+        }),
+        projector_bias: true,
+        llm,
+        image_token_id,
+    };
+    spec.validate().map_err(|msg| Error::input(format!("model: {msg}")))?;
+    let model = load_parts(
+        spec.init(device),
+        e.weights.as_deref(),
+        l.weights.as_deref(),
+        device,
+    )?;
+    let (text, images, processor) = processors(&tok_dir, &spec, processor, pad_to_square)?;
+    Ok(Built {
+        model,
+        text,
+        images,
+        processor,
+    })
+}
+
+const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
+fn copy_tokenizer(from: &Path, out: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let p = from.join(f);
+        if p.exists() && from != out {
+            std::fs::copy(&p, out.join(f)).map_err(|source| Error::Io { path: p.clone(), source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the model (HF LLaVA layout, or one standalone part) with tokenizer, processor and the chat template
+/// it was trained with.
+pub fn export(
+    model: &Llava,
+    text: &TextProcessor,
+    processor: &Value,
+    template: Option<&str>,
+    part: Option<Part>,
+    out: &Path,
+) -> Result<()> {
+    match part {
+        None => save_llava(model, out, safetensors::Dtype::F32, None)?,
+        Some(p) => save_part(model, p, out)?,
+    }
+    if part != Some(Part::Encoder) {
+        copy_tokenizer(text.dir(), out)?;
+        if let Some(t) = template {
+            let p = out.join("chat_template.jinja");
+            std::fs::write(&p, t).map_err(|source| Error::Io { path: p, source })?;
+        }
+    }
+    if part != Some(Part::Llm) {
+        write_json(&out.join("preprocessor_config.json"), processor)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Held-out generation metrics run by the pipeline before the first stage and after each training stage: greedy
+//! answers to held-out questions (LLaVA layout: the last assistant turn is the reference), scored by exact match
+//! after VQA-style normalisation (case, punctuation, articles, spacing). The full evaluation suite (VQA accuracy
+//! over several references, multiple choice, POPE F1, CIDEr) is the eval stage's.
+use burn::module::Module;
+
+use super::build::Built;
+use crate::data::sources::{self, Role};
+use crate::data::templates;
+use crate::error::{Error, Result};
+use crate::generate::{GenConfig, generate};
+use crate::recipe::schema::{Heldout, Source};
+use crate::zoo::mllm::MmInput;
+
+/// Lowercase, drop punctuation and articles, collapse spaces.
+pub fn normalize(s: &str) -> String {
+    let cleaned: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .collect();
+    cleaned
+        .split_whitespace()
+        .filter(|w| !["a", "an", "the"].contains(w))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Score {
+    pub task: String,
+    pub n: usize,
+    pub correct: usize,
+}
+
+impl Score {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.n.max(1) as f64
+    }
+}
+
+/// Scores every task with the given template; `built.model` may live on an autodiff device.
+pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>> {
+    let model = built.model.valid();
+    let device = burn::module::Module::devices(&model)[0].clone();
+    let cfg = GenConfig {
+        max_new_tokens: h.max_new_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        eos: model.spec.llm.eos_token_ids.clone(),
+    };
+    let mut out = vec![];
+    for task in &h.tasks {
+        let src = Source::LlavaJson {
+            path: task.path.clone(),
+            images: task.images.clone(),
+            weight: 1.0,
+            cap: Some(h.limit),
+        };
+        let (samples, bad) = sources::load(&src, 0, 0)?;
+        if let Some(b) = bad.first() {
+            return Err(Error::input(format!("heldout task {}: {}: {}", task.name, b.id, b.reason)));
+        }
+        let mut score = Score { task: task.name.clone(), n: 0, correct: 0 };
+        for s in &samples {
+            let Some(last) = s.messages.iter().rposition(|(r, _)| *r == Role::Assistant) else {
+                return Err(Error::input(format!("heldout task {}: sample {} has no reference answer", task.name, s.id)));
+            };
+            let prompt = templates::prompt(&built.text, template, &s.messages[..last])
+                .map_err(|m| Error::input(format!("heldout task {}: {m}", task.name)))?;
+            let ids = built.text.encode(&prompt, false)?;
+            let pixels = built.images.batch(&s.images, &device)?;
+            let g = generate(&model, MmInput::single(ids, pixels), &cfg, |_| {})?;
+            let answer = built.text.decode(&g.output_ids);
+            score.n += 1;
+            score.correct += usize::from(normalize(&answer) == normalize(&s.messages[last].1));
+        }
+        out.push(score);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn vqa_style_normalisation() {
+        assert_eq!(normalize("A red Circle."), "red circle");
+        assert_eq!(normalize("  the  bottom-right "), "bottom right");
+        assert_eq!(normalize("Yes!"), "yes");
+    }
+}

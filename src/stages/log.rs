@@ -1,0 +1,83 @@
+//! Run logging: `metrics.jsonl` (one JSON object per line, flushed as written) and a progress bar per stage
+//! (indicatif on a terminal; plain lines every few percent otherwise, so CI logs stay readable).
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub struct Metrics {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Metrics {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Ok(Metrics { file, path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")
+            .and_then(|_| self.file.flush())
+            .map_err(|source| Error::Io { path: self.path.clone(), source })
+    }
+}
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    name: String,
+    total: usize,
+    last_print: usize,
+}
+
+impl Progress {
+    pub fn new(name: &str, start: usize, total: usize) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(total as u64);
+            b.set_style(
+                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .unwrap()
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(name.to_string());
+            b.set_position(start as u64);
+            b
+        });
+        Progress { bar, name: name.into(), total, last_print: start }
+    }
+
+    pub fn update(&mut self, step: usize, loss: f64, lr: f64, tok_s: f64) {
+        let msg = format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s");
+        match &self.bar {
+            Some(b) => {
+                b.set_position(step as u64);
+                b.set_message(msg);
+            }
+            None => {
+                let every = (self.total / 10).max(1);
+                if step - self.last_print >= every || step == self.total {
+                    eprintln!("[{}] step {step}/{} {msg}", self.name, self.total);
+                    self.last_print = step;
+                }
+            }
+        }
+    }
+
+    pub fn note(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("[{}] {msg}", self.name)),
+            None => eprintln!("[{}] {msg}", self.name),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}

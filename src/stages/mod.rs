@@ -1,0 +1,12 @@
+//! Training stages and the one shared step loop: `trainer` (align, instruct, pretrain all run it), model building
+//! from the recipe, parameter groups, schedules, losses, run-state checkpoints, logging and held-out metrics;
+//! `run` orders the pipeline.
+pub mod build;
+pub mod checkpoints;
+pub mod heldout;
+pub mod log;
+pub mod loss;
+pub mod params;
+pub mod run;
+pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,187 @@
+//! Which parameters learn, with which learning rate and weight decay; gradient bookkeeping the optimizer does not
+//! do: global-norm clipping (burn's clipping is per tensor) and splitting gradients into groups (per-part
+//! learning rates; no weight decay on norms and biases, as LLaVA/HF Trainer do).
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use regex::Regex;
+use std::collections::{BTreeMap, HashMap};
+
+use crate::zoo::mllm::Llava;
+
+/// The component a parameter path belongs to, as recipes name them.
+pub fn part_of(path: &str) -> &'static str {
+    if path.starts_with("vision_tower.") {
+        "encoder"
+    } else if path.starts_with("multi_modal_projector.") {
+        "connector"
+    } else {
+        "llm"
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    pub id: ParamId,
+    pub path: String,
+    pub numel: usize,
+    pub decay: bool,
+}
+
+#[derive(Default)]
+struct Lister {
+    stack: Vec<String>,
+    out: Vec<ParamInfo>,
+}
+
+impl ModuleVisitor for Lister {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.stack.join(".");
+        // Norm scales/shifts and biases are 1-D; embeddings and weights decay.
+        let decay = D >= 2;
+        self.out.push(ParamInfo {
+            id: param.id,
+            path,
+            numel: param.shape().num_elements(),
+            decay,
+        });
+    }
+}
+
+pub fn list(model: &Llava) -> Vec<ParamInfo> {
+    let mut l = Lister::default();
+    model.visit(&mut l);
+    l.out
+}
+
+/// Resolves `train = [...]` (part names or `re:<regex>` over paths) into the trainable set.
+pub fn select(params: &[ParamInfo], train: &[String]) -> std::result::Result<Vec<ParamInfo>, String> {
+    let mut out = vec![];
+    for pat in train {
+        let hit: Vec<&ParamInfo> = if let Some(re) = pat.strip_prefix("re:") {
+            let re = Regex::new(re).map_err(|e| format!("train: {pat:?} is not a valid regex: {e}"))?;
+            params.iter().filter(|p| re.is_match(&p.path)).collect()
+        } else if ["encoder", "connector", "llm"].contains(&pat.as_str()) {
+            params.iter().filter(|p| part_of(&p.path) == pat).collect()
+        } else {
+            return Err(format!(
+                "train: {pat:?} is neither a part (encoder, connector, llm) nor `re:<regex>`"
+            ));
+        };
+        if hit.is_empty() {
+            return Err(format!("train: {pat:?} matches no parameter"));
+        }
+        for p in hit {
+            if !out.iter().any(|q: &ParamInfo| q.id == p.id) {
+                out.push(p.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Marks every parameter outside `trainable` as not requiring gradients: frozen parts get no gradients and
+/// therefore no optimizer state.
+pub fn freeze(model: Llava, trainable: &[ParamInfo]) -> Llava {
+    struct Freezer<'a>(&'a [ParamInfo]);
+    impl ModuleMapper for Freezer<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let keep = self.0.iter().any(|p| p.id == param.id);
+            param.set_require_grad(keep)
+        }
+    }
+    model.map(&mut Freezer(trainable))
+}
+
+/// Sum of squares of every gradient, as f64 (the global norm is its square root).
+pub fn grad_sq_sum(model: &Llava, grads: &GradientsParams) -> f64 {
+    struct Norm<'a>(&'a GradientsParams, f64);
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                let s: f32 = g.powf_scalar(2.0).sum().into_scalar::<f32>();
+                self.1 += s as f64;
+            }
+        }
+    }
+    let mut n = Norm(grads, 0.0);
+    model.visit(&mut n);
+    n.1
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads(model: &Llava, grads: &mut GradientsParams, factor: f64) {
+    struct Scale<'a>(&'a mut GradientsParams, f64);
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                self.0.register(param.id, g.mul_scalar(self.1));
+            }
+        }
+    }
+    model.visit(&mut Scale(grads, factor));
+}
+
+/// Splits gradients by group key (e.g. "connector/decay"); parameters without a group are dropped.
+pub fn split_grads(
+    model: &Llava,
+    mut grads: GradientsParams,
+    group_of: &HashMap<ParamId, String>,
+) -> BTreeMap<String, GradientsParams> {
+    struct Split<'a> {
+        src: &'a mut GradientsParams,
+        group_of: &'a HashMap<ParamId, String>,
+        out: BTreeMap<String, GradientsParams>,
+    }
+    impl ModuleVisitor for Split<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let (Some(g), Some(k)) = (self.src.remove::<D>(param.id), self.group_of.get(&param.id)) {
+                self.out.entry(k.clone()).or_default().register(param.id, g);
+            }
+        }
+    }
+    let mut s = Split {
+        src: &mut grads,
+        group_of,
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut s);
+    s.out
+}
+
+/// Gives parameters the ids recorded at checkpoint time (by path), so optimizer state saved against those ids
+/// applies to the reloaded model.
+pub fn restore_ids(model: Llava, ids: &BTreeMap<String, u64>) -> Llava {
+    struct Ids<'a> {
+        stack: Vec<String>,
+        ids: &'a BTreeMap<String, u64>,
+    }
+    impl ModuleMapper for Ids<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            match self.ids.get(&self.stack.join(".")) {
+                Some(&id) => {
+                    let (_, value, mapper) = param.consume();
+                    Param::from_mapped_value(ParamId::from(id), value, mapper)
+                }
+                None => param,
+            }
+        }
+    }
+    model.map(&mut Ids { stack: vec![], ids })
+}
+
+pub fn id_map(params: &[ParamInfo]) -> BTreeMap<String, u64> {
+    params.iter().map(|p| (p.path.clone(), p.id.val())).collect()
+}

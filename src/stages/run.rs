@@ -1,0 +1,153 @@
+//! `mitune train`: a recipe's pipeline, stage after stage, in `<output>/<name>/`:
+//! `recipe.toml` (resolved), `metrics.jsonl`, `summary.json`, and per stage `model/` (HF layout), `checkpoints/`,
+//! `heldout.json`, `done.json`. With `--resume` finished stages are skipped and the unfinished one continues from
+//! its last checkpoint exactly.
+use burn::tensor::Device;
+use std::path::{Path, PathBuf};
+
+use super::build::{self, Built};
+use super::checkpoints;
+use super::heldout::{self, Score};
+use super::log::Metrics;
+use super::trainer::{self, StageRun};
+use crate::data::shapes;
+use crate::error::{Error, Result, read_json};
+use crate::recipe::schema::{Prepare, Recipe, Template};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    Refuse,
+    Resume,
+    Fresh,
+}
+
+pub fn prepare_data(rc: &Recipe) -> Result<()> {
+    for p in &rc.prepare {
+        match p {
+            Prepare::Shapes { out, seed, train, heldout, vocab_size } => {
+                let cfg = shapes::ShapesConfig { seed: *seed, train: *train, heldout: *heldout, vocab_size: *vocab_size };
+                if shapes::ensure(out, &cfg)? {
+                    eprintln!("generated the shapes world in {}", out.display());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: p.to_path_buf(), source }
+}
+
+/// Held-out scores for `label`, cached in `file` so a resumed run does not recompute them.
+fn heldout_row(rc: &Recipe, built: &Built, template: Template, file: &Path, metrics: &mut Metrics, label: &str) -> Result<Option<Vec<Score>>> {
+    let Some(h) = &rc.heldout else { return Ok(None) };
+    if file.exists() {
+        return read_json(file).map(Some);
+    }
+    let src = crate::data::templates::source(h.template.unwrap_or(template), &built.text).map_err(Error::input)?;
+    let t0 = std::time::Instant::now();
+    let scores = heldout::evaluate(built, h, &src)?;
+    let line: Vec<String> = scores.iter().map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy())).collect();
+    eprintln!("[heldout after {label}] {} ({:.1}s)", line.join(", "), t0.elapsed().as_secs_f64());
+    for s in &scores {
+        metrics.write(serde_json::json!({"stage": label, "heldout": s.task, "accuracy": s.accuracy(), "n": s.n}))?;
+    }
+    std::fs::write(file, serde_json::to_string_pretty(&scores).unwrap()).map_err(io(file))?;
+    Ok(Some(scores))
+}
+
+/// Runs the pipeline; returns the run directory.
+pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Device) -> Result<PathBuf> {
+    prepare_data(rc)?;
+    let run = rc.output.join(&rc.name);
+    let started = run.join("recipe.toml").exists();
+    match existing {
+        Existing::Refuse if started => {
+            return Err(Error::file(&run, "this run already exists: pass --resume to continue it, or --fresh to delete it and start over"));
+        }
+        Existing::Fresh if run.exists() => std::fs::remove_dir_all(&run).map_err(io(&run))?,
+        _ => {}
+    }
+    std::fs::create_dir_all(&run).map_err(io(&run))?;
+    if existing == Existing::Resume && started {
+        let old = std::fs::read_to_string(run.join("recipe.toml")).unwrap_or_default();
+        if old != resolved_toml {
+            return Err(Error::file(run.join("recipe.toml"), "the recipe changed since this run started; resume needs the same recipe (or use --fresh)"));
+        }
+    }
+    std::fs::write(run.join("recipe.toml"), resolved_toml).map_err(io(&run))?;
+    let mut metrics = Metrics::open(&run.join("metrics.jsonl"))?;
+    let mut table: Vec<(String, Vec<Score>)> = vec![];
+    let mut current: Option<Built> = None;
+    let clock = std::time::Instant::now();
+    for (i, name) in rc.pipeline.iter().enumerate() {
+        let spec = &rc.stages[name];
+        let t = spec.train();
+        let dir = run.join(name);
+        if checkpoints::is_done(&dir) {
+            eprintln!("[{name}] already done; skipping");
+            current = None;
+            if let Ok(s) = read_json::<Vec<Score>>(&dir.join("heldout.json")) {
+                table.push((name.clone(), s));
+            }
+            continue;
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        std::fs::write(dir.join("recipe.toml"), resolved_toml).map_err(io(&dir))?;
+        let resume = if existing == Existing::Resume { checkpoints::list(&dir).pop() } else { None };
+        let mut built = match (&resume, &t.init) {
+            (Some(ck), _) => build::load_dir(ck, device)?,
+            (None, Some(init)) => match (&init.from_stage, &init.checkpoint) {
+                (Some(from), _) => build::load_dir(&run.join(from).join("model"), device)?,
+                (_, Some(ck)) => build::load_dir(ck, device)?,
+                _ => unreachable!("validated: exactly one of from_stage/checkpoint"),
+            },
+            (None, None) => match current.take() {
+                Some(b) => b,
+                None if i > 0 => build::load_dir(&run.join(&rc.pipeline[i - 1]).join("model"), device)?,
+                None => build::build(&rc.model, t.data.pad_to_square, device)?,
+            },
+        };
+        built.images.pad_to_square = t.data.pad_to_square;
+        if i == 0
+            && let Some(s) = heldout_row(rc, &built, t.template, &run.join("heldout-init.json"), &mut metrics, "init")?
+        {
+            table.push(("init".into(), s));
+        }
+        let ctx = StageRun { name, spec, dir: dir.clone(), seed: rc.seed, device, metrics: &mut metrics };
+        let trained = trainer::run(ctx, built, resume)?;
+        if let Some(s) = heldout_row(rc, &trained, t.template, &dir.join("heldout.json"), &mut metrics, name)? {
+            table.push((name.clone(), s));
+        }
+        current = Some(trained);
+    }
+    if !table.is_empty() {
+        print_table(&table);
+    }
+    let summary = serde_json::json!({
+        "name": rc.name,
+        "seconds": clock.elapsed().as_secs_f64(),
+        "heldout": table.iter().map(|(k, s)| serde_json::json!({"after": k, "scores": s.iter().map(|x| serde_json::json!({"task": x.task, "accuracy": x.accuracy(), "n": x.n})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+    });
+    std::fs::write(run.join("summary.json"), serde_json::to_string_pretty(&summary).unwrap()).map_err(io(&run))?;
+    eprintln!("run saved in {}", run.display());
+    Ok(run)
+}
+
+fn print_table(table: &[(String, Vec<Score>)]) {
+    let tasks: Vec<&str> = table[0].1.iter().map(|s| s.task.as_str()).collect();
+    println!("\nheld-out exact match (%)");
+    print!("{:<12}", "after");
+    for t in &tasks {
+        print!("{t:>12}");
+    }
+    println!();
+    for (label, scores) in table {
+        print!("{label:<12}");
+        for s in scores {
+            print!("{:>12.1}", 100.0 * s.accuracy());
+        }
+        println!();
+    }
+}

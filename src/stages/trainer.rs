@@ -1,0 +1,270 @@
+//! The one step loop every training stage runs (align, instruct, pretrain): forward, masked cross-entropy,
+//! backward, accumulate micro-batches (averaging over the global batch's supervised tokens), clip by global
+//! norm, AdamW step per parameter group, schedule, log, checkpoint. Checkpoints hold everything an exact resume
+//! needs (weights, optimizer moments, parameter ids, step); the data order and learning rate are pure functions of
+//! the step, so nothing else is state.
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::build::{Built, export};
+use super::checkpoints::{self, TrainState};
+use super::log::{Metrics, Progress};
+use super::params::{self, ParamInfo};
+use super::{loss, schedule};
+use crate::data::loader::{self, MicroBatch, Order};
+use crate::data::prepare::{self, Prepared};
+use crate::error::{Error, Result};
+use crate::recipe::schema::{Optim, StageSpec};
+use crate::zoo::layers::float_tensor;
+use crate::zoo::mllm::{Llava, MmInput};
+
+pub struct StageRun<'a> {
+    pub name: &'a str,
+    pub spec: &'a StageSpec,
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub device: &'a Device,
+    pub metrics: &'a mut Metrics,
+}
+
+fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
+    let pixels = match &mb.pixels {
+        Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
+        Ok(None) => None,
+        Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
+    };
+    Ok(MmInput {
+        ids: mb.ids.clone(),
+        attention: mb.attention.clone(),
+        pixels,
+    })
+}
+
+/// Summed masked CE of one micro-batch (on whatever device the model lives).
+pub fn micro_loss(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<burn::tensor::Tensor<1>> {
+    let input = to_input(mb, device)?;
+    let logits = model.forward(&input)?;
+    Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
+}
+
+fn default_train(kind: &str) -> Vec<String> {
+    match kind {
+        "align" => vec!["connector".into()],
+        "instruct" => vec!["connector".into(), "llm".into()],
+        _ => vec!["encoder".into(), "connector".into(), "llm".into()],
+    }
+}
+
+/// Held-out loss (mean per supervised token) over the stage's eval split.
+fn eval_loss(model: &Llava, data: &Prepared, built: &Built, device: &Device, micro: usize) -> Result<f64> {
+    let m = model.valid();
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for chunk in data.encoded.chunks(micro) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let mb = loader::micro_batch(&refs, built.text.pad_id(), &built.images);
+        let l: f32 = micro_loss(&m, &mb, &device.clone().inner())?.into_scalar::<f32>();
+        sum += l as f64;
+        n += mb.supervised;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Runs one training stage from `built` (or from the checkpoint in `resume`), returns the trained model.
+pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<Built> {
+    let kind = ctx.spec.kind();
+    let spec = ctx.spec.train();
+    let seed = spec.seed.unwrap_or(ctx.seed);
+    let template = crate::data::templates::source(spec.template, &built.text)
+        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
+    let data = prepare::prepare(&spec.data, &built.text, &template, spec.max_len, seed, spec.on_bad_sample, &ctx.dir, &format!("stages.{}.data", ctx.name))?;
+    let eval_data = match &spec.eval {
+        Some(e) => {
+            let mut d = prepare::prepare(&e.data, &built.text, &template, spec.max_len, seed, spec.on_bad_sample, &ctx.dir, &format!("stages.{}.eval.data", ctx.name))?;
+            d.encoded.truncate(e.max_samples);
+            Some((e.every, d))
+        }
+        None => None,
+    };
+    if spec.batch.global % spec.batch.micro != 0 || spec.batch.micro == 0 {
+        return Err(Error::input(format!(
+            "stages.{}.batch: global {} is not a multiple of micro {}",
+            ctx.name, spec.batch.global, spec.batch.micro
+        )));
+    }
+    let order = Arc::new(Order {
+        mix: spec.data.mix,
+        global: spec.batch.global,
+        seed,
+        sources: data.by_source.clone(),
+        has_image: data.encoded.iter().map(|e| !e.images.is_empty()).collect(),
+        len: data.encoded.iter().map(|e| e.ids.len()).collect(),
+    });
+    let per_epoch = order.steps_per_epoch();
+    let total = spec
+        .max_steps
+        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
+    if total == 0 {
+        return Err(Error::input(format!(
+            "stages.{}: {} usable samples make no full global batch of {}; lower batch.global or add data",
+            ctx.name,
+            data.encoded.len(),
+            spec.batch.global
+        )));
+    }
+
+    // Which parameters learn, in which optimizer group.
+    let all = params::list(&built.model);
+    let train = spec.train.clone().unwrap_or_else(|| default_train(kind));
+    let trainable: Vec<ParamInfo> =
+        params::select(&all, &train).map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
+    let Optim::Adamw { lr, betas, eps, weight_decay, part_lr } = &spec.optim;
+    for k in part_lr.keys() {
+        if !["encoder", "connector", "llm"].contains(&k.as_str()) {
+            return Err(Error::input(format!(
+                "stages.{}.optim.part_lr.{k}: not a part (encoder, connector, llm)",
+                ctx.name
+            )));
+        }
+    }
+    let adamw = |wd: f64| {
+        AdamWConfig::new()
+            .with_beta_1(betas[0] as f32)
+            .with_beta_2(betas[1] as f32)
+            .with_epsilon(*eps as f32)
+            .with_weight_decay(wd as f32)
+            .init()
+    };
+    let mut optims: BTreeMap<bool, ModuleOptimizer> =
+        BTreeMap::from([(true, adamw(*weight_decay)), (false, adamw(0.0))]);
+    let mut start = 0;
+    let mut model = built.model;
+    if let Some(ck) = &resume {
+        let st = checkpoints::read_state(ck)?;
+        start = st.step;
+        model = params::restore_ids(model, &st.param_ids);
+        for (decay, o) in optims.iter_mut() {
+            let p = ck.join(checkpoints::optim_file(*decay));
+            if p.exists() {
+                *o = o.clone().load(&p).map_err(|e| Error::file(&p, format!("cannot read optimizer state: {e:?}")))?;
+            }
+        }
+        eprintln!("[{}] resuming at step {start}/{total} from {}", ctx.name, ck.display());
+    }
+    let all = params::list(&model);
+    let trainable = params::select(&all, &train).unwrap_or(trainable);
+    let group_of: HashMap<_, String> = trainable
+        .iter()
+        .map(|p| (p.id, format!("{}/{}", params::part_of(&p.path), p.decay)))
+        .collect();
+    model = params::freeze(model, &trainable);
+    let n_train: usize = trainable.iter().map(|p| p.numel).sum();
+    let n_all: usize = all.iter().map(|p| p.numel).sum();
+    eprintln!(
+        "[{}] {kind}: {} samples, {per_epoch} steps/epoch, {total} steps; training {} ({n_train} of {n_all} params)",
+        ctx.name,
+        data.encoded.len(),
+        train.join(", ")
+    );
+
+    let rx = loader::prefetch(
+        order,
+        Arc::new(data.encoded),
+        Arc::new(built.images.clone()),
+        spec.batch.micro,
+        built.text.pad_id(),
+        start,
+        total,
+        4,
+    );
+    let mut progress = Progress::new(ctx.name, start, total);
+    let mut last_good: Option<PathBuf> = resume.clone();
+    let clock = Instant::now();
+    let mut tokens_since = 0usize;
+    for (step, micros) in rx {
+        let t0 = Instant::now();
+        let f = schedule::factor(&spec.schedule, step, total);
+        let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
+        let mut acc = GradientsAccumulator::<Llava>::new();
+        let mut loss_val = 0.0f64;
+        let mut tokens = 0;
+        for mb in &micros {
+            let l = micro_loss(&model, mb, ctx.device)?.div_scalar(global_sup.max(1) as f64);
+            let v: f32 = l.clone().into_scalar::<f32>();
+            loss_val += v as f64;
+            tokens += mb.tokens;
+            let g = GradientsParams::from_grads(l.backward(), &model);
+            acc.accumulate(&model, g);
+        }
+        if !loss_val.is_finite() {
+            return Err(Error::input(format!(
+                "stages.{}: loss is {loss_val} at step {step} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate or check the data of this step.",
+                ctx.name,
+                lr * f,
+                last_good.map(|p| p.display().to_string()).unwrap_or_else(|| "none (the stage's start)".into())
+            )));
+        }
+        let mut grads = acc.grads();
+        let norm = params::grad_sq_sum(&model, &grads).sqrt();
+        if spec.clip_grad_norm > 0.0 && norm > spec.clip_grad_norm {
+            params::scale_grads(&model, &mut grads, spec.clip_grad_norm / (norm + 1e-6));
+        }
+        for (group, g) in params::split_grads(&model, grads, &group_of) {
+            let (part, decay) = group.split_once('/').unwrap();
+            let part_lr = part_lr.get(part).copied().unwrap_or(*lr) * f;
+            let o = optims.get_mut(&(decay == "true")).unwrap();
+            model = o.step(part_lr, model, g);
+        }
+        tokens_since += tokens;
+        let done = step + 1;
+        let secs = t0.elapsed().as_secs_f64();
+        progress.update(done, loss_val, lr * f, tokens as f64 / secs);
+        if done % spec.log_every == 0 || done == total {
+            ctx.metrics.write(serde_json::json!({
+                "stage": ctx.name, "step": done, "loss": loss_val, "lr": lr * f, "grad_norm": norm,
+                "tokens_per_s": tokens_since as f64 / clock.elapsed().as_secs_f64().max(1e-9),
+                "supervised_tokens": global_sup, "step_s": secs,
+            }))?;
+        }
+        if let Some((every, ed)) = &eval_data
+            && (done % every == 0 || done == total)
+        {
+            let el = eval_loss(&model, ed, &Built { model: model.clone(), text: built.text.clone(), images: built.images.clone(), processor: built.processor.clone() }, ctx.device, spec.batch.micro)?;
+            progress.note(&format!("step {done}: held-out loss {el:.4}"));
+            ctx.metrics.write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
+        }
+        if done % spec.save_every == 0 && done < total {
+            let st = TrainState { step: done, total, param_ids: params::id_map(&params::list(&model)) };
+            let dir = checkpoints::save(&ctx.dir, &st, |tmp| {
+                export(&model, &built.text, &built.processor, Some(&template), None, tmp)?;
+                for (decay, o) in &optims {
+                    let p = tmp.join(checkpoints::optim_file(*decay));
+                    o.save(&p).map_err(|e| Error::file(&p, format!("cannot write optimizer state: {e:?}")))?;
+                }
+                Ok(())
+            }, spec.keep_last)?;
+            last_good = Some(dir);
+        }
+    }
+    progress.finish();
+    let part = spec.export.map(|p| match p {
+        crate::recipe::schema::ExportPart::Encoder => crate::checkpoint::hf::Part::Encoder,
+        crate::recipe::schema::ExportPart::Llm => crate::checkpoint::hf::Part::Llm,
+    });
+    // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
+    export(&model, &built.text, &built.processor, Some(&template), None, &ctx.dir.join("model"))?;
+    if let Some(p) = part {
+        export(&model, &built.text, &built.processor, Some(&template), Some(p), &ctx.dir.join("export"))?;
+    }
+    checkpoints::mark_done(&ctx.dir, total)?;
+    built.model = model;
+    Ok(built)
+}
+
+pub fn stage_dir(run: &Path, stage: &str) -> PathBuf {
+    run.join(stage)
+}
