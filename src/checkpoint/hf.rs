@@ -192,8 +192,8 @@ pub enum Part {
 }
 
 /// Writes one component as a standalone transformers directory: `CLIPVisionModel`/`SiglipVisionModel`
-/// (`vision_model.*`) or `LlamaForCausalLM`/`Qwen2ForCausalLM` (`model.*`, `lm_head.weight`), f32.
-pub fn save_part(model: &Llava, part: Part, out: &Path) -> Result<()> {
+/// (`vision_model.*`) or `LlamaForCausalLM`/`Qwen2ForCausalLM` (`model.*`, `lm_head.weight`).
+pub fn save_part(model: &Llava, part: Part, out: &Path, dtype: Dtype) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,
@@ -223,7 +223,7 @@ pub fn save_part(model: &Llava, part: Part, out: &Path) -> Result<()> {
         }
     };
     let keys: &dyn Fn(&str) -> Vec<String> = &keys;
-    let mut tensors = Collector::collect(model, keys, Dtype::F32);
+    let mut tensors = Collector::collect(model, keys, dtype);
     tensors.retain(|t| !t.name.starts_with(SKIP));
     write_file(&out.join("model.safetensors"), &tensors)?;
     write_json(&out.join("config.json"), &cfg)

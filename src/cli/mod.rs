@@ -60,7 +60,13 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::train(a),
         Command::Validate(a) => train::validate(a),
-        Command::Data { which, out, train, heldout, seed } => data(&which, &out, train, heldout, seed),
+        Command::Data {
+            which,
+            out,
+            train,
+            heldout,
+            seed,
+        } => data(&which, &out, train, heldout, seed),
         Command::Generate(args) => generate::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
         Command::Export { model, out, dtype } => export(&model, &out, &dtype),
@@ -92,12 +98,29 @@ fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> crate:
     Ok(())
 }
 
-fn data(which: &str, out: &std::path::Path, train: usize, heldout: usize, seed: u64) -> crate::Result<()> {
+fn data(
+    which: &str,
+    out: &std::path::Path,
+    train: usize,
+    heldout: usize,
+    seed: u64,
+) -> crate::Result<()> {
     if which != "shapes" {
-        return Err(crate::Error::input(format!("mitune data {which}: the built-in datasets are: shapes")));
+        return Err(crate::Error::input(format!(
+            "mitune data {which}: the built-in datasets are: shapes"
+        )));
     }
-    let cfg = crate::data::shapes::ShapesConfig { seed, train, heldout, ..Default::default() };
+    let cfg = crate::data::shapes::ShapesConfig {
+        seed,
+        train,
+        heldout,
+        ..Default::default()
+    };
     let wrote = crate::data::shapes::ensure(out, &cfg)?;
-    eprintln!("{} {}", if wrote { "wrote" } else { "up to date:" }, out.display());
+    eprintln!(
+        "{} {}",
+        if wrote { "wrote" } else { "up to date:" },
+        out.display()
+    );
     Ok(())
 }

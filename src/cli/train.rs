@@ -30,14 +30,21 @@ pub struct ValidateArgs {
     pub data: bool,
 }
 
-fn load(recipe: &std::path::Path, sets: &[String]) -> Result<(crate::recipe::schema::Recipe, String)> {
+fn load(
+    recipe: &std::path::Path,
+    sets: &[String],
+) -> Result<(crate::recipe::schema::Recipe, String)> {
     match crate::recipe::load(recipe, sets) {
         Ok((rc, resolved)) => Ok((rc, toml::to_string(&resolved.table).unwrap_or_default())),
         Err(errs) => {
             for e in &errs {
                 eprintln!("error: {e}");
             }
-            Err(Error::input(format!("{}: {} problem(s) in the recipe", recipe.display(), errs.len())))
+            Err(Error::input(format!(
+                "{}: {} problem(s) in the recipe",
+                recipe.display(),
+                errs.len()
+            )))
         }
     }
 }
@@ -56,7 +63,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
     let (rc, _) = load(&a.recipe, &a.sets)?;
-    println!("{}: ok ({} stages: {})", a.recipe.display(), rc.pipeline.len(), rc.pipeline.join(" -> "));
+    println!(
+        "{}: ok ({} stages: {})",
+        a.recipe.display(),
+        rc.pipeline.len(),
+        rc.pipeline.join(" -> ")
+    );
     if !a.data {
         return Ok(());
     }
@@ -65,9 +77,19 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let built = crate::stages::build::build(&rc.model, false, &device)?;
     for name in &rc.pipeline {
         let t = rc.stages[name].train();
-        let template = crate::data::templates::source(t.template, &built.text).map_err(Error::input)?;
+        let template =
+            crate::data::templates::source(t.template, &built.text).map_err(Error::input)?;
         let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));
-        let p = crate::data::prepare::prepare(&t.data, &built.text, &template, t.max_len, rc.seed, t.on_bad_sample, &dir, &format!("stages.{name}.data"))?;
+        let p = crate::data::prepare::prepare(
+            &t.data,
+            &built.text,
+            &template,
+            t.max_len,
+            rc.seed,
+            t.on_bad_sample,
+            &dir,
+            &format!("stages.{name}.data"),
+        )?;
         let sup: usize = p.encoded.iter().map(|e| e.supervised()).sum();
         let longest = p.encoded.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         println!(

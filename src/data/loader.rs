@@ -39,7 +39,8 @@ pub struct Order {
 impl Order {
     /// Global batches of epoch `epoch`, each a list of sample indices (longest first).
     pub fn epoch(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+        let mut rng =
+            StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
         let mut drawn: Vec<Vec<usize>> = vec![];
         for (idx, w) in &self.sources {
             let mut pool = idx.clone();

@@ -82,14 +82,21 @@ pub fn prepare(
         }
     }
     // Decode a spread sample of images (decoding every image is the training loop's job, ahead of compute).
-    let mut paths: Vec<&Path> = encoded.iter().flat_map(|e| e.images.iter().map(|p| p.as_path())).collect();
+    let mut paths: Vec<&Path> = encoded
+        .iter()
+        .flat_map(|e| e.images.iter().map(|p| p.as_path()))
+        .collect();
     paths.dedup();
     let stride = (paths.len() / DECODE_CHECK).max(1);
     for p in paths.iter().step_by(stride).take(DECODE_CHECK) {
         load_image(p).map_err(|e| Error::input(format!("{key}: {e}")))?;
     }
     if !bad.is_empty() {
-        let list: Vec<String> = bad.iter().take(5).map(|b| format!("{}: {}", b.id, b.reason)).collect();
+        let list: Vec<String> = bad
+            .iter()
+            .take(5)
+            .map(|b| format!("{}: {}", b.id, b.reason))
+            .collect();
         match policy {
             OnBad::Fail => {
                 return Err(Error::input(format!(
@@ -105,7 +112,10 @@ pub fn prepare(
                     .iter()
                     .map(|b| serde_json::json!({"id": b.id, "reason": b.reason}).to_string() + "\n")
                     .collect();
-                std::fs::write(&p, lines).map_err(|source| Error::Io { path: p.clone(), source })?;
+                std::fs::write(&p, lines).map_err(|source| Error::Io {
+                    path: p.clone(),
+                    source,
+                })?;
                 eprintln!(
                     "{key}: skipped {} bad sample(s), listed in {} (first: {})",
                     bad.len(),

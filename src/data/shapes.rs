@@ -29,7 +29,15 @@ const VERSION: u64 = 1;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
-pub const SPECIAL_TOKENS: [&str; 7] = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"];
+pub const SPECIAL_TOKENS: [&str; 7] = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<image>",
+    "<|im_start|>",
+    "<|im_end|>",
+];
 /// 7 special tokens + the 256 byte symbols: below this the BPE has no room for merges.
 const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
 /// LLaVA-1.5's prompt for short answers (a phrase, because positions are two words).
@@ -47,17 +55,34 @@ const CAPTION_PROMPTS: [&str; 8] = [
 ];
 /// Words of the chat templates the quickstart may use, so the tokenizer learns merges for them too.
 const CHAT_WORDS: [&str; 11] = [
-    "USER:", "ASSISTANT:", "A chat between a curious user and an artificial intelligence assistant.",
-    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "system", "user", "assistant", "Human:",
+    "USER:",
+    "ASSISTANT:",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "system",
+    "user",
+    "assistant",
+    "Human:",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Shape { Circle, Square, Triangle }
+pub enum Shape {
+    Circle,
+    Square,
+    Triangle,
+}
 
 impl Shape {
     pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
     pub fn name(self) -> &'static str {
-        match self { Shape::Circle => "circle", Shape::Square => "square", Shape::Triangle => "triangle" }
+        match self {
+            Shape::Circle => "circle",
+            Shape::Square => "square",
+            Shape::Triangle => "triangle",
+        }
     }
     /// Inside test for a pixel centre at (dx, dy) from the cell centre; each shape spans about 12 of 16 px.
     fn contains(self, dx: f32, dy: f32) -> bool {
@@ -71,12 +96,22 @@ impl Shape {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Colour { Red, Green, Blue, Yellow }
+pub enum Colour {
+    Red,
+    Green,
+    Blue,
+    Yellow,
+}
 
 impl Colour {
     pub const ALL: [Colour; 4] = [Colour::Red, Colour::Green, Colour::Blue, Colour::Yellow];
     pub fn name(self) -> &'static str {
-        match self { Colour::Red => "red", Colour::Green => "green", Colour::Blue => "blue", Colour::Yellow => "yellow" }
+        match self {
+            Colour::Red => "red",
+            Colour::Green => "green",
+            Colour::Blue => "blue",
+            Colour::Yellow => "yellow",
+        }
     }
     pub fn rgb(self) -> [u8; 3] {
         match self {
@@ -90,13 +125,29 @@ impl Colour {
 
 /// One object; `cell` indexes `POSITIONS` (reading order: 0 top left … 3 bottom right).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Object { pub shape: Shape, pub colour: Colour, pub cell: usize }
+pub struct Object {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub cell: usize,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShapesConfig { pub seed: u64, pub train: usize, pub heldout: usize, pub vocab_size: usize }
+pub struct ShapesConfig {
+    pub seed: u64,
+    pub train: usize,
+    pub heldout: usize,
+    pub vocab_size: usize,
+}
 
 impl Default for ShapesConfig {
-    fn default() -> Self { ShapesConfig { seed: 0, train: 3000, heldout: 200, vocab_size: 512 } }
+    fn default() -> Self {
+        ShapesConfig {
+            seed: 0,
+            train: 3000,
+            heldout: 200,
+            vocab_size: 512,
+        }
+    }
 }
 
 /// The rng of one (seed, split, purpose, index). FNV-1a + splitmix64 rather than std's `DefaultHasher`, whose
@@ -109,7 +160,9 @@ fn rng_for(seed: u64, split: &str, purpose: &str, index: usize) -> StdRng {
     key.push(0xff);
     key.extend_from_slice(&(index as u64).to_le_bytes());
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key { h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3); }
+    for b in key {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     StdRng::seed_from_u64(h ^ (h >> 31))
@@ -123,7 +176,11 @@ pub fn objects(seed: u64, split: &str, index: usize) -> Vec<Object> {
     cells.shuffle(&mut rng);
     let mut objs: Vec<Object> = cells[..n]
         .iter()
-        .map(|&cell| Object { cell, shape: Shape::ALL[rng.random_range(0..3usize)], colour: Colour::ALL[rng.random_range(0..4usize)] })
+        .map(|&cell| Object {
+            cell,
+            shape: Shape::ALL[rng.random_range(0..3usize)],
+            colour: Colour::ALL[rng.random_range(0..4usize)],
+        })
         .collect();
     objs.sort_by_key(|o| o.cell);
     objs
@@ -136,7 +193,14 @@ pub fn caption(objects: &[Object]) -> String {
     objs.sort_by_key(|o| o.cell);
     let parts: Vec<String> = objs
         .iter()
-        .map(|o| format!("a {} {} at the {}", o.colour.name(), o.shape.name(), POSITIONS[o.cell.min(3)]))
+        .map(|o| {
+            format!(
+                "a {} {} at the {}",
+                o.colour.name(),
+                o.shape.name(),
+                POSITIONS[o.cell.min(3)]
+            )
+        })
         .collect();
     match parts.len() {
         0 => "an empty image.".to_string(),
@@ -162,27 +226,58 @@ pub fn render(objects: &[Object]) -> RgbImage {
     img
 }
 
-fn number(n: usize) -> &'static str { NUMBERS.get(n).copied().unwrap_or("many") }
+fn number(n: usize) -> &'static str {
+    NUMBERS.get(n).copied().unwrap_or("many")
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind { Colour, Shape, Count, CountColour, Position, YesNo, Describe }
+pub enum Kind {
+    Colour,
+    Shape,
+    Count,
+    CountColour,
+    Position,
+    YesNo,
+    Describe,
+}
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Colour, Kind::Shape, Kind::Count, Kind::CountColour, Kind::Position, Kind::YesNo, Kind::Describe];
+    pub const ALL: [Kind; 7] = [
+        Kind::Colour,
+        Kind::Shape,
+        Kind::Count,
+        Kind::CountColour,
+        Kind::Position,
+        Kind::YesNo,
+        Kind::Describe,
+    ];
     /// Short-answer kinds: what the held-out VQA set and the LM text ask.
-    const SHORT: [Kind; 5] = [Kind::Colour, Kind::Shape, Kind::Count, Kind::CountColour, Kind::Position];
+    const SHORT: [Kind; 5] = [
+        Kind::Colour,
+        Kind::Shape,
+        Kind::Count,
+        Kind::CountColour,
+        Kind::Position,
+    ];
     pub fn name(self) -> &'static str {
         match self {
-            Kind::Colour => "colour", Kind::Shape => "shape", Kind::Count => "count",
-            Kind::CountColour => "count_colour", Kind::Position => "position", Kind::YesNo => "yesno",
+            Kind::Colour => "colour",
+            Kind::Shape => "shape",
+            Kind::Count => "count",
+            Kind::CountColour => "count_colour",
+            Kind::Position => "position",
+            Kind::YesNo => "yesno",
             Kind::Describe => "describe",
         }
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Qa { pub kind: Kind, pub question: String, pub answer: String }
+pub struct Qa {
+    pub kind: Kind,
+    pub question: String,
+    pub answer: String,
+}
 
 impl Qa {
     /// The question as the model sees it. The answer-format hint is always there (as in LLaVA-1.5's data), so
@@ -198,7 +293,10 @@ impl Qa {
 
 /// Objects whose `key` occurs once: only those can be asked about without ambiguity.
 fn unique<K: PartialEq>(objs: &[Object], key: impl Fn(&Object) -> K) -> Vec<Object> {
-    objs.iter().filter(|o| objs.iter().filter(|p| key(*p) == key(*o)).count() == 1).copied().collect()
+    objs.iter()
+        .filter(|o| objs.iter().filter(|p| key(*p) == key(*o)).count() == 1)
+        .copied()
+        .collect()
 }
 
 /// A question of `kind` about `objs`, or None where that kind cannot be asked unambiguously.
@@ -206,21 +304,36 @@ pub fn ask(kind: Kind, objs: &[Object], rng: &mut StdRng) -> Option<Qa> {
     let (question, answer) = match kind {
         Kind::Colour => {
             let o = *unique(objs, |o| o.shape).choose(rng)?;
-            (format!("What colour is the {}?", o.shape.name()), o.colour.name().to_string())
+            (
+                format!("What colour is the {}?", o.shape.name()),
+                o.colour.name().to_string(),
+            )
         }
         Kind::Shape => {
             let o = objs.choose(rng)?;
-            (format!("What shape is at the {}?", POSITIONS[o.cell.min(3)]), o.shape.name().to_string())
+            (
+                format!("What shape is at the {}?", POSITIONS[o.cell.min(3)]),
+                o.shape.name().to_string(),
+            )
         }
-        Kind::Count => ("How many shapes are there?".to_string(), number(objs.len()).to_string()),
+        Kind::Count => (
+            "How many shapes are there?".to_string(),
+            number(objs.len()).to_string(),
+        ),
         Kind::CountColour => {
             let c = Colour::ALL[rng.random_range(0..4usize)];
             let n = objs.iter().filter(|o| o.colour == c).count();
-            (format!("How many {} shapes are there?", c.name()), number(n).to_string())
+            (
+                format!("How many {} shapes are there?", c.name()),
+                number(n).to_string(),
+            )
         }
         Kind::Position => {
             let o = *unique(objs, |o| (o.colour, o.shape)).choose(rng)?;
-            (format!("Where is the {} {}?", o.colour.name(), o.shape.name()), POSITIONS[o.cell.min(3)].to_string())
+            (
+                format!("Where is the {} {}?", o.colour.name(), o.shape.name()),
+                POSITIONS[o.cell.min(3)].to_string(),
+            )
         }
         Kind::YesNo => {
             let present = rng.random_bool(0.5);
@@ -228,21 +341,32 @@ pub fn ask(kind: Kind, objs: &[Object], rng: &mut StdRng) -> Option<Qa> {
         }
         Kind::Describe => ("Describe the image.".to_string(), caption(objs)),
     };
-    Some(Qa { kind, question, answer })
+    Some(Qa {
+        kind,
+        question,
+        answer,
+    })
 }
 
 /// A yes/no probe (POPE-style): a present object, or a (colour, shape) pair drawn among the absent ones.
 pub fn probe(objs: &[Object], present: bool, rng: &mut StdRng) -> Qa {
     let has = |c: Colour, s: Shape| objs.iter().any(|o| o.colour == c && o.shape == s);
-    let absent: Vec<(Colour, Shape)> =
-        Colour::ALL.iter().flat_map(|&c| Shape::ALL.map(|s| (c, s))).filter(|&(c, s)| !has(c, s)).collect();
+    let absent: Vec<(Colour, Shape)> = Colour::ALL
+        .iter()
+        .flat_map(|&c| Shape::ALL.map(|s| (c, s)))
+        .filter(|&(c, s)| !has(c, s))
+        .collect();
     let (c, s) = match objs.choose(rng) {
         Some(o) if present => (o.colour, o.shape),
         // at most 4 objects among 12 pairs: something is always absent
         _ => absent[rng.random_range(0..absent.len())],
     };
     let answer = if has(c, s) { "yes" } else { "no" };
-    Qa { kind: Kind::YesNo, question: format!("Is there a {} {}?", c.name(), s.name()), answer: answer.to_string() }
+    Qa {
+        kind: Kind::YesNo,
+        question: format!("Is there a {} {}?", c.name(), s.name()),
+        answer: answer.to_string(),
+    }
 }
 
 /// A short-answer question of a random askable kind among `kinds`.
@@ -261,40 +385,81 @@ fn fact(template: usize, rng: &mut StdRng) -> (String, String) {
     let shape = Shape::ALL[rng.random_range(0..3usize)];
     match template {
         0 => {
-            let sides = match shape { Shape::Circle => 0, Shape::Square => 4, Shape::Triangle => 3 };
-            (format!("How many sides does a {} have?", shape.name()), number(sides).to_string())
+            let sides = match shape {
+                Shape::Circle => 0,
+                Shape::Square => 4,
+                Shape::Triangle => 3,
+            };
+            (
+                format!("How many sides does a {} have?", shape.name()),
+                number(sides).to_string(),
+            )
         }
         1 => {
-            let (a, b, mix) = [("blue", "yellow", "green"), ("red", "yellow", "orange"), ("red", "blue", "purple")]
-                [rng.random_range(0..3usize)];
+            let (a, b, mix) = [
+                ("blue", "yellow", "green"),
+                ("red", "yellow", "orange"),
+                ("red", "blue", "purple"),
+            ][rng.random_range(0..3usize)];
             let (a, b) = if rng.random_bool(0.5) { (a, b) } else { (b, a) };
-            (format!("What colour do you get if you mix {a} and {b}?"), mix.to_string())
+            (
+                format!("What colour do you get if you mix {a} and {b}?"),
+                mix.to_string(),
+            )
         }
         2 => ("Name a shape.".to_string(), shape.name().to_string()),
-        3 => ("Name a colour.".to_string(), Colour::ALL[rng.random_range(0..4usize)].name().to_string()),
+        3 => (
+            "Name a colour.".to_string(),
+            Colour::ALL[rng.random_range(0..4usize)].name().to_string(),
+        ),
         4 => {
             let n = rng.random_range(2..=4usize);
             (format!("Count to {}.", number(n)), NUMBERS[1..=n].join(" "))
         }
         5 => {
             let n = rng.random_range(0..4usize);
-            (format!("What number comes after {}?", number(n)), number(n + 1).to_string())
+            (
+                format!("What number comes after {}?", number(n)),
+                number(n + 1).to_string(),
+            )
         }
         6 => {
             let (a, b) = (rng.random_range(0..=2usize), rng.random_range(0..=2usize));
-            (format!("What is {} plus {}?", number(a), number(b)), number(a + b).to_string())
+            (
+                format!("What is {} plus {}?", number(a), number(b)),
+                number(a + b).to_string(),
+            )
         }
         7 => {
             let a = rng.random_range(0..5usize);
             let b = (a + rng.random_range(1..5usize)) % 5;
-            (format!("Which is bigger, {} or {}?", number(a), number(b)), number(a.max(b)).to_string())
+            (
+                format!("Which is bigger, {} or {}?", number(a), number(b)),
+                number(a.max(b)).to_string(),
+            )
         }
-        8 => (format!("Is a {} round?", shape.name()), (if shape == Shape::Circle { "yes" } else { "no" }).to_string()),
+        8 => (
+            format!("Is a {} round?", shape.name()),
+            (if shape == Shape::Circle { "yes" } else { "no" }).to_string(),
+        ),
         9 => {
-            let (w, o) = [("top", "bottom"), ("bottom", "top"), ("left", "right"), ("right", "left")][rng.random_range(0..4usize)];
+            let (w, o) = [
+                ("top", "bottom"),
+                ("bottom", "top"),
+                ("left", "right"),
+                ("right", "left"),
+            ][rng.random_range(0..4usize)];
             (format!("What is the opposite of {w}?"), o.to_string())
         }
-        _ => (format!("Spell the word {}.", shape.name()), shape.name().chars().map(String::from).collect::<Vec<_>>().join(" ")),
+        _ => (
+            format!("Spell the word {}.", shape.name()),
+            shape
+                .name()
+                .chars()
+                .map(String::from)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     }
 }
 
@@ -314,7 +479,9 @@ fn convo(turns: &[(String, String)], image_first: Option<bool>) -> Value {
     Value::Array(out)
 }
 
-fn image_rel(split: &str, i: usize) -> String { format!("images/{split}/{i:05}.png") }
+fn image_rel(split: &str, i: usize) -> String {
+    format!("images/{split}/{i:05}.png")
+}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
     let path = path.to_path_buf();
@@ -331,7 +498,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
     write_atomic(path, text.as_bytes())
 }
 
@@ -351,17 +519,23 @@ fn train_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<
         .show_progress(false)
         .vocab_size(vocab_size)
         .min_frequency(0)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(err)?;
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(byte_level))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level))
+            .build()
+            .map_err(err)?;
     tok.train(&mut trainer, corpus.iter()).map_err(err)?;
     let tmp = path.with_file_name("tokenizer.json.tmp");
     tok.save(&tmp, false).map_err(err)?;
@@ -395,15 +569,25 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
             }
         }
     }
-    for dir in [out.join("images/train"), out.join("images/heldout"), out.join("tokenizer")] {
+    for dir in [
+        out.join("images/train"),
+        out.join("images/heldout"),
+        out.join("tokenizer"),
+    ] {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     }
-    let train: Vec<Vec<Object>> = (0..cfg.train).map(|i| objects(cfg.seed, "train", i)).collect();
-    let held: Vec<Vec<Object>> = (0..cfg.heldout).map(|i| objects(cfg.seed, "heldout", i)).collect();
+    let train: Vec<Vec<Object>> = (0..cfg.train)
+        .map(|i| objects(cfg.seed, "train", i))
+        .collect();
+    let held: Vec<Vec<Object>> = (0..cfg.heldout)
+        .map(|i| objects(cfg.seed, "heldout", i))
+        .collect();
     for (split, set) in [("train", &train), ("heldout", &held)] {
         for (i, objs) in set.iter().enumerate() {
             let p = out.join(image_rel(split, i));
-            render(objs).save(&p).map_err(|e| Error::file(&p, format!("cannot write PNG: {e}")))?;
+            render(objs)
+                .save(&p)
+                .map_err(|e| Error::file(&p, format!("cannot write PNG: {e}")))?;
         }
     }
 
@@ -413,8 +597,10 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
         let mut rng = rng_for(s, "train", "caption", i);
         let prompt = CAPTION_PROMPTS[rng.random_range(0..CAPTION_PROMPTS.len())].to_string();
         let first = rng.random_bool(0.5);
-        captions.push(json!({"id": format!("cap-train-{i:05}"), "image": image_rel("train", i),
-                             "conversations": convo(&[(prompt, caption(objs))], Some(first))}));
+        captions.push(
+            json!({"id": format!("cap-train-{i:05}"), "image": image_rel("train", i),
+                             "conversations": convo(&[(prompt, caption(objs))], Some(first))}),
+        );
 
         let mut rng = rng_for(s, "train", "instruct", i);
         let n = rng.random_range(1..=3usize);
@@ -428,8 +614,10 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
             .map(|qa| (qa.prompt(), qa.answer))
             .collect();
         let first = rng.random_bool(0.5);
-        instruct.push(json!({"id": format!("inst-train-{i:05}"), "image": image_rel("train", i),
-                             "conversations": convo(&turns, Some(first))}));
+        instruct.push(
+            json!({"id": format!("inst-train-{i:05}"), "image": image_rel("train", i),
+                             "conversations": convo(&turns, Some(first))}),
+        );
 
         // LM text, three lines per image: the caption, one Q/A about the image, one world fact
         let mut rng = rng_for(s, "train", "lm", i);
@@ -447,16 +635,21 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
         let mut templates: Vec<usize> = (0..FACTS).collect();
         templates.shuffle(&mut rng);
         let n = rng.random_range(1..=2usize);
-        let turns: Vec<(String, String)> = templates[..n].iter().map(|&t| fact(t, &mut rng)).collect();
-        texts.push(json!({"id": format!("text-train-{i:05}"), "conversations": convo(&turns, None)}));
+        let turns: Vec<(String, String)> =
+            templates[..n].iter().map(|&t| fact(t, &mut rng)).collect();
+        texts.push(
+            json!({"id": format!("text-train-{i:05}"), "conversations": convo(&turns, None)}),
+        );
     }
 
     let (mut cap_eval, mut vqa_eval, mut pope_eval) = (vec![], vec![], vec![]);
     for (i, objs) in held.iter().enumerate() {
         let (s, img) = (cfg.seed, image_rel("heldout", i));
         let turn = [(CAPTION_PROMPTS[0].to_string(), caption(objs))];
-        cap_eval.push(json!({"id": format!("cap-heldout-{i:05}"), "image": img, "task": "caption",
-                             "conversations": convo(&turn, Some(true))}));
+        cap_eval.push(
+            json!({"id": format!("cap-heldout-{i:05}"), "image": img, "task": "caption",
+                             "conversations": convo(&turn, Some(true))}),
+        );
         let mut rng = rng_for(s, "heldout", "vqa", i);
         if let Some(qa) = ask_one(&Kind::SHORT, objs, &mut rng) {
             let turn = [(qa.prompt(), qa.answer.clone())];
@@ -466,13 +659,19 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
         // alternate present/absent so exactly half the probes are "yes", as in POPE
         let qa = probe(objs, i % 2 == 0, &mut rng_for(s, "heldout", "pope", i));
         let turn = [(qa.prompt(), qa.answer.clone())];
-        pope_eval.push(json!({"id": format!("pope-heldout-{i:05}"), "image": img, "task": "yesno",
-                              "kind": "yesno", "conversations": convo(&turn, Some(true))}));
+        pope_eval.push(
+            json!({"id": format!("pope-heldout-{i:05}"), "image": img, "task": "yesno",
+                              "kind": "yesno", "conversations": convo(&turn, Some(true))}),
+        );
     }
 
     let files = [
-        ("captions_train.json", &captions), ("instruct_train.json", &instruct), ("text_train.json", &texts),
-        ("caption_heldout.json", &cap_eval), ("vqa_heldout.json", &vqa_eval), ("pope_heldout.json", &pope_eval),
+        ("captions_train.json", &captions),
+        ("instruct_train.json", &instruct),
+        ("text_train.json", &texts),
+        ("caption_heldout.json", &cap_eval),
+        ("vqa_heldout.json", &vqa_eval),
+        ("pope_heldout.json", &pope_eval),
     ];
     for (name, records) in files {
         write_json(&out.join(name), &Value::Array(records.clone()))?;
@@ -486,7 +685,11 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
 
     // Tokenizer corpus: the training text (held-out text uses the same templates), the chat-template words and
     // the hints; `<image>` removed (see train_tokenizer).
-    let mut corpus: Vec<String> = CHAT_WORDS.iter().chain(&[SHORT_HINT, YESNO_HINT]).map(|s| s.to_string()).collect();
+    let mut corpus: Vec<String> = CHAT_WORDS
+        .iter()
+        .chain(&[SHORT_HINT, YESNO_HINT])
+        .map(|s| s.to_string())
+        .collect();
     for records in [&captions, &instruct, &texts] {
         for r in records.iter() {
             for t in r["conversations"].as_array().into_iter().flatten() {
@@ -495,9 +698,16 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
         }
     }
     corpus.extend(lm.iter().cloned());
-    train_tokenizer(&corpus, cfg.vocab_size, &out.join("tokenizer/tokenizer.json"))?;
-    write_json(&out.join("tokenizer/tokenizer_config.json"), &json!({"bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 512}))?;
+    train_tokenizer(
+        &corpus,
+        cfg.vocab_size,
+        &out.join("tokenizer/tokenizer.json"),
+    )?;
+    write_json(
+        &out.join("tokenizer/tokenizer_config.json"),
+        &json!({"bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 512}),
+    )?;
 
     let readme = format!(
         "# shapes\n\nA synthetic world generated by mitune (seed {seed}, generator version {VERSION}): 32x32 PNGs, \
@@ -511,8 +721,15 @@ identically from meta.json.\n\n\
 - `caption_heldout.json` ({nh}, task caption), `vqa_heldout.json` ({nv}, task vqa, field `kind`), \
 `pope_heldout.json` ({nh}, task yesno, half present / half absent): held-out evaluation.\n\
 - `tokenizer/`: byte-level BPE (vocab {vocab}) trained on the text; `<image>` has id 4.\n",
-        seed = cfg.seed, nt = cfg.train, nh = cfg.heldout, nc = captions.len(), ni = instruct.len(),
-        nx = texts.len(), nl = lm.len(), nv = vqa_eval.len(), vocab = cfg.vocab_size,
+        seed = cfg.seed,
+        nt = cfg.train,
+        nh = cfg.heldout,
+        nc = captions.len(),
+        ni = instruct.len(),
+        nx = texts.len(),
+        nl = lm.len(),
+        nv = vqa_eval.len(),
+        vocab = cfg.vocab_size,
     );
     write_atomic(&out.join("README.md"), readme.as_bytes())?;
     write_json(&meta_path, &meta)?;
@@ -523,13 +740,22 @@ identically from meta.json.\n\n\
 mod tests {
     use super::*;
 
-    fn obj(shape: Shape, colour: Colour, cell: usize) -> Object { Object { shape, colour, cell } }
+    fn obj(shape: Shape, colour: Colour, cell: usize) -> Object {
+        Object {
+            shape,
+            colour,
+            cell,
+        }
+    }
 
     #[test]
     fn samples_are_deterministic() {
         for i in 0..20 {
             assert_eq!(objects(7, "train", i), objects(7, "train", i));
-            assert_eq!(render(&objects(7, "train", i)), render(&objects(7, "train", i)));
+            assert_eq!(
+                render(&objects(7, "train", i)),
+                render(&objects(7, "train", i))
+            );
         }
         let a: Vec<_> = (0..20).map(|i| objects(7, "train", i)).collect();
         let b: Vec<_> = (0..20).map(|i| objects(7, "heldout", i)).collect();
@@ -538,12 +764,20 @@ mod tests {
 
     #[test]
     fn caption_format() {
-        let (rc, bs, gt) = (obj(Shape::Circle, Colour::Red, 0), obj(Shape::Square, Colour::Blue, 3),
-                            obj(Shape::Triangle, Colour::Green, 1));
+        let (rc, bs, gt) = (
+            obj(Shape::Circle, Colour::Red, 0),
+            obj(Shape::Square, Colour::Blue, 3),
+            obj(Shape::Triangle, Colour::Green, 1),
+        );
         assert_eq!(caption(&[rc]), "a red circle at the top left.");
-        assert_eq!(caption(&[bs, rc]), "a red circle at the top left and a blue square at the bottom right.");
-        assert_eq!(caption(&[bs, gt, rc]),
-            "a red circle at the top left, a green triangle at the top right and a blue square at the bottom right.");
+        assert_eq!(
+            caption(&[bs, rc]),
+            "a red circle at the top left and a blue square at the bottom right."
+        );
+        assert_eq!(
+            caption(&[bs, gt, rc]),
+            "a red circle at the top left, a green triangle at the top right and a blue square at the bottom right."
+        );
     }
 
     #[test]
@@ -554,8 +788,12 @@ mod tests {
             for present in [true, false] {
                 let qa = probe(&objs, present, &mut rng);
                 assert_eq!(qa.answer, if present { "yes" } else { "no" });
-                let asked: Vec<bool> = Colour::ALL.iter().flat_map(|&c| Shape::ALL.map(|s| (c, s)))
-                    .filter(|(c, s)| qa.question == format!("Is there a {} {}?", c.name(), s.name()))
+                let asked: Vec<bool> = Colour::ALL
+                    .iter()
+                    .flat_map(|&c| Shape::ALL.map(|s| (c, s)))
+                    .filter(|(c, s)| {
+                        qa.question == format!("Is there a {} {}?", c.name(), s.name())
+                    })
                     .map(|(c, s)| objs.iter().any(|o| o.colour == c && o.shape == s))
                     .collect();
                 assert_eq!(asked, vec![present], "{qa:?} vs {objs:?}");
@@ -565,8 +803,11 @@ mod tests {
 
     #[test]
     fn render_puts_shapes_in_their_cells() {
-        let img = render(&[obj(Shape::Circle, Colour::Red, 0), obj(Shape::Square, Colour::Blue, 3),
-                           obj(Shape::Triangle, Colour::Yellow, 1)]);
+        let img = render(&[
+            obj(Shape::Circle, Colour::Red, 0),
+            obj(Shape::Square, Colour::Blue, 3),
+            obj(Shape::Triangle, Colour::Yellow, 1),
+        ]);
         let px = |x: u32, y: u32| img.get_pixel(x, y).0;
         assert_eq!(px(8, 8), Colour::Red.rgb());
         assert_eq!(px(24, 24), Colour::Blue.rgb());
@@ -580,25 +821,50 @@ mod tests {
 
     #[test]
     fn ensure_writes_a_consistent_dataset() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("mitune-shapes-{}-{nanos}", std::process::id()));
-        let cfg = ShapesConfig { seed: 3, train: 24, heldout: 8, vocab_size: 320 };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("mitune-shapes-{}-{nanos}", std::process::id()));
+        let cfg = ShapesConfig {
+            seed: 3,
+            train: 24,
+            heldout: 8,
+            vocab_size: 320,
+        };
         assert!(ensure(&dir, &cfg).unwrap());
         assert!(!ensure(&dir, &cfg).unwrap(), "second call must be a no-op");
-        for name in ["captions_train.json", "instruct_train.json", "text_train.json", "caption_heldout.json",
-                     "vqa_heldout.json", "pope_heldout.json"] {
+        for name in [
+            "captions_train.json",
+            "instruct_train.json",
+            "text_train.json",
+            "caption_heldout.json",
+            "vqa_heldout.json",
+            "pope_heldout.json",
+        ] {
             let records: Value = read_json(&dir.join(name)).unwrap();
             assert!(!records.as_array().unwrap().is_empty(), "{name}");
             for r in records.as_array().unwrap() {
                 let images = match r.get("image").and_then(Value::as_str) {
-                    Some(p) => { assert!(dir.join(p).is_file(), "{p}"); 1 }
+                    Some(p) => {
+                        assert!(dir.join(p).is_file(), "{p}");
+                        1
+                    }
                     None => 0,
                 };
                 let turns = r["conversations"].as_array().unwrap();
                 let value = |t: &Value| t["value"].as_str().unwrap().to_string();
-                let markers: usize = turns.iter().map(|t| value(t).matches("<image>").count()).sum();
+                let markers: usize = turns
+                    .iter()
+                    .map(|t| value(t).matches("<image>").count())
+                    .sum();
                 assert_eq!(markers, images, "{name}: {r}");
-                assert_eq!(value(&turns[0]).matches("<image>").count(), images, "{name}: {r}");
+                assert_eq!(
+                    value(&turns[0]).matches("<image>").count(),
+                    images,
+                    "{name}: {r}"
+                );
                 for (k, t) in turns.iter().enumerate() {
                     assert_eq!(t["from"], if k % 2 == 0 { "human" } else { "gpt" });
                 }
@@ -606,7 +872,10 @@ mod tests {
         }
         let lm = fs::read_to_string(dir.join("lm_train.jsonl")).unwrap();
         assert_eq!(lm.lines().count(), 3 * cfg.train);
-        assert!(lm.lines().all(|l| serde_json::from_str::<Value>(l).unwrap()["text"].is_string()));
+        assert!(
+            lm.lines()
+                .all(|l| serde_json::from_str::<Value>(l).unwrap()["text"].is_string())
+        );
 
         let tok_path = dir.join("tokenizer/tokenizer.json");
         let tok = tokenizers::Tokenizer::from_file(&tok_path).unwrap();
@@ -617,13 +886,27 @@ mod tests {
         let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         assert!(ids.len() < text.len(), "the BPE learned no merges");
-        assert_eq!(tok.encode("<image>\nDescribe the image.", false).unwrap().get_ids()[0], 4);
+        assert_eq!(
+            tok.encode("<image>\nDescribe the image.", false)
+                .unwrap()
+                .get_ids()[0],
+            4
+        );
 
         // regenerating gives the same bytes (the tokenizer trainer included)
-        let before = (fs::read(&tok_path).unwrap(), fs::read(dir.join("instruct_train.json")).unwrap());
+        let before = (
+            fs::read(&tok_path).unwrap(),
+            fs::read(dir.join("instruct_train.json")).unwrap(),
+        );
         fs::remove_file(dir.join("meta.json")).unwrap();
         assert!(ensure(&dir, &cfg).unwrap());
-        assert_eq!(before, (fs::read(&tok_path).unwrap(), fs::read(dir.join("instruct_train.json")).unwrap()));
+        assert_eq!(
+            before,
+            (
+                fs::read(&tok_path).unwrap(),
+                fs::read(dir.join("instruct_train.json")).unwrap()
+            )
+        );
         fs::remove_dir_all(&dir).ok();
     }
 }

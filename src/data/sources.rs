@@ -66,9 +66,10 @@ fn records(path: &Path) -> Result<Vec<Value>> {
             if line.trim().is_empty() {
                 continue;
             }
-            out.push(serde_json::from_str(line).map_err(|e| {
-                Error::file(path, format!("line {}: invalid JSON: {e}", i + 1))
-            })?);
+            out.push(
+                serde_json::from_str(line)
+                    .map_err(|e| Error::file(path, format!("line {}: invalid JSON: {e}", i + 1)))?,
+            );
         }
         Ok(out)
     } else {
@@ -117,7 +118,11 @@ fn meta(r: &Value, known: &[&str]) -> Value {
     }
 }
 
-fn turns(list: &Value, role_key: &str, text_key: &str) -> std::result::Result<Vec<(Role, String)>, String> {
+fn turns(
+    list: &Value,
+    role_key: &str,
+    text_key: &str,
+) -> std::result::Result<Vec<(Role, String)>, String> {
     let list = list.as_array().ok_or("turns must be a list")?;
     let mut out = vec![];
     for (i, t) in list.iter().enumerate() {
@@ -126,7 +131,11 @@ fn turns(list: &Value, role_key: &str, text_key: &str) -> std::result::Result<Ve
             "human" | "user" => Role::User,
             "gpt" | "assistant" | "model" => Role::Assistant,
             "system" => Role::System,
-            other => return Err(format!("turn {i}: unknown role `{other}` (human/gpt or user/assistant/system)")),
+            other => {
+                return Err(format!(
+                    "turn {i}: unknown role `{other}` (human/gpt or user/assistant/system)"
+                ));
+            }
         };
         let text = t
             .get(text_key)
@@ -140,10 +149,18 @@ fn turns(list: &Value, role_key: &str, text_key: &str) -> std::result::Result<Ve
 /// Reads one source. `rng_seed` drives the instruction sampling of caption sources (deterministic).
 pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>, Vec<Bad>)> {
     let (path, images, cap) = match source {
-        Source::LlavaJson { path, images, cap, .. }
-        | Source::Messages { path, images, cap, .. }
-        | Source::Captions { path, images, cap, .. }
-        | Source::Vqa { path, images, cap, .. } => (path, images.clone(), *cap),
+        Source::LlavaJson {
+            path, images, cap, ..
+        }
+        | Source::Messages {
+            path, images, cap, ..
+        }
+        | Source::Captions {
+            path, images, cap, ..
+        }
+        | Source::Vqa {
+            path, images, cap, ..
+        } => (path, images.clone(), *cap),
         Source::Text { path, cap, .. } => (path, None, *cap),
     };
     let base = images.unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -156,7 +173,11 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
     for (i, r) in recs.iter().enumerate() {
         let id = r
             .get("id")
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
             .unwrap_or_else(|| format!("#{i}"));
         let parsed = parse(source, r, &base, &mut rng);
         match parsed {
@@ -177,9 +198,19 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
     Ok((good, bad))
 }
 
-type Parsed = (Vec<PathBuf>, Vec<(Role, String)>, Option<String>, &'static [&'static str]);
+type Parsed = (
+    Vec<PathBuf>,
+    Vec<(Role, String)>,
+    Option<String>,
+    &'static [&'static str],
+);
 
-fn parse(source: &Source, r: &Value, base: &Path, rng: &mut StdRng) -> std::result::Result<Parsed, String> {
+fn parse(
+    source: &Source,
+    r: &Value,
+    base: &Path,
+    rng: &mut StdRng,
+) -> std::result::Result<Parsed, String> {
     let with_marker = |text: &str, rng: &mut StdRng| {
         if rng.random_bool(0.5) {
             format!("<image>\n{text}")
@@ -190,11 +221,21 @@ fn parse(source: &Source, r: &Value, base: &Path, rng: &mut StdRng) -> std::resu
     match source {
         Source::LlavaJson { .. } => {
             let conv = r.get("conversations").ok_or("missing `conversations`")?;
-            Ok((image_list(r, base)?, turns(conv, "from", "value")?, None, &["id", "image", "images", "conversations"]))
+            Ok((
+                image_list(r, base)?,
+                turns(conv, "from", "value")?,
+                None,
+                &["id", "image", "images", "conversations"],
+            ))
         }
         Source::Messages { .. } => {
             let conv = r.get("messages").ok_or("missing `messages`")?;
-            Ok((image_list(r, base)?, turns(conv, "role", "content")?, None, &["id", "images", "messages"]))
+            Ok((
+                image_list(r, base)?,
+                turns(conv, "role", "content")?,
+                None,
+                &["id", "images", "messages"],
+            ))
         }
         Source::Captions { instructions, .. } => {
             let caption = str_field(r, "caption")?;
@@ -205,15 +246,30 @@ fn parse(source: &Source, r: &Value, base: &Path, rng: &mut StdRng) -> std::resu
             };
             let q = with_marker(pool[rng.random_range(0..pool.len())], rng);
             let msgs = vec![(Role::User, q), (Role::Assistant, caption.to_string())];
-            Ok((image_list(r, base)?, msgs, None, &["id", "image", "caption"]))
+            Ok((
+                image_list(r, base)?,
+                msgs,
+                None,
+                &["id", "image", "caption"],
+            ))
         }
         Source::Vqa { hint, .. } => {
             let q = str_field(r, "question")?;
             let a = str_field(r, "answer")?;
             let q = with_marker(&format!("{q}\n{hint}"), rng);
             let msgs = vec![(Role::User, q), (Role::Assistant, a.to_string())];
-            Ok((image_list(r, base)?, msgs, None, &["id", "image", "question", "answer"]))
+            Ok((
+                image_list(r, base)?,
+                msgs,
+                None,
+                &["id", "image", "question", "answer"],
+            ))
         }
-        Source::Text { .. } => Ok((vec![], vec![], Some(str_field(r, "text")?.to_string()), &["id", "text"])),
+        Source::Text { .. } => Ok((
+            vec![],
+            vec![],
+            Some(str_field(r, "text")?.to_string()),
+            &["id", "text"],
+        )),
     }
 }

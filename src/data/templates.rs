@@ -63,7 +63,11 @@ fn pairs(messages: &[(Role, String)], marker: &str) -> Vec<(String, String)> {
 }
 
 /// Renders the prompt for generation: every message, then the assistant generation prompt.
-pub fn prompt(tp: &TextProcessor, src: &str, messages: &[(Role, String)]) -> std::result::Result<String, String> {
+pub fn prompt(
+    tp: &TextProcessor,
+    src: &str,
+    messages: &[(Role, String)],
+) -> std::result::Result<String, String> {
     tp.render_template(src, &pairs(messages, &tp.image_token), true)
         .map_err(|e| e.to_string())
 }
@@ -81,11 +85,16 @@ pub fn encode(
         let bos = tp.bos_token.clone().unwrap_or_default();
         let eos = tp.eos_token.clone().unwrap_or_default();
         let text = format!("{bos}{raw}{eos}");
-        (text.clone(), vec![(bos.len(), text.len())], vec![raw.clone()])
+        (
+            text.clone(),
+            vec![(bos.len(), text.len())],
+            vec![raw.clone()],
+        )
     } else {
         let msgs = pairs(&sample.messages, &tp.image_token);
         let render = |m: &[(String, String)], gen_prompt: bool| {
-            tp.render_template(src, m, gen_prompt).map_err(|e| e.to_string())
+            tp.render_template(src, m, gen_prompt)
+                .map_err(|e| e.to_string())
         };
         let full = render(&msgs, false)?;
         let mut spans = vec![];

@@ -9,7 +9,9 @@ use resolve::Resolved;
 use schema::{Heldout, ModelSpec, Prepare, Recipe, StageSpec};
 
 /// Known top-level keys (anything else is a typo).
-const TOP: [&str; 8] = ["name", "seed", "pipeline", "output", "prepare", "model", "stages", "heldout"];
+const TOP: [&str; 8] = [
+    "name", "seed", "pipeline", "output", "prepare", "model", "stages", "heldout",
+];
 
 /// One validation error: where, and what.
 #[derive(Debug, Clone)]
@@ -26,11 +28,17 @@ impl std::fmt::Display for Problem {
 }
 
 fn problem(r: &Resolved, key: &str, msg: impl Into<String>) -> Problem {
-    let path: Vec<String> = key.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
-    let at = r
-        .locate(&path)
-        .map(|l| l.to_string())
-        .unwrap_or_else(|| r.files.first().map(|f| f.display().to_string()).unwrap_or_default());
+    let path: Vec<String> = key
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let at = r.locate(&path).map(|l| l.to_string()).unwrap_or_else(|| {
+        r.files
+            .first()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default()
+    });
     Problem {
         at,
         key: key.to_string(),
@@ -60,6 +68,34 @@ fn section<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A stage table: `kind` picks the variant; the rest deserializes with full key paths (serde's internally tagged
+/// enums buffer their content and lose the path, so the tag is read by hand).
+fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> Option<StageSpec> {
+    let key = format!("stages.{name}");
+    let Some(tab) = v.as_table() else {
+        errs.push(problem(r, &key, "must be a table"));
+        return None;
+    };
+    let kind = tab.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let mut rest = tab.clone();
+    rest.remove("kind");
+    let mut body =
+        || section::<schema::TrainStage>(r, &key, toml::Value::Table(rest.clone()), errs);
+    match kind {
+        "align" => body().map(StageSpec::Align),
+        "instruct" => body().map(StageSpec::Instruct),
+        "pretrain" => body().map(StageSpec::Pretrain),
+        other => {
+            errs.push(problem(
+                r,
+                &format!("{key}.kind"),
+                format!("unknown stage kind {other:?} (known: align, instruct, pretrain)"),
+            ));
+            None
+        }
+    }
+}
+
 /// Resolves and validates a recipe; `Err` holds every problem found.
 pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<String>> {
     let r = resolve::resolve(path, sets).map_err(|e| vec![e.to_string()])?;
@@ -67,7 +103,11 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<Stri
     let t = r.table.clone();
     for k in t.keys() {
         if !TOP.contains(&k.as_str()) {
-            errs.push(problem(&r, k, format!("unknown key (known: {})", TOP.join(", "))));
+            errs.push(problem(
+                &r,
+                k,
+                format!("unknown key (known: {})", TOP.join(", ")),
+            ));
         }
     }
     let get = |k: &str| t.get(k).cloned();
@@ -82,12 +122,19 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<Stri
     let pipeline: Option<Vec<String>> = match get("pipeline") {
         Some(v) => section(&r, "pipeline", v, &mut errs),
         None => {
-            errs.push(problem(&r, "pipeline", "missing: list the stages to run in order"));
+            errs.push(problem(
+                &r,
+                "pipeline",
+                "missing: list the stages to run in order",
+            ));
             None
         }
     };
-    let output = get("output").map_or(Some("checkpoints/runs".into()), |v| section(&r, "output", v, &mut errs));
-    let prepare: Option<Vec<Prepare>> = get("prepare").map_or(Some(vec![]), |v| section(&r, "prepare", v, &mut errs));
+    let output = get("output").map_or(Some("checkpoints/runs".into()), |v| {
+        section(&r, "output", v, &mut errs)
+    });
+    let prepare: Option<Vec<Prepare>> =
+        get("prepare").map_or(Some(vec![]), |v| section(&r, "prepare", v, &mut errs));
     let model: Option<ModelSpec> = match get("model") {
         Some(v) => section(&r, "model", v, &mut errs),
         None => {
@@ -103,20 +150,41 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<Stri
     match t.get("stages").and_then(|s| s.as_table()) {
         Some(tab) => {
             for (k, v) in tab {
-                if let Some(s) = section::<StageSpec>(&r, &format!("stages.{k}"), v.clone(), &mut errs) {
+                if let Some(s) = stage(&r, k, v, &mut errs) {
                     stages.insert(k.clone(), s);
                 }
             }
         }
         None => errs.push(problem(&r, "stages", "missing [stages.<name>] tables")),
     }
-    let (Some(name), Some(seed), Some(pipeline), Some(output), Some(prepare), Some(model), Some(heldout)) =
-        (name, seed, pipeline, output, prepare, model, heldout)
+    let (
+        Some(name),
+        Some(seed),
+        Some(pipeline),
+        Some(output),
+        Some(prepare),
+        Some(model),
+        Some(heldout),
+    ) = (name, seed, pipeline, output, prepare, model, heldout)
     else {
         return Err(errs.iter().map(|p| p.to_string()).collect());
     };
-    let recipe = Recipe { name, seed, pipeline, output, prepare, model, stages, heldout };
-    cross_check(&recipe, &r, &mut errs);
+    let raw_stages: Vec<String> = t
+        .get("stages")
+        .and_then(|s| s.as_table())
+        .map(|s| s.keys().cloned().collect())
+        .unwrap_or_default();
+    let recipe = Recipe {
+        name,
+        seed,
+        pipeline,
+        output,
+        prepare,
+        model,
+        stages,
+        heldout,
+    };
+    cross_check(&recipe, &r, &raw_stages, &mut errs);
     if errs.is_empty() {
         Ok((recipe, r))
     } else {
@@ -125,7 +193,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<Stri
 }
 
 /// Checks between fields: stage names, init references, batch arithmetic, model sources, paths.
-fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
+fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<Problem>) {
     let prepared: Vec<&Path> = rc
         .prepare
         .iter()
@@ -140,7 +208,14 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
     }
     for (i, name) in rc.pipeline.iter().enumerate() {
         let Some(stage) = rc.stages.get(name) else {
-            errs.push(problem(r, "pipeline", format!("stage {name:?} has no [stages.{name}] table")));
+            // A table that failed to parse has its own error already.
+            if !raw_stages.contains(name) {
+                errs.push(problem(
+                    r,
+                    "pipeline",
+                    format!("stage {name:?} has no [stages.{name}] table"),
+                ));
+            }
             continue;
         };
         let key = format!("stages.{name}");
@@ -152,41 +227,73 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
                         errs.push(problem(
                             r,
                             &format!("{key}.init.from_stage"),
-                            format!("{from:?} is not a stage earlier in the pipeline ({})", rc.pipeline[..i].join(", ")),
+                            format!(
+                                "{from:?} is not a stage earlier in the pipeline ({})",
+                                rc.pipeline[..i].join(", ")
+                            ),
                         ));
                     }
                 }
                 (None, Some(dir)) => {
                     if !dir.join("config.json").exists() {
-                        errs.push(problem(r, &format!("{key}.init.checkpoint"), format!("{} has no config.json", dir.display())));
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.init.checkpoint"),
+                            format!("{} has no config.json", dir.display()),
+                        ));
                     }
                 }
-                _ => errs.push(problem(r, &format!("{key}.init"), "give exactly one of from_stage or checkpoint")),
+                _ => errs.push(problem(
+                    r,
+                    &format!("{key}.init"),
+                    "give exactly one of from_stage or checkpoint",
+                )),
             }
         }
         if t.batch.micro == 0 || t.batch.global % t.batch.micro != 0 {
             errs.push(problem(
                 r,
                 &format!("{key}.batch"),
-                format!("global {} must be a positive multiple of micro {}", t.batch.global, t.batch.micro),
+                format!(
+                    "global {} must be a positive multiple of micro {}",
+                    t.batch.global, t.batch.micro
+                ),
             ));
         }
         if t.max_len < 2 {
             errs.push(problem(r, &format!("{key}.max_len"), "must be at least 2"));
         }
         if t.data.sources.is_empty() {
-            errs.push(problem(r, &format!("{key}.data.sources"), "empty: give at least one source"));
+            errs.push(problem(
+                r,
+                &format!("{key}.data.sources"),
+                "empty: give at least one source",
+            ));
         }
-        for (j, s) in t.data.sources.iter().chain(t.eval.iter().flat_map(|e| e.data.sources.iter())).enumerate() {
+        for (j, s) in t
+            .data
+            .sources
+            .iter()
+            .chain(t.eval.iter().flat_map(|e| e.data.sources.iter()))
+            .enumerate()
+        {
             let path = source_path(s);
             if !exists(path) {
-                errs.push(problem(r, &format!("{key}.data.sources"), format!("source {j}: {} does not exist", path.display())));
+                errs.push(problem(
+                    r,
+                    &format!("{key}.data.sources"),
+                    format!("source {j}: {} does not exist", path.display()),
+                ));
             }
         }
         if let Some(train) = &t.train {
             for p in train {
                 if !p.starts_with("re:") && !["encoder", "connector", "llm"].contains(&p.as_str()) {
-                    errs.push(problem(r, &format!("{key}.train"), format!("{p:?}: use encoder, connector, llm or re:<regex>")));
+                    errs.push(problem(
+                        r,
+                        &format!("{key}.train"),
+                        format!("{p:?}: use encoder, connector, llm or re:<regex>"),
+                    ));
                 }
             }
         }
@@ -199,10 +306,18 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
     let m = &rc.model;
     if let Some(dir) = &m.from {
         if m.encoder.is_some() || m.llm.is_some() || m.connector.is_some() {
-            errs.push(problem(r, "model.from", "a whole checkpoint excludes [model.encoder]/[model.llm]/[model.connector]"));
+            errs.push(problem(
+                r,
+                "model.from",
+                "a whole checkpoint excludes [model.encoder]/[model.llm]/[model.connector]",
+            ));
         }
         if !dir.join("config.json").exists() {
-            errs.push(problem(r, "model.from", format!("{} has no config.json", dir.display())));
+            errs.push(problem(
+                r,
+                "model.from",
+                format!("{} has no config.json", dir.display()),
+            ));
         }
     } else {
         if m.encoder.is_none() {
@@ -213,9 +328,18 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
         }
     }
     for (key, w) in [
-        ("model.encoder.weights", m.encoder.as_ref().and_then(|e| e.weights.as_ref())),
-        ("model.llm.weights", m.llm.as_ref().and_then(|l| l.weights.as_ref())),
-        ("model.llm.tokenizer", m.llm.as_ref().and_then(|l| l.tokenizer.as_ref())),
+        (
+            "model.encoder.weights",
+            m.encoder.as_ref().and_then(|e| e.weights.as_ref()),
+        ),
+        (
+            "model.llm.weights",
+            m.llm.as_ref().and_then(|l| l.weights.as_ref()),
+        ),
+        (
+            "model.llm.tokenizer",
+            m.llm.as_ref().and_then(|l| l.tokenizer.as_ref()),
+        ),
     ] {
         if let Some(w) = w
             && !exists(w)
@@ -226,7 +350,11 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
     if let Some(h) = &rc.heldout {
         for (i, t) in h.tasks.iter().enumerate() {
             if !exists(&t.path) {
-                errs.push(problem(r, "heldout.tasks", format!("task {i} ({}): {} does not exist", t.name, t.path.display())));
+                errs.push(problem(
+                    r,
+                    "heldout.tasks",
+                    format!("task {i} ({}): {} does not exist", t.name, t.path.display()),
+                ));
             }
         }
     }
@@ -235,6 +363,10 @@ fn cross_check(rc: &Recipe, r: &Resolved, errs: &mut Vec<Problem>) {
 pub fn source_path(s: &schema::Source) -> &Path {
     use schema::Source::*;
     match s {
-        LlavaJson { path, .. } | Messages { path, .. } | Captions { path, .. } | Vqa { path, .. } | Text { path, .. } => path,
+        LlavaJson { path, .. }
+        | Messages { path, .. }
+        | Captions { path, .. }
+        | Vqa { path, .. }
+        | Text { path, .. } => path,
     }
 }

@@ -13,7 +13,11 @@ use toml::{Table, Value};
 
 /// Where a key or an error comes from: a recipe file with 1-based line/column, or a `--set` (file = "--set a.b.c").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Located { pub file: PathBuf, pub line: Option<usize>, pub col: Option<usize> }
+pub struct Located {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub col: Option<usize>,
+}
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -27,24 +31,42 @@ impl fmt::Display for Located {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("cannot read recipe {file}: {source} (check the path; `extends` is relative to the file that names it)")]
-    Read { file: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot read recipe {file}: {source} (check the path; `extends` is relative to the file that names it)"
+    )]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{at}: invalid TOML: {message} (fix the recipe at that position)")]
     Syntax { at: Located, message: String },
-    #[error("{file}: `extends` must be a string path to a parent recipe, found a {found} (write extends = \"base.toml\")")]
+    #[error(
+        "{file}: `extends` must be a string path to a parent recipe, found a {found} (write extends = \"base.toml\")"
+    )]
     BadExtends { file: PathBuf, found: &'static str },
     #[error("recipe `extends` cycle: {chain} (remove the `extends` that points back)")]
     Cycle { chain: String },
     #[error("--set {set}: {reason}")]
     BadSet { set: String, reason: String },
-    #[error("--set {set}: no key `{key}` in {table} (keys: {keys}); check the spelling, or add `{key}` to {recipe}")]
-    UnknownKey { set: String, key: String, table: String, keys: String, recipe: PathBuf },
+    #[error(
+        "--set {set}: no key `{key}` in {table} (keys: {keys}); check the spelling, or add `{key}` to {recipe}"
+    )]
+    UnknownKey {
+        set: String,
+        key: String,
+        table: String,
+        keys: String,
+        recipe: PathBuf,
+    },
 }
 
 /// Dotted key path -> (line, col) of the key's first mention in one file.
 type KeyPos = HashMap<Vec<String>, (usize, usize)>;
 #[derive(Debug, Clone)]
-struct Source { file: PathBuf, keys: KeyPos }
+struct Source {
+    file: PathBuf,
+    keys: KeyPos,
+}
 
 /// The merged recipe, with enough bookkeeping to point error messages at the right file and line.
 #[derive(Debug, Clone)]
@@ -62,11 +84,20 @@ pub fn resolve(path: &Path, sets: &[String]) -> Result<Resolved, ResolveError> {
     let (mut tables, mut sources): (Vec<Table>, Vec<Source>) = (Vec::new(), Vec::new());
     let mut next = Some(path.to_path_buf());
     while let Some(file) = next.take() {
-        let read_err = |source| ResolveError::Read { file: file.clone(), source };
+        let read_err = |source| ResolveError::Read {
+            file: file.clone(),
+            source,
+        };
         let c = std::fs::canonicalize(&file).map_err(read_err)?;
         if let Some(i) = canon.iter().position(|p| *p == c) {
-            let chain: Vec<String> = files[i..].iter().chain([&file]).map(|p| p.display().to_string()).collect();
-            return Err(ResolveError::Cycle { chain: chain.join(" -> ") });
+            let chain: Vec<String> = files[i..]
+                .iter()
+                .chain([&file])
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(ResolveError::Cycle {
+                chain: chain.join(" -> "),
+            });
         }
         let text = std::fs::read_to_string(&file).map_err(read_err)?;
         let (mut table, keys) = parse_file(&file, &text)?;
@@ -74,32 +105,66 @@ pub fn resolve(path: &Path, sets: &[String]) -> Result<Resolved, ResolveError> {
             None => {}
             Some(Value::String(p)) => {
                 let p = PathBuf::from(p);
-                next = Some(if p.is_absolute() { p } else { file.parent().unwrap_or(Path::new("")).join(p) });
+                next = Some(if p.is_absolute() {
+                    p
+                } else {
+                    file.parent().unwrap_or(Path::new("")).join(p)
+                });
             }
-            Some(other) => return Err(ResolveError::BadExtends { file, found: other.type_str() }),
+            Some(other) => {
+                return Err(ResolveError::BadExtends {
+                    file,
+                    found: other.type_str(),
+                });
+            }
         }
         canon.push(c);
-        sources.push(Source { file: file.clone(), keys });
+        sources.push(Source {
+            file: file.clone(),
+            keys,
+        });
         files.push(file);
         tables.push(table);
     }
     let mut table = Table::new();
-    tables.into_iter().rev().for_each(|layer| merge(&mut table, layer));
+    tables
+        .into_iter()
+        .rev()
+        .for_each(|layer| merge(&mut table, layer));
     let (mut changed_kinds, mut set_keys) = (Vec::new(), Vec::new());
     for set in sets {
         let (key_path, value) = parse_set(set)?;
-        apply_set(&mut table, &key_path, value, set, &mut changed_kinds, &files[0])?;
+        apply_set(
+            &mut table,
+            &key_path,
+            value,
+            set,
+            &mut changed_kinds,
+            &files[0],
+        )?;
         set_keys.push(key_path);
     }
-    Ok(Resolved { table, files, sources, set_keys })
+    Ok(Resolved {
+        table,
+        files,
+        sources,
+        set_keys,
+    })
 }
 
 /// Parse one file into values plus key positions; syntax errors carry file:line:col.
 fn parse_file(file: &Path, text: &str) -> Result<(Table, KeyPos), ResolveError> {
     let syntax = |e: toml::de::Error| {
         let lc = e.span().map(|span| line_col(text, span.start));
-        let at = Located { file: file.to_path_buf(), line: lc.map(|x| x.0), col: lc.map(|x| x.1) };
-        ResolveError::Syntax { at, message: e.message().to_string() }
+        let at = Located {
+            file: file.to_path_buf(),
+            line: lc.map(|x| x.0),
+            col: lc.map(|x| x.1),
+        };
+        ResolveError::Syntax {
+            at,
+            message: e.message().to_string(),
+        }
     };
     let doc = DeTable::parse(text).map_err(syntax)?;
     let mut keys = HashMap::new();
@@ -111,7 +176,8 @@ fn parse_file(file: &Path, text: &str) -> Result<(Table, KeyPos), ResolveError> 
 fn collect_keys(t: &DeTable<'_>, prefix: &mut Vec<String>, text: &str, out: &mut KeyPos) {
     for (k, v) in t.iter() {
         prefix.push(k.get_ref().to_string());
-        out.entry(prefix.clone()).or_insert_with(|| line_col(text, k.span().start));
+        out.entry(prefix.clone())
+            .or_insert_with(|| line_col(text, k.span().start));
         if let DeValue::Table(sub) = v.get_ref() {
             collect_keys(sub, prefix, text, out);
         }
@@ -121,7 +187,10 @@ fn collect_keys(t: &DeTable<'_>, prefix: &mut Vec<String>, text: &str, out: &mut
 
 /// 1-based line and column (in characters) of byte offset `off`.
 fn line_col(text: &str, off: usize) -> (usize, usize) {
-    let off = (0..=off.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let off = (0..=off.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let before = &text[..off];
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
@@ -134,7 +203,8 @@ pub fn merge(parent: &mut Table, child: Table) {
     for (key, value) in child {
         if let Value::Table(c) = value {
             if let Some(Value::Table(p)) = parent.get_mut(&key) {
-                let differs = matches!((p.get("kind"), c.get("kind")), (Some(a), Some(b)) if a != b);
+                let differs =
+                    matches!((p.get("kind"), c.get("kind")), (Some(a), Some(b)) if a != b);
                 if !differs {
                     merge(p, c);
                     continue;
@@ -149,16 +219,27 @@ pub fn merge(parent: &mut Table, child: Table) {
 
 /// Split "a.b.c=VALUE": VALUE is read as a TOML value (`1e-5`, `true`, `[1,2]`, `"x"`, `{a=1}`), else as a bare string.
 pub fn parse_set(s: &str) -> Result<(Vec<String>, Value), ResolveError> {
-    let bad = |reason: &str| ResolveError::BadSet { set: s.to_string(), reason: reason.to_string() };
+    let bad = |reason: &str| ResolveError::BadSet {
+        set: s.to_string(),
+        reason: reason.to_string(),
+    };
     let Some((key, raw)) = s.split_once('=') else {
         return Err(bad("missing `=` (write --set section.key=VALUE)"));
     };
-    let path: Vec<String> = key.trim().split('.').map(|p| p.trim().to_string()).collect();
+    let path: Vec<String> = key
+        .trim()
+        .split('.')
+        .map(|p| p.trim().to_string())
+        .collect();
     if path.iter().any(|p| p.is_empty()) {
         return Err(bad("empty key segment (write --set section.key=VALUE)"));
     }
     let raw = raw.trim();
-    Ok((path, raw.parse::<Value>().unwrap_or_else(|_| Value::String(raw.to_string()))))
+    Ok((
+        path,
+        raw.parse::<Value>()
+            .unwrap_or_else(|_| Value::String(raw.to_string())),
+    ))
 }
 
 /// True if table `table_path` is, or lies inside, a table whose `kind` an earlier --set changed.
@@ -172,8 +253,16 @@ fn unknown(set: &str, table_path: &[String], key: &str, t: &Table, recipe: &Path
     ResolveError::UnknownKey {
         set: set.to_string(),
         key: key.to_string(),
-        table: if table_path.is_empty() { "the top level".to_string() } else { table_path.join(".") },
-        keys: if keys.is_empty() { "none".to_string() } else { keys.join(", ") },
+        table: if table_path.is_empty() {
+            "the top level".to_string()
+        } else {
+            table_path.join(".")
+        },
+        keys: if keys.is_empty() {
+            "none".to_string()
+        } else {
+            keys.join(", ")
+        },
         recipe: recipe.to_path_buf(),
     }
 }
@@ -181,9 +270,16 @@ fn unknown(set: &str, table_path: &[String], key: &str, t: &Table, recipe: &Path
 /// Apply one override. Setting `kind` to a new value resets that table to `{ kind }` (as a kind change does when
 /// merging), and later --sets may then add keys anywhere inside it.
 fn apply_set(
-    root: &mut Table, path: &[String], value: Value, set: &str, changed: &mut Vec<Vec<String>>, recipe: &Path,
+    root: &mut Table,
+    path: &[String],
+    value: Value,
+    set: &str,
+    changed: &mut Vec<Vec<String>>,
+    recipe: &Path,
 ) -> Result<(), ResolveError> {
-    let (last, parents) = path.split_last().expect("parse_set returns a non-empty path");
+    let (last, parents) = path
+        .split_last()
+        .expect("parse_set returns a non-empty path");
     let mut t = root;
     for (i, seg) in parents.iter().enumerate() {
         if !t.contains_key(seg) {
@@ -196,8 +292,12 @@ fn apply_set(
             Some(Value::Table(sub)) => sub,
             Some(other) => {
                 let (p, ty) = (path[..=i].join("."), other.type_str());
-                let reason = format!("`{p}` is a {ty}, not a table (set `{p}` itself, or fix the path)");
-                return Err(ResolveError::BadSet { set: set.to_string(), reason });
+                let reason =
+                    format!("`{p}` is a {ty}, not a table (set `{p}` itself, or fix the path)");
+                return Err(ResolveError::BadSet {
+                    set: set.to_string(),
+                    reason,
+                });
             }
             None => unreachable!("inserted above"),
         };
@@ -228,16 +328,33 @@ impl Resolved {
         }
         for d in (1..=depth).rev() {
             let p = &key_path[..d];
-            if let Some(s) = self.set_keys.iter().rev().find(|s| p.starts_with(s.as_slice())) {
-                return Some(Located { file: PathBuf::from(format!("--set {}", s.join("."))), line: None, col: None });
+            if let Some(s) = self
+                .set_keys
+                .iter()
+                .rev()
+                .find(|s| p.starts_with(s.as_slice()))
+            {
+                return Some(Located {
+                    file: PathBuf::from(format!("--set {}", s.join("."))),
+                    line: None,
+                    col: None,
+                });
             }
             for src in &self.sources {
                 if let Some(&(line, col)) = src.keys.get(p) {
-                    return Some(Located { file: src.file.clone(), line: Some(line), col: Some(col) });
+                    return Some(Located {
+                        file: src.file.clone(),
+                        line: Some(line),
+                        col: Some(col),
+                    });
                 }
             }
         }
-        self.files.first().map(|f| Located { file: f.clone(), line: None, col: None })
+        self.files.first().map(|f| Located {
+            file: f.clone(),
+            line: None,
+            col: None,
+        })
     }
 }
 
@@ -263,28 +380,57 @@ mod tests {
 
     #[test]
     fn merge_is_deep_and_kind_change_replaces() {
-        let mut p: Table = "s = 1\n[a]\nx = 1\n[a.y]\nz = 2\n[c]\nkind = \"mlp\"\nhidden = 4\n".parse().unwrap();
-        merge(&mut p, "s = 2\n[a.y]\nw = 3\n[c]\nkind = \"linear\"\n".parse().unwrap());
-        let want: Table = "s = 2\n[a]\nx = 1\n[a.y]\nz = 2\nw = 3\n[c]\nkind = \"linear\"\n".parse().unwrap();
+        let mut p: Table = "s = 1\n[a]\nx = 1\n[a.y]\nz = 2\n[c]\nkind = \"mlp\"\nhidden = 4\n"
+            .parse()
+            .unwrap();
+        merge(
+            &mut p,
+            "s = 2\n[a.y]\nw = 3\n[c]\nkind = \"linear\"\n"
+                .parse()
+                .unwrap(),
+        );
+        let want: Table = "s = 2\n[a]\nx = 1\n[a.y]\nz = 2\nw = 3\n[c]\nkind = \"linear\"\n"
+            .parse()
+            .unwrap();
         assert_eq!(p, want);
         let mut p: Table = "[c]\nkind = \"mlp\"\nhidden = 4\n".parse().unwrap();
         merge(&mut p, "[c]\nkind = \"mlp\"\ndepth = 2\n".parse().unwrap());
-        assert_eq!(p, "[c]\nkind = \"mlp\"\nhidden = 4\ndepth = 2\n".parse::<Table>().unwrap());
+        assert_eq!(
+            p,
+            "[c]\nkind = \"mlp\"\nhidden = 4\ndepth = 2\n"
+                .parse::<Table>()
+                .unwrap()
+        );
     }
 
     #[test]
     fn cycle_detected() {
-        let p = files("cycle", &[("a.toml", "extends = \"b.toml\"\nx = 1\n"), ("b.toml", "extends = \"a.toml\"\n")]);
+        let p = files(
+            "cycle",
+            &[
+                ("a.toml", "extends = \"b.toml\"\nx = 1\n"),
+                ("b.toml", "extends = \"a.toml\"\n"),
+            ],
+        );
         let e = resolve(&p[0], &[]).unwrap_err();
-        assert!(matches!(e, ResolveError::Cycle { .. }) && e.to_string().contains("b.toml -> "), "{e}");
+        assert!(
+            matches!(e, ResolveError::Cycle { .. }) && e.to_string().contains("b.toml -> "),
+            "{e}"
+        );
     }
 
     #[test]
     fn extends_is_relative_to_the_naming_file() {
-        let p = files("relative", &[
-            ("exp/a.toml", "extends = \"../base/common.toml\"\n[optim]\nlr = 2.0\n"),
-            ("base/common.toml", "[optim]\nlr = 1.0\nwd = 0.1\n"),
-        ]);
+        let p = files(
+            "relative",
+            &[
+                (
+                    "exp/a.toml",
+                    "extends = \"../base/common.toml\"\n[optim]\nlr = 2.0\n",
+                ),
+                ("base/common.toml", "[optim]\nlr = 1.0\nwd = 0.1\n"),
+            ],
+        );
         let r = resolve(&p[0], &[]).unwrap();
         assert_eq!(r.files.len(), 2);
         assert!(!r.table.contains_key("extends"));
@@ -294,57 +440,103 @@ mod tests {
 
     #[test]
     fn set_replaces_with_parsed_types() {
-        let p = files("settypes", &[("a.toml", "name = \"x\"\nsteps = 10\nflag = false\ndims = [1]\n[optim]\nlr = 1e-4\n")]);
-        let s = strs(&["optim.lr=1e-5", "steps=20", "flag=true", "name=run2", "dims=[1, 2]"]);
+        let p = files(
+            "settypes",
+            &[(
+                "a.toml",
+                "name = \"x\"\nsteps = 10\nflag = false\ndims = [1]\n[optim]\nlr = 1e-4\n",
+            )],
+        );
+        let s = strs(&[
+            "optim.lr=1e-5",
+            "steps=20",
+            "flag=true",
+            "name=run2",
+            "dims=[1, 2]",
+        ]);
         let r = resolve(&p[0], &s).unwrap();
         assert_eq!(r.table["optim"]["lr"], Value::Float(1e-5));
         assert_eq!(r.table["steps"], Value::Integer(20));
         assert_eq!(r.table["flag"], Value::Boolean(true));
         assert_eq!(r.table["name"], Value::String("run2".into()));
-        assert_eq!(r.table["dims"], Value::Array(vec![Value::Integer(1), Value::Integer(2)]));
+        assert_eq!(
+            r.table["dims"],
+            Value::Array(vec![Value::Integer(1), Value::Integer(2)])
+        );
         assert!(parse_set("novalue").is_err());
     }
 
     #[test]
     fn set_missing_key_names_available_keys() {
-        let p = files("setmissing", &[("a.toml", "[stages.instruct.optim]\nkind = \"adamw\"\nlr = 1e-4\nweight_decay = 0.0\n")]);
-        let e = resolve(&p[0], &strs(&["stages.instruct.optim.lrr=1e-5"])).unwrap_err().to_string();
+        let p = files(
+            "setmissing",
+            &[(
+                "a.toml",
+                "[stages.instruct.optim]\nkind = \"adamw\"\nlr = 1e-4\nweight_decay = 0.0\n",
+            )],
+        );
+        let e = resolve(&p[0], &strs(&["stages.instruct.optim.lrr=1e-5"]))
+            .unwrap_err()
+            .to_string();
         let want = "--set stages.instruct.optim.lrr=1e-5: no key `lrr` in stages.instruct.optim (keys: kind, lr, weight_decay)";
         assert!(e.starts_with(want), "{e}");
-        let e = resolve(&p[0], &strs(&["stages.instrct.optim.lr=1"])).unwrap_err().to_string();
-        assert!(e.contains("no key `instrct` in stages (keys: instruct)"), "{e}");
+        let e = resolve(&p[0], &strs(&["stages.instrct.optim.lr=1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no key `instrct` in stages (keys: instruct)"),
+            "{e}"
+        );
     }
 
     #[test]
     fn set_kind_change_opens_table_to_new_keys() {
-        let p = files("setkind", &[("a.toml", "[model.connector]\nkind = \"mlp\"\nhidden = 4\n")]);
+        let p = files(
+            "setkind",
+            &[("a.toml", "[model.connector]\nkind = \"mlp\"\nhidden = 4\n")],
+        );
         assert!(resolve(&p[0], &strs(&["model.connector.bias=true"])).is_err());
-        let r = resolve(&p[0], &strs(&["model.connector.kind=linear", "model.connector.bias=true"])).unwrap();
+        let r = resolve(
+            &p[0],
+            &strs(&["model.connector.kind=linear", "model.connector.bias=true"]),
+        )
+        .unwrap();
         let want: Table = "kind = \"linear\"\nbias = true\n".parse().unwrap();
         assert_eq!(r.table["model"]["connector"], Value::Table(want));
     }
 
     #[test]
     fn locate_finds_file_and_line() {
-        let p = files("locate", &[
-            ("a.toml", "extends = \"base.toml\"\n\n[optim]\nlr = 2.0\n"),
-            ("base.toml", "[optim]\nlr = 1.0\nwd = 0.0\n"),
-        ]);
+        let p = files(
+            "locate",
+            &[
+                ("a.toml", "extends = \"base.toml\"\n\n[optim]\nlr = 2.0\n"),
+                ("base.toml", "[optim]\nlr = 1.0\nwd = 0.0\n"),
+            ],
+        );
         let (a, base) = (p[0].as_path(), p[1].as_path());
         let r = resolve(a, &strs(&["optim.wd=0.5"])).unwrap();
         let at = r.locate(&strs(&["optim", "lr"])).unwrap();
         assert_eq!((at.file.as_path(), at.line, at.col), (a, Some(4), Some(1)));
         let at = r.locate(&strs(&["optim", "nope"])).unwrap();
         assert_eq!((at.file.as_path(), at.line), (a, Some(3)));
-        assert_eq!(r.locate(&strs(&["optim", "wd"])).unwrap().to_string(), "--set optim.wd");
-        let at = resolve(a, &[]).unwrap().locate(&strs(&["optim", "wd"])).unwrap();
+        assert_eq!(
+            r.locate(&strs(&["optim", "wd"])).unwrap().to_string(),
+            "--set optim.wd"
+        );
+        let at = resolve(a, &[])
+            .unwrap()
+            .locate(&strs(&["optim", "wd"]))
+            .unwrap();
         assert_eq!(at.to_string(), format!("{}:3:1", base.display()));
     }
 
     #[test]
     fn syntax_error_reports_line() {
         let p = files("syntax", &[("a.toml", "a = 1\nb = tru\n")]);
-        let ResolveError::Syntax { at, .. } = resolve(&p[0], &[]).unwrap_err() else { panic!("not a syntax error") };
+        let ResolveError::Syntax { at, .. } = resolve(&p[0], &[]).unwrap_err() else {
+            panic!("not a syntax error")
+        };
         assert_eq!((at.file.as_path(), at.line), (p[0].as_path(), Some(2)));
     }
 }

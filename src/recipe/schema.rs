@@ -183,8 +183,9 @@ pub struct TrainStage {
     pub keep_last: usize,
     #[serde(default)]
     pub on_bad_sample: OnBad,
-    /// Export only one component of the final model (pre-training recipes release standalone encoders/LLMs).
-    pub export: Option<ExportPart>,
+    /// Also export one component of the final model as a standalone directory (pre-training recipes release
+    /// encoders and LLMs this way): `export = { part = "llm", dtype = "bf16" }`.
+    pub export: Option<Export>,
 }
 fn one() -> f64 {
     1.0
@@ -206,6 +207,33 @@ fn two() -> usize {
 pub struct Init {
     pub from_stage: Option<String>,
     pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    pub part: ExportPart,
+    #[serde(default)]
+    pub dtype: StoreDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StoreDtype {
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            StoreDtype::F32 => safetensors::Dtype::F32,
+            StoreDtype::Bf16 => safetensors::Dtype::BF16,
+            StoreDtype::F16 => safetensors::Dtype::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

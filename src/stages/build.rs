@@ -65,7 +65,8 @@ fn processors(
     pad_to_square: bool,
 ) -> Result<(TextProcessor, ImageProcessor, Value)> {
     let text = TextProcessor::load(tok_dir, spec.image_token_id, spec.image_tokens())?;
-    let mut images = ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
+    let mut images =
+        ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
     images.pad_to_square = pad_to_square;
     Ok((text, images, processor))
 }
@@ -91,7 +92,8 @@ fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VitSpec, Value)> {
     let (mut spec, processor) = match (&e.weights, &e.preset) {
         (Some(dir), None) => {
             let spec = crate::checkpoint::hf::vision_spec_of(dir)?;
-            let proc = read_processor(dir).unwrap_or_else(|_| processor_json(family, spec.image_size));
+            let proc =
+                read_processor(dir).unwrap_or_else(|_| processor_json(family, spec.image_size));
             (spec, proc)
         }
         (None, Some(p)) => {
@@ -160,7 +162,9 @@ fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {
         }
         (None, Some(p)) => {
             let tok_dir = l.tokenizer.clone().ok_or_else(|| {
-                Error::input(format!("{key}: a fresh LLM needs `tokenizer = DIR` (a directory with tokenizer.json)"))
+                Error::input(format!(
+                    "{key}: a fresh LLM needs `tokenizer = DIR` (a directory with tokenizer.json)"
+                ))
             })?;
             let tok = TextProcessor::load(&tok_dir, 0, 1)?;
             let mut spec = presets::llm(p, family, tok.vocab_size()).ok_or_else(|| {
@@ -231,7 +235,8 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
         llm,
         image_token_id,
     };
-    spec.validate().map_err(|msg| Error::input(format!("model: {msg}")))?;
+    spec.validate()
+        .map_err(|msg| Error::input(format!("model: {msg}")))?;
     let model = load_parts(
         spec.init(device),
         e.weights.as_deref(),
@@ -247,13 +252,20 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
     })
 }
 
-const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 fn copy_tokenizer(from: &Path, out: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
         let p = from.join(f);
         if p.exists() && from != out {
-            std::fs::copy(&p, out.join(f)).map_err(|source| Error::Io { path: p.clone(), source })?;
+            std::fs::copy(&p, out.join(f)).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
         }
     }
     Ok(())
@@ -266,13 +278,19 @@ pub fn export(
     text: &TextProcessor,
     processor: &Value,
     template: Option<&str>,
-    part: Option<Part>,
+    part: Option<(Part, safetensors::Dtype)>,
     out: &Path,
 ) -> Result<()> {
-    match part {
-        None => save_llava(model, out, safetensors::Dtype::F32, None)?,
-        Some(p) => save_part(model, p, out)?,
-    }
+    let part = match part {
+        None => {
+            save_llava(model, out, safetensors::Dtype::F32, None)?;
+            None
+        }
+        Some((p, dtype)) => {
+            save_part(model, p, out, dtype)?;
+            Some(p)
+        }
+    };
     if part != Some(Part::Encoder) {
         copy_tokenizer(text.dir(), out)?;
         if let Some(t) = template {

@@ -16,7 +16,11 @@ pub struct TrainState {
 }
 
 pub fn optim_file(decay: bool) -> &'static str {
-    if decay { "optim-decay.bpk" } else { "optim-nodecay.bpk" }
+    if decay {
+        "optim-decay.bpk"
+    } else {
+        "optim-nodecay.bpk"
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -17,7 +17,13 @@ pub fn normalize(s: &str) -> String {
     let cleaned: String = s
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     cleaned
         .split_whitespace()
@@ -50,6 +56,9 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
         seed: 0,
         eos: model.spec.llm.eos_token_ids.clone(),
     };
+    // Templates that close turns with their own token (ChatML's `<|im_end|>`) end answers with it.
+    let mut cfg = cfg;
+    cfg.eos.extend(built.text.token_id("<|im_end|>"));
     let mut out = vec![];
     for task in &h.tasks {
         let src = Source::LlavaJson {
@@ -60,21 +69,33 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
         };
         let (samples, bad) = sources::load(&src, 0, 0)?;
         if let Some(b) = bad.first() {
-            return Err(Error::input(format!("heldout task {}: {}: {}", task.name, b.id, b.reason)));
+            return Err(Error::input(format!(
+                "heldout task {}: {}: {}",
+                task.name, b.id, b.reason
+            )));
         }
-        let mut score = Score { task: task.name.clone(), n: 0, correct: 0 };
+        let mut score = Score {
+            task: task.name.clone(),
+            n: 0,
+            correct: 0,
+        };
         for s in &samples {
             let Some(last) = s.messages.iter().rposition(|(r, _)| *r == Role::Assistant) else {
-                return Err(Error::input(format!("heldout task {}: sample {} has no reference answer", task.name, s.id)));
+                return Err(Error::input(format!(
+                    "heldout task {}: sample {} has no reference answer",
+                    task.name, s.id
+                )));
             };
             let prompt = templates::prompt(&built.text, template, &s.messages[..last])
                 .map_err(|m| Error::input(format!("heldout task {}: {m}", task.name)))?;
             let ids = built.text.encode(&prompt, false)?;
             let pixels = built.images.batch(&s.images, &device)?;
             let g = generate(&model, MmInput::single(ids, pixels), &cfg, |_| {})?;
-            let answer = built.text.decode(&g.output_ids);
+            // Answers are one line: a newline ends the answer (the `plain` template trains no EOS, as LLaVA's).
+            let text = built.text.decode(&g.output_ids);
+            let answer = text.trim_start().lines().next().unwrap_or("");
             score.n += 1;
-            score.correct += usize::from(normalize(&answer) == normalize(&s.messages[last].1));
+            score.correct += usize::from(normalize(answer) == normalize(&s.messages[last].1));
         }
         out.push(score);
     }

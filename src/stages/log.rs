@@ -17,14 +17,23 @@ impl Metrics {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        Ok(Metrics { file, path: path.to_path_buf() })
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}")
             .and_then(|_| self.file.flush())
-            .map_err(|source| Error::Io { path: self.path.clone(), source })
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
@@ -48,7 +57,12 @@ impl Progress {
             b.set_position(start as u64);
             b
         });
-        Progress { bar, name: name.into(), total, last_print: start }
+        Progress {
+            bar,
+            name: name.into(),
+            total,
+            last_print: start,
+        }
     }
 
     pub fn update(&mut self, step: usize, loss: f64, lr: f64, tok_s: f64) {

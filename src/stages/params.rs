@@ -25,6 +25,7 @@ pub struct ParamInfo {
     pub id: ParamId,
     pub path: String,
     pub numel: usize,
+    pub rank: usize,
     pub decay: bool,
 }
 
@@ -49,6 +50,7 @@ impl ModuleVisitor for Lister {
             id: param.id,
             path,
             numel: param.shape().num_elements(),
+            rank: D,
             decay,
         });
     }
@@ -61,11 +63,15 @@ pub fn list(model: &Llava) -> Vec<ParamInfo> {
 }
 
 /// Resolves `train = [...]` (part names or `re:<regex>` over paths) into the trainable set.
-pub fn select(params: &[ParamInfo], train: &[String]) -> std::result::Result<Vec<ParamInfo>, String> {
+pub fn select(
+    params: &[ParamInfo],
+    train: &[String],
+) -> std::result::Result<Vec<ParamInfo>, String> {
     let mut out = vec![];
     for pat in train {
         let hit: Vec<&ParamInfo> = if let Some(re) = pat.strip_prefix("re:") {
-            let re = Regex::new(re).map_err(|e| format!("train: {pat:?} is not a valid regex: {e}"))?;
+            let re =
+                Regex::new(re).map_err(|e| format!("train: {pat:?} is not a valid regex: {e}"))?;
             params.iter().filter(|p| re.is_match(&p.path)).collect()
         } else if ["encoder", "connector", "llm"].contains(&pat.as_str()) {
             params.iter().filter(|p| part_of(&p.path) == pat).collect()
@@ -141,7 +147,9 @@ pub fn split_grads(
     }
     impl ModuleVisitor for Split<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let (Some(g), Some(k)) = (self.src.remove::<D>(param.id), self.group_of.get(&param.id)) {
+            if let (Some(g), Some(k)) =
+                (self.src.remove::<D>(param.id), self.group_of.get(&param.id))
+            {
                 self.out.entry(k.clone()).or_default().register(param.id, g);
             }
         }
@@ -183,5 +191,8 @@ pub fn restore_ids(model: Llava, ids: &BTreeMap<String, u64>) -> Llava {
 }
 
 pub fn id_map(params: &[ParamInfo]) -> BTreeMap<String, u64> {
-    params.iter().map(|p| (p.path.clone(), p.id.val())).collect()
+    params
+        .iter()
+        .map(|p| (p.path.clone(), p.id.val()))
+        .collect()
 }

@@ -24,8 +24,19 @@ pub enum Existing {
 pub fn prepare_data(rc: &Recipe) -> Result<()> {
     for p in &rc.prepare {
         match p {
-            Prepare::Shapes { out, seed, train, heldout, vocab_size } => {
-                let cfg = shapes::ShapesConfig { seed: *seed, train: *train, heldout: *heldout, vocab_size: *vocab_size };
+            Prepare::Shapes {
+                out,
+                seed,
+                train,
+                heldout,
+                vocab_size,
+            } => {
+                let cfg = shapes::ShapesConfig {
+                    seed: *seed,
+                    train: *train,
+                    heldout: *heldout,
+                    vocab_size: *vocab_size,
+                };
                 if shapes::ensure(out, &cfg)? {
                     eprintln!("generated the shapes world in {}", out.display());
                 }
@@ -36,20 +47,40 @@ pub fn prepare_data(rc: &Recipe) -> Result<()> {
 }
 
 fn io(p: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: p.to_path_buf(), source }
+    move |source| Error::Io {
+        path: p.to_path_buf(),
+        source,
+    }
 }
 
 /// Held-out scores for `label`, cached in `file` so a resumed run does not recompute them.
-fn heldout_row(rc: &Recipe, built: &Built, template: Template, file: &Path, metrics: &mut Metrics, label: &str) -> Result<Option<Vec<Score>>> {
-    let Some(h) = &rc.heldout else { return Ok(None) };
+fn heldout_row(
+    rc: &Recipe,
+    built: &Built,
+    template: Template,
+    file: &Path,
+    metrics: &mut Metrics,
+    label: &str,
+) -> Result<Option<Vec<Score>>> {
+    let Some(h) = &rc.heldout else {
+        return Ok(None);
+    };
     if file.exists() {
         return read_json(file).map(Some);
     }
-    let src = crate::data::templates::source(h.template.unwrap_or(template), &built.text).map_err(Error::input)?;
+    let src = crate::data::templates::source(h.template.unwrap_or(template), &built.text)
+        .map_err(Error::input)?;
     let t0 = std::time::Instant::now();
     let scores = heldout::evaluate(built, h, &src)?;
-    let line: Vec<String> = scores.iter().map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy())).collect();
-    eprintln!("[heldout after {label}] {} ({:.1}s)", line.join(", "), t0.elapsed().as_secs_f64());
+    let line: Vec<String> = scores
+        .iter()
+        .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy()))
+        .collect();
+    eprintln!(
+        "[heldout after {label}] {} ({:.1}s)",
+        line.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
     for s in &scores {
         metrics.write(serde_json::json!({"stage": label, "heldout": s.task, "accuracy": s.accuracy(), "n": s.n}))?;
     }
@@ -58,13 +89,21 @@ fn heldout_row(rc: &Recipe, built: &Built, template: Template, file: &Path, metr
 }
 
 /// Runs the pipeline; returns the run directory.
-pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Device) -> Result<PathBuf> {
+pub fn train(
+    rc: &Recipe,
+    resolved_toml: &str,
+    existing: Existing,
+    device: &Device,
+) -> Result<PathBuf> {
     prepare_data(rc)?;
     let run = rc.output.join(&rc.name);
     let started = run.join("recipe.toml").exists();
     match existing {
         Existing::Refuse if started => {
-            return Err(Error::file(&run, "this run already exists: pass --resume to continue it, or --fresh to delete it and start over"));
+            return Err(Error::file(
+                &run,
+                "this run already exists: pass --resume to continue it, or --fresh to delete it and start over",
+            ));
         }
         Existing::Fresh if run.exists() => std::fs::remove_dir_all(&run).map_err(io(&run))?,
         _ => {}
@@ -73,11 +112,16 @@ pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Devi
     if existing == Existing::Resume && started {
         let old = std::fs::read_to_string(run.join("recipe.toml")).unwrap_or_default();
         if old != resolved_toml {
-            return Err(Error::file(run.join("recipe.toml"), "the recipe changed since this run started; resume needs the same recipe (or use --fresh)"));
+            return Err(Error::file(
+                run.join("recipe.toml"),
+                "the recipe changed since this run started; resume needs the same recipe (or use --fresh)",
+            ));
         }
     }
     std::fs::write(run.join("recipe.toml"), resolved_toml).map_err(io(&run))?;
     let mut metrics = Metrics::open(&run.join("metrics.jsonl"))?;
+    // Fresh components initialize from the recipe's seed, so two runs of a recipe start from the same weights.
+    device.seed(rc.seed);
     let mut table: Vec<(String, Vec<Score>)> = vec![];
     let mut current: Option<Built> = None;
     let clock = std::time::Instant::now();
@@ -88,14 +132,28 @@ pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Devi
         if checkpoints::is_done(&dir) {
             eprintln!("[{name}] already done; skipping");
             current = None;
-            if let Ok(s) = read_json::<Vec<Score>>(&dir.join("heldout.json")) {
-                table.push((name.clone(), s));
+            if rc.heldout.is_some() {
+                let file = dir.join("heldout.json");
+                let done = if file.exists() {
+                    None
+                } else {
+                    Some(build::load_dir(&dir.join("model"), device)?)
+                };
+                let s = match &done {
+                    Some(b) => heldout_row(rc, b, t.template, &file, &mut metrics, name)?,
+                    None => read_json(&file).map(Some)?,
+                };
+                table.extend(s.map(|s| (name.clone(), s)));
             }
             continue;
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         std::fs::write(dir.join("recipe.toml"), resolved_toml).map_err(io(&dir))?;
-        let resume = if existing == Existing::Resume { checkpoints::list(&dir).pop() } else { None };
+        let resume = if existing == Existing::Resume {
+            checkpoints::list(&dir).pop()
+        } else {
+            None
+        };
         let mut built = match (&resume, &t.init) {
             (Some(ck), _) => build::load_dir(ck, device)?,
             (None, Some(init)) => match (&init.from_stage, &init.checkpoint) {
@@ -105,19 +163,42 @@ pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Devi
             },
             (None, None) => match current.take() {
                 Some(b) => b,
-                None if i > 0 => build::load_dir(&run.join(&rc.pipeline[i - 1]).join("model"), device)?,
+                None if i > 0 => {
+                    build::load_dir(&run.join(&rc.pipeline[i - 1]).join("model"), device)?
+                }
                 None => build::build(&rc.model, t.data.pad_to_square, device)?,
             },
         };
         built.images.pad_to_square = t.data.pad_to_square;
         if i == 0
-            && let Some(s) = heldout_row(rc, &built, t.template, &run.join("heldout-init.json"), &mut metrics, "init")?
+            && let Some(s) = heldout_row(
+                rc,
+                &built,
+                t.template,
+                &run.join("heldout-init.json"),
+                &mut metrics,
+                "init",
+            )?
         {
             table.push(("init".into(), s));
         }
-        let ctx = StageRun { name, spec, dir: dir.clone(), seed: rc.seed, device, metrics: &mut metrics };
+        let ctx = StageRun {
+            name,
+            spec,
+            dir: dir.clone(),
+            seed: rc.seed,
+            device,
+            metrics: &mut metrics,
+        };
         let trained = trainer::run(ctx, built, resume)?;
-        if let Some(s) = heldout_row(rc, &trained, t.template, &dir.join("heldout.json"), &mut metrics, name)? {
+        if let Some(s) = heldout_row(
+            rc,
+            &trained,
+            t.template,
+            &dir.join("heldout.json"),
+            &mut metrics,
+            name,
+        )? {
             table.push((name.clone(), s));
         }
         current = Some(trained);
@@ -130,7 +211,11 @@ pub fn train(rc: &Recipe, resolved_toml: &str, existing: Existing, device: &Devi
         "seconds": clock.elapsed().as_secs_f64(),
         "heldout": table.iter().map(|(k, s)| serde_json::json!({"after": k, "scores": s.iter().map(|x| serde_json::json!({"task": x.task, "accuracy": x.accuracy(), "n": x.n})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
-    std::fs::write(run.join("summary.json"), serde_json::to_string_pretty(&summary).unwrap()).map_err(io(&run))?;
+    std::fs::write(
+        run.join("summary.json"),
+        serde_json::to_string_pretty(&summary).unwrap(),
+    )
+    .map_err(io(&run))?;
     eprintln!("run saved in {}", run.display());
     Ok(run)
 }

@@ -32,7 +32,8 @@ pub fn factor(s: &Schedule, step: usize, total: usize) -> f64 {
         Schedule::Constant { .. } => 1.0,
         Schedule::Linear { .. } => (1.0 - progress).max(0.0),
         Schedule::WarmupCosine { min_lr_ratio, .. } => {
-            min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            min_lr_ratio
+                + (1.0 - min_lr_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
         }
     }
 }

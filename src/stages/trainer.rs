@@ -46,7 +46,11 @@ fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
 }
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).
-pub fn micro_loss(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<burn::tensor::Tensor<1>> {
+pub fn micro_loss(
+    model: &Llava,
+    mb: &MicroBatch,
+    device: &Device,
+) -> Result<burn::tensor::Tensor<1>> {
     let input = to_input(mb, device)?;
     let logits = model.forward(&input)?;
     Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
@@ -61,7 +65,13 @@ fn default_train(kind: &str) -> Vec<String> {
 }
 
 /// Held-out loss (mean per supervised token) over the stage's eval split.
-fn eval_loss(model: &Llava, data: &Prepared, built: &Built, device: &Device, micro: usize) -> Result<f64> {
+fn eval_loss(
+    model: &Llava,
+    data: &Prepared,
+    built: &Built,
+    device: &Device,
+    micro: usize,
+) -> Result<f64> {
     let m = model.valid();
     let (mut sum, mut n) = (0.0f64, 0usize);
     for chunk in data.encoded.chunks(micro) {
@@ -81,10 +91,28 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let seed = spec.seed.unwrap_or(ctx.seed);
     let template = crate::data::templates::source(spec.template, &built.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
-    let data = prepare::prepare(&spec.data, &built.text, &template, spec.max_len, seed, spec.on_bad_sample, &ctx.dir, &format!("stages.{}.data", ctx.name))?;
+    let data = prepare::prepare(
+        &spec.data,
+        &built.text,
+        &template,
+        spec.max_len,
+        seed,
+        spec.on_bad_sample,
+        &ctx.dir,
+        &format!("stages.{}.data", ctx.name),
+    )?;
     let eval_data = match &spec.eval {
         Some(e) => {
-            let mut d = prepare::prepare(&e.data, &built.text, &template, spec.max_len, seed, spec.on_bad_sample, &ctx.dir, &format!("stages.{}.eval.data", ctx.name))?;
+            let mut d = prepare::prepare(
+                &e.data,
+                &built.text,
+                &template,
+                spec.max_len,
+                seed,
+                spec.on_bad_sample,
+                &ctx.dir,
+                &format!("stages.{}.eval.data", ctx.name),
+            )?;
             d.encoded.truncate(e.max_samples);
             Some((e.every, d))
         }
@@ -120,9 +148,15 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     // Which parameters learn, in which optimizer group.
     let all = params::list(&built.model);
     let train = spec.train.clone().unwrap_or_else(|| default_train(kind));
-    let trainable: Vec<ParamInfo> =
-        params::select(&all, &train).map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
-    let Optim::Adamw { lr, betas, eps, weight_decay, part_lr } = &spec.optim;
+    let trainable: Vec<ParamInfo> = params::select(&all, &train)
+        .map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
+    let Optim::Adamw {
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        part_lr,
+    } = &spec.optim;
     for k in part_lr.keys() {
         if !["encoder", "connector", "llm"].contains(&k.as_str()) {
             return Err(Error::input(format!(
@@ -150,10 +184,17 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         for (decay, o) in optims.iter_mut() {
             let p = ck.join(checkpoints::optim_file(*decay));
             if p.exists() {
-                *o = o.clone().load(&p).map_err(|e| Error::file(&p, format!("cannot read optimizer state: {e:?}")))?;
+                *o = o
+                    .clone()
+                    .load(&p)
+                    .map_err(|e| Error::file(&p, format!("cannot read optimizer state: {e:?}")))?;
             }
         }
-        eprintln!("[{}] resuming at step {start}/{total} from {}", ctx.name, ck.display());
+        eprintln!(
+            "[{}] resuming at step {start}/{total} from {}",
+            ctx.name,
+            ck.display()
+        );
     }
     let all = params::list(&model);
     let trainable = params::select(&all, &train).unwrap_or(trainable);
@@ -205,7 +246,9 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 "stages.{}: loss is {loss_val} at step {step} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate or check the data of this step.",
                 ctx.name,
                 lr * f,
-                last_good.map(|p| p.display().to_string()).unwrap_or_else(|| "none (the stage's start)".into())
+                last_good
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none (the stage's start)".into())
             )));
         }
         let mut grads = acc.grads();
@@ -221,6 +264,11 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         }
         tokens_since += tokens;
         let done = step + 1;
+        // Fault injection for the resume tests: die abruptly (no unwinding, no cleanup), as SIGKILL would.
+        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
+        {
+            std::process::abort();
+        }
         let secs = t0.elapsed().as_secs_f64();
         progress.update(done, loss_val, lr * f, tokens as f64 / secs);
         if done % spec.log_every == 0 || done == total {
@@ -233,32 +281,79 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         if let Some((every, ed)) = &eval_data
             && (done % every == 0 || done == total)
         {
-            let el = eval_loss(&model, ed, &Built { model: model.clone(), text: built.text.clone(), images: built.images.clone(), processor: built.processor.clone() }, ctx.device, spec.batch.micro)?;
+            let el = eval_loss(
+                &model,
+                ed,
+                &Built {
+                    model: model.clone(),
+                    text: built.text.clone(),
+                    images: built.images.clone(),
+                    processor: built.processor.clone(),
+                },
+                ctx.device,
+                spec.batch.micro,
+            )?;
             progress.note(&format!("step {done}: held-out loss {el:.4}"));
-            ctx.metrics.write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
+            ctx.metrics
+                .write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
         }
         if done % spec.save_every == 0 && done < total {
-            let st = TrainState { step: done, total, param_ids: params::id_map(&params::list(&model)) };
-            let dir = checkpoints::save(&ctx.dir, &st, |tmp| {
-                export(&model, &built.text, &built.processor, Some(&template), None, tmp)?;
-                for (decay, o) in &optims {
-                    let p = tmp.join(checkpoints::optim_file(*decay));
-                    o.save(&p).map_err(|e| Error::file(&p, format!("cannot write optimizer state: {e:?}")))?;
-                }
-                Ok(())
-            }, spec.keep_last)?;
+            let st = TrainState {
+                step: done,
+                total,
+                param_ids: params::id_map(&params::list(&model)),
+            };
+            let dir = checkpoints::save(
+                &ctx.dir,
+                &st,
+                |tmp| {
+                    export(
+                        &model,
+                        &built.text,
+                        &built.processor,
+                        Some(&template),
+                        None,
+                        tmp,
+                    )?;
+                    for (decay, o) in &optims {
+                        let p = tmp.join(checkpoints::optim_file(*decay));
+                        o.save(&p).map_err(|e| {
+                            Error::file(&p, format!("cannot write optimizer state: {e:?}"))
+                        })?;
+                    }
+                    Ok(())
+                },
+                spec.keep_last,
+            )?;
             last_good = Some(dir);
         }
     }
     progress.finish();
-    let part = spec.export.map(|p| match p {
-        crate::recipe::schema::ExportPart::Encoder => crate::checkpoint::hf::Part::Encoder,
-        crate::recipe::schema::ExportPart::Llm => crate::checkpoint::hf::Part::Llm,
+    let part = spec.export.as_ref().map(|e| {
+        let p = match e.part {
+            crate::recipe::schema::ExportPart::Encoder => crate::checkpoint::hf::Part::Encoder,
+            crate::recipe::schema::ExportPart::Llm => crate::checkpoint::hf::Part::Llm,
+        };
+        (p, e.dtype.safetensors())
     });
     // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
-    export(&model, &built.text, &built.processor, Some(&template), None, &ctx.dir.join("model"))?;
+    export(
+        &model,
+        &built.text,
+        &built.processor,
+        Some(&template),
+        None,
+        &ctx.dir.join("model"),
+    )?;
     if let Some(p) = part {
-        export(&model, &built.text, &built.processor, Some(&template), Some(p), &ctx.dir.join("export"))?;
+        export(
+            &model,
+            &built.text,
+            &built.processor,
+            Some(&template),
+            Some(p),
+            &ctx.dir.join("export"),
+        )?;
     }
     checkpoints::mark_done(&ctx.dir, total)?;
     built.model = model;

@@ -6,7 +6,13 @@ use crate::zoo::layers::act::Act;
 use crate::zoo::layers::rope::{Rope, RopeScaling};
 use crate::zoo::llms::{LlmFamily, LlmSpec};
 
-pub const ENCODER_PRESETS: [&str; 5] = ["shapes", "bench-tiny", "bench-small", "clip-vit-b16", "clip-vit-l14-336"];
+pub const ENCODER_PRESETS: [&str; 5] = [
+    "shapes",
+    "bench-tiny",
+    "bench-small",
+    "clip-vit-b16",
+    "clip-vit-l14-336",
+];
 pub const LLM_PRESETS: [&str; 4] = ["shapes", "bench-tiny", "bench-small", "llama-7b"];
 
 /// (hidden, intermediate, layers, heads, patch, image size)
@@ -29,8 +35,16 @@ pub fn encoder(name: &str, family: VitFamily) -> Option<VitSpec> {
         patch_size: p,
         image_size: s,
         input_size: s,
-        layer_norm_eps: if family == VitFamily::Clip { 1e-5 } else { 1e-6 },
-        act: if family == VitFamily::Clip { Act::QuickGelu } else { Act::GeluTanh },
+        layer_norm_eps: if family == VitFamily::Clip {
+            1e-5
+        } else {
+            1e-6
+        },
+        act: if family == VitFamily::Clip {
+            Act::QuickGelu
+        } else {
+            Act::GeluTanh
+        },
     })
 }
 
