@@ -199,15 +199,28 @@ fn values(model: &Llava) -> Vec<(String, Vec<f32>)> {
     v.1
 }
 
-#[test]
-fn accumulation_averages_like_one_big_batch() {
-    let d = scratch("accum");
+/// A scratch dir with a world, the tiny recipe, and its model built on the autodiff device.
+fn setup(
+    tag: &str,
+) -> (
+    PathBuf,
+    mitune::recipe::schema::Recipe,
+    build::Built,
+    Device,
+) {
+    let d = scratch(tag);
     let w = world(&d);
     let p = d.join("r.toml");
     std::fs::write(&p, recipe(&w, &d.join("runs"))).unwrap();
     let rc = load(&p);
     let device = Device::flex().autodiff();
     let built = build::build(&rc.model, false, &device).unwrap();
+    (d, rc, built, device)
+}
+
+#[test]
+fn accumulation_averages_like_one_big_batch() {
+    let (d, rc, built, device) = setup("accum");
     let t = rc.stages["instruct"].train();
     let src = templates::source(t.template, &built.text).unwrap();
     let data =
@@ -260,13 +273,7 @@ fn accumulation_averages_like_one_big_batch() {
 
 #[test]
 fn frozen_parts_stay_bit_identical() {
-    let d = scratch("freeze");
-    let w = world(&d);
-    let p = d.join("r.toml");
-    std::fs::write(&p, recipe(&w, &d.join("runs"))).unwrap();
-    let rc = load(&p);
-    let device = Device::flex().autodiff();
-    let built = build::build(&rc.model, false, &device).unwrap();
+    let (d, rc, built, device) = setup("freeze");
     let before = values(&built.model);
     let mut metrics = mitune::stages::log::Metrics::open(&d.join("metrics.jsonl")).unwrap();
     let ctx = trainer::StageRun {

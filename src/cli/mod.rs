@@ -52,6 +52,10 @@ pub enum Command {
         /// Storage dtype: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Write one component as a standalone transformers directory: `encoder` (CLIPVisionModel /
+        /// SiglipVisionModel + preprocessor) or `llm` (LlamaForCausalLM / Qwen2ForCausalLM + tokenizer).
+        #[arg(long)]
+        part: Option<String>,
     },
 }
 
@@ -69,7 +73,7 @@ pub fn main() -> std::process::ExitCode {
         } => data(&which, &out, train, heldout, seed),
         Command::Generate(args) => generate::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
-        Command::Export { model, out, dtype } => export(&model, &out, &dtype),
+        Command::Export { model, out, dtype, part } => export(&model, &out, &dtype, part.as_deref()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -80,7 +84,7 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> crate::Result<()> {
+fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str, part: Option<&str>) -> crate::Result<()> {
     let dtype = match dtype {
         "f32" => safetensors::Dtype::F32,
         "bf16" => safetensors::Dtype::BF16,
@@ -92,6 +96,19 @@ fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str) -> crate:
         }
     };
     let device = crate::default_device();
+    if let Some(part) = part {
+        use crate::checkpoint::hf::Part;
+        let part = match part {
+            "encoder" => Part::Encoder,
+            "llm" => Part::Llm,
+            other => return Err(crate::Error::input(format!("--part {other}: use encoder or llm"))),
+        };
+        let b = crate::stages::build::load_dir(model, &device)?;
+        let template = b.text.chat_template.clone();
+        crate::stages::build::export(&b.model, &b.text, &b.processor, template.as_deref(), Some((part, dtype)), out)?;
+        eprintln!("saved the {part:?} of {} -> {}", model.display(), out.display());
+        return Ok(());
+    }
     let m = crate::checkpoint::load_llava(model, &device)?;
     crate::checkpoint::save_llava(&m, out, dtype, Some(model))?;
     eprintln!("saved {} -> {}", model.display(), out.display());

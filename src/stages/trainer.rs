@@ -16,6 +16,7 @@ use super::checkpoints::{self, TrainState};
 use super::log::{Metrics, Progress};
 use super::params::{self, ParamInfo};
 use super::{loss, schedule};
+use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
@@ -68,7 +69,8 @@ fn default_train(kind: &str) -> Vec<String> {
 fn eval_loss(
     model: &Llava,
     data: &Prepared,
-    built: &Built,
+    pad: i64,
+    images: &ImageProcessor,
     device: &Device,
     micro: usize,
 ) -> Result<f64> {
@@ -76,7 +78,7 @@ fn eval_loss(
     let (mut sum, mut n) = (0.0f64, 0usize);
     for chunk in data.encoded.chunks(micro) {
         let refs: Vec<_> = chunk.iter().collect();
-        let mb = loader::micro_batch(&refs, built.text.pad_id(), &built.images);
+        let mb = loader::micro_batch(&refs, pad, images);
         let l: f32 = micro_loss(&m, &mb, &device.clone().inner())?.into_scalar::<f32>();
         sum += l as f64;
         n += mb.supervised;
@@ -91,28 +93,22 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let seed = spec.seed.unwrap_or(ctx.seed);
     let template = crate::data::templates::source(spec.template, &built.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
-    let data = prepare::prepare(
-        &spec.data,
-        &built.text,
-        &template,
-        spec.max_len,
-        seed,
-        spec.on_bad_sample,
-        &ctx.dir,
-        &format!("stages.{}.data", ctx.name),
-    )?;
+    let prep = |data: &crate::recipe::schema::DataSpec, key: &str| {
+        prepare::prepare(
+            data,
+            &built.text,
+            &template,
+            spec.max_len,
+            seed,
+            spec.on_bad_sample,
+            &ctx.dir,
+            key,
+        )
+    };
+    let data = prep(&spec.data, &format!("stages.{}.data", ctx.name))?;
     let eval_data = match &spec.eval {
         Some(e) => {
-            let mut d = prepare::prepare(
-                &e.data,
-                &built.text,
-                &template,
-                spec.max_len,
-                seed,
-                spec.on_bad_sample,
-                &ctx.dir,
-                &format!("stages.{}.eval.data", ctx.name),
-            )?;
+            let mut d = prep(&e.data, &format!("stages.{}.eval.data", ctx.name))?;
             d.encoded.truncate(e.max_samples);
             Some((e.every, d))
         }
@@ -284,12 +280,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             let el = eval_loss(
                 &model,
                 ed,
-                &Built {
-                    model: model.clone(),
-                    text: built.text.clone(),
-                    images: built.images.clone(),
-                    processor: built.processor.clone(),
-                },
+                built.text.pad_id(),
+                &built.images,
                 ctx.device,
                 spec.batch.micro,
             )?;
