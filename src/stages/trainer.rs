@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -142,10 +142,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     }
 
     // Which parameters learn, in which optimizer group.
-    let all = params::list(&built.model);
     let train = spec.train.clone().unwrap_or_else(|| default_train(kind));
-    let trainable: Vec<ParamInfo> = params::select(&all, &train)
-        .map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
     let Optim::Adamw {
         lr,
         betas,
@@ -192,8 +189,10 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             ck.display()
         );
     }
+    // Selected after a resume restored the checkpoint's parameter ids, which the groups are keyed by.
     let all = params::list(&model);
-    let trainable = params::select(&all, &train).unwrap_or(trainable);
+    let trainable: Vec<ParamInfo> = params::select(&all, &train)
+        .map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
     let group_of: HashMap<_, String> = trainable
         .iter()
         .map(|p| (p.id, format!("{}/{}", params::part_of(&p.path), p.decay)))
@@ -350,8 +349,4 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     checkpoints::mark_done(&ctx.dir, total)?;
     built.model = model;
     Ok(built)
-}
-
-pub fn stage_dir(run: &Path, stage: &str) -> PathBuf {
-    run.join(stage)
 }
