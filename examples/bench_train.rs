@@ -50,8 +50,8 @@ const PRESETS: [Preset; 3] = [
         batch: 4,
         text: 128,
         train: &["connector"],
-        warmup: 2,
-        steps: 5,
+        warmup: 1,
+        steps: 3,
     },
     Preset {
         name: "small-instruct",
@@ -62,8 +62,8 @@ const PRESETS: [Preset; 3] = [
         batch: 4,
         text: 128,
         train: &["connector", "llm"],
-        warmup: 2,
-        steps: 5,
+        warmup: 1,
+        steps: 3,
     },
 ];
 

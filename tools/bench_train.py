@@ -18,8 +18,8 @@ PRESETS = [
     # name, vision (hidden, inter, layers, heads, patch, size), llm (vocab, hidden, inter, layers, heads, kv, tied),
     # feature layer, batch, text tokens, trained parts, warmup, steps
     ("tiny", (32, 64, 3, 2, 8, 32), (512, 48, 96, 2, 4, 2, True), -1, 8, 64, ("encoder", "connector", "llm"), 3, 20),
-    ("small-align", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 2, 5),
-    ("small-instruct", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector", "llm"), 2, 5),
+    ("small-align", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 1, 3),
+    ("small-instruct", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector", "llm"), 1, 3),
 ]
 
 

@@ -73,7 +73,12 @@ pub fn main() -> std::process::ExitCode {
         } => data(&which, &out, train, heldout, seed),
         Command::Generate(args) => generate::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
-        Command::Export { model, out, dtype, part } => export(&model, &out, &dtype, part.as_deref()),
+        Command::Export {
+            model,
+            out,
+            dtype,
+            part,
+        } => export(&model, &out, &dtype, part.as_deref()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -84,7 +89,12 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str, part: Option<&str>) -> crate::Result<()> {
+fn export(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    dtype: &str,
+    part: Option<&str>,
+) -> crate::Result<()> {
     let dtype = match dtype {
         "f32" => safetensors::Dtype::F32,
         "bf16" => safetensors::Dtype::BF16,
@@ -101,12 +111,27 @@ fn export(model: &std::path::Path, out: &std::path::Path, dtype: &str, part: Opt
         let part = match part {
             "encoder" => Part::Encoder,
             "llm" => Part::Llm,
-            other => return Err(crate::Error::input(format!("--part {other}: use encoder or llm"))),
+            other => {
+                return Err(crate::Error::input(format!(
+                    "--part {other}: use encoder or llm"
+                )));
+            }
         };
         let b = crate::stages::build::load_dir(model, &device)?;
         let template = b.text.chat_template.clone();
-        crate::stages::build::export(&b.model, &b.text, &b.processor, template.as_deref(), Some((part, dtype)), out)?;
-        eprintln!("saved the {part:?} of {} -> {}", model.display(), out.display());
+        crate::stages::build::export(
+            &b.model,
+            &b.text,
+            &b.processor,
+            template.as_deref(),
+            Some((part, dtype)),
+            out,
+        )?;
+        eprintln!(
+            "saved the {part:?} of {} -> {}",
+            model.display(),
+            out.display()
+        );
         return Ok(());
     }
     let m = crate::checkpoint::load_llava(model, &device)?;
