@@ -132,14 +132,7 @@ fn loss_mask_per_template_decodes_to_the_answers() {
         let src = templates::source(t, tp).unwrap();
         let e = templates::encode(tp, &src, &multi_turn(), 0, 512)
             .unwrap_or_else(|m| panic!("{t:?}: {m}"));
-        let sup: Vec<i64> = e
-            .ids
-            .iter()
-            .zip(&e.labels)
-            .filter(|(_, l)| **l)
-            .map(|(i, _)| *i)
-            .collect();
-        let text = tp.decode(&sup);
+        let text = tp.decode(&e.supervised_ids());
         // Every answer, in order, and nothing of the questions or the template's own words.
         let mut at = 0;
         for a in [
@@ -168,14 +161,7 @@ fn loss_mask_per_template_decodes_to_the_answers() {
     s.messages.truncate(2);
     let src = templates::source(Template::Plain, tp).unwrap();
     let e = templates::encode(tp, &src, &s, 0, 512).unwrap();
-    let sup: Vec<i64> = e
-        .ids
-        .iter()
-        .zip(&e.labels)
-        .filter(|(_, l)| **l)
-        .map(|(i, _)| *i)
-        .collect();
-    assert_eq!(tp.decode(&sup).trim(), "red");
+    assert_eq!(tp.decode(&e.supervised_ids()).trim(), "red");
     // Truncation that would cut image tokens is refused, not silently applied.
     let err = templates::encode(tp, &src, &s, 0, 10).unwrap_err();
     assert!(err.contains("cut image tokens"), "{err}");

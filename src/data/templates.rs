@@ -53,6 +53,16 @@ impl Encoded {
     pub fn supervised(&self) -> usize {
         self.labels.iter().filter(|&&l| l).count()
     }
+
+    /// The target token ids, in order.
+    pub fn supervised_ids(&self) -> Vec<i64> {
+        self.ids
+            .iter()
+            .zip(&self.labels)
+            .filter(|(_, l)| **l)
+            .map(|(i, _)| *i)
+            .collect()
+    }
 }
 
 fn pairs(messages: &[(Role, String)], marker: &str) -> Vec<(String, String)> {
