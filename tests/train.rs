@@ -200,6 +200,7 @@ fn setup(
     std::fs::write(&p, recipe(&w, &d.join("runs"))).unwrap();
     let rc = load(&p);
     let device = Device::flex().autodiff();
+    device.seed(rc.seed);
     let built = build::build(&rc.model, false, &device).unwrap();
     (d, rc, built, device)
 }
@@ -234,7 +235,8 @@ fn accumulation_averages_like_one_big_batch() {
     };
     let (l8, g8) = grads_of(8);
     let (l2, g2) = grads_of(2);
-    assert!((l8 - l2).abs() < 1e-5, "loss {l8} vs {l2}");
+    // Relative: the fresh tiny model's loss is ≈47 (burn's N(0,1) embedding init), where f32 rounding alone is ~1e-6.
+    assert!((l8 - l2).abs() / l8.abs() < 1e-5, "loss {l8} vs {l2}");
     let mut checked = 0;
     for info in params::list(model).into_iter().filter(|p| p.rank == 2) {
         let (Some(a), Some(b)) = (g8.get::<2>(info.id), g2.get::<2>(info.id)) else {
