@@ -217,6 +217,10 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         total,
         4,
     );
+    // Every save (checkpoints, the stage's model, a released part) carries tokenizer, processor and template.
+    let save = |m: &Llava, part, out: &std::path::Path| {
+        export(m, &built.text, &built.processor, Some(&template), part, out)
+    };
     let mut progress = Progress::new(ctx.name, start, total);
     let mut last_good: Option<PathBuf> = resume.clone();
     let clock = Instant::now();
@@ -298,14 +302,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 &ctx.dir,
                 &st,
                 |tmp| {
-                    export(
-                        &model,
-                        &built.text,
-                        &built.processor,
-                        Some(&template),
-                        None,
-                        tmp,
-                    )?;
+                    save(&model, None, tmp)?;
                     for (decay, o) in &optims {
                         let p = tmp.join(checkpoints::optim_file(*decay));
                         o.save(&p).map_err(|e| {
@@ -328,23 +325,9 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         (p, e.dtype.safetensors())
     });
     // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
-    export(
-        &model,
-        &built.text,
-        &built.processor,
-        Some(&template),
-        None,
-        &ctx.dir.join("model"),
-    )?;
+    save(&model, None, &ctx.dir.join("model"))?;
     if let Some(p) = part {
-        export(
-            &model,
-            &built.text,
-            &built.processor,
-            Some(&template),
-            Some(p),
-            &ctx.dir.join("export"),
-        )?;
+        save(&model, Some(p), &ctx.dir.join("export"))?;
     }
     checkpoints::mark_done(&ctx.dir, total)?;
     built.model = model;
