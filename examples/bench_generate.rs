@@ -15,13 +15,7 @@ fn main() {
     for name in ["llava_clip_llama", "llava_siglip_qwen2"] {
         let model = mitune::checkpoint::load_llava(&root.join(name), &device).unwrap();
         let ids: Vec<i64> = (0..48).map(|i| 10 + i).collect();
-        let cfg = GenConfig {
-            max_new_tokens: 64,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            eos: vec![],
-        };
+        let cfg = GenConfig::greedy(64, vec![]);
         let t0 = Instant::now();
         let out = generate(&model, MmInput::single(ids, None), &cfg, |_| {}).unwrap();
         let s = t0.elapsed().as_secs_f64();

@@ -1,6 +1,14 @@
-//! Autoregressive decoding with a KV cache: one prefill over the prompt (images included), then one token per
-//! step. Greedy at temperature 0; otherwise temperature + nucleus (top-p) sampling with a seeded RNG, as
-//! transformers' `generate(do_sample=True, temperature, top_p)`. Log-probs are of the unscaled model distribution.
+//! Autoregressive decoding with a KV cache, batched: prompts of different lengths are left-padded into one
+//! prefill (images included), then every unfinished row advances one token per step. Rows that finish leave the
+//! batch (their cache rows are dropped), so a batch costs what its live rows cost.
+//!
+//! Token choice follows transformers' `generate` processors in their order: repetition penalty (on every id seen,
+//! prompt included), then greedy argmax at temperature 0, or temperature → top-k → top-p (nucleus) sampling.
+//! Each prompt samples from its own RNG seeded by `seed + index`, so a prompt's sample does not depend on which
+//! batch it was put in. Returned log-probs are of the unprocessed model distribution (transformers'
+//! `output_logits`). Positions count real tokens only (transformers: `attention_mask.cumsum(-1) - 1`).
+use burn::tensor::{Int, Tensor};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
@@ -11,10 +19,61 @@ use crate::zoo::mllm::{Llava, MmInput};
 #[derive(Debug, Clone)]
 pub struct GenConfig {
     pub max_new_tokens: usize,
+    /// 0 = greedy.
     pub temperature: f64,
+    /// 1 = off.
     pub top_p: f64,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off; > 1 discourages ids already in the row (transformers' CTRL-style penalty).
+    pub repetition_penalty: f64,
     pub seed: u64,
     pub eos: Vec<i64>,
+    /// Generation stops once the decoded output contains one of these (the string stays in the output, as
+    /// transformers' `stop_strings`; callers cut it).
+    pub stop: Vec<String>,
+}
+
+impl GenConfig {
+    pub fn greedy(max_new_tokens: usize, eos: Vec<i64>) -> Self {
+        GenConfig {
+            max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            eos,
+            stop: vec![],
+        }
+    }
+
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One prompt: token ids (image placeholders expanded) and this row's images [n, c, s, s].
+pub struct Prompt {
+    pub ids: Vec<i64>,
+    pub pixels: Option<Tensor<4>>,
+    /// Position of the prompt in the caller's whole list: its sampling RNG is seeded with `seed + index`.
+    pub index: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -34,23 +93,52 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 
-fn choose(logp: &[f64], cfg: &GenConfig, rng: &mut rand::rngs::StdRng) -> usize {
-    if cfg.temperature <= 0.0 {
-        // first maximum, as torch.argmax
-        let mut best = 0;
-        for (i, &v) in logp.iter().enumerate() {
-            if v > logp[best] {
-                best = i;
+/// Index of the first maximum, as torch.argmax.
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Picks the next id from log-probs `logp`, `seen` = ids of the row so far (prompt + output).
+fn choose(logp: &[f64], seen: &[i64], cfg: &GenConfig, rng: &mut StdRng) -> usize {
+    let mut scores = logp.to_vec();
+    if cfg.repetition_penalty != 1.0 {
+        // transformers divides positive scores and multiplies negative ones; on log-probs (all <= 0) that is
+        // the multiply, applied once per distinct id.
+        let mut ids: Vec<i64> = seen.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s = if *s < 0.0 {
+                    *s * cfg.repetition_penalty
+                } else {
+                    *s / cfg.repetition_penalty
+                };
             }
         }
-        return best;
     }
-    let scaled: Vec<f64> = logp.iter().map(|l| l / cfg.temperature).collect();
-    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let mut probs: Vec<(usize, f64)> = scaled.iter().map(|l| (l - max).exp()).enumerate().collect();
+    if cfg.temperature <= 0.0 {
+        return argmax(&scores);
+    }
+    let mut ranked: Vec<(usize, f64)> = scores
+        .iter()
+        .map(|s| s / cfg.temperature)
+        .enumerate()
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if cfg.top_k > 0 {
+        ranked.truncate(cfg.top_k);
+    }
+    let max = ranked[0].1;
+    let mut probs: Vec<(usize, f64)> = ranked.iter().map(|&(i, s)| (i, (s - max).exp())).collect();
     let z: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= z);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     // nucleus: the smallest prefix whose mass reaches top_p (the crossing token included)
     let mut keep = 0;
     let mut mass = 0.0;
@@ -73,40 +161,198 @@ fn choose(logp: &[f64], cfg: &GenConfig, rng: &mut rand::rngs::StdRng) -> usize 
     kept[keep - 1].0
 }
 
-/// Generates for one prompt row; `on_token` sees each id as it is produced (for streaming).
+/// Generates for one prompt; `on_token` sees each id as it is produced (for streaming).
 pub fn generate(
     model: &Llava,
     input: MmInput,
     cfg: &GenConfig,
     mut on_token: impl FnMut(i64),
 ) -> Result<Generated> {
+    let mut ids = input.ids;
+    let prompt = Prompt {
+        ids: ids.swap_remove(0),
+        pixels: input.pixels,
+        index: 0,
+    };
+    let out = generate_batch(model, vec![prompt], cfg, None, |_, id| on_token(id))?;
+    Ok(out.into_iter().next().unwrap_or_default())
+}
+
+/// Generates for every prompt in one batch. `decode` turns output ids into text; it is needed only when
+/// `cfg.stop` is not empty. `on_token(row, id)` sees every id as it is produced.
+pub fn generate_batch(
+    model: &Llava,
+    prompts: Vec<Prompt>,
+    cfg: &GenConfig,
+    decode: Option<&dyn Fn(&[i64]) -> String>,
+    mut on_token: impl FnMut(usize, i64),
+) -> Result<Vec<Generated>> {
+    let n = prompts.len();
+    let mut out = vec![Generated::default(); n];
+    if n == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
     let device = burn::module::Module::devices(model)[0].clone();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let t = input.ids[0].len();
+    let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    // Left padding: every row's last prompt token sits at column t-1, so one slice reads all next-token logits.
+    let mut input = MmInput {
+        ids: vec![],
+        attention: vec![],
+        pixels: None,
+    };
+    let mut positions = vec![];
+    let mut pixels = vec![];
+    let mut seen = vec![];
+    let mut rngs = vec![];
+    for p in prompts {
+        let pad = t - p.ids.len();
+        let mut row = vec![0; pad];
+        row.extend(&p.ids);
+        input.ids.push(row);
+        let mut valid = vec![false; pad];
+        valid.extend(std::iter::repeat_n(true, p.ids.len()));
+        input.attention.push(valid);
+        let mut pos = vec![0; pad];
+        pos.extend(0..p.ids.len() as i64);
+        positions.push(pos);
+        pixels.extend(p.pixels);
+        rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));
+        seen.push(p.ids);
+    }
+    if !pixels.is_empty() {
+        input.pixels = Some(Tensor::cat(pixels, 0));
+    }
     let mut cache = KvCache::default();
-    let logits = model.forward_with(&input, &[(0..t as i64).collect()], Some(&mut cache))?;
+    let logits = model.forward_with(&input, &positions, Some(&mut cache))?;
     let vocab = logits.dims()[2];
-    let mut last = to_vec(logits.slice([0..1, t - 1..t, 0..vocab]));
-    let mut out = Generated::default();
-    let mut valid = input.attention[0].clone();
+    let mut last = to_vec(logits.slice([0..n, t - 1..t, 0..vocab]));
+    // Rows still generating, in cache order; their key masks and next positions.
+    let mut live: Vec<usize> = (0..n).collect();
+    let mut valid = input.attention;
+    let mut next_pos: Vec<i64> = seen.iter().map(|s| s.len() as i64).collect();
     for step in 0..cfg.max_new_tokens {
-        let logp = log_softmax(&last);
-        let next = choose(&logp, cfg, &mut rng);
-        out.output_ids.push(next as i64);
-        out.logprobs.push(logp[next]);
-        on_token(next as i64);
-        if cfg.eos.contains(&(next as i64)) || step + 1 == cfg.max_new_tokens {
+        let mut keep = vec![];
+        let mut feed = vec![];
+        for (k, &row) in live.iter().enumerate() {
+            let logp = log_softmax(&last[k * vocab..(k + 1) * vocab]);
+            let next = choose(&logp, &seen[row], cfg, &mut rngs[row]) as i64;
+            let g = &mut out[row];
+            g.output_ids.push(next);
+            g.logprobs.push(logp[next as usize]);
+            seen[row].push(next);
+            on_token(row, next);
+            let stopped = cfg.eos.contains(&next)
+                || step + 1 == cfg.max_new_tokens
+                || (!cfg.stop.is_empty()
+                    && decode.is_some_and(|d| {
+                        let text = d(&g.output_ids);
+                        cfg.stop.iter().any(|s| text.contains(s.as_str()))
+                    }));
+            if !stopped {
+                keep.push(k);
+                feed.push(next);
+            }
+        }
+        if keep.is_empty() {
             break;
         }
-        valid.push(true);
-        let pos = (t + step) as i64;
-        let logits = model.step(
-            int_tensor(vec![next as i64], [1, 1], &device),
-            &[vec![pos]],
-            std::slice::from_ref(&valid),
-            &mut cache,
-        );
-        last = to_vec(logits);
+        if keep.len() < live.len() {
+            prune(&mut cache, &keep, &device);
+            live = keep.iter().map(|&k| live[k]).collect();
+            valid = keep.iter().map(|&k| valid[k].clone()).collect();
+        }
+        let m = live.len();
+        let pos: Vec<Vec<i64>> = live.iter().map(|&r| vec![next_pos[r]]).collect();
+        for &r in &live {
+            next_pos[r] += 1;
+        }
+        valid.iter_mut().for_each(|v| v.push(true));
+        let ids: Tensor<2, Int> = int_tensor(feed, [m, 1], &device);
+        last = to_vec(model.step(ids, &pos, &valid, &mut cache));
     }
     Ok(out)
+}
+
+/// The text before the first stop string (all of it when none occurs).
+pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
+    let end = stop
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
+/// Keeps cache rows `keep` (indices into the current batch), in that order.
+fn prune(cache: &mut KvCache, keep: &[usize], device: &burn::tensor::Device) {
+    let idx = int_tensor(
+        keep.iter().map(|&k| k as i64).collect(),
+        [keep.len()],
+        device,
+    );
+    for (k, v) in cache.layers.iter_mut().flatten() {
+        *k = k.clone().select(0, idx.clone());
+        *v = v.clone().select(0, idx.clone());
+    }
+    cache.key_valid = keep.iter().map(|&k| cache.key_valid[k].clone()).collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GenConfig {
+        GenConfig::greedy(4, vec![])
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(choose(&[-2.0, -0.5, -0.5], &[], &cfg(), &mut rng), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_moves_the_argmax_off_a_seen_id() {
+        // ln p = [-0.6, -0.8]: id 0 wins; seen with penalty 1.5 it scores -0.9 < -0.8
+        let c = GenConfig {
+            repetition_penalty: 1.5,
+            ..cfg()
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(choose(&[-0.6, -0.8], &[0], &c, &mut rng), 1);
+        assert_eq!(choose(&[-0.6, -0.8], &[], &c, &mut rng), 0);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_sampling_is_seeded() {
+        let logp = log_softmax(&[0.1, 2.0, 1.9, -1.0]);
+        let c = GenConfig {
+            temperature: 1.0,
+            top_k: 1,
+            ..cfg()
+        };
+        for seed in 0..20 {
+            assert_eq!(choose(&logp, &[], &c, &mut StdRng::seed_from_u64(seed)), 1);
+        }
+        let c = GenConfig {
+            temperature: 1.0,
+            ..cfg()
+        };
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..32)
+                .map(|_| choose(&logp, &[], &c, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        // top_p small keeps only the top token
+        let c = GenConfig {
+            temperature: 1.0,
+            top_p: 0.1,
+            ..cfg()
+        };
+        assert_eq!(choose(&logp, &[], &c, &mut StdRng::seed_from_u64(3)), 1);
+    }
 }

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod recipe;
 pub mod stages;

@@ -95,13 +95,7 @@ fn greedy_generation_matches_transformers() {
         let g = &e.meta["greedy"];
         let ids = text.encode(g["prompt"].as_str().unwrap(), true).unwrap();
         assert_eq!(ids, e.ids("image_text"), "{name}: raw prompt ids");
-        let cfg = GenConfig {
-            max_new_tokens: 8,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            eos: model.spec.llm.eos_token_ids.clone(),
-        };
+        let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
         let px = pixels(&e, "image_text.pixel_values", &device);
         let out = generate(&model, MmInput::single(ids, Some(px)), &cfg, |_| {}).unwrap();
         let want: Vec<i64> = g["output_ids"]

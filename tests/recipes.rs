@@ -187,9 +187,9 @@ fn set_overrides_and_extends() {
         ],
     )
     .unwrap();
-    let recipe::schema::Optim::Adamw { lr, .. } = r.stages["instruct"].train().optim;
+    let recipe::schema::Optim::Adamw { lr, .. } = r.stages["instruct"].train().unwrap().optim;
     assert_eq!(lr, 1e-5);
-    assert_eq!(r.stages["align"].train().batch.micro, 8);
+    assert_eq!(r.stages["align"].train().unwrap().batch.micro, 8);
     // A child recipe changes one table; the rest is inherited.
     let d = scratch("extends");
     std::fs::write(d.join("data.json"), "[]").unwrap();

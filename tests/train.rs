@@ -39,7 +39,7 @@ fn recipe(w: &Path, out: &Path) -> String {
     format!(
         r#"name = "tiny"
 seed = 3
-pipeline = ["align", "instruct"]
+pipeline = ["align", "instruct", "bench"]
 output = {out:?}
 
 [model.encoder]
@@ -76,6 +76,16 @@ log_every = 1
 save_every = 2
 keep_last = 2
 
+[stages.bench]
+kind = "eval"
+max_new_tokens = 6
+tasks = [
+  {{ task = "vqa", data = {evqa}, limit = 4 }},
+  {{ task = "pope", data = {epope}, limit = 4, hint = "Answer yes or no.", shots = 1 }},
+  {{ task = "mc", data = {emc}, limit = 3, split = "held_in" }},
+  {{ task = "caption", data = {ecap}, limit = 3 }},
+]
+
 [heldout]
 limit = 3
 max_new_tokens = 6
@@ -87,6 +97,10 @@ tasks = [{{ name = "question", path = {vqa} }}]
         inst = p("instruct_train.json"),
         text = p("text_train.json"),
         vqa = p("vqa_heldout.json"),
+        evqa = p("eval/heldout/vqa.jsonl"),
+        epope = p("eval/heldout/pope_adversarial.json"),
+        emc = p("eval/heldin/mc.jsonl"),
+        ecap = p("eval/heldout/captions.jsonl"),
     )
 }
 
@@ -208,7 +222,7 @@ fn setup(
 #[test]
 fn accumulation_averages_like_one_big_batch() {
     let (d, rc, built, device) = setup("accum");
-    let t = rc.stages["instruct"].train();
+    let t = rc.stages["instruct"].train().unwrap();
     let src = templates::source(t.template, &built.text).unwrap();
     let data =
         mitune::data::prepare::prepare(&t.data, &built.text, &src, 384, 0, OnBad::Fail, &d, "data")
@@ -377,4 +391,116 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
         None,
     );
     assert!(ok, "{err}");
+
+    // The eval stage ran after instruct: one report per task, logged, summarized.
+    let reports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_b.join("bench/eval.json")).unwrap())
+            .unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 4);
+    for (r, (task, n, key)) in reports.iter().zip([
+        ("vqa", 4, "accuracy"),
+        ("pope", 4, "f1"),
+        ("mc", 3, "accuracy"),
+        ("caption", 3, "cider"),
+    ]) {
+        assert_eq!(r["task"], task);
+        assert_eq!(r["n"], n);
+        assert_eq!(r["predictions"].as_array().unwrap().len(), n);
+        assert!(r["metrics"][key].is_number(), "{r}");
+    }
+    assert_eq!(reports[2]["split"], "held_in");
+    let metrics = std::fs::read_to_string(run_b.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.matches("\"eval\":").count(), 4);
+    let summary = std::fs::read_to_string(run_b.join("summary.json")).unwrap();
+    assert!(summary.contains("\"cider\""), "{summary}");
+
+    // `mitune eval` on the trained model: JSON report, M-ICL with two images per prompt, M-CoT.
+    let out = Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args([
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "pope",
+            "--data",
+            w.join("eval/heldout/pope_random.json").to_str().unwrap(),
+            "--limit",
+            "5",
+            "--shots",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["n"], 5);
+    assert_eq!(r["shots"], 2);
+    for k in ["accuracy", "precision", "recall", "f1", "yes_ratio"] {
+        assert!(r["metrics"][k].is_number(), "{k}: {r}");
+    }
+    let (ok, err) = mitune(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "mc",
+            "--data",
+            w.join("eval/heldout/mc.jsonl").to_str().unwrap(),
+            "--limit",
+            "2",
+            "--cot",
+            "--max-new-tokens",
+            "8",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+
+    // `mitune chat`: piped input, an image attached by command, two turns, then quit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "4",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let img = w.join("images/heldout/00001.png");
+        write!(
+            stdin,
+            "/image {}\nWhat is this?\n/image /no/such.png\nHow many shapes are there?\n/reset\nHi\n/quit\n",
+            img.display()
+        )
+        .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let answers = String::from_utf8_lossy(&out.stdout).matches('\n').count();
+    assert!(
+        answers >= 3,
+        "three answers, each ended by a newline: {answers}"
+    );
+    assert!(stderr.contains("(conversation cleared)"), "{stderr}");
+    assert!(
+        stderr.contains("/no/such.png"),
+        "a bad image path is reported: {stderr}"
+    );
 }

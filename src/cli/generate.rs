@@ -1,5 +1,4 @@
 //! `mitune generate`: prompt (+ images) -> text, streamed, or one JSON object with ids and log-probs.
-use std::io::Write;
 use std::path::PathBuf;
 
 use crate::checkpoint::hf::llava_spec;
@@ -7,8 +6,7 @@ use crate::checkpoint::load_llava;
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, generate};
-use crate::zoo::mllm::MmInput;
+use crate::generate::{GenConfig, Prompt, cut_at_stop, generate_batch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +28,15 @@ pub struct Args {
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Stop once the output contains this string (repeatable); the string is cut from the printed text.
+    #[arg(long)]
+    pub stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON object: input_ids, output_ids, text, logprobs.
@@ -49,11 +56,19 @@ pub fn run(a: Args) -> Result<()> {
             a.image.len()
         )));
     }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) || a.temperature < 0.0 {
-        return Err(Error::input(
-            "--top-p must be in (0, 1] and --temperature >= 0",
-        ));
-    }
+    let mut cfg = GenConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        eos: spec.llm.eos_token_ids.clone(),
+        stop: a.stop.clone(),
+    };
+    cfg.eos.extend(text.eos_token_id);
+    cfg.check()
+        .map_err(|m| Error::input(format!("--{}", m.replace('_', "-"))))?;
     let device = crate::default_device();
     let pixels = if a.image.is_empty() {
         None
@@ -66,33 +81,20 @@ pub fn run(a: Args) -> Result<()> {
         text.encode_chat(&a.prompt)?
     };
     let model = load_llava(&a.model, &device)?;
-    let mut eos = spec.llm.eos_token_ids.clone();
-    eos.extend(text.eos_token_id);
-    let cfg = GenConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-        eos,
+    let prompt = Prompt {
+        ids: ids.clone(),
+        pixels,
+        index: 0,
     };
-    let input = MmInput::single(ids.clone(), pixels);
-    let mut shown = String::new();
-    let mut so_far = vec![];
-    let stdout = std::io::stdout();
-    let out = generate(&model, input, &cfg, |id| {
-        if a.json {
-            return;
+    let decode = |ids: &[i64]| text.decode(ids);
+    let mut stream = Stream::new(&text, &cfg.stop);
+    let out = generate_batch(&model, vec![prompt], &cfg, Some(&decode), |_, id| {
+        if !a.json {
+            stream.push(id);
         }
-        so_far.push(id);
-        let now = text.decode(&so_far);
-        if let Some(delta) = now.strip_prefix(shown.as_str()) {
-            let mut lock = stdout.lock();
-            let _ = write!(lock, "{delta}");
-            let _ = lock.flush();
-        }
-        shown = now;
     })?;
-    let decoded = text.decode(&out.output_ids);
+    let out = out.into_iter().next().unwrap_or_default();
+    let decoded = cut_at_stop(&text.decode(&out.output_ids), &cfg.stop).to_string();
     if a.json {
         let v = serde_json::json!({
             "input_ids": ids,
@@ -102,7 +104,66 @@ pub fn run(a: Args) -> Result<()> {
         });
         println!("{v}");
     } else {
+        stream.finish();
         println!();
     }
     Ok(())
+}
+
+/// Prints decoded text as ids arrive: only what is certain (complete UTF-8, and never the part of the text that
+/// may turn out to be the start of a stop string).
+pub struct Stream<'a> {
+    text: &'a TextProcessor,
+    stop: &'a [String],
+    ids: Vec<i64>,
+    shown: usize,
+}
+
+impl<'a> Stream<'a> {
+    pub fn new(text: &'a TextProcessor, stop: &'a [String]) -> Self {
+        Stream {
+            text,
+            stop,
+            ids: vec![],
+            shown: 0,
+        }
+    }
+
+    pub fn push(&mut self, id: i64) {
+        use std::io::Write;
+        self.ids.push(id);
+        let now = self.text.decode(&self.ids);
+        let now = now.trim_end_matches('\u{fffd}');
+        let cut = cut_at_stop(now, self.stop);
+        // hold back a tail that could still grow into a stop string
+        let hold = self
+            .stop
+            .iter()
+            .map(|s| {
+                (1..s.len())
+                    .rev()
+                    .find(|&k| s.is_char_boundary(k) && cut.ends_with(&s[..k]))
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let upto = cut.len() - hold;
+        if upto > self.shown && cut.is_char_boundary(self.shown) {
+            let mut lock = std::io::stdout().lock();
+            let _ = write!(lock, "{}", &cut[self.shown..upto]);
+            let _ = lock.flush();
+            self.shown = upto;
+        }
+    }
+
+    /// Prints what was held back (the output ended without completing a stop string).
+    pub fn finish(&mut self) {
+        use std::io::Write;
+        let now = self.text.decode(&self.ids);
+        let cut = cut_at_stop(&now, self.stop);
+        if cut.len() > self.shown && cut.is_char_boundary(self.shown) {
+            let _ = write!(std::io::stdout().lock(), "{}", &cut[self.shown..]);
+        }
+        self.shown = cut.len();
+    }
 }

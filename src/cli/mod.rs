@@ -1,4 +1,6 @@
-//! Command line: `mitune generate`, `mitune inspect`, `mitune export`. Errors print as one line and exit 1.
+//! Command line: `mitune train`, `validate`, `data`, `generate`, `chat`, `eval`, `inspect`, `export`. Errors print as one line and exit 1.
+mod chat;
+mod eval;
 mod generate;
 mod inspect;
 mod train;
@@ -38,6 +40,10 @@ pub enum Command {
     },
     /// Generate text from a LLaVA-style HuggingFace checkpoint directory.
     Generate(generate::Args),
+    /// Talk to a checkpoint in the terminal (its chat template, streamed answers, /image /reset /quit).
+    Chat(chat::Args),
+    /// Evaluate a checkpoint on a benchmark file: vqa, mc, pope or caption; M-ICL (--shots) and M-CoT (--cot).
+    Eval(eval::Args),
     /// Show a checkpoint's components, parameter counts, dtypes, image tokens and vocabulary.
     Inspect {
         /// Checkpoint directory (LlavaForConditionalGeneration layout).
@@ -72,6 +78,8 @@ pub fn main() -> std::process::ExitCode {
             seed,
         } => data(&which, &out, train, heldout, seed),
         Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
         Command::Export {
             model,

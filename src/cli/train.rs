@@ -76,7 +76,9 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let device = crate::default_device();
     let built = crate::stages::build::build(&rc.model, false, &device)?;
     for name in &rc.pipeline {
-        let t = rc.stages[name].train();
+        let Some(t) = rc.stages[name].train() else {
+            continue;
+        };
         let template =
             crate::data::templates::source(t.template, &built.text).map_err(Error::input)?;
         let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));

@@ -4,6 +4,7 @@ pub mod images;
 pub mod loader;
 pub mod prepare;
 pub mod shapes;
+pub mod shapes_eval;
 pub mod sources;
 pub mod templates;
 pub mod tokenizer;

@@ -25,7 +25,7 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 
 /// Bump when the generator changes, so `ensure` rewrites datasets made by an older version.
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
@@ -41,8 +41,8 @@ pub const SPECIAL_TOKENS: [&str; 7] = [
 /// 7 special tokens + the 256 byte symbols: below this the BPE has no room for merges.
 const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
 /// LLaVA-1.5's prompt for short answers (a phrase, because positions are two words).
-const SHORT_HINT: &str = "Answer the question using a single word or phrase.";
-const YESNO_HINT: &str = "Answer yes or no.";
+pub(crate) const SHORT_HINT: &str = "Answer the question using a single word or phrase.";
+pub(crate) const YESNO_HINT: &str = "Answer yes or no.";
 const CAPTION_PROMPTS: [&str; 8] = [
     "Describe the image briefly.",
     "What is in this picture?",
@@ -152,7 +152,7 @@ impl Default for ShapesConfig {
 
 /// The rng of one (seed, split, purpose, index). FNV-1a + splitmix64 rather than std's `DefaultHasher`, whose
 /// output may change between Rust releases: the dataset must be the same bytes on every machine.
-fn rng_for(seed: u64, split: &str, purpose: &str, index: usize) -> StdRng {
+pub(crate) fn rng_for(seed: u64, split: &str, purpose: &str, index: usize) -> StdRng {
     let mut key = seed.to_le_bytes().to_vec();
     key.extend_from_slice(split.as_bytes());
     key.push(0xff);
@@ -226,7 +226,7 @@ pub fn render(objects: &[Object]) -> RgbImage {
     img
 }
 
-fn number(n: usize) -> &'static str {
+pub(crate) fn number(n: usize) -> &'static str {
     NUMBERS.get(n).copied().unwrap_or("many")
 }
 
@@ -252,7 +252,7 @@ impl Kind {
         Kind::Describe,
     ];
     /// Short-answer kinds: what the held-out VQA set and the LM text ask.
-    const SHORT: [Kind; 5] = [
+    pub(crate) const SHORT: [Kind; 5] = [
         Kind::Colour,
         Kind::Shape,
         Kind::Count,
@@ -370,7 +370,7 @@ pub fn probe(objs: &[Object], present: bool, rng: &mut StdRng) -> Qa {
 }
 
 /// A short-answer question of a random askable kind among `kinds`.
-fn ask_one(kinds: &[Kind], objs: &[Object], rng: &mut StdRng) -> Option<Qa> {
+pub(crate) fn ask_one(kinds: &[Kind], objs: &[Object], rng: &mut StdRng) -> Option<Qa> {
     let mut kinds = kinds.to_vec();
     kinds.shuffle(rng);
     kinds.into_iter().find_map(|k| ask(k, objs, rng))
@@ -465,7 +465,7 @@ fn fact(template: usize, rng: &mut StdRng) -> (String, String) {
 
 /// A LLaVA conversation; `image_first` = Some(b) puts the `<image>` marker in the first human turn, before the
 /// text when b (both placements occur in real data), after it otherwise.
-fn convo(turns: &[(String, String)], image_first: Option<bool>) -> Value {
+pub(crate) fn convo(turns: &[(String, String)], image_first: Option<bool>) -> Value {
     let mut out = Vec::new();
     for (i, (q, a)) in turns.iter().enumerate() {
         let human = match (i, image_first) {
@@ -479,7 +479,7 @@ fn convo(turns: &[(String, String)], image_first: Option<bool>) -> Value {
     Value::Array(out)
 }
 
-fn image_rel(split: &str, i: usize) -> String {
+pub(crate) fn image_rel(split: &str, i: usize) -> String {
     format!("images/{split}/{i:05}.png")
 }
 
@@ -489,7 +489,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
 }
 
 /// Writes through a temp file + rename, so a reader (or an interrupted run) never sees half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
@@ -497,7 +497,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
     write_atomic(path, text.as_bytes())
@@ -720,6 +720,9 @@ identically from meta.json.\n\n\
 - `lm_train.jsonl` ({nl}): `{{\"text\": ...}}` lines for language-model pretraining.\n\
 - `caption_heldout.json` ({nh}, task caption), `vqa_heldout.json` ({nv}, task vqa, field `kind`), \
 `pope_heldout.json` ({nh}, task yesno, half present / half absent): held-out evaluation.\n\
+- `mc_train.json`: multiple-choice questions (LLaVA layout, lettered options, letter answers).\n\
+- `eval/{{heldin,heldout}}/`: benchmark sets for `mitune eval` (see below): `vqa.jsonl`, `mc.jsonl`, \
+`pope_{{random,popular,adversarial}}.json` (POPE layout), `captions.jsonl`; held-in sets use training images.\n\
 - `tokenizer/`: byte-level BPE (vocab {vocab}) trained on the text; `<image>` has id 4.\n",
         seed = cfg.seed,
         nt = cfg.train,
@@ -732,6 +735,7 @@ identically from meta.json.\n\n\
         vocab = cfg.vocab_size,
     );
     write_atomic(&out.join("README.md"), readme.as_bytes())?;
+    super::shapes_eval::write(out, cfg.seed, &train, &held)?;
     write_json(&meta_path, &meta)?;
     Ok(true)
 }

@@ -79,17 +79,18 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
     let kind = tab.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let mut rest = tab.clone();
     rest.remove("kind");
-    let mut body =
-        || section::<schema::TrainStage>(r, &key, toml::Value::Table(rest.clone()), errs);
+    let rest = toml::Value::Table(rest);
+    let mut body = || section::<schema::TrainStage>(r, &key, rest.clone(), errs);
     match kind {
         "align" => body().map(StageSpec::Align),
         "instruct" => body().map(StageSpec::Instruct),
         "pretrain" => body().map(StageSpec::Pretrain),
+        "eval" => section::<schema::EvalStage>(r, &key, rest.clone(), errs).map(StageSpec::Eval),
         other => {
             errs.push(problem(
                 r,
                 &format!("{key}.kind"),
-                format!("unknown stage kind {other:?} (known: align, instruct, pretrain)"),
+                format!("unknown stage kind {other:?} (known: align, instruct, pretrain, eval)"),
             ));
             None
         }
@@ -219,8 +220,7 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
             continue;
         };
         let key = format!("stages.{name}");
-        let t = stage.train();
-        if let Some(init) = &t.init {
+        if let Some(init) = stage.init() {
             match (&init.from_stage, &init.checkpoint) {
                 (Some(from), None) => {
                     if !rc.pipeline[..i].contains(from) {
@@ -250,6 +250,13 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 )),
             }
         }
+        let t = match stage {
+            StageSpec::Eval(e) => {
+                check_eval(e, &key, r, &exists, errs);
+                continue;
+            }
+            _ => stage.train().expect("a training stage"),
+        };
         if t.batch.micro == 0 || t.batch.global % t.batch.micro != 0 {
             errs.push(problem(
                 r,
@@ -354,6 +361,40 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     r,
                     "heldout.tasks",
                     format!("task {i} ({}): {} does not exist", t.name, t.path.display()),
+                ));
+            }
+        }
+    }
+}
+
+fn check_eval(
+    e: &schema::EvalStage,
+    key: &str,
+    r: &Resolved,
+    exists: &dyn Fn(&Path) -> bool,
+    errs: &mut Vec<Problem>,
+) {
+    if e.tasks.is_empty() {
+        errs.push(problem(
+            r,
+            &format!("{key}.tasks"),
+            "empty: give at least one task",
+        ));
+    }
+    if e.batch_size == 0 {
+        errs.push(problem(
+            r,
+            &format!("{key}.batch_size"),
+            "must be at least 1",
+        ));
+    }
+    for (i, t) in e.tasks.iter().enumerate() {
+        for p in [Some(&t.data), t.demos.as_ref()].into_iter().flatten() {
+            if !exists(p) {
+                errs.push(problem(
+                    r,
+                    &format!("{key}.tasks"),
+                    format!("task {i} ({}): {} does not exist", t.label(), p.display()),
                 ));
             }
         }

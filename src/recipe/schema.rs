@@ -134,6 +134,8 @@ pub enum StageSpec {
     Instruct(TrainStage),
     /// Pre-training of the components themselves (causal LM on text, captioning for an encoder).
     Pretrain(TrainStage),
+    /// Benchmarks (vqa, mc, pope, caption; M-ICL, M-CoT) on the model as it stands; logged like training metrics.
+    Eval(EvalStage),
 }
 
 impl StageSpec {
@@ -142,13 +144,45 @@ impl StageSpec {
             StageSpec::Align(_) => "align",
             StageSpec::Instruct(_) => "instruct",
             StageSpec::Pretrain(_) => "pretrain",
+            StageSpec::Eval(_) => "eval",
         }
     }
-    pub fn train(&self) -> &TrainStage {
+    /// The training settings; None for stages that do not train.
+    pub fn train(&self) -> Option<&TrainStage> {
         match self {
-            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t,
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(t),
+            StageSpec::Eval(_) => None,
         }
     }
+    pub fn init(&self) -> Option<&Init> {
+        match self {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
+                t.init.as_ref()
+            }
+            StageSpec::Eval(e) => e.init.as_ref(),
+        }
+    }
+}
+
+/// `kind = "eval"`: evaluates the model of an earlier stage (default: the previous one) on benchmark tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    pub init: Option<Init>,
+    /// Default: the template of the last training stage before this one.
+    pub template: Option<Template>,
+    pub tasks: Vec<crate::eval::TaskSpec>,
+    #[serde(default = "sixteen")]
+    pub batch_size: usize,
+    /// Default: 32, or 256 for tasks with `cot = true`.
+    pub max_new_tokens: Option<usize>,
+    /// Defaults to the recipe's seed (M-ICL demonstration draws).
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub on_bad_sample: OnBad,
+}
+fn sixteen() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,8 +285,9 @@ pub enum OnBad {
     Skip,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Template {
     /// LLaVA pre-training: the image, then the caption; instructions dropped.
     Plain,

@@ -49,13 +49,7 @@ impl Score {
 pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>> {
     let model = built.model.valid();
     let device = burn::module::Module::devices(&model)[0].clone();
-    let cfg = GenConfig {
-        max_new_tokens: h.max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        eos: model.spec.llm.eos_token_ids.clone(),
-    };
+    let cfg = GenConfig::greedy(h.max_new_tokens, model.spec.llm.eos_token_ids.clone());
     // Templates that close turns with their own token (ChatML's `<|im_end|>`) end answers with it.
     let mut cfg = cfg;
     cfg.eos.extend(built.text.token_id("<|im_end|>"));

@@ -3,6 +3,7 @@
 //! `run` orders the pipeline.
 pub mod build;
 pub mod checkpoints;
+pub mod eval;
 pub mod heldout;
 pub mod log;
 pub mod loss;

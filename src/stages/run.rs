@@ -12,7 +12,7 @@ use super::log::Metrics;
 use super::trainer::{self, StageRun};
 use crate::data::shapes;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{Prepare, Recipe, Template};
+use crate::recipe::schema::{Init, Prepare, Recipe, StageSpec, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
@@ -125,10 +125,28 @@ pub fn train(
     let mut table: Vec<(String, Vec<Score>)> = vec![];
     let mut current: Option<Built> = None;
     let clock = std::time::Instant::now();
+    let mut evals: Vec<(String, Vec<crate::eval::Report>)> = vec![];
     for (i, name) in rc.pipeline.iter().enumerate() {
         let spec = &rc.stages[name];
-        let t = spec.train();
         let dir = run.join(name);
+        if let StageSpec::Eval(e) = spec {
+            let reports = if super::eval::is_done(&dir) {
+                eprintln!(
+                    "[{name}] already done; reading {}",
+                    dir.join("eval.json").display()
+                );
+                super::eval::read(&dir)?
+            } else {
+                let built = init_model(rc, &run, i, e.init.as_ref(), &mut current, device)?;
+                let template = e.template.unwrap_or_else(|| last_template(rc, i));
+                let r = super::eval::run(name, e, &built, template, rc.seed, &dir, &mut metrics)?;
+                current = Some(built);
+                r
+            };
+            evals.push((name.clone(), reports));
+            continue;
+        }
+        let t = spec.train().expect("not an eval stage");
         if checkpoints::is_done(&dir) {
             eprintln!("[{name}] already done; skipping");
             current = None;
@@ -154,20 +172,12 @@ pub fn train(
         } else {
             None
         };
-        let mut built = match (&resume, &t.init) {
-            (Some(ck), _) => build::load_dir(ck, device)?,
-            (None, Some(init)) => match (&init.from_stage, &init.checkpoint) {
-                (Some(from), _) => build::load_dir(&run.join(from).join("model"), device)?,
-                (_, Some(ck)) => build::load_dir(ck, device)?,
-                _ => unreachable!("validated: exactly one of from_stage/checkpoint"),
-            },
-            (None, None) => match current.take() {
-                Some(b) => b,
-                None if i > 0 => {
-                    build::load_dir(&run.join(&rc.pipeline[i - 1]).join("model"), device)?
-                }
-                None => build::build(&rc.model, t.data.pad_to_square, device)?,
-            },
+        let mut built = match &resume {
+            Some(ck) => build::load_dir(ck, device)?,
+            None if i == 0 && t.init.is_none() => {
+                build::build(&rc.model, t.data.pad_to_square, device)?
+            }
+            None => init_model(rc, &run, i, t.init.as_ref(), &mut current, device)?,
         };
         built.images.pad_to_square = t.data.pad_to_square;
         if i == 0
@@ -206,9 +216,14 @@ pub fn train(
     if !table.is_empty() {
         print_table(&table);
     }
+    for (name, reports) in &evals {
+        println!("\n[{name}]");
+        print!("{}", crate::eval::run::table(reports));
+    }
     let summary = serde_json::json!({
         "name": rc.name,
         "seconds": clock.elapsed().as_secs_f64(),
+        "eval": evals.iter().map(|(k, rs)| serde_json::json!({"stage": k, "tasks": rs.iter().map(|r| serde_json::json!({"name": r.name, "task": r.task, "split": r.split, "n": r.n, "shots": r.shots, "cot": r.cot, "metrics": r.metrics, "categories": r.categories})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "heldout": table.iter().map(|(k, s)| serde_json::json!({"after": k, "scores": s.iter().map(|x| serde_json::json!({"task": x.task, "accuracy": x.accuracy(), "n": x.n})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -218,6 +233,45 @@ pub fn train(
     .map_err(io(&run))?;
     eprintln!("run saved in {}", run.display());
     Ok(run)
+}
+
+/// The model a stage starts from: its `init`, else the model in hand, else the last trained stage's saved model,
+/// else the `[model]` section.
+fn init_model(
+    rc: &Recipe,
+    run: &Path,
+    i: usize,
+    init: Option<&Init>,
+    current: &mut Option<Built>,
+    device: &Device,
+) -> Result<Built> {
+    if let Some(init) = init {
+        return match (&init.from_stage, &init.checkpoint) {
+            (Some(from), _) => build::load_dir(&run.join(from).join("model"), device),
+            (_, Some(ck)) => build::load_dir(ck, device),
+            _ => unreachable!("validated: exactly one of from_stage/checkpoint"),
+        };
+    }
+    if let Some(b) = current.take() {
+        return Ok(b);
+    }
+    let prev = rc.pipeline[..i]
+        .iter()
+        .rev()
+        .find(|n| rc.stages[n.as_str()].train().is_some());
+    match prev {
+        Some(p) => build::load_dir(&run.join(p).join("model"), device),
+        None => build::build(&rc.model, false, device),
+    }
+}
+
+/// The template of the last training stage before stage `i` (the checkpoint's own when there is none).
+fn last_template(rc: &Recipe, i: usize) -> Template {
+    rc.pipeline[..i]
+        .iter()
+        .rev()
+        .find_map(|n| rc.stages[n.as_str()].train().map(|t| t.template))
+        .unwrap_or(Template::Tokenizer)
 }
 
 fn print_table(table: &[(String, Vec<Score>)]) {

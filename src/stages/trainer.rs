@@ -89,7 +89,10 @@ fn eval_loss(
 /// Runs one training stage from `built` (or from the checkpoint in `resume`), returns the trained model.
 pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<Built> {
     let kind = ctx.spec.kind();
-    let spec = ctx.spec.train();
+    let spec = ctx
+        .spec
+        .train()
+        .expect("trainer::run is given training stages");
     let seed = spec.seed.unwrap_or(ctx.seed);
     let template = crate::data::templates::source(spec.template, &built.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;

@@ -1,0 +1,153 @@
+//! `mitune chat --model DIR [--image PATH]`: a terminal conversation through the model's chat template, the
+//! answer streamed as it is generated. Lines starting with `/` are commands: `/image PATH` attaches an image to
+//! the next message, `/reset` forgets the conversation, `/quit` (or end of input) leaves.
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use super::generate::Stream;
+use crate::data::sources::Role;
+use crate::data::templates;
+use crate::error::{Error, Result};
+use crate::generate::{GenConfig, Prompt, cut_at_stop, generate_batch};
+use crate::recipe::schema::Template;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory (LlavaForConditionalGeneration layout, with tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image for the first message (more with `/image PATH`).
+    #[arg(long)]
+    pub image: Vec<PathBuf>,
+    /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one.
+    #[arg(long, value_enum, default_value = "tokenizer")]
+    pub template: Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop strings (repeatable), e.g. "USER:" for templates without an end-of-turn token.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+const HELP: &str = "commands: /image PATH (attach to the next message), /reset, /quit";
+
+pub fn run(a: Args) -> Result<()> {
+    let device = crate::default_device();
+    let built = crate::stages::build::load_dir(&a.model, &device)?;
+    let template = templates::source(a.template, &built.text).map_err(|m| {
+        Error::input(format!(
+            "{m}: pass --template vicuna_v1 (LLaVA-1.5), llama_2, chatml or plain"
+        ))
+    })?;
+    let mut cfg = GenConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        eos: built.model.spec.llm.eos_token_ids.clone(),
+        stop: a.stop.clone(),
+    };
+    cfg.eos.extend(built.text.eos_token_id);
+    cfg.eos.extend(built.text.token_id("<|im_end|>"));
+    cfg.check()
+        .map_err(|m| Error::input(format!("--{}", m.replace('_', "-"))))?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("mitune chat: {} ({HELP})", a.model.display());
+    }
+    let mut history: Vec<(Role, String)> = vec![];
+    let mut images: Vec<PathBuf> = vec![];
+    let mut pending: Vec<PathBuf> = a.image.clone();
+    let mut turn = 0u64;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("you> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::input(format!("cannot read standard input: {e}")))?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            match name {
+                "quit" | "exit" => break,
+                "reset" => {
+                    history.clear();
+                    images.clear();
+                    pending.clear();
+                    eprintln!("(conversation cleared)");
+                }
+                "image" if !arg.trim().is_empty() => {
+                    let p = PathBuf::from(arg.trim());
+                    // decode now, so a bad path is reported before the message that uses it
+                    match crate::data::images::load_image(&p) {
+                        Ok(_) => {
+                            pending.push(p);
+                            eprintln!("(image attached to your next message)");
+                        }
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                }
+                _ => eprintln!("{HELP}"),
+            }
+            continue;
+        }
+        let mut content = String::new();
+        for _ in &pending {
+            content.push_str("<image>\n");
+        }
+        content.push_str(line);
+        history.push((Role::User, content));
+        images.append(&mut pending);
+        let prompt = templates::prompt(&built.text, &template, &history).map_err(Error::input)?;
+        let ids = built.text.encode(&prompt, false)?;
+        let pixels = built.images.batch(&images, &device)?;
+        if interactive {
+            eprint!("assistant> ");
+        }
+        let mut stream = Stream::new(&built.text, &cfg.stop);
+        let out = generate_batch(
+            &built.model,
+            vec![Prompt {
+                ids,
+                pixels,
+                index: turn,
+            }],
+            &cfg,
+            Some(&|ids: &[i64]| built.text.decode(ids)),
+            |_, id| {
+                if !cfg.eos.contains(&id) {
+                    stream.push(id)
+                }
+            },
+        )?;
+        stream.finish();
+        println!();
+        let mut ids = out.into_iter().next().unwrap_or_default().output_ids;
+        ids.retain(|i| !cfg.eos.contains(i));
+        let answer = cut_at_stop(&built.text.decode(&ids), &cfg.stop)
+            .trim()
+            .to_string();
+        history.push((Role::Assistant, answer));
+        turn += 1;
+    }
+    Ok(())
+}
