@@ -1,108 +1,96 @@
-//! Generation throughput: the two LLaVA fixtures, and a ~100M-parameter LLaMA built from random weights.
-//!     cargo run --release --example bench_generate
+//! Generation throughput of LLaVA presets, f32, greedy, KV cache: each prompt = one image + 32 text tokens, 32
+//! new tokens (no EOS), at batch 1 and batch 8 (one left-padded batch):
+//!     cargo run --release --example bench_generate [-- tiny|small]
+//! Prints one JSON line per (preset, batch): generated tokens/s (prefill included), the median of 3 runs after a
+//! warm-up. `tools/bench_generate.py` runs the same presets through transformers' `generate` for the ratio.
 use burn::tensor::Device;
-use mitune::generate::{GenConfig, generate};
+use mitune::generate::{GenConfig, Prompt, generate_batch};
+use mitune::zoo::connectors::ConnectorSpec;
+use mitune::zoo::encoders::{FeatureSelect, VitFamily};
 use mitune::zoo::layers::act::Act;
-use mitune::zoo::layers::rope::{Rope, RopeScaling};
-use mitune::zoo::layers::{int_tensor, to_vec};
-use mitune::zoo::llms::{KvCache, LlmFamily, LlmSpec};
-use mitune::zoo::mllm::MmInput;
+use mitune::zoo::layers::float_tensor;
+use mitune::zoo::llms::LlmFamily;
+use mitune::zoo::mllm::LlavaSpec;
+use mitune::zoo::presets;
 use std::time::Instant;
 
+/// (name, encoder preset, llm preset, vocab, feature layer, tied head)
+const PRESETS: [(&str, &str, &str, usize, i64, bool); 2] = [
+    ("tiny", "bench-tiny", "bench-tiny", 512, -1, true),
+    ("small", "bench-small", "bench-small", 32000, -2, false),
+];
+const TEXT: usize = 32;
+const NEW: usize = 32;
+
 fn main() {
+    let only: Option<String> = std::env::args().nth(1);
     let device = Device::flex();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    for name in ["llava_clip_llama", "llava_siglip_qwen2"] {
-        let model = mitune::checkpoint::load_llava(&root.join(name), &device).unwrap();
-        let ids: Vec<i64> = (0..48).map(|i| 10 + i).collect();
-        let cfg = GenConfig::greedy(64, vec![]);
-        let t0 = Instant::now();
-        let out = generate(&model, MmInput::single(ids, None), &cfg, |_| {}).unwrap();
-        let s = t0.elapsed().as_secs_f64();
-        println!(
-            "{name}: {} tokens in {s:.3} s = {:.1} tokens/s (48-token prompt, prefill included)",
-            out.output_ids.len(),
-            out.output_ids.len() as f64 / s
-        );
+    device.seed(0);
+    for (name, enc, llm, vocab, layer, tied) in PRESETS
+        .into_iter()
+        .filter(|p| only.as_deref().is_none_or(|o| o == p.0))
+    {
+        let mut l = presets::llm(llm, LlmFamily::Llama, vocab).unwrap();
+        l.tie_word_embeddings = tied;
+        let spec = LlavaSpec {
+            vision: presets::encoder(enc, VitFamily::Clip).unwrap(),
+            select: FeatureSelect {
+                layers: vec![layer],
+                drop_cls: true,
+            },
+            connector: ConnectorSpec::Mlp {
+                depth: 2,
+                act: Act::Gelu,
+            },
+            projector_bias: true,
+            llm: l,
+            image_token_id: vocab as i64 - 1,
+        };
+        let n_img = spec.image_tokens();
+        let size = spec.vision.input_size;
+        let model = spec.init(&device);
+        for batch in [1usize, 8] {
+            // rows of different text lengths (32, 30, 28, ...) so the batch really is left-padded
+            let prompts = || -> Vec<Prompt> {
+                (0..batch)
+                    .map(|r| {
+                        let ids: Vec<i64> = std::iter::repeat_n(vocab as i64 - 1, n_img)
+                            .chain(
+                                (0..(TEXT - 2 * (r % 4)) as i64)
+                                    .map(|i| 1 + (i * 7 + r as i64) % (vocab as i64 - 2)),
+                            )
+                            .collect();
+                        let px: Vec<f32> = (0..3 * size * size)
+                            .map(|i| (((i + r) % 255) as f32 / 127.0) - 1.0)
+                            .collect();
+                        Prompt {
+                            ids,
+                            pixels: Some(float_tensor(px, [1, 3, size, size], &device)),
+                            index: r as u64,
+                        }
+                    })
+                    .collect()
+            };
+            let cfg = GenConfig::greedy(NEW, vec![]);
+            let mut times = vec![];
+            for i in 0..4 {
+                let t0 = Instant::now();
+                let out = generate_batch(&model, prompts(), &cfg, None, |_, _| {}).unwrap();
+                assert!(out.iter().all(|g| g.output_ids.len() == NEW));
+                if i > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let med = times[times.len() / 2];
+            println!(
+                "{}",
+                serde_json::json!({
+                    "framework": "mitune", "preset": name, "batch": batch, "image_tokens": n_img,
+                    "prompt_tokens": n_img + TEXT, "new_tokens": NEW, "seconds_median": med,
+                    "generated_tokens_per_s": (batch * NEW) as f64 / med,
+                })
+            );
+        }
     }
-    let spec = LlmSpec {
-        family: LlmFamily::Llama,
-        vocab_size: 32000,
-        hidden_size: 640,
-        intermediate_size: 1728,
-        num_layers: 12,
-        num_heads: 10,
-        num_kv_heads: 5,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        act: Act::Silu,
-        rope: Rope {
-            theta: 10000.0,
-            head_dim: 64,
-            scaling: RopeScaling::Default {},
-        },
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        tie_word_embeddings: false,
-        max_position_embeddings: 2048,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![],
-        pad_token_id: None,
-    };
-    let llm = spec.init(&device);
-    println!(
-        "llama-100m: {} params (random weights)",
-        burn::module::Module::num_params(&llm)
-    );
-    let prompt = 64usize;
-    let new = 32usize;
-    let ids: Vec<i64> = (0..prompt as i64).map(|i| 100 + i).collect();
-    // warm-up: parameters initialize lazily on first use
-    let _ = to_vec(llm.forward_embeds(
-        llm.embed(int_tensor(ids.clone(), [1, prompt], &device)),
-        &[(0..prompt as i64).collect()],
-        &[vec![true; prompt]],
-        None,
-    ));
-    let mut cache = KvCache::default();
-    let t0 = Instant::now();
-    let h = llm.forward_embeds(
-        llm.embed(int_tensor(ids, [1, prompt], &device)),
-        &[(0..prompt as i64).collect()],
-        &[vec![true; prompt]],
-        Some(&mut cache),
-    );
-    let v = to_vec(llm.logits(h.slice([0..1, prompt - 1..prompt, 0..640])));
-    let prefill = t0.elapsed().as_secs_f64();
-    let mut next = v
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0 as i64;
-    let t1 = Instant::now();
-    let mut valid = vec![true; prompt];
-    for step in 0..new {
-        valid.push(true);
-        let h = llm.forward_embeds(
-            llm.embed(int_tensor(vec![next], [1, 1], &device)),
-            &[vec![(prompt + step) as i64]],
-            std::slice::from_ref(&valid),
-            Some(&mut cache),
-        );
-        let v = to_vec(llm.logits(h));
-        next = v
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as i64;
-    }
-    let decode = t1.elapsed().as_secs_f64();
-    println!(
-        "llama-100m: prefill {prompt} tokens {prefill:.3} s ({:.0} tokens/s); decode {new} tokens {decode:.3} s = {:.1} tokens/s",
-        prompt as f64 / prefill,
-        new as f64 / decode
-    );
 }

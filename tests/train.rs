@@ -504,3 +504,44 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
         "a bad image path is reported: {stderr}"
     );
 }
+
+/// A stage model's `chat_template.jinja` is the template it trained with; `template = "tokenizer"` in a later
+/// stage still means the LLM's own, kept beside it.
+#[test]
+fn tokenizer_template_survives_a_stage_trained_with_another() {
+    let (d, _, mut built, _) = setup("base-template");
+    built.text.chat_template = Some("{{ 'OWN' }}".into());
+    built.text.base_chat_template = built.text.chat_template.clone();
+    let out = d.join("after-align");
+    let plain = templates::source(Template::Plain, &built.text).unwrap();
+    build::export(
+        &built.model.valid(),
+        &built.text,
+        &built.processor,
+        Some(&plain),
+        None,
+        &out,
+    )
+    .unwrap();
+    let again = build::load_dir(&out, &Device::flex()).unwrap();
+    assert_eq!(
+        templates::source(Template::Tokenizer, &again.text).unwrap(),
+        plain
+    );
+    assert_eq!(
+        templates::training_source(Template::Tokenizer, &again.text).unwrap(),
+        "{{ 'OWN' }}"
+    );
+    // exported again with the LLM's own template, the extra file goes away
+    let own = again.text.base_chat_template.clone().unwrap();
+    build::export(
+        &again.model,
+        &again.text,
+        &again.processor,
+        Some(&own),
+        None,
+        &out,
+    )
+    .unwrap();
+    assert!(!out.join("base_chat_template.jinja").exists());
+}

@@ -79,8 +79,8 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         let Some(t) = rc.stages[name].train() else {
             continue;
         };
-        let template =
-            crate::data::templates::source(t.template, &built.text).map_err(Error::input)?;
+        let template = crate::data::templates::training_source(t.template, &built.text)
+            .map_err(Error::input)?;
         let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));
         let p = crate::data::prepare::prepare(
             &t.data,

@@ -38,6 +38,19 @@ pub fn source(template: Template, tp: &TextProcessor) -> std::result::Result<Str
     })
 }
 
+/// The template a training stage renders with: as `source`, except that `tokenizer` means the LLM's own template
+/// even when the model comes from an earlier stage's directory (whose `chat_template.jinja` is the template that
+/// stage trained with, e.g. `plain`).
+pub fn training_source(
+    template: Template,
+    tp: &TextProcessor,
+) -> std::result::Result<String, String> {
+    match (template, &tp.base_chat_template) {
+        (Template::Tokenizer, Some(base)) => Ok(base.clone()),
+        _ => source(template, tp),
+    }
+}
+
 /// A sample ready for the model.
 #[derive(Debug, Clone)]
 pub struct Encoded {

@@ -20,6 +20,8 @@ pub const ASSET_FILES: [&str; 8] = [
     "generation_config.json",
 ];
 
+pub const BASE_TEMPLATE_FILE: &str = "base_chat_template.jinja";
+
 #[derive(Clone)]
 pub struct TextProcessor {
     tok: tokenizers::Tokenizer,
@@ -27,6 +29,10 @@ pub struct TextProcessor {
     pub eos_token: Option<String>,
     pub eos_token_id: Option<i64>,
     pub chat_template: Option<String>,
+    /// The LLM's own template, which `template = "tokenizer"` means in training stages: a stage model's
+    /// `chat_template.jinja` is the template it was trained with (e.g. `plain` after alignment), so exports keep
+    /// the original beside it as `base_chat_template.jinja`.
+    pub base_chat_template: Option<String>,
     pub image_token: String,
     pub image_token_id: i64,
     pub tokens_per_image: usize,
@@ -72,6 +78,12 @@ impl TextProcessor {
             }
         };
         let chat_template = Self::find_template(dir, &cfg, &proc_cfg)?;
+        let base = dir.join(BASE_TEMPLATE_FILE);
+        let base_chat_template = if base.exists() {
+            Some(read_string(&base)?)
+        } else {
+            chat_template.clone()
+        };
         let image_token = token_str(cfg.get("image_token"))
             .or_else(|| token_str(proc_cfg.get("image_token")))
             .or_else(|| tok.id_to_token(image_token_id as u32))
@@ -86,6 +98,7 @@ impl TextProcessor {
             eos_token,
             eos_token_id,
             chat_template,
+            base_chat_template,
             image_token,
             image_token_id,
             tokens_per_image,

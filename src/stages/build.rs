@@ -297,6 +297,16 @@ pub fn export(
             let p = out.join("chat_template.jinja");
             std::fs::write(&p, t).map_err(|source| Error::Io { path: p, source })?;
         }
+        let base = out.join(crate::data::tokenizer::BASE_TEMPLATE_FILE);
+        match &text.base_chat_template {
+            Some(b) if Some(b.as_str()) != template => {
+                std::fs::write(&base, b).map_err(|source| Error::Io { path: base, source })?
+            }
+            _ if base.exists() => {
+                std::fs::remove_file(&base).map_err(|source| Error::Io { path: base, source })?
+            }
+            _ => {}
+        }
     }
     if part != Some(Part::Llm) {
         write_json(&out.join("preprocessor_config.json"), processor)?;

@@ -68,7 +68,7 @@ fn heldout_row(
     if file.exists() {
         return read_json(file).map(Some);
     }
-    let src = crate::data::templates::source(h.template.unwrap_or(template), &built.text)
+    let src = crate::data::templates::training_source(h.template.unwrap_or(template), &built.text)
         .map_err(Error::input)?;
     let t0 = std::time::Instant::now();
     let scores = heldout::evaluate(built, h, &src)?;

@@ -94,7 +94,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         .train()
         .expect("trainer::run is given training stages");
     let seed = spec.seed.unwrap_or(ctx.seed);
-    let template = crate::data::templates::source(spec.template, &built.text)
+    let template = crate::data::templates::training_source(spec.template, &built.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
     let prep = |data: &crate::recipe::schema::DataSpec, key: &str| {
         prepare::prepare(
