@@ -2,6 +2,7 @@
 //! prefetch, image preprocessing, and the synthetic shapes world of the quickstart.
 pub mod images;
 pub mod loader;
+pub mod preference;
 pub mod prepare;
 pub mod shapes;
 pub mod shapes_eval;

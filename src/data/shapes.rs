@@ -25,7 +25,7 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 
 /// Bump when the generator changes, so `ensure` rewrites datasets made by an older version.
-const VERSION: u64 = 2;
+const VERSION: u64 = 3;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
@@ -720,6 +720,8 @@ identically from meta.json.\n\n\
 - `lm_train.jsonl` ({nl}): `{{\"text\": ...}}` lines for language-model pretraining.\n\
 - `caption_heldout.json` ({nh}, task caption), `vqa_heldout.json` ({nv}, task vqa, field `kind`), \
 `pope_heldout.json` ({nh}, task yesno, half present / half absent): held-out evaluation.\n\
+- `preference_{{train,heldout}}.jsonl`: preference pairs (mitune `pairs` layout): yes/no probes (faithful answer \
+chosen) and captions against hallucinated ones (an extra object, a wrong colour or shape).\n\
 - `mc_train.json`: multiple-choice questions (LLaVA layout, lettered options, letter answers).\n\
 - `eval/{{heldin,heldout}}/`: benchmark sets for `mitune eval` (see below): `vqa.jsonl`, `mc.jsonl`, \
 `pope_{{random,popular,adversarial}}.json` (POPE layout), `captions.jsonl`; held-in sets use training images.\n\

@@ -158,7 +158,63 @@ fn pope(objs: &[Object], sampling: &str, popular: &[Pair], rng: &mut StdRng) -> 
         .collect()
 }
 
-/// Writes `mc_train.json` and `eval/{heldin,heldout}/*`.
+/// A hallucinated variant of the caption: an extra object in an empty cell, a wrong colour, or a wrong shape.
+fn hallucinated(objs: &[Object], rng: &mut StdRng) -> String {
+    let mut bad = objs.to_vec();
+    let empty: Vec<usize> = (0..4)
+        .filter(|c| !objs.iter().any(|o| o.cell == *c))
+        .collect();
+    match rng.random_range(0..3usize) {
+        0 if !empty.is_empty() => bad.push(Object {
+            cell: *empty.choose(rng).unwrap(),
+            shape: *Shape::ALL.choose(rng).unwrap(),
+            colour: *Colour::ALL.choose(rng).unwrap(),
+        }),
+        1 => {
+            let k = rng.random_range(0..bad.len());
+            let others: Vec<Colour> = Colour::ALL
+                .into_iter()
+                .filter(|c| *c != bad[k].colour)
+                .collect();
+            bad[k].colour = *others.choose(rng).unwrap();
+        }
+        _ => {
+            let k = rng.random_range(0..bad.len());
+            let others: Vec<Shape> = Shape::ALL
+                .into_iter()
+                .filter(|s| *s != bad[k].shape)
+                .collect();
+            bad[k].shape = *others.choose(rng).unwrap();
+        }
+    }
+    caption(&bad)
+}
+
+/// Preference pairs of one image (mitune's `pairs` layout): a yes/no probe (the faithful answer chosen, its
+/// opposite rejected; half the probes ask about absent objects, POPE-style) and a caption against a hallucinated
+/// one (an extra object, a wrong colour or a wrong shape).
+fn preference_pairs(
+    objs: &[Object],
+    split: &str,
+    i: usize,
+    popular: &[Pair],
+    rng: &mut StdRng,
+) -> Vec<Value> {
+    let img = image_rel(split, i);
+    let probes = pope(objs, "adversarial", popular, rng);
+    let ((c, s), yes) = probes[rng.random_range(0..probes.len())];
+    let (good, bad) = if yes { ("yes", "no") } else { ("no", "yes") };
+    vec![
+        json!({"id": format!("pref-{split}-{i:05}-probe"), "image": img, "kind": if yes { "present" } else { "absent" },
+            "prompt": format!("<image>\nIs there a {} {}?\n{}", c.name(), s.name(), super::shapes::YESNO_HINT),
+            "chosen": good, "rejected": bad}),
+        json!({"id": format!("pref-{split}-{i:05}-caption"), "image": img, "kind": "caption",
+            "prompt": "<image>\nDescribe the image briefly.", "chosen": caption(objs),
+            "rejected": hallucinated(objs, rng)}),
+    ]
+}
+
+/// Writes `mc_train.json`, `preference_{train,heldout}.jsonl` and `eval/{heldin,heldout}/*`.
 pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>]) -> Result<()> {
     let mut mc_train = vec![];
     for (i, objs) in train.iter().enumerate() {
@@ -189,6 +245,23 @@ pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>])
         if !popular.contains(&p) {
             popular.push(p);
         }
+    }
+
+    for (split, set) in [("train", train), ("heldout", held)] {
+        let rows: Vec<Value> = set
+            .iter()
+            .enumerate()
+            .flat_map(|(i, objs)| {
+                preference_pairs(
+                    objs,
+                    split,
+                    i,
+                    &popular,
+                    &mut rng_for(seed, split, "preference", i),
+                )
+            })
+            .collect();
+        jsonl(&out.join(format!("preference_{split}.jsonl")), &rows)?;
     }
 
     let n_heldin = held.len().min(train.len());

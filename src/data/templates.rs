@@ -103,6 +103,29 @@ pub fn encode(
     index: usize,
     max_len: usize,
 ) -> std::result::Result<Encoded, String> {
+    encode_with(tp, src, sample, index, max_len, false)
+}
+
+/// As `encode`, but only the last assistant turn is supervised (the response a preference pair compares; the
+/// earlier turns are context).
+pub fn encode_last(
+    tp: &TextProcessor,
+    src: &str,
+    sample: &Sample,
+    index: usize,
+    max_len: usize,
+) -> std::result::Result<Encoded, String> {
+    encode_with(tp, src, sample, index, max_len, true)
+}
+
+fn encode_with(
+    tp: &TextProcessor,
+    src: &str,
+    sample: &Sample,
+    index: usize,
+    max_len: usize,
+    last_only: bool,
+) -> std::result::Result<Encoded, String> {
     let (text, spans, answers) = if let Some(raw) = &sample.raw_text {
         // Causal LM: BOS + text + EOS, all supervised.
         let bos = tp.bos_token.clone().unwrap_or_default();
@@ -138,6 +161,10 @@ pub fn encode(
         }
         if spans.is_empty() {
             return Err("no assistant turn: nothing to learn from".into());
+        }
+        if last_only {
+            spans.drain(..spans.len() - 1);
+            answers.drain(..answers.len() - 1);
         }
         (full, spans, answers)
     };

@@ -86,11 +86,14 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
         "instruct" => body().map(StageSpec::Instruct),
         "pretrain" => body().map(StageSpec::Pretrain),
         "eval" => section::<schema::EvalStage>(r, &key, rest.clone(), errs).map(StageSpec::Eval),
+        "dpo" => section::<schema::PrefStage>(r, &key, rest.clone(), errs).map(StageSpec::Dpo),
         other => {
             errs.push(problem(
                 r,
                 &format!("{key}.kind"),
-                format!("unknown stage kind {other:?} (known: align, instruct, pretrain, eval)"),
+                format!(
+                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo)"
+                ),
             ));
             None
         }
@@ -223,7 +226,13 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
         if let Some(init) = stage.init() {
             match (&init.from_stage, &init.checkpoint) {
                 (Some(from), None) => {
-                    if !rc.pipeline[..i].contains(from) {
+                    if rc.stages.get(from).is_some_and(|s| !s.trains()) {
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.init.from_stage"),
+                            format!("{from:?} is an eval stage: it makes no model to start from"),
+                        ));
+                    } else if !rc.pipeline[..i].contains(from) {
                         errs.push(problem(
                             r,
                             &format!("{key}.init.from_stage"),
@@ -253,6 +262,10 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
         let t = match stage {
             StageSpec::Eval(e) => {
                 check_eval(e, &key, r, &exists, errs);
+                continue;
+            }
+            StageSpec::Dpo(p) => {
+                check_pref(p, &key, r, &exists, errs);
                 continue;
             }
             _ => stage.train().expect("a training stage"),
@@ -363,6 +376,69 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     format!("task {i} ({}): {} does not exist", t.name, t.path.display()),
                 ));
             }
+        }
+    }
+}
+
+fn check_pref(
+    p: &schema::PrefStage,
+    key: &str,
+    r: &Resolved,
+    exists: &dyn Fn(&Path) -> bool,
+    errs: &mut Vec<Problem>,
+) {
+    if let Some(m) = p.loss.check() {
+        errs.push(problem(r, &format!("{key}.loss"), m));
+    }
+    if p.reference == schema::Reference::Cached && !p.loss.needs_reference() {
+        errs.push(problem(
+            r,
+            &format!("{key}.reference"),
+            "this loss is reference-free (simpo, orpo): drop `reference`",
+        ));
+    }
+    if p.batch.micro == 0 || p.batch.global % p.batch.micro != 0 {
+        errs.push(problem(
+            r,
+            &format!("{key}.batch"),
+            format!(
+                "global {} must be a positive multiple of micro {} (in pairs)",
+                p.batch.global, p.batch.micro
+            ),
+        ));
+    }
+    if p.max_len < 2 {
+        errs.push(problem(r, &format!("{key}.max_len"), "must be at least 2"));
+    }
+    if p.data.sources.is_empty() {
+        errs.push(problem(
+            r,
+            &format!("{key}.data.sources"),
+            "empty: give at least one source",
+        ));
+    }
+    for (j, s) in p
+        .data
+        .sources
+        .iter()
+        .chain(p.heldout.iter().flat_map(|h| h.sources.iter()))
+        .enumerate()
+    {
+        if !exists(&s.path) {
+            errs.push(problem(
+                r,
+                &format!("{key}.data.sources"),
+                format!("source {j}: {} does not exist", s.path.display()),
+            ));
+        }
+    }
+    for t in p.train.iter().flatten() {
+        if !t.starts_with("re:") && !["encoder", "connector", "llm"].contains(&t.as_str()) {
+            errs.push(problem(
+                r,
+                &format!("{key}.train"),
+                format!("{t:?}: use encoder, connector, llm or re:<regex>"),
+            ));
         }
     }
 }

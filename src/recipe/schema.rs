@@ -136,6 +136,8 @@ pub enum StageSpec {
     Pretrain(TrainStage),
     /// Benchmarks (vqa, mc, pope, caption; M-ICL, M-CoT) on the model as it stands; logged like training metrics.
     Eval(EvalStage),
+    /// Direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) on chosen/rejected pairs.
+    Dpo(PrefStage),
 }
 
 impl StageSpec {
@@ -145,13 +147,14 @@ impl StageSpec {
             StageSpec::Instruct(_) => "instruct",
             StageSpec::Pretrain(_) => "pretrain",
             StageSpec::Eval(_) => "eval",
+            StageSpec::Dpo(_) => "dpo",
         }
     }
     /// The training settings; None for stages that do not train.
     pub fn train(&self) -> Option<&TrainStage> {
         match self {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(t),
-            StageSpec::Eval(_) => None,
+            StageSpec::Eval(_) | StageSpec::Dpo(_) => None,
         }
     }
     pub fn init(&self) -> Option<&Init> {
@@ -160,8 +163,88 @@ impl StageSpec {
                 t.init.as_ref()
             }
             StageSpec::Eval(e) => e.init.as_ref(),
+            StageSpec::Dpo(p) => p.init.as_ref(),
         }
     }
+    /// Whether the stage writes a model (`<stage>/model`) that later stages can start from.
+    pub fn trains(&self) -> bool {
+        !matches!(self, StageSpec::Eval(_))
+    }
+    /// The chat template the stage trains with (None for stages that do not train).
+    pub fn template(&self) -> Option<Template> {
+        match self {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
+                Some(t.template)
+            }
+            StageSpec::Dpo(p) => Some(p.template),
+            StageSpec::Eval(_) => None,
+        }
+    }
+}
+
+/// `kind = "dpo"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
+/// reference copy or reference log-probs computed once and cached in the stage directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefStage {
+    pub init: Option<Init>,
+    /// Default: connector and LLM.
+    pub train: Option<Vec<String>>,
+    pub data: PrefData,
+    /// Held-out pairs: preference accuracy and margin at the end of the stage.
+    pub heldout: Option<PrefData>,
+    pub template: Template,
+    #[serde(default)]
+    pub loss: crate::stages::pref_loss::PrefLoss,
+    #[serde(default)]
+    pub reference: Reference,
+    /// In pairs: `global` pairs per optimizer step, `micro` pairs per forward (each forward holds 2×micro rows).
+    pub batch: Batch,
+    pub optim: Optim,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "one")]
+    pub clip_grad_norm: f64,
+    #[serde(default = "one")]
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    pub max_len: usize,
+    pub seed: Option<u64>,
+    #[serde(default = "ten")]
+    pub log_every: usize,
+    #[serde(default = "hundred")]
+    pub save_every: usize,
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub on_bad_sample: OnBad,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// A frozen copy of the starting model runs beside the policy (2× weights in memory).
+    #[default]
+    Frozen,
+    /// Reference log-probs of every pair computed once before training and stored in the stage directory.
+    Cached,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefData {
+    pub sources: Vec<PrefSource>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefSource {
+    /// `pairs` (mitune JSONL), `llava_rlhf`, `rlhf_v`, `vlfeedback`, `llamafactory`, `trl`.
+    pub format: crate::data::preference::PairFormat,
+    pub path: PathBuf,
+    pub images: Option<PathBuf>,
+    /// Use at most this many pairs of the source.
+    pub cap: Option<usize>,
 }
 
 /// `kind = "eval"`: evaluates the model of an earlier stage (default: the previous one) on benchmark tasks.

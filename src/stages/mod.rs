@@ -3,11 +3,14 @@
 //! `run` orders the pipeline.
 pub mod build;
 pub mod checkpoints;
+pub mod dpo;
 pub mod eval;
 pub mod heldout;
 pub mod log;
 pub mod loss;
+pub mod optim;
 pub mod params;
+pub mod pref_loss;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

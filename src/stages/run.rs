@@ -146,7 +146,44 @@ pub fn train(
             evals.push((name.clone(), reports));
             continue;
         }
-        let t = spec.train().expect("not an eval stage");
+        if let StageSpec::Dpo(p) = spec {
+            if checkpoints::is_done(&dir) {
+                eprintln!("[{name}] already done; skipping");
+                current = None;
+                continue;
+            }
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            std::fs::write(dir.join("recipe.toml"), resolved_toml).map_err(io(&dir))?;
+            let resume = if existing == Existing::Resume {
+                checkpoints::list(&dir).pop()
+            } else {
+                None
+            };
+            // The starting weights are the reference, also when the policy resumes from a checkpoint.
+            let start = init_model(rc, &run, i, p.init.as_ref(), &mut current, device)?;
+            let ctx = StageRun {
+                name,
+                spec,
+                dir: dir.clone(),
+                seed: rc.seed,
+                device,
+                metrics: &mut metrics,
+            };
+            let trained = super::dpo::run(ctx, p, start, resume)?;
+            if let Some(s) = heldout_row(
+                rc,
+                &trained,
+                p.template,
+                &dir.join("heldout.json"),
+                &mut metrics,
+                name,
+            )? {
+                table.push((name.clone(), s));
+            }
+            current = Some(trained);
+            continue;
+        }
+        let t = spec.train().expect("a training stage");
         if checkpoints::is_done(&dir) {
             eprintln!("[{name}] already done; skipping");
             current = None;
@@ -258,7 +295,7 @@ fn init_model(
     let prev = rc.pipeline[..i]
         .iter()
         .rev()
-        .find(|n| rc.stages[n.as_str()].train().is_some());
+        .find(|n| rc.stages[n.as_str()].trains());
     match prev {
         Some(p) => build::load_dir(&run.join(p).join("model"), device),
         None => build::build(&rc.model, false, device),
@@ -270,7 +307,7 @@ fn last_template(rc: &Recipe, i: usize) -> Template {
     rc.pipeline[..i]
         .iter()
         .rev()
-        .find_map(|n| rc.stages[n.as_str()].train().map(|t| t.template))
+        .find_map(|n| rc.stages[n.as_str()].template())
         .unwrap_or(Template::Tokenizer)
 }
 

@@ -4,23 +4,22 @@
 //! needs (weights, optimizer moments, parameter ids, step); the data order and learning rate are pure functions of
 //! the step, so nothing else is state.
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::build::{Built, export};
-use super::checkpoints::{self, TrainState};
+use super::checkpoints;
 use super::log::{Metrics, Progress};
-use super::params::{self, ParamInfo};
+use super::optim::{self, Groups};
 use super::{loss, schedule};
 use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Optim, StageSpec};
+use crate::recipe::schema::StageSpec;
 use crate::zoo::layers::float_tensor;
 use crate::zoo::mllm::{Llava, MmInput};
 
@@ -33,7 +32,7 @@ pub struct StageRun<'a> {
     pub metrics: &'a mut Metrics,
 }
 
-fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
+pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
     let pixels = match &mb.pixels {
         Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
         Ok(None) => None,
@@ -146,68 +145,26 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
 
     // Which parameters learn, in which optimizer group.
     let train = spec.train.clone().unwrap_or_else(|| default_train(kind));
-    let Optim::Adamw {
-        lr,
-        betas,
-        eps,
-        weight_decay,
-        part_lr,
-    } = &spec.optim;
-    for k in part_lr.keys() {
-        if !["encoder", "connector", "llm"].contains(&k.as_str()) {
-            return Err(Error::input(format!(
-                "stages.{}.optim.part_lr.{k}: not a part (encoder, connector, llm)",
-                ctx.name
-            )));
-        }
-    }
-    let adamw = |wd: f64| {
-        AdamWConfig::new()
-            .with_beta_1(betas[0] as f32)
-            .with_beta_2(betas[1] as f32)
-            .with_epsilon(*eps as f32)
-            .with_weight_decay(wd as f32)
-            .init()
-    };
-    let mut optims: BTreeMap<bool, ModuleOptimizer> =
-        BTreeMap::from([(true, adamw(*weight_decay)), (false, adamw(0.0))]);
+    let mut groups = Groups::new(&spec.optim, ctx.name)?;
+    let lr = groups.lr();
     let mut start = 0;
     let mut model = built.model;
     if let Some(ck) = &resume {
-        let st = checkpoints::read_state(ck)?;
-        start = st.step;
-        model = params::restore_ids(model, &st.param_ids);
-        for (decay, o) in optims.iter_mut() {
-            let p = ck.join(checkpoints::optim_file(*decay));
-            if p.exists() {
-                *o = o
-                    .clone()
-                    .load(&p)
-                    .map_err(|e| Error::file(&p, format!("cannot read optimizer state: {e:?}")))?;
-            }
-        }
+        (model, start) = groups.resume(model, ck)?;
         eprintln!(
             "[{}] resuming at step {start}/{total} from {}",
             ctx.name,
             ck.display()
         );
     }
-    // Selected after a resume restored the checkpoint's parameter ids, which the groups are keyed by.
-    let all = params::list(&model);
-    let trainable: Vec<ParamInfo> = params::select(&all, &train)
-        .map_err(|m| Error::input(format!("stages.{}.{m}", ctx.name)))?;
-    let group_of: HashMap<_, String> = trainable
-        .iter()
-        .map(|p| (p.id, format!("{}/{}", params::part_of(&p.path), p.decay)))
-        .collect();
-    model = params::freeze(model, &trainable);
-    let n_train: usize = trainable.iter().map(|p| p.numel).sum();
-    let n_all: usize = all.iter().map(|p| p.numel).sum();
+    model = groups.select(model, &train, ctx.name)?;
     eprintln!(
-        "[{}] {kind}: {} samples, {per_epoch} steps/epoch, {total} steps; training {} ({n_train} of {n_all} params)",
+        "[{}] {kind}: {} samples, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
         ctx.name,
         data.encoded.len(),
-        train.join(", ")
+        train.join(", "),
+        groups.n_train,
+        groups.n_all
     );
 
     let rx = loader::prefetch(
@@ -253,17 +210,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                     .unwrap_or_else(|| "none (the stage's start)".into())
             )));
         }
-        let mut grads = acc.grads();
-        let norm = params::grad_sq_sum(&model, &grads).sqrt();
-        if spec.clip_grad_norm > 0.0 && norm > spec.clip_grad_norm {
-            params::scale_grads(&model, &mut grads, spec.clip_grad_norm / (norm + 1e-6));
-        }
-        for (group, g) in params::split_grads(&model, grads, &group_of) {
-            let (part, decay) = group.split_once('/').unwrap();
-            let part_lr = part_lr.get(part).copied().unwrap_or(*lr) * f;
-            let o = optims.get_mut(&(decay == "true")).unwrap();
-            model = o.step(part_lr, model, g);
-        }
+        let norm;
+        (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         tokens_since += tokens;
         let done = step + 1;
         // Fault injection for the resume tests: die abruptly (no unwinding, no cleanup), as SIGKILL would.
@@ -296,23 +244,12 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 .write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
         }
         if done % spec.save_every == 0 && done < total {
-            let st = TrainState {
-                step: done,
-                total,
-                param_ids: params::id_map(&params::list(&model)),
-            };
             let dir = checkpoints::save(
                 &ctx.dir,
-                &st,
+                &optim::state(&model, done, total),
                 |tmp| {
                     save(&model, None, tmp)?;
-                    for (decay, o) in &optims {
-                        let p = tmp.join(checkpoints::optim_file(*decay));
-                        o.save(&p).map_err(|e| {
-                            Error::file(&p, format!("cannot write optimizer state: {e:?}"))
-                        })?;
-                    }
-                    Ok(())
+                    groups.save(tmp)
                 },
                 spec.keep_last,
             )?;

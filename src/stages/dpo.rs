@@ -1,0 +1,469 @@
+//! `kind = "dpo"`: preference optimisation on chosen/rejected pairs (DPO and its variants, `pref_loss`).
+//!
+//! Each forward holds a micro-batch's chosen rows then its rejected rows; a response's log-prob is the sum over
+//! its tokens (the last assistant turn only; earlier turns are context). The reference is the stage's starting
+//! model: a frozen copy evaluated beside the policy, or its log-probs for every pair computed once and cached in
+//! `<stage>/reference_logps.json` (no second model in memory; a resumed run reads the cache). Reference-free
+//! losses (SimPO, ORPO) use neither. Metrics per logged step use TRL's names: loss, rewards/chosen,
+//! rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::build::{self, Built, export};
+use super::log::Progress;
+use super::optim::{self, Groups};
+use super::pref_loss::{PairLogps, PrefLoss, losses};
+use super::trainer::{StageRun, to_input};
+use super::{checkpoints, loss, schedule};
+use crate::data::loader::{Order, micro_batch};
+use crate::data::preference::{Pair, load_pairs};
+use crate::data::sources::{Role, Sample};
+use crate::data::templates::{self, Encoded};
+use crate::data::tokenizer::TextProcessor;
+use crate::error::{Error, Result, read_json};
+use crate::recipe::schema::{Mix, OnBad, PrefData, PrefStage, Reference};
+use crate::zoo::layers::{float_tensor, to_vec};
+use crate::zoo::mllm::Llava;
+
+/// An encoded pair: (chosen, rejected), both with only the response supervised.
+type EncPair = (Encoded, Encoded);
+
+fn sample(p: &Pair, response: &str) -> Sample {
+    let mut messages = p.history.clone();
+    messages.push((Role::Assistant, response.to_string()));
+    Sample {
+        id: p.id.clone(),
+        source: 0,
+        images: p.images.clone(),
+        messages,
+        raw_text: None,
+        meta: serde_json::Value::Null,
+    }
+}
+
+/// Loads every source, encodes both responses, applies the bad-sample policy (skipped pairs listed in
+/// `<stage>/skipped.jsonl`).
+pub fn load_encode(
+    data: &PrefData,
+    text: &TextProcessor,
+    template: &str,
+    max_len: usize,
+    on_bad: OnBad,
+    dir: &Path,
+    key: &str,
+) -> Result<Vec<EncPair>> {
+    let mut out = vec![];
+    let mut bad = vec![];
+    for s in &data.sources {
+        let (mut pairs, b) = load_pairs(s.format, &s.path, s.images.as_deref())?;
+        bad.extend(b.into_iter().map(|b| (s.path.clone(), b.id, b.reason)));
+        if let Some(c) = s.cap {
+            pairs.truncate(c);
+        }
+        for p in pairs {
+            let i = out.len();
+            let enc = |r: &str| templates::encode_last(text, template, &sample(&p, r), i, max_len);
+            match (enc(&p.chosen), enc(&p.rejected)) {
+                (Ok(c), Ok(r)) => out.push((c, r)),
+                (Err(e), _) | (_, Err(e)) => bad.push((s.path.clone(), p.id.clone(), e)),
+            }
+        }
+    }
+    if let Some((path, id, reason)) = bad.first() {
+        if on_bad == OnBad::Fail {
+            return Err(Error::file(
+                path,
+                format!(
+                    "{key}: pair {id}: {reason} ({} bad pair(s) in all; fix them or set on_bad_sample = \"skip\")",
+                    bad.len()
+                ),
+            ));
+        }
+        let lines: String = bad
+            .iter()
+            .map(|(p, id, r)| {
+                serde_json::json!({"source": p, "id": id, "reason": r}).to_string() + "\n"
+            })
+            .collect();
+        let f = dir.join("skipped.jsonl");
+        std::fs::write(&f, lines).map_err(|source| Error::Io { path: f, source })?;
+        eprintln!(
+            "{key}: skipped {} bad pair(s) (listed in {})",
+            bad.len(),
+            dir.join("skipped.jsonl").display()
+        );
+    }
+    if out.is_empty() {
+        return Err(Error::input(format!("{key}: no usable pair")));
+    }
+    Ok(out)
+}
+
+/// Supervised target count per row (position 0 predicts nothing).
+fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
+    labels
+        .iter()
+        .map(|r| r.iter().skip(1).filter(|&&l| l).count().max(1) as f32)
+        .collect()
+}
+
+/// Summed response log-probs of `rows` (chosen rows then rejected rows) under a model on any device.
+fn logps(
+    model: &Llava,
+    rows: &[&Encoded],
+    text: &TextProcessor,
+    b: &Built,
+    device: &Device,
+) -> Result<(Tensor<1>, Vec<f32>)> {
+    let mb = micro_batch(rows, text.pad_id(), &b.images);
+    let input = to_input(&mb, device)?;
+    let logits = model.forward(&input)?;
+    Ok((
+        loss::masked_logp_rows(logits, &mb.ids, &mb.labels),
+        targets(&mb.labels),
+    ))
+}
+
+/// Reference log-probs (chosen, rejected) of every pair, computed with `reference` in micro-batches.
+fn reference_table(
+    reference: &Llava,
+    pairs: &[EncPair],
+    b: &Built,
+    micro: usize,
+    device: &Device,
+) -> Result<Vec<(f32, f32)>> {
+    let mut out = vec![];
+    for chunk in pairs.chunks(micro.max(1)) {
+        let rows: Vec<&Encoded> = chunk
+            .iter()
+            .map(|p| &p.0)
+            .chain(chunk.iter().map(|p| &p.1))
+            .collect();
+        let (l, _) = logps(reference, &rows, &b.text, b, device)?;
+        let v = to_vec(l);
+        let m = chunk.len();
+        out.extend((0..m).map(|k| (v[k], v[m + k])));
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cache {
+    train: Vec<(f32, f32)>,
+    heldout: Vec<(f32, f32)>,
+}
+
+enum RefModel {
+    None,
+    Frozen(Llava),
+    Cached(Cache),
+}
+
+/// Per-step sums for the logged metrics.
+#[derive(Default)]
+struct Sums {
+    n: usize,
+    loss: f64,
+    chosen: f64,
+    rejected: f64,
+    correct: usize,
+    logp_c: f64,
+    logp_r: f64,
+}
+
+impl Sums {
+    fn add(&mut self, l: &[f32], c: &[f32], r: &[f32], pc: &[f32], pr: &[f32]) {
+        for k in 0..l.len() {
+            self.n += 1;
+            self.loss += l[k] as f64;
+            self.chosen += c[k] as f64;
+            self.rejected += r[k] as f64;
+            self.correct += usize::from(c[k] > r[k]);
+            self.logp_c += pc[k] as f64;
+            self.logp_r += pr[k] as f64;
+        }
+    }
+    fn json(&self, stage: &str, step: usize) -> serde_json::Value {
+        let n = self.n.max(1) as f64;
+        serde_json::json!({
+            "stage": stage, "step": step, "loss": self.loss / n,
+            "rewards/chosen": self.chosen / n, "rewards/rejected": self.rejected / n,
+            "rewards/margins": (self.chosen - self.rejected) / n,
+            "rewards/accuracies": self.correct as f64 / n,
+            "logps/chosen": self.logp_c / n, "logps/rejected": self.logp_r / n,
+        })
+    }
+}
+
+/// Loss, rewards and policy log-probs of one micro-batch of pairs; `ref_rows` = reference (chosen, rejected).
+#[allow(clippy::too_many_arguments)]
+fn pair_losses(
+    kind: &PrefLoss,
+    policy: &Llava,
+    chunk: &[&EncPair],
+    reference: &RefModel,
+    cached: &[(f32, f32)],
+    b: &Built,
+    device: &Device,
+) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
+    let m = chunk.len();
+    let rows: Vec<&Encoded> = chunk
+        .iter()
+        .map(|p| &p.0)
+        .chain(chunk.iter().map(|p| &p.1))
+        .collect();
+    let (rows_logp, counts) = logps(policy, &rows, &b.text, b, device)?;
+    let pc = rows_logp.clone().slice([0..m]);
+    let pr = rows_logp.slice([m..2 * m]);
+    let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
+        RefModel::None => (vec![0.0; m], vec![0.0; m]),
+        RefModel::Frozen(r) => {
+            let (l, _) = logps(r, &rows, &b.text, b, &device.clone().inner())?;
+            let v = to_vec(l);
+            (v[..m].to_vec(), v[m..].to_vec())
+        }
+        RefModel::Cached(_) => chunk.iter().map(|p| cached[p.0.index]).unzip(),
+    };
+    let x = PairLogps {
+        pc: pc.clone(),
+        pr: pr.clone(),
+        rc: float_tensor(rc, [m], device),
+        rr: float_tensor(rr, [m], device),
+        nc: float_tensor(counts[..m].to_vec(), [m], device),
+        nr: float_tensor(counts[m..].to_vec(), [m], device),
+    };
+    let (l, c, r) = losses(kind, &x);
+    Ok((l, c, r, pc, pr))
+}
+
+/// Runs the stage from `start` (the reference; also the policy unless `resume` names a checkpoint).
+pub fn run(
+    ctx: StageRun,
+    spec: &PrefStage,
+    start: Built,
+    resume: Option<PathBuf>,
+) -> Result<Built> {
+    let seed = spec.seed.unwrap_or(ctx.seed);
+    let template = templates::training_source(spec.template, &start.text)
+        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
+    let key = format!("stages.{}", ctx.name);
+    let pairs = load_encode(
+        &spec.data,
+        &start.text,
+        &template,
+        spec.max_len,
+        spec.on_bad_sample,
+        &ctx.dir,
+        &format!("{key}.data"),
+    )?;
+    let heldout = match &spec.heldout {
+        Some(h) => load_encode(
+            h,
+            &start.text,
+            &template,
+            spec.max_len,
+            spec.on_bad_sample,
+            &ctx.dir,
+            &format!("{key}.heldout"),
+        )?,
+        None => vec![],
+    };
+    let order = Order {
+        mix: Mix::Mixed,
+        global: spec.batch.global,
+        seed,
+        sources: vec![((0..pairs.len()).collect(), 1.0)],
+        has_image: pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
+        len: pairs
+            .iter()
+            .map(|p| p.0.ids.len().max(p.1.ids.len()))
+            .collect(),
+    };
+    let per_epoch = order.steps_per_epoch();
+    let total = spec
+        .max_steps
+        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
+    if total == 0 {
+        return Err(Error::input(format!(
+            "{key}: {} usable pairs make no full global batch of {}; lower batch.global or add pairs",
+            pairs.len(),
+            spec.batch.global
+        )));
+    }
+    let device = ctx.device;
+    let inner = device.clone().inner();
+    let t_ref = Instant::now();
+    let reference = match (spec.loss.needs_reference(), spec.reference) {
+        (false, _) => RefModel::None,
+        (true, Reference::Frozen) => RefModel::Frozen(start.model.valid()),
+        (true, Reference::Cached) => {
+            let f = ctx.dir.join("reference_logps.json");
+            let cache = if f.exists() {
+                read_json(&f)?
+            } else {
+                let r = start.model.valid();
+                let c = Cache {
+                    train: reference_table(&r, &pairs, &start, spec.batch.micro, &inner)?,
+                    heldout: reference_table(&r, &heldout, &start, spec.batch.micro, &inner)?,
+                };
+                let tmp = f.with_extension("json.tmp");
+                std::fs::write(&tmp, serde_json::to_string(&c).unwrap())
+                    .and_then(|_| std::fs::rename(&tmp, &f))
+                    .map_err(|source| Error::Io {
+                        path: f.clone(),
+                        source,
+                    })?;
+                eprintln!(
+                    "[{}] reference log-probs of {} pairs cached in {:.1}s",
+                    ctx.name,
+                    pairs.len() + heldout.len(),
+                    t_ref.elapsed().as_secs_f64()
+                );
+                c
+            };
+            if cache.train.len() != pairs.len() || cache.heldout.len() != heldout.len() {
+                return Err(Error::file(
+                    &f,
+                    "the cached reference log-probs do not match the data; delete the file to recompute them",
+                ));
+            }
+            RefModel::Cached(cache)
+        }
+    };
+    let (train_cache, held_cache): (&[(f32, f32)], &[(f32, f32)]) = match &reference {
+        RefModel::Cached(c) => (&c.train, &c.heldout),
+        _ => (&[], &[]),
+    };
+
+    let train = spec
+        .train
+        .clone()
+        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
+    let mut groups = Groups::new(&spec.optim, ctx.name)?;
+    let lr = groups.lr();
+    let mut model = start.model.clone();
+    let mut first = 0;
+    if let Some(ck) = &resume {
+        model = build::load_dir(ck, device)?.model;
+        (model, first) = groups.resume(model, ck)?;
+        eprintln!(
+            "[{}] resuming at step {first}/{total} from {}",
+            ctx.name,
+            ck.display()
+        );
+    }
+    model = groups.select(model, &train, ctx.name)?;
+    eprintln!(
+        "[{}] dpo ({:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
+        ctx.name,
+        spec.loss,
+        if spec.loss.needs_reference() {
+            Some(spec.reference)
+        } else {
+            None
+        },
+        pairs.len(),
+        train.join(", "),
+        groups.n_train,
+        groups.n_all
+    );
+    let save = |m: &Llava, out: &Path| {
+        export(m, &start.text, &start.processor, Some(&template), None, out)
+    };
+    let mut progress = Progress::new(ctx.name, first, total);
+    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
+    let mut sums = Sums::default();
+    for step in first..total {
+        let t0 = Instant::now();
+        let epoch = step / per_epoch;
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((epoch, order.epoch(epoch)));
+        }
+        let batch = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        let f = schedule::factor(&spec.schedule, step, total);
+        let mut acc = GradientsAccumulator::<Llava>::new();
+        let mut step_loss = 0.0;
+        for chunk in batch.chunks(spec.batch.micro) {
+            let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
+            let (l, c, r, pc, pr) = pair_losses(
+                &spec.loss,
+                &model,
+                &chunk,
+                &reference,
+                train_cache,
+                &start,
+                device,
+            )?;
+            let total_l = l.clone().sum().div_scalar(batch.len() as f64);
+            step_loss += total_l.clone().into_scalar::<f32>() as f64;
+            sums.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
+            let g = GradientsParams::from_grads(total_l.backward(), &model);
+            acc.accumulate(&model, g);
+        }
+        if !step_loss.is_finite() {
+            return Err(Error::input(format!(
+                "{key}: loss is {step_loss} at step {step}; stopped without saving. Lower the learning rate or beta."
+            )));
+        }
+        let norm;
+        (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
+        let done = step + 1;
+        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
+        {
+            std::process::abort();
+        }
+        progress.update(done, step_loss, lr * f, 0.0);
+        if done % spec.log_every == 0 || done == total || done == first + 1 {
+            let mut line = sums.json(ctx.name, done);
+            line["lr"] = (lr * f).into();
+            line["grad_norm"] = norm.into();
+            line["step_s"] = t0.elapsed().as_secs_f64().into();
+            ctx.metrics.write(line)?;
+            sums = Sums::default();
+        }
+        if done % spec.save_every == 0 && done < total {
+            checkpoints::save(
+                &ctx.dir,
+                &optim::state(&model, done, total),
+                |tmp| {
+                    save(&model, tmp)?;
+                    groups.save(tmp)
+                },
+                spec.keep_last,
+            )?;
+        }
+    }
+    progress.finish();
+    if !heldout.is_empty() {
+        let valid = model.valid();
+        let mut s = Sums::default();
+        for chunk in heldout.chunks(spec.batch.micro) {
+            let chunk: Vec<&EncPair> = chunk.iter().collect();
+            let (l, c, rj, pc, pr) = pair_losses(
+                &spec.loss, &valid, &chunk, &reference, held_cache, &start, &inner,
+            )?;
+            s.add(
+                &to_vec(l),
+                &to_vec(c),
+                &to_vec(rj),
+                &to_vec(pc),
+                &to_vec(pr),
+            );
+        }
+        let mut line = s.json(ctx.name, total);
+        line["heldout"] = true.into();
+        eprintln!(
+            "[{}] held-out pairs: accuracy {:.1}%, margin {:.3}",
+            ctx.name,
+            100.0 * s.correct as f64 / s.n.max(1) as f64,
+            (s.chosen - s.rejected) / s.n.max(1) as f64
+        );
+        ctx.metrics.write(line)?;
+    }
+    save(&model, &ctx.dir.join("model"))?;
+    checkpoints::mark_done(&ctx.dir, total)?;
+    Ok(Built { model, ..start })
+}

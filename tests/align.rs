@@ -1,0 +1,316 @@
+//! Preference data and the DPO stage: the public preference layouts import (each from a fixture in its
+//! documented shape), bad pairs are named, and a tiny align → dpo pipeline starts at the DPO invariant (policy =
+//! reference: loss ln 2, margins 0), with cached reference log-probs giving the frozen reference's losses.
+use mitune::data::preference::{PairFormat, load_pairs};
+use mitune::data::sources::Role;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mitune-align-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn png(p: &Path) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([0, 0, 200]))
+        .save(p)
+        .unwrap();
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/formats")
+        .join(name)
+}
+
+/// The fixture copied into a scratch dir with the images it names.
+fn with_images(tag: &str, name: &str, images: &[&str]) -> PathBuf {
+    let d = scratch(tag);
+    let p = d.join(name);
+    std::fs::copy(fixture(name), &p).unwrap();
+    for i in images {
+        png(&d.join(i));
+    }
+    p
+}
+
+#[test]
+fn public_preference_layouts_import() {
+    let p = with_images(
+        "rlhf",
+        "llava_rlhf_preference.sample.json",
+        &["images/0015.png", "images/0016.png"],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::LlavaRlhf, &p, None).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(pairs.len(), 2);
+    // preference 1: output_1 chosen; 2: output_2 chosen; the replaced gpt turn is gone, history kept
+    assert!(pairs[0].chosen.contains("next to it"));
+    assert!(pairs[1].chosen.starts_with("All three stars"));
+    assert_eq!(pairs[1].history.len(), 3);
+    assert_eq!(pairs[1].history.last().unwrap().0, Role::User);
+
+    let p = with_images(
+        "rlhfv",
+        "rlhf_v.sample.jsonl",
+        &["images/0017.png", "images/0018.png"],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::RlhfV, &p, None).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(pairs[1].chosen, "The triangle is green.");
+    assert!(
+        pairs[0].history[0].1.starts_with("<image>\nDescribe"),
+        "marker placed"
+    );
+
+    let p = with_images(
+        "rlaifv",
+        "rlaif_v.sample.jsonl",
+        &["images/0019.png", "images/0020.png"],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::RlhfV, &p, None).unwrap();
+    assert!(bad.is_empty() && pairs.len() == 2, "{bad:?}");
+
+    let p = with_images(
+        "lf",
+        "llamafactory_mm_preference.sample.json",
+        &["images/0025.png", "images/0026.png"],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::Llamafactory, &p, None).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(
+        pairs[1].rejected,
+        "The shape on the right is also a triangle."
+    );
+
+    let p = with_images(
+        "trl",
+        "trl_vision_dpo.sample.jsonl",
+        &["images/0023.png", "images/0024.png"],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::Trl, &p, None).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(pairs[0].history[0].1, "<image>\nWhat shape is shown?");
+    assert_eq!(pairs[0].chosen, "The shape is a blue pentagon.");
+
+    // VLFeedback: scored completions -> every pair with different mean ratings, as Silkie's run_dpo.py
+    let p = with_images(
+        "vlf",
+        "vlfeedback.sample.jsonl",
+        &[
+            "merged_images/toy-shapes-0021.jpg",
+            "merged_images/toy-shapes-0022.jpg",
+        ],
+    );
+    let (pairs, bad) = load_pairs(PairFormat::Vlfeedback, &p, None).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    let want: Vec<(String, String)> =
+        std::fs::read_to_string(fixture("vlfeedback_silkie_pairs.sample.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["chosen"].as_str().unwrap().into(),
+                    v["rejected"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+    let got: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|p| p.id.starts_with("toy-shapes-0021"))
+        .map(|p| (p.chosen.clone(), p.rejected.clone()))
+        .collect();
+    // the committed Silkie file is an excerpt: the first pairs of record 0021, in itertools.combinations order
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[..want.len()], want[..]);
+}
+
+#[test]
+fn bad_pairs_are_named() {
+    let d = scratch("bad");
+    png(&d.join("a.png"));
+    std::fs::write(
+        d.join("p.jsonl"),
+        [
+            r#"{"id": "ok", "image": "a.png", "prompt": "<image>\nQ?", "chosen": "yes", "rejected": "no"}"#,
+            r#"{"id": "same", "image": "a.png", "prompt": "<image>\nQ?", "chosen": "yes", "rejected": " yes"}"#,
+            r#"{"id": "empty", "image": "a.png", "prompt": "<image>\nQ?", "chosen": "", "rejected": "no"}"#,
+            r#"{"id": "noimg", "image": "b.png", "prompt": "<image>\nQ?", "chosen": "yes", "rejected": "no"}"#,
+            r#"{"id": "markers", "image": "a.png", "prompt": "<image><image>\nQ?", "chosen": "yes", "rejected": "no"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (pairs, bad) = load_pairs(PairFormat::Pairs, &d.join("p.jsonl"), None).unwrap();
+    assert_eq!(pairs.len(), 1);
+    let reasons: Vec<String> = bad
+        .iter()
+        .map(|b| format!("{}: {}", b.id, b.reason))
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("same: chosen and rejected are the same"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("empty: an empty response"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("b.png does not exist"), "{reasons:?}");
+    assert!(
+        reasons[3].contains("2 <image> marker(s) but 1 image(s)"),
+        "{reasons:?}"
+    );
+}
+
+fn world(dir: &Path) -> PathBuf {
+    let w = dir.join("shapes");
+    let cfg = mitune::data::shapes::ShapesConfig {
+        seed: 1,
+        train: 48,
+        heldout: 6,
+        vocab_size: 320,
+    };
+    mitune::data::shapes::ensure(&w, &cfg).unwrap();
+    w
+}
+
+fn recipe(w: &Path, out: &Path, reference: &str, extra: &str) -> String {
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    format!(
+        r#"name = "tiny-dpo"
+seed = 5
+pipeline = ["align", "dpo"]
+output = {out:?}
+
+[model.encoder]
+kind = "clip_vit"
+preset = "bench-tiny"
+feature_layer = -1
+
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok}
+
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
+template = "plain"
+batch = {{ global = 8, micro = 8 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 2
+max_len = 64
+
+[stages.dpo]
+kind = "dpo"
+data = {{ sources = [{{ format = "pairs", path = {pref}, cap = 32 }}] }}
+heldout = {{ sources = [{{ format = "pairs", path = {held} }}] }}
+template = "vicuna_v1"
+reference = "{reference}"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 3
+max_len = 256
+log_every = 1
+{extra}
+"#,
+        out = out.display().to_string(),
+        tok = p("tokenizer"),
+        cap = p("captions_train.json"),
+        pref = p("preference_train.jsonl"),
+        held = p("preference_heldout.jsonl"),
+    )
+}
+
+fn dpo_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == "dpo" && v.get("rewards/margins").is_some())
+        .collect()
+}
+
+fn mitune(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn dpo_starts_at_ln2_and_cached_reference_matches_frozen() {
+    let d = scratch("dpo");
+    let w = world(&d);
+    let mut lines = vec![];
+    for reference in ["frozen", "cached"] {
+        let r = d.join(format!("{reference}.toml"));
+        std::fs::write(
+            &r,
+            recipe(&w, &d.join(format!("runs-{reference}")), reference, ""),
+        )
+        .unwrap();
+        let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let run = d.join(format!("runs-{reference}/tiny-dpo"));
+        assert!(run.join("dpo/model/config.json").exists());
+        assert_eq!(
+            run.join("dpo/reference_logps.json").exists(),
+            reference == "cached"
+        );
+        let l = dpo_lines(&run);
+        assert_eq!(l.len(), 4, "3 steps + the held-out line: {l:?}");
+        // step 1 is measured before the first update: policy = reference. Response log-probs are f32 sums of
+        // ~100 tokens (|logp| ~ 600), so equal models agree to ~1e-5 there, not bit for bit.
+        let first = &l[0];
+        assert!(
+            (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4,
+            "{first}"
+        );
+        assert!(
+            first["rewards/margins"].as_f64().unwrap().abs() < 1e-4,
+            "{first}"
+        );
+        assert_eq!(l[3]["heldout"], true);
+        lines.push(l);
+    }
+    for (a, b) in lines[0].iter().zip(&lines[1]) {
+        for k in ["loss", "rewards/margins", "logps/chosen"] {
+            let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < 1e-4 * (1.0 + x.abs()),
+                "{k}: frozen {x} vs cached {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn preference_recipe_errors() {
+    let d = scratch("errs");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let bad_beta = r#"loss = { kind = "sigmoid", beta = 0.0 }"#;
+    std::fs::write(&r, recipe(&w, &d.join("runs"), "frozen", bad_beta)).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.dpo.loss") && err.contains("beta"),
+        "{err}"
+    );
+    let simpo_cached = r#"loss = { kind = "simpo" }"#;
+    std::fs::write(&r, recipe(&w, &d.join("runs"), "cached", simpo_cached)).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.dpo.reference") && err.contains("reference-free"),
+        "{err}"
+    );
+}
