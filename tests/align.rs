@@ -314,3 +314,55 @@ fn preference_recipe_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn reward_stage_trains_a_scalar_head_and_saves_it() {
+    let d = scratch("reward");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let text = recipe(&w, &d.join("runs"), "frozen", "")
+        .replace(
+            "pipeline = [\"align\", \"dpo\"]",
+            "pipeline = [\"align\", \"rm\"]",
+        )
+        .replace(
+            "[stages.dpo]\nkind = \"dpo\"",
+            "[stages.rm]\nkind = \"reward\"",
+        )
+        .replace("reference = \"frozen\"\n", "");
+    std::fs::write(&r, &text).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.join("runs/tiny-dpo");
+    assert!(run.join("rm/model/score.safetensors").exists());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "rm")
+        .collect();
+    // the head starts at zero: every reward 0, loss ln 2, margin 0
+    assert!(
+        (lines[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[0]["margin"].as_f64().unwrap(), 0.0);
+    let held = lines
+        .iter()
+        .find(|v| v["heldout"] == true)
+        .expect("held-out line");
+    assert_eq!(held["n"], 12, "6 held-out images x 2 pairs");
+    let (rm, _) =
+        mitune::stages::reward::load(&run.join("rm/model"), &burn::tensor::Device::flex()).unwrap();
+    let w: Vec<f32> = mitune::zoo::layers::to_vec(rm.score.weight.val());
+    assert!(w.iter().any(|&x| x != 0.0), "the head learned");
+    // a reward stage takes no DPO loss
+    std::fs::write(
+        &r,
+        text.replace("log_every = 1", "log_every = 1\nloss = { kind = \"ipo\" }"),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(!ok && err.contains("stages.rm.loss"), "{err}");
+}

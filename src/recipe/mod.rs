@@ -87,12 +87,15 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
         "pretrain" => body().map(StageSpec::Pretrain),
         "eval" => section::<schema::EvalStage>(r, &key, rest.clone(), errs).map(StageSpec::Eval),
         "dpo" => section::<schema::PrefStage>(r, &key, rest.clone(), errs).map(StageSpec::Dpo),
+        "reward" => {
+            section::<schema::PrefStage>(r, &key, rest.clone(), errs).map(StageSpec::Reward)
+        }
         other => {
             errs.push(problem(
                 r,
                 &format!("{key}.kind"),
                 format!(
-                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo)"
+                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo, reward)"
                 ),
             ));
             None
@@ -268,6 +271,22 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 check_pref(p, &key, r, &exists, errs);
                 continue;
             }
+            StageSpec::Reward(p) => {
+                for (k, set) in [
+                    ("loss", p.loss.is_some()),
+                    ("reference", p.reference.is_some()),
+                ] {
+                    if set {
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.{k}"),
+                            "a reward stage trains with the Bradley-Terry loss and no reference: drop it",
+                        ));
+                    }
+                }
+                check_pref(p, &key, r, &exists, errs);
+                continue;
+            }
             _ => stage.train().expect("a training stage"),
         };
         if t.batch.micro == 0 || t.batch.global % t.batch.micro != 0 {
@@ -387,10 +406,11 @@ fn check_pref(
     exists: &dyn Fn(&Path) -> bool,
     errs: &mut Vec<Problem>,
 ) {
-    if let Some(m) = p.loss.check() {
+    let loss = p.loss.unwrap_or_default();
+    if let Some(m) = loss.check() {
         errs.push(problem(r, &format!("{key}.loss"), m));
     }
-    if p.reference == schema::Reference::Cached && !p.loss.needs_reference() {
+    if p.reference == Some(schema::Reference::Cached) && !loss.needs_reference() {
         errs.push(problem(
             r,
             &format!("{key}.reference"),

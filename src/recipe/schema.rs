@@ -138,6 +138,8 @@ pub enum StageSpec {
     Eval(EvalStage),
     /// Direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) on chosen/rejected pairs.
     Dpo(PrefStage),
+    /// A reward model (backbone + scalar head) trained with the Bradley–Terry loss on preference pairs.
+    Reward(PrefStage),
 }
 
 impl StageSpec {
@@ -148,13 +150,14 @@ impl StageSpec {
             StageSpec::Pretrain(_) => "pretrain",
             StageSpec::Eval(_) => "eval",
             StageSpec::Dpo(_) => "dpo",
+            StageSpec::Reward(_) => "reward",
         }
     }
     /// The training settings; None for stages that do not train.
     pub fn train(&self) -> Option<&TrainStage> {
         match self {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(t),
-            StageSpec::Eval(_) | StageSpec::Dpo(_) => None,
+            StageSpec::Eval(_) | StageSpec::Dpo(_) | StageSpec::Reward(_) => None,
         }
     }
     pub fn init(&self) -> Option<&Init> {
@@ -163,7 +166,7 @@ impl StageSpec {
                 t.init.as_ref()
             }
             StageSpec::Eval(e) => e.init.as_ref(),
-            StageSpec::Dpo(p) => p.init.as_ref(),
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => p.init.as_ref(),
         }
     }
     /// Whether the stage writes a model (`<stage>/model`) that later stages can start from.
@@ -176,13 +179,13 @@ impl StageSpec {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
                 Some(t.template)
             }
-            StageSpec::Dpo(p) => Some(p.template),
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(p.template),
             StageSpec::Eval(_) => None,
         }
     }
 }
 
-/// `kind = "dpo"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
+/// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
 /// reference copy or reference log-probs computed once and cached in the stage directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,10 +197,10 @@ pub struct PrefStage {
     /// Held-out pairs: preference accuracy and margin at the end of the stage.
     pub heldout: Option<PrefData>,
     pub template: Template,
-    #[serde(default)]
-    pub loss: crate::stages::pref_loss::PrefLoss,
-    #[serde(default)]
-    pub reference: Reference,
+    /// DPO only; default `{ kind = "sigmoid", beta = 0.1 }`.
+    pub loss: Option<crate::stages::pref_loss::PrefLoss>,
+    /// DPO only; default `frozen`.
+    pub reference: Option<Reference>,
     /// In pairs: `global` pairs per optimizer step, `micro` pairs per forward (each forward holds 2×micro rows).
     pub batch: Batch,
     pub optim: Optim,

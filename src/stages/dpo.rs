@@ -247,6 +247,7 @@ pub fn run(
     resume: Option<PathBuf>,
 ) -> Result<Built> {
     let seed = spec.seed.unwrap_or(ctx.seed);
+    let loss_kind = spec.loss.unwrap_or_default();
     let template = templates::training_source(spec.template, &start.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
     let key = format!("stages.{}", ctx.name);
@@ -296,7 +297,10 @@ pub fn run(
     let device = ctx.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();
-    let reference = match (spec.loss.needs_reference(), spec.reference) {
+    let reference = match (
+        loss_kind.needs_reference(),
+        spec.reference.unwrap_or_default(),
+    ) {
         (false, _) => RefModel::None,
         (true, Reference::Frozen) => RefModel::Frozen(start.model.valid()),
         (true, Reference::Cached) => {
@@ -359,9 +363,9 @@ pub fn run(
     eprintln!(
         "[{}] dpo ({:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
         ctx.name,
-        spec.loss,
-        if spec.loss.needs_reference() {
-            Some(spec.reference)
+        loss_kind,
+        if loss_kind.needs_reference() {
+            Some(spec.reference.unwrap_or_default())
         } else {
             None
         },
@@ -389,7 +393,7 @@ pub fn run(
         for chunk in batch.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
             let (l, c, r, pc, pr) = pair_losses(
-                &spec.loss,
+                &loss_kind,
                 &model,
                 &chunk,
                 &reference,
@@ -443,7 +447,7 @@ pub fn run(
         for chunk in heldout.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().collect();
             let (l, c, rj, pc, pr) = pair_losses(
-                &spec.loss, &valid, &chunk, &reference, held_cache, &start, &inner,
+                &loss_kind, &valid, &chunk, &reference, held_cache, &start, &inner,
             )?;
             s.add(
                 &to_vec(l),

@@ -11,6 +11,7 @@ pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod pref_loss;
+pub mod reward;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

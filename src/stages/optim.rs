@@ -10,7 +10,6 @@ use super::checkpoints;
 use super::params::{self, ParamInfo};
 use crate::error::{Error, Result};
 use crate::recipe::schema::Optim;
-use crate::zoo::mllm::Llava;
 
 pub struct Groups {
     /// keyed by "decays?" (weight decay only on ≥2-D parameters)
@@ -33,9 +32,9 @@ impl Groups {
             part_lr,
         } = optim;
         for k in part_lr.keys() {
-            if !["encoder", "connector", "llm"].contains(&k.as_str()) {
+            if !["encoder", "connector", "llm", "head"].contains(&k.as_str()) {
                 return Err(Error::input(format!(
-                    "stages.{stage}.optim.part_lr.{k}: not a part (encoder, connector, llm)"
+                    "stages.{stage}.optim.part_lr.{k}: not a part (encoder, connector, llm, head)"
                 )));
             }
         }
@@ -58,7 +57,7 @@ impl Groups {
     }
 
     /// Restores parameter ids and optimizer moments from a checkpoint directory.
-    pub fn resume(&mut self, model: Llava, ck: &Path) -> Result<(Llava, usize)> {
+    pub fn resume<M: Module>(&mut self, model: M, ck: &Path) -> Result<(M, usize)> {
         let st = checkpoints::read_state(ck)?;
         let model = params::restore_ids(model, &st.param_ids);
         for (decay, o) in self.optims.iter_mut() {
@@ -75,7 +74,7 @@ impl Groups {
 
     /// Freezes everything but `train` (parts or `re:` patterns) and keys the groups by parameter id; call after
     /// `resume`, whose restored ids the optimizer state refers to.
-    pub fn select(&mut self, model: Llava, train: &[String], stage: &str) -> Result<Llava> {
+    pub fn select<M: Module>(&mut self, model: M, train: &[String], stage: &str) -> Result<M> {
         let all = params::list(&model);
         let trainable: Vec<ParamInfo> =
             params::select(&all, train).map_err(|m| Error::input(format!("stages.{stage}.{m}")))?;
@@ -90,13 +89,13 @@ impl Groups {
 
     /// Clips by global norm (0 = off), steps every group at its lr × `factor`; returns the model and the norm
     /// before clipping.
-    pub fn step(
+    pub fn step<M: Module>(
         &mut self,
-        mut model: Llava,
+        mut model: M,
         mut grads: GradientsParams,
         clip: f64,
         factor: f64,
-    ) -> (Llava, f64) {
+    ) -> (M, f64) {
         let norm = params::grad_sq_sum(&model, &grads).sqrt();
         if clip > 0.0 && norm > clip {
             params::scale_grads(&model, &mut grads, clip / (norm + 1e-6));
@@ -126,15 +125,10 @@ impl Groups {
 }
 
 /// The parameter ids of the model as saved in checkpoints (so moments reload onto the right tensors).
-pub fn state(model: &Llava, step: usize, total: usize) -> checkpoints::TrainState {
+pub fn state<M: Module>(model: &M, step: usize, total: usize) -> checkpoints::TrainState {
     checkpoints::TrainState {
         step,
         total,
         param_ids: params::id_map(&params::list(model)),
     }
-}
-
-/// Number of parameters of a model (for logs).
-pub fn count(model: &Llava) -> usize {
-    model.num_params()
 }

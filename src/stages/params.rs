@@ -7,11 +7,13 @@ use burn::tensor::Tensor;
 use regex::Regex;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::zoo::mllm::Llava;
-
-/// The component a parameter path belongs to, as recipes name them.
+/// The component a parameter path belongs to, as recipes name them. Models that wrap the LLaVA (the reward model)
+/// keep it under `llava.`; their own layers (the scalar `score` head) are the part `head`.
 pub fn part_of(path: &str) -> &'static str {
-    if path.starts_with("vision_tower.") {
+    let path = path.strip_prefix("llava.").unwrap_or(path);
+    if path.starts_with("score.") {
+        "head"
+    } else if path.starts_with("vision_tower.") {
         "encoder"
     } else if path.starts_with("multi_modal_projector.") {
         "connector"
@@ -56,7 +58,7 @@ impl ModuleVisitor for Lister {
     }
 }
 
-pub fn list(model: &Llava) -> Vec<ParamInfo> {
+pub fn list<M: Module>(model: &M) -> Vec<ParamInfo> {
     let mut l = Lister::default();
     model.visit(&mut l);
     l.out
@@ -73,7 +75,7 @@ pub fn select(
             let re =
                 Regex::new(re).map_err(|e| format!("train: {pat:?} is not a valid regex: {e}"))?;
             params.iter().filter(|p| re.is_match(&p.path)).collect()
-        } else if ["encoder", "connector", "llm"].contains(&pat.as_str()) {
+        } else if ["encoder", "connector", "llm", "head"].contains(&pat.as_str()) {
             params.iter().filter(|p| part_of(&p.path) == pat).collect()
         } else {
             return Err(format!(
@@ -94,7 +96,7 @@ pub fn select(
 
 /// Marks every parameter outside `trainable` as not requiring gradients: frozen parts get no gradients and
 /// therefore no optimizer state.
-pub fn freeze(model: Llava, trainable: &[ParamInfo]) -> Llava {
+pub fn freeze<M: Module>(model: M, trainable: &[ParamInfo]) -> M {
     struct Freezer<'a>(&'a [ParamInfo]);
     impl ModuleMapper for Freezer<'_> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -106,7 +108,7 @@ pub fn freeze(model: Llava, trainable: &[ParamInfo]) -> Llava {
 }
 
 /// Sum of squares of every gradient, as f64 (the global norm is its square root).
-pub fn grad_sq_sum(model: &Llava, grads: &GradientsParams) -> f64 {
+pub fn grad_sq_sum<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     struct Norm<'a>(&'a GradientsParams, f64);
     impl ModuleVisitor for Norm<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -122,7 +124,7 @@ pub fn grad_sq_sum(model: &Llava, grads: &GradientsParams) -> f64 {
 }
 
 /// Multiplies every gradient by `factor`.
-pub fn scale_grads(model: &Llava, grads: &mut GradientsParams, factor: f64) {
+pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
     struct Scale<'a>(&'a mut GradientsParams, f64);
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -135,8 +137,8 @@ pub fn scale_grads(model: &Llava, grads: &mut GradientsParams, factor: f64) {
 }
 
 /// Splits gradients by group key (e.g. "connector/decay"); parameters without a group are dropped.
-pub fn split_grads(
-    model: &Llava,
+pub fn split_grads<M: Module>(
+    model: &M,
     mut grads: GradientsParams,
     group_of: &HashMap<ParamId, String>,
 ) -> BTreeMap<String, GradientsParams> {
@@ -165,7 +167,7 @@ pub fn split_grads(
 
 /// Gives parameters the ids recorded at checkpoint time (by path), so optimizer state saved against those ids
 /// applies to the reloaded model.
-pub fn restore_ids(model: Llava, ids: &BTreeMap<String, u64>) -> Llava {
+pub fn restore_ids<M: Module>(model: M, ids: &BTreeMap<String, u64>) -> M {
     struct Ids<'a> {
         stack: Vec<String>,
         ids: &'a BTreeMap<String, u64>,

@@ -146,7 +146,7 @@ pub fn train(
             evals.push((name.clone(), reports));
             continue;
         }
-        if let StageSpec::Dpo(p) = spec {
+        if let StageSpec::Dpo(p) | StageSpec::Reward(p) = spec {
             if checkpoints::is_done(&dir) {
                 eprintln!("[{name}] already done; skipping");
                 current = None;
@@ -169,15 +169,21 @@ pub fn train(
                 device,
                 metrics: &mut metrics,
             };
-            let trained = super::dpo::run(ctx, p, start, resume)?;
-            if let Some(s) = heldout_row(
-                rc,
-                &trained,
-                p.template,
-                &dir.join("heldout.json"),
-                &mut metrics,
-                name,
-            )? {
+            let trained = match spec {
+                StageSpec::Reward(_) => super::reward::run(ctx, p, start, resume)?,
+                _ => super::dpo::run(ctx, p, start, resume)?,
+            };
+            // a reward model's backbone is not a generator: no held-out generation row for it
+            if matches!(spec, StageSpec::Dpo(_))
+                && let Some(s) = heldout_row(
+                    rc,
+                    &trained,
+                    p.template,
+                    &dir.join("heldout.json"),
+                    &mut metrics,
+                    name,
+                )?
+            {
                 table.push((name.clone(), s));
             }
             current = Some(trained);

@@ -183,6 +183,17 @@ impl Llava {
         Ok(self.language_model.logits(h))
     }
 
+    /// Final hidden states [b, t, d] (after the LLM's last norm) with positions 0..t: what heads on top of the
+    /// LLM (a reward model's score, a value head) read.
+    pub fn hidden(&self, input: &MmInput) -> Result<Tensor<3>> {
+        let t = input.ids[0].len();
+        let positions: Vec<Vec<i64>> = input.ids.iter().map(|_| (0..t as i64).collect()).collect();
+        let x = self.input_embeds(input)?;
+        Ok(self
+            .language_model
+            .forward_embeds(x, &positions, &input.attention, None))
+    }
+
     /// One decoding step over new ids [b, t_new] given the cache; `key_valid` covers past + new.
     pub fn step(
         &self,

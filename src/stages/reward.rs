@@ -1,0 +1,341 @@
+//! `kind = "reward"`: a reward model for RLHF — the MLLM backbone with a scalar head on the last response token
+//! (transformers' `*ForSequenceClassification` with one label), trained with the Bradley–Terry loss
+//! −log σ(r(chosen) − r(rejected)) on preference pairs; accuracy and margin on held-out pairs at the end.
+//!
+//! Saved as `<stage>/model/` (the LLaVA directory of the backbone) plus `score.safetensors` (`score.weight`,
+//! [1, hidden], as HF's `score` layer), which `reward::load` (and the PPO/GRPO stages) read back.
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::build::{self, Built, export};
+use super::dpo::load_encode;
+use super::log::Progress;
+use super::optim::{self, Groups};
+use super::pref_loss::bradley_terry;
+use super::trainer::{StageRun, to_input};
+use super::{checkpoints, schedule};
+use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
+use crate::data::loader::{Order, micro_batch};
+use crate::data::templates::{self, Encoded};
+use crate::error::{Error, Result};
+use crate::recipe::schema::{Mix, PrefStage};
+use crate::zoo::layers::{float_tensor, int_tensor, to_vec};
+use crate::zoo::mllm::{Llava, MmInput};
+
+pub const SCORE_FILE: &str = "score.safetensors";
+
+#[derive(Module, Debug)]
+pub struct RewardModel {
+    pub llava: Llava,
+    /// hidden -> 1, no bias (HF's `score`)
+    pub score: Linear,
+}
+
+impl RewardModel {
+    /// A fresh head (zero-initialised, so every reward starts at 0) on a backbone.
+    pub fn new(llava: Llava, device: &Device) -> Self {
+        let d = llava.spec.llm.hidden_size;
+        let mut score = LinearConfig::new(d, 1).with_bias(false).init(device);
+        score.weight = Param::from_tensor(Tensor::zeros([d, 1], device));
+        RewardModel { llava, score }
+    }
+
+    /// Rewards [b]: the head on the final hidden state at `last[b]` (each row's last response token).
+    pub fn rewards(&self, input: &MmInput, last: &[usize]) -> Result<Tensor<1>> {
+        let h = self.llava.hidden(input)?; // [b, t, d]
+        let [b, t, d] = h.dims();
+        let idx: Vec<i64> = last
+            .iter()
+            .enumerate()
+            .map(|(r, &k)| (r * t + k) as i64)
+            .collect();
+        let picked = h
+            .reshape([b * t, d])
+            .select(0, int_tensor(idx, [b], &self.score.weight.device()));
+        Ok(self.score.forward(picked).reshape([b]))
+    }
+
+    pub fn save(
+        &self,
+        text: &crate::data::tokenizer::TextProcessor,
+        processor: &serde_json::Value,
+        template: &str,
+        out: &Path,
+    ) -> Result<()> {
+        export(&self.llava, text, processor, Some(template), None, out)?;
+        let w = to_vec(self.score.weight.val()); // [d, 1] = HF's [1, d] transposed: same values
+        write_file(
+            &out.join(SCORE_FILE),
+            &[ToWrite::f32(
+                "score.weight".into(),
+                vec![1, w.len()],
+                &w,
+                safetensors::Dtype::F32,
+            )],
+        )
+    }
+}
+
+/// Loads a reward model saved by the reward stage.
+pub fn load(dir: &Path, device: &Device) -> Result<(RewardModel, Built)> {
+    let built = build::load_dir(dir, device)?;
+    let p = dir.join(SCORE_FILE);
+    if !p.exists() {
+        return Err(Error::file(
+            &p,
+            "missing: not a reward model (train one with a `kind = \"reward\"` stage)",
+        ));
+    }
+    let store = WeightStore::open_files(&[p.clone()])?;
+    let w = store.get("score.weight")?;
+    let d = built.model.spec.llm.hidden_size;
+    if w.shape != [1, d] {
+        return Err(Error::key(
+            &p,
+            "score.weight",
+            format!("shape {:?}, expected [1, {d}]", w.shape),
+        ));
+    }
+    let mut rm = RewardModel::new(built.model.clone(), device);
+    rm.score.weight = Param::from_tensor(float_tensor(w.values, [d, 1], device));
+    Ok((rm, built))
+}
+
+/// Index of each row's last supervised token (the end of the response).
+fn last_targets(labels: &[Vec<bool>]) -> Vec<usize> {
+    labels
+        .iter()
+        .map(|r| r.iter().rposition(|&l| l).unwrap_or(r.len() - 1))
+        .collect()
+}
+
+/// Rewards of a micro-batch of pairs: (chosen [m], rejected [m]).
+fn pair_rewards(
+    rm: &RewardModel,
+    chunk: &[&(Encoded, Encoded)],
+    b: &Built,
+    device: &Device,
+) -> Result<(Tensor<1>, Tensor<1>)> {
+    let m = chunk.len();
+    let rows: Vec<&Encoded> = chunk
+        .iter()
+        .map(|p| &p.0)
+        .chain(chunk.iter().map(|p| &p.1))
+        .collect();
+    let mb = micro_batch(&rows, b.text.pad_id(), &b.images);
+    let r = rm.rewards(&to_input(&mb, device)?, &last_targets(&mb.labels))?;
+    Ok((r.clone().slice([0..m]), r.slice([m..2 * m])))
+}
+
+/// (pairs, correct, summed margin) of the model on `pairs`.
+fn accuracy(
+    rm: &RewardModel,
+    pairs: &[(Encoded, Encoded)],
+    micro: usize,
+    b: &Built,
+    device: &Device,
+) -> Result<(usize, usize, f64)> {
+    let (mut n, mut ok, mut margin) = (0, 0, 0.0);
+    for chunk in pairs.chunks(micro.max(1)) {
+        let chunk: Vec<&(Encoded, Encoded)> = chunk.iter().collect();
+        let (c, r) = pair_rewards(rm, &chunk, b, device)?;
+        for (x, y) in to_vec(c).into_iter().zip(to_vec(r)) {
+            n += 1;
+            ok += usize::from(x > y);
+            margin += (x - y) as f64;
+        }
+    }
+    Ok((n, ok, margin))
+}
+
+/// Trains the reward model from `start`'s weights (a fresh zero head), or resumes it from a checkpoint.
+pub fn run(
+    ctx: StageRun,
+    spec: &PrefStage,
+    start: Built,
+    resume: Option<PathBuf>,
+) -> Result<Built> {
+    let seed = spec.seed.unwrap_or(ctx.seed);
+    let device = ctx.device;
+    let template = templates::training_source(spec.template, &start.text)
+        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
+    let key = format!("stages.{}", ctx.name);
+    let pairs = load_encode(
+        &spec.data,
+        &start.text,
+        &template,
+        spec.max_len,
+        spec.on_bad_sample,
+        &ctx.dir,
+        &format!("{key}.data"),
+    )?;
+    let heldout = match &spec.heldout {
+        Some(h) => load_encode(
+            h,
+            &start.text,
+            &template,
+            spec.max_len,
+            spec.on_bad_sample,
+            &ctx.dir,
+            &format!("{key}.heldout"),
+        )?,
+        None => vec![],
+    };
+    let order = Order {
+        mix: Mix::Mixed,
+        global: spec.batch.global,
+        seed,
+        sources: vec![((0..pairs.len()).collect(), 1.0)],
+        has_image: pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
+        len: pairs
+            .iter()
+            .map(|p| p.0.ids.len().max(p.1.ids.len()))
+            .collect(),
+    };
+    let per_epoch = order.steps_per_epoch();
+    let total = spec
+        .max_steps
+        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
+    if total == 0 {
+        return Err(Error::input(format!(
+            "{key}: {} usable pairs make no full global batch of {}",
+            pairs.len(),
+            spec.batch.global
+        )));
+    }
+    let train = spec
+        .train
+        .clone()
+        .unwrap_or_else(|| vec!["connector".into(), "llm".into(), "head".into()]);
+    let mut groups = Groups::new(&spec.optim, ctx.name)?;
+    let lr = groups.lr();
+    let (mut rm, mut first) = match &resume {
+        Some(ck) => {
+            let (rm, _) = load(ck, device)?;
+            let (rm, step) = groups.resume(rm, ck)?;
+            eprintln!(
+                "[{}] resuming at step {step}/{total} from {}",
+                ctx.name,
+                ck.display()
+            );
+            (rm, step)
+        }
+        None => (RewardModel::new(start.model.clone(), device), 0),
+    };
+    rm = groups.select(rm, &train, ctx.name)?;
+    eprintln!(
+        "[{}] reward: {} pairs, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
+        ctx.name,
+        pairs.len(),
+        train.join(", "),
+        groups.n_train,
+        groups.n_all
+    );
+    let mut progress = Progress::new(ctx.name, first, total);
+    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
+    let (mut n, mut ok, mut lsum, mut msum) = (0usize, 0usize, 0.0f64, 0.0f64);
+    while first < total {
+        let step = first;
+        let t0 = Instant::now();
+        let epoch = step / per_epoch;
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((epoch, order.epoch(epoch)));
+        }
+        let batch = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        let f = schedule::factor(&spec.schedule, step, total);
+        let mut acc = GradientsAccumulator::<RewardModel>::new();
+        let mut step_loss = 0.0;
+        for chunk in batch.chunks(spec.batch.micro) {
+            let chunk: Vec<&(Encoded, Encoded)> = chunk.iter().map(|&i| &pairs[i]).collect();
+            let (c, r) = pair_rewards(&rm, &chunk, &start, device)?;
+            let l = bradley_terry(c.clone(), r.clone());
+            for ((x, y), lv) in to_vec(c).into_iter().zip(to_vec(r)).zip(to_vec(l.clone())) {
+                n += 1;
+                ok += usize::from(x > y);
+                msum += (x - y) as f64;
+                lsum += lv as f64;
+            }
+            let total_l = l.sum().div_scalar(batch.len() as f64);
+            step_loss += total_l.clone().into_scalar::<f32>() as f64;
+            acc.accumulate(&rm, GradientsParams::from_grads(total_l.backward(), &rm));
+        }
+        if !step_loss.is_finite() {
+            return Err(Error::input(format!(
+                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
+            )));
+        }
+        let norm;
+        (rm, norm) = groups.step(rm, acc.grads(), spec.clip_grad_norm, f);
+        first += 1;
+        let done = first;
+        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
+        {
+            std::process::abort();
+        }
+        progress.update(done, step_loss, lr * f, 0.0);
+        if done % spec.log_every == 0 || done == total {
+            let k = n.max(1) as f64;
+            ctx.metrics.write(serde_json::json!({
+                "stage": ctx.name, "step": done, "loss": lsum / k, "accuracy": ok as f64 / k,
+                "margin": msum / k, "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
+            }))?;
+            (n, ok, lsum, msum) = (0, 0, 0.0, 0.0);
+        }
+        if done % spec.save_every == 0 && done < total {
+            checkpoints::save(
+                &ctx.dir,
+                &optim::state(&rm, done, total),
+                |tmp| {
+                    rm.save(&start.text, &start.processor, &template, tmp)?;
+                    groups.save(tmp)
+                },
+                spec.keep_last,
+            )?;
+        }
+    }
+    progress.finish();
+    if !heldout.is_empty() {
+        let valid = rm.valid();
+        let (n, ok, margin) = accuracy(
+            &valid,
+            &heldout,
+            spec.batch.micro,
+            &start,
+            &device.clone().inner(),
+        )?;
+        let a = ok as f64 / n.max(1) as f64;
+        eprintln!(
+            "[{}] held-out pairs: accuracy {:.1}% ({ok}/{n}), margin {:.3}",
+            ctx.name,
+            100.0 * a,
+            margin / n.max(1) as f64
+        );
+        ctx.metrics.write(serde_json::json!({
+            "stage": ctx.name, "step": total, "heldout": true, "accuracy": a, "margin": margin / n.max(1) as f64, "n": n,
+        }))?;
+    }
+    rm.save(
+        &start.text,
+        &start.processor,
+        &template,
+        &ctx.dir.join("model"),
+    )?;
+    checkpoints::mark_done(&ctx.dir, total)?;
+    Ok(Built {
+        model: rm.llava,
+        ..start
+    })
+}
+
+/// Scores responses with a reward model: `rows` already encoded (response supervised), rewards [n].
+pub fn score(rm: &RewardModel, rows: &[&Encoded], b: &Built, device: &Device) -> Result<Vec<f32>> {
+    let mb = micro_batch(rows, b.text.pad_id(), &b.images);
+    Ok(to_vec(rm.rewards(
+        &to_input(&mb, device)?,
+        &last_targets(&mb.labels),
+    )?))
+}
