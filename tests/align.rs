@@ -366,3 +366,96 @@ fn reward_stage_trains_a_scalar_head_and_saves_it() {
     let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
     assert!(!ok && err.contains("stages.rm.loss"), "{err}");
 }
+
+#[test]
+fn grpo_stage_samples_groups_and_logs_rl_metrics() {
+    let d = scratch("grpo");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    let text = recipe(&w, &d.join("runs"), "frozen", "")
+        .replace(
+            "pipeline = [\"align\", \"dpo\"]",
+            "pipeline = [\"align\", \"rl\"]",
+        )
+        .split("[stages.dpo]")
+        .next()
+        .unwrap()
+        .to_string()
+        + &format!(
+            r#"[stages.rl]
+kind = "grpo"
+data = {{ sources = [{{ path = {tr}, cap = 16 }}] }}
+heldout = {{ sources = [{{ path = {he} }}] }}
+template = "vicuna_v1"
+group = 3
+rewards = [{{ kind = "exact_match" }}, {{ kind = "format", pattern = "^[a-z ]+$", weight = 0.1 }}]
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+"#,
+            tr = p("prompts_train.jsonl"),
+            he = p("prompts_heldout.jsonl"),
+        );
+    std::fs::write(&r, &text).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.join("runs/tiny-dpo");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "rl")
+        .collect();
+    let steps: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v.get("reward").is_some()).collect();
+    assert_eq!(steps.len(), 2, "{lines:?}");
+    for s in &steps {
+        for k in [
+            "reward",
+            "reward_std",
+            "kl",
+            "clip_fraction",
+            "entropy",
+            "completion_length",
+            "loss",
+        ] {
+            assert!(s[k].is_number(), "{k}: {s}");
+        }
+        let len = s["completion_length"].as_f64().unwrap();
+        assert!((1.0..=4.0).contains(&len), "{s}");
+    }
+    // policy = reference at the first step: KL exactly 0 up to f32 noise; ratios are 1, nothing clipped
+    assert!(
+        steps[0]["kl"].as_f64().unwrap().abs() < 1e-5,
+        "{}",
+        steps[0]
+    );
+    assert_eq!(steps[0]["clip_fraction"].as_f64().unwrap(), 0.0);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|v| v.get("heldout_reward").is_some())
+            .count(),
+        2,
+        "before and after"
+    );
+    assert!(run.join("rl/model/config.json").exists());
+    // recipe errors: a group of one, a bad pattern, a reward model that is not a reward stage
+    for (from, to, want) in [
+        ("group = 3", "group = 1", "stages.rl.group"),
+        ("^[a-z ]+$", "([", "stages.rl.rewards"),
+        (
+            "{ kind = \"exact_match\" }",
+            "{ kind = \"model\", from_stage = \"align\" }",
+            "not a reward stage",
+        ),
+    ] {
+        std::fs::write(&r, text.replace(from, to)).unwrap();
+        let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+        assert!(!ok && err.contains(want), "{want}: {err}");
+    }
+}

@@ -25,7 +25,7 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 
 /// Bump when the generator changes, so `ensure` rewrites datasets made by an older version.
-const VERSION: u64 = 3;
+const VERSION: u64 = 5;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
@@ -53,6 +53,10 @@ const CAPTION_PROMPTS: [&str; 8] = [
     "Briefly describe what is shown.",
     "Provide a one-sentence caption for the picture.",
 ];
+/// The world's chat template (`tokenizer/chat_template.jinja`): the image first, where the LM reads it during
+/// captioning pre-training, then USER:/ASSISTANT: turns closed by EOS.
+pub const CHAT_TEMPLATE: &str = include_str!("../../recipes/pretrain/shapes_chat_template.jinja");
+
 /// Words of the chat templates the quickstart may use, so the tokenizer learns merges for them too.
 const CHAT_WORDS: [&str; 11] = [
     "USER:",
@@ -703,6 +707,10 @@ pub fn ensure(out: &Path, cfg: &ShapesConfig) -> Result<bool> {
         cfg.vocab_size,
         &out.join("tokenizer/tokenizer.json"),
     )?;
+    write_atomic(
+        &out.join("tokenizer/chat_template.jinja"),
+        CHAT_TEMPLATE.as_bytes(),
+    )?;
     write_json(
         &out.join("tokenizer/tokenizer_config.json"),
         &json!({"bos_token": "<s>", "eos_token": "</s>",
@@ -722,6 +730,8 @@ identically from meta.json.\n\n\
 `pope_heldout.json` ({nh}, task yesno, half present / half absent): held-out evaluation.\n\
 - `preference_{{train,heldout}}.jsonl`: preference pairs (mitune `pairs` layout): yes/no probes (faithful answer \
 chosen) and captions against hallucinated ones (an extra object, a wrong colour or shape).\n\
+- `prompts_{{train,heldout}}.jsonl`: one short question per image with its `answer` (verifiable-reward prompts \
+for GRPO/PPO).\n\
 - `mc_train.json`: multiple-choice questions (LLaVA layout, lettered options, letter answers).\n\
 - `eval/{{heldin,heldout}}/`: benchmark sets for `mitune eval` (see below): `vqa.jsonl`, `mc.jsonl`, \
 `pope_{{random,popular,adversarial}}.json` (POPE layout), `captions.jsonl`; held-in sets use training images.\n\

@@ -262,6 +262,20 @@ pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>])
             })
             .collect();
         jsonl(&out.join(format!("preference_{split}.jsonl")), &rows)?;
+        // verifiable-answer prompts for on-policy stages: one short question per image, with its answer
+        let rows: Vec<Value> = set
+            .iter()
+            .enumerate()
+            .filter_map(|(i, objs)| {
+                let mut rng = rng_for(seed, split, "prompts", i);
+                let mut kinds = Kind::SHORT.to_vec();
+                kinds.push(Kind::YesNo);
+                let qa = ask_one(&kinds, objs, &mut rng)?;
+                Some(json!({"id": format!("prompt-{split}-{i:05}"), "image": image_rel(split, i),
+                    "prompt": format!("<image>\n{}", qa.prompt()), "answer": qa.answer, "kind": qa.kind.name()}))
+            })
+            .collect();
+        jsonl(&out.join(format!("prompts_{split}.jsonl")), &rows)?;
     }
 
     let n_heldin = held.len().min(train.len());

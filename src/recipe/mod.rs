@@ -90,12 +90,13 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
         "reward" => {
             section::<schema::PrefStage>(r, &key, rest.clone(), errs).map(StageSpec::Reward)
         }
+        "grpo" => section::<schema::RlStage>(r, &key, rest.clone(), errs).map(StageSpec::Grpo),
         other => {
             errs.push(problem(
                 r,
                 &format!("{key}.kind"),
                 format!(
-                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo, reward)"
+                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo, reward, grpo)"
                 ),
             ));
             None
@@ -271,6 +272,10 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 check_pref(p, &key, r, &exists, errs);
                 continue;
             }
+            StageSpec::Grpo(g) => {
+                check_rl(rc, g, i, &key, r, &exists, errs);
+                continue;
+            }
             StageSpec::Reward(p) => {
                 for (k, set) in [
                     ("loss", p.loss.is_some()),
@@ -396,6 +401,111 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 ));
             }
         }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_rl(
+    rc: &Recipe,
+    g: &schema::RlStage,
+    i: usize,
+    key: &str,
+    r: &Resolved,
+    exists: &dyn Fn(&Path) -> bool,
+    errs: &mut Vec<Problem>,
+) {
+    use crate::stages::rollout::RewardSpec;
+    let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
+    if g.group < 2 {
+        bad(
+            "group",
+            format!(
+                "{}: group-normalised advantages need at least 2 completions per prompt",
+                g.group
+            ),
+        );
+    }
+    if g.kl_beta < 0.0 {
+        bad("kl_beta", format!("{} must be >= 0", g.kl_beta));
+    }
+    if !(g.clip_eps > 0.0 && g.clip_eps < 1.0) {
+        bad("clip_eps", format!("{} must be in (0, 1)", g.clip_eps));
+    }
+    if g.updates == 0 {
+        bad("updates", "must be at least 1".into());
+    }
+    if g.batch.micro == 0 || g.batch.global % g.batch.micro != 0 {
+        bad(
+            "batch",
+            format!(
+                "global {} must be a positive multiple of micro {} (in prompts)",
+                g.batch.global, g.batch.micro
+            ),
+        );
+    }
+    if g.rewards.is_empty() {
+        bad(
+            "rewards",
+            "empty: name at least one reward (exact_match, yes_no, format, model)".into(),
+        );
+    }
+    for (j, w) in g.rewards.iter().enumerate() {
+        match w {
+            RewardSpec::Format { pattern, .. } => {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    bad("rewards", format!("reward {j}: pattern {pattern:?}: {e}"));
+                }
+            }
+            RewardSpec::Model {
+                from_stage, path, ..
+            } => match (from_stage, path) {
+                (Some(s), None) => {
+                    if !matches!(rc.stages.get(s), Some(StageSpec::Reward(_)))
+                        || !rc.pipeline[..i].contains(s)
+                    {
+                        bad(
+                            "rewards",
+                            format!(
+                                "reward {j}: {s:?} is not a reward stage earlier in the pipeline"
+                            ),
+                        );
+                    }
+                }
+                (None, Some(p)) => {
+                    if !p.join("score.safetensors").exists() {
+                        bad(
+                            "rewards",
+                            format!(
+                                "reward {j}: {} has no score.safetensors (not a reward model)",
+                                p.display()
+                            ),
+                        );
+                    }
+                }
+                _ => bad(
+                    "rewards",
+                    format!("reward {j}: give exactly one of from_stage or path"),
+                ),
+            },
+            _ => {}
+        }
+    }
+    for (j, s) in g
+        .data
+        .sources
+        .iter()
+        .chain(g.heldout.iter().flat_map(|h| h.sources.iter()))
+        .enumerate()
+    {
+        if !exists(&s.path) {
+            bad(
+                "data.sources",
+                format!("source {j}: {} does not exist", s.path.display()),
+            );
+        }
+    }
+    if g.data.sources.is_empty() {
+        bad("data.sources", "empty: give at least one source".into());
     }
 }
 

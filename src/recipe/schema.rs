@@ -140,6 +140,9 @@ pub enum StageSpec {
     Dpo(PrefStage),
     /// A reward model (backbone + scalar head) trained with the Bradley–Terry loss on preference pairs.
     Reward(PrefStage),
+    /// Group relative policy optimisation: G sampled completions per prompt, group-normalised rewards, KL to
+    /// the reference, no value model.
+    Grpo(RlStage),
 }
 
 impl StageSpec {
@@ -151,13 +154,16 @@ impl StageSpec {
             StageSpec::Eval(_) => "eval",
             StageSpec::Dpo(_) => "dpo",
             StageSpec::Reward(_) => "reward",
+            StageSpec::Grpo(_) => "grpo",
         }
     }
     /// The training settings; None for stages that do not train.
     pub fn train(&self) -> Option<&TrainStage> {
         match self {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(t),
-            StageSpec::Eval(_) | StageSpec::Dpo(_) | StageSpec::Reward(_) => None,
+            StageSpec::Eval(_) | StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) => {
+                None
+            }
         }
     }
     pub fn init(&self) -> Option<&Init> {
@@ -167,6 +173,7 @@ impl StageSpec {
             }
             StageSpec::Eval(e) => e.init.as_ref(),
             StageSpec::Dpo(p) | StageSpec::Reward(p) => p.init.as_ref(),
+            StageSpec::Grpo(r) => r.init.as_ref(),
         }
     }
     /// Whether the stage writes a model (`<stage>/model`) that later stages can start from.
@@ -180,6 +187,7 @@ impl StageSpec {
                 Some(t.template)
             }
             StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(p.template),
+            StageSpec::Grpo(r) => Some(r.template),
             StageSpec::Eval(_) => None,
         }
     }
@@ -221,6 +229,82 @@ pub struct PrefStage {
     pub keep_last: usize,
     #[serde(default)]
     pub on_bad_sample: OnBad,
+}
+
+/// `kind = "grpo"`: on-policy RL from prompts (with reference answers for rule rewards).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlStage {
+    pub init: Option<Init>,
+    /// Default: connector and LLM.
+    pub train: Option<Vec<String>>,
+    pub data: PromptData,
+    /// Held-out prompts: greedy answers scored by the rule rewards before and after the stage.
+    pub heldout: Option<PromptData>,
+    pub template: Template,
+    /// Completions sampled per prompt (G).
+    #[serde(default = "four")]
+    pub group: usize,
+    /// Weighted reward terms: rules (`exact_match`, `yes_no`, `format`) and/or a reward model (`model`).
+    pub rewards: Vec<crate::stages::rollout::RewardSpec>,
+    /// β of the per-token KL penalty to the reference (k3 estimator); 0 = none (and no reference model).
+    #[serde(default = "kl_beta")]
+    pub kl_beta: f64,
+    /// ε of the clipped ratio.
+    #[serde(default = "clip_eps")]
+    pub clip_eps: f64,
+    /// Optimizer steps per rollout batch (μ).
+    #[serde(default = "one_usize")]
+    pub updates: usize,
+    #[serde(default)]
+    pub sampling: crate::stages::rollout::Sampling,
+    /// In prompts: `global` prompts per rollout batch, `micro` prompts per forward (each with `group` rows).
+    pub batch: Batch,
+    pub optim: Optim,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "one")]
+    pub clip_grad_norm: f64,
+    #[serde(default = "one")]
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    pub max_len: usize,
+    pub seed: Option<u64>,
+    #[serde(default = "ten")]
+    pub log_every: usize,
+    #[serde(default = "hundred")]
+    pub save_every: usize,
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub on_bad_sample: OnBad,
+}
+fn four() -> usize {
+    4
+}
+fn kl_beta() -> f64 {
+    0.04
+}
+fn clip_eps() -> f64 {
+    0.2
+}
+fn one_usize() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptData {
+    pub sources: Vec<PromptSource>,
+}
+
+/// Prompts `{id, image|images, prompt | conversations, answer?}` (a LLaVA record's last answer is its reference).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSource {
+    pub path: PathBuf,
+    pub images: Option<PathBuf>,
+    pub cap: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

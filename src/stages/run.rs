@@ -146,7 +146,10 @@ pub fn train(
             evals.push((name.clone(), reports));
             continue;
         }
-        if let StageSpec::Dpo(p) | StageSpec::Reward(p) = spec {
+        if matches!(
+            spec,
+            StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_)
+        ) {
             if checkpoints::is_done(&dir) {
                 eprintln!("[{name}] already done; skipping");
                 current = None;
@@ -160,7 +163,7 @@ pub fn train(
                 None
             };
             // The starting weights are the reference, also when the policy resumes from a checkpoint.
-            let start = init_model(rc, &run, i, p.init.as_ref(), &mut current, device)?;
+            let start = init_model(rc, &run, i, spec.init(), &mut current, device)?;
             let ctx = StageRun {
                 name,
                 spec,
@@ -170,15 +173,17 @@ pub fn train(
                 metrics: &mut metrics,
             };
             let trained = match spec {
-                StageSpec::Reward(_) => super::reward::run(ctx, p, start, resume)?,
-                _ => super::dpo::run(ctx, p, start, resume)?,
+                StageSpec::Reward(p) => super::reward::run(ctx, p, start, resume)?,
+                StageSpec::Dpo(p) => super::dpo::run(ctx, p, start, resume)?,
+                StageSpec::Grpo(g) => super::grpo::run(ctx, g, start, resume, &run)?,
+                _ => unreachable!("matched above"),
             };
             // a reward model's backbone is not a generator: no held-out generation row for it
-            if matches!(spec, StageSpec::Dpo(_))
+            if !matches!(spec, StageSpec::Reward(_))
                 && let Some(s) = heldout_row(
                     rc,
                     &trained,
-                    p.template,
+                    spec.template().expect("a training stage"),
                     &dir.join("heldout.json"),
                     &mut metrics,
                     name,

@@ -1,0 +1,505 @@
+//! `kind = "grpo"`: group relative policy optimisation (Shao et al. 2024, DeepSeekMath), as TRL's GRPOTrainer.
+//!
+//! Each step: G completions per prompt sampled from the current policy (`rollout`), a reward per completion
+//! (rules and/or a reward model), advantages normalised within each prompt's group
+//! Â_i = (r_i − mean(r)) / (std(r) + 1e-4) (std unbiased, as torch.std), then per completion token
+//!     ℓ_t = −[ min(ρ_t Â, clip(ρ_t, 1−ε, 1+ε) Â) − β·KL_t ],   ρ_t = π(o_t)/π_old(o_t),
+//!     KL_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1   (the k3 estimator, unbiased and ≥ 0),
+//! averaged over each completion's tokens, then over completions. π_old = the policy that sampled (ρ = 1 in
+//! value at the first update; `updates` > 1 reuses the rollouts). The reference is the stage's starting model.
+//! Logged: reward mean/std, KL, clip fraction, entropy, completion length, loss; held-out greedy reward before
+//! and after the stage.
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::build::{self, Built, export};
+use super::log::Progress;
+use super::optim::{self, Groups};
+use super::reward::{self, RewardModel};
+use super::rollout::{self, RewardSpec, Rollout};
+use super::trainer::{StageRun, to_input};
+use super::{checkpoints, loss, schedule};
+use crate::data::loader::{Order, micro_batch};
+use crate::data::preference::{PromptItem, load_prompts};
+use crate::data::templates::{self, Encoded};
+use crate::error::{Error, Result};
+use crate::generate::GenConfig;
+use crate::recipe::schema::{Mix, OnBad, PromptData, RlStage};
+use crate::zoo::layers::{float_tensor, to_vec};
+use crate::zoo::mllm::Llava;
+
+/// Group-normalised advantages: (r − mean) / (std + 1e-4) within consecutive groups of `g` (unbiased std).
+pub fn group_advantages(rewards: &[f64], g: usize) -> Vec<f64> {
+    rewards
+        .chunks(g)
+        .flat_map(|grp| {
+            let n = grp.len() as f64;
+            let mean = grp.iter().sum::<f64>() / n;
+            let var = grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+            grp.iter().map(move |r| (r - mean) / (var.sqrt() + 1e-4))
+        })
+        .collect()
+}
+
+/// Loads prompts and applies the bad-sample policy.
+pub fn load_data(data: &PromptData, on_bad: OnBad, key: &str) -> Result<Vec<PromptItem>> {
+    let mut out = vec![];
+    for s in &data.sources {
+        let (mut p, bad) = load_prompts(&s.path, s.images.as_deref())?;
+        if let (OnBad::Fail, Some(b)) = (on_bad, bad.first()) {
+            return Err(Error::file(
+                &s.path,
+                format!(
+                    "{key}: prompt {}: {} ({} bad in all; fix them or set on_bad_sample = \"skip\")",
+                    b.id,
+                    b.reason,
+                    bad.len()
+                ),
+            ));
+        }
+        if !bad.is_empty() {
+            eprintln!(
+                "{key}: skipped {} bad prompt(s) of {}, first {}: {}",
+                bad.len(),
+                s.path.display(),
+                bad[0].id,
+                bad[0].reason
+            );
+        }
+        if let Some(c) = s.cap {
+            p.truncate(c);
+        }
+        out.extend(p);
+    }
+    if out.is_empty() {
+        return Err(Error::input(format!("{key}: no usable prompt")));
+    }
+    Ok(out)
+}
+
+/// The reward models a stage names, loaded once: (term index, model).
+pub fn reward_models(
+    specs: &[RewardSpec],
+    run: &Path,
+    device: &Device,
+) -> Result<Vec<(usize, RewardModel, Built)>> {
+    let mut out = vec![];
+    for (j, s) in specs.iter().enumerate() {
+        if let RewardSpec::Model {
+            from_stage, path, ..
+        } = s
+        {
+            let dir = match (from_stage, path) {
+                (Some(st), _) => run.join(st).join("model"),
+                (_, Some(p)) => p.clone(),
+                _ => return Err(Error::input("a model reward needs from_stage or path")),
+            };
+            let (rm, b) = reward::load(&dir, device)?;
+            out.push((j, rm, b));
+        }
+    }
+    Ok(out)
+}
+
+/// Weighted reward of every rollout.
+pub fn rewards(
+    specs: &[RewardSpec],
+    models: &[(usize, RewardModel, Built)],
+    rolls: &[Rollout],
+    prompts: &[PromptItem],
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut total = vec![0.0; rolls.len()];
+    for (j, s) in specs.iter().enumerate() {
+        if let Some((_, rm, b)) = models.iter().find(|m| m.0 == j) {
+            let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
+            for (k, chunk) in rows.chunks(16).enumerate() {
+                for (i, v) in reward::score(rm, chunk, b, device)?.into_iter().enumerate() {
+                    total[k * 16 + i] += s.weight() * v as f64;
+                }
+            }
+            continue;
+        }
+        for (i, r) in rolls.iter().enumerate() {
+            let v = s
+                .rule(&r.text, prompts[r.prompt].answer.as_deref())?
+                .unwrap_or(0.0);
+            total[i] += s.weight() * v;
+        }
+    }
+    Ok(total)
+}
+
+/// Mean greedy reward on held-out prompts (rule terms only).
+pub fn heldout_reward(
+    model: &Llava,
+    b: &Built,
+    template: &str,
+    items: &[PromptItem],
+    specs: &[RewardSpec],
+    max_new: usize,
+    device: &Device,
+) -> Result<f64> {
+    let ids: Vec<Vec<i64>> = items
+        .iter()
+        .map(|p| rollout::encode_prompt(b, template, p).map_err(Error::input))
+        .collect::<Result<_>>()?;
+    let cfg = GenConfig::greedy(max_new, rollout::stop_ids(b, model));
+    let mut sum = 0.0;
+    for chunk in (0..items.len()).collect::<Vec<_>>().chunks(16) {
+        let rolls = rollout::sample(model, b, items, &ids, chunk, 1, &cfg, 0, device)?;
+        for r in &rolls {
+            for s in specs {
+                sum += s.weight()
+                    * s.rule(&r.text, items[r.prompt].answer.as_deref())?
+                        .unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(sum / items.len().max(1) as f64)
+}
+
+#[derive(Default)]
+struct Stats {
+    tokens: f64,
+    kl: f64,
+    clipped: f64,
+    entropy: f64,
+}
+
+/// Loss of one micro-batch of rollouts (summed over completions; the caller divides by the batch's count).
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    policy: &Llava,
+    rows: &[&Encoded],
+    adv: &[f64],
+    old: &[Vec<f32>],
+    reference: Option<&[Vec<f32>]>,
+    spec: &RlStage,
+    b: &Built,
+    device: &Device,
+    stats: &mut Stats,
+) -> Result<Tensor<1>> {
+    let mb = micro_batch(rows, b.text.pad_id(), &b.images);
+    let logits = policy.forward(&to_input(&mb, device)?)?;
+    let (logp, ent) = loss::token_logps(logits, &mb.ids, true);
+    let [n, t] = logp.dims();
+    let mask = loss::target_mask(&mb.labels, device);
+    let flat = |v: &[Vec<f32>]| -> Tensor<2> {
+        let mut out = Vec::with_capacity(n * t);
+        for r in v {
+            out.extend(r.iter().take(t));
+            out.extend(std::iter::repeat_n(0.0, t.saturating_sub(r.len())));
+        }
+        float_tensor(out, [n, t], device)
+    };
+    let ratio = (logp.clone() - flat(old)).exp();
+    let a: Tensor<2> = float_tensor(adv.iter().map(|&x| x as f32).collect(), [n, 1], device);
+    let surr = (ratio.clone() * a.clone()).min_pair(
+        ratio
+            .clone()
+            .clamp(1.0 - spec.clip_eps, 1.0 + spec.clip_eps)
+            * a,
+    );
+    let mut per_token = surr.neg();
+    if let Some(r) = reference {
+        let d = flat(r) - logp.clone();
+        let kl = d.clone().exp() - d - 1.0;
+        stats.kl += to_vec(kl.clone() * mask.clone())
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+        per_token = per_token + kl.mul_scalar(spec.kl_beta);
+    }
+    let rv = to_vec(ratio);
+    let mv = to_vec(mask.clone());
+    stats.tokens += mv.iter().map(|&x| x as f64).sum::<f64>();
+    stats.clipped += rv
+        .iter()
+        .zip(&mv)
+        .filter(|(r, m)| {
+            **m > 0.0 && ((**r as f64) < 1.0 - spec.clip_eps || (**r as f64) > 1.0 + spec.clip_eps)
+        })
+        .count() as f64;
+    if let Some(e) = ent {
+        stats.entropy += to_vec(e * mask.clone())
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+    }
+    // mean over each completion's tokens, summed over completions
+    let lens = mask.clone().sum_dim(1).clamp_min(1.0);
+    Ok(((per_token * mask).sum_dim(1) / lens).sum())
+}
+
+/// Per-token log-probs of rows under a model without gradients: one Vec per row over positions 1..t.
+fn token_logps_of(
+    model: &Llava,
+    rows: &[&Encoded],
+    b: &Built,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let mb = micro_batch(rows, b.text.pad_id(), &b.images);
+    let (lp, _) = loss::token_logps(model.forward(&to_input(&mb, device)?)?, &mb.ids, false);
+    let [n, t] = lp.dims();
+    let v = to_vec(lp);
+    Ok((0..n).map(|i| v[i * t..(i + 1) * t].to_vec()).collect())
+}
+
+pub fn run(
+    ctx: StageRun,
+    spec: &RlStage,
+    start: Built,
+    resume: Option<PathBuf>,
+    run_dir: &Path,
+) -> Result<Built> {
+    let key = format!("stages.{}", ctx.name);
+    let seed = spec.seed.unwrap_or(ctx.seed);
+    let device = ctx.device;
+    let inner = device.clone().inner();
+    let template = templates::training_source(spec.template, &start.text)
+        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+    let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
+    let held = match &spec.heldout {
+        Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
+        None => vec![],
+    };
+    let prompt_ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| {
+            rollout::encode_prompt(&start, &template, p)
+                .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
+        })
+        .collect::<Result<_>>()?;
+    if let Some((i, _)) = prompt_ids
+        .iter()
+        .enumerate()
+        .find(|(_, ids)| ids.len() + spec.sampling.max_new_tokens > spec.max_len)
+    {
+        return Err(Error::input(format!(
+            "{key}: prompt {} has {} tokens; with max_new_tokens {} it exceeds max_len {}",
+            prompts[i].id,
+            prompt_ids[i].len(),
+            spec.sampling.max_new_tokens,
+            spec.max_len
+        )));
+    }
+    let order = Order {
+        mix: Mix::Mixed,
+        global: spec.batch.global,
+        seed,
+        sources: vec![((0..prompts.len()).collect(), 1.0)],
+        has_image: prompts.iter().map(|p| !p.images.is_empty()).collect(),
+        len: prompt_ids.iter().map(Vec::len).collect(),
+    };
+    let per_epoch = order.steps_per_epoch();
+    let total = spec
+        .max_steps
+        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
+    if total == 0 {
+        return Err(Error::input(format!(
+            "{key}: {} prompts make no full batch of {}",
+            prompts.len(),
+            spec.batch.global
+        )));
+    }
+    let models = reward_models(&spec.rewards, run_dir, &inner)?;
+    let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
+    let rule_specs: Vec<RewardSpec> = spec
+        .rewards
+        .iter()
+        .filter(|r| !matches!(r, RewardSpec::Model { .. }))
+        .cloned()
+        .collect();
+    let train = spec
+        .train
+        .clone()
+        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
+    let mut groups = Groups::new(&spec.optim, ctx.name)?;
+    let lr = groups.lr();
+    let mut model = start.model.clone();
+    let mut first = 0;
+    if let Some(ck) = &resume {
+        model = build::load_dir(ck, device)?.model;
+        (model, first) = groups.resume(model, ck)?;
+        eprintln!(
+            "[{}] resuming at step {first}/{total} from {}",
+            ctx.name,
+            ck.display()
+        );
+    }
+    model = groups.select(model, &train, ctx.name)?;
+    eprintln!(
+        "[{}] grpo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
+        ctx.name,
+        prompts.len(),
+        spec.group,
+        train.join(", "),
+        groups.n_train,
+        groups.n_all
+    );
+    if !held.is_empty() && !rule_specs.is_empty() && first == 0 {
+        let h = heldout_reward(
+            &model.valid(),
+            &start,
+            &template,
+            &held,
+            &rule_specs,
+            spec.sampling.max_new_tokens,
+            &inner,
+        )?;
+        eprintln!("[{}] held-out reward before: {h:.3}", ctx.name);
+        ctx.metrics
+            .write(serde_json::json!({"stage": ctx.name, "step": 0, "heldout_reward": h}))?;
+    }
+    let save = |m: &Llava, out: &Path| {
+        export(m, &start.text, &start.processor, Some(&template), None, out)
+    };
+    let mut cfg = GenConfig::greedy(
+        spec.sampling.max_new_tokens,
+        rollout::stop_ids(&start, &model),
+    );
+    cfg.temperature = spec.sampling.temperature;
+    cfg.top_p = spec.sampling.top_p;
+    cfg.top_k = spec.sampling.top_k;
+    cfg.seed = seed;
+    let mut progress = Progress::new(ctx.name, first, total);
+    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
+    for step in first..total {
+        let t0 = Instant::now();
+        let epoch = step / per_epoch;
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((epoch, order.epoch(epoch)));
+        }
+        let which = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        // rollouts from the current policy, in micro chunks of prompts
+        let sampler = model.valid();
+        let mut rolls = vec![];
+        for (c, chunk) in which.chunks(spec.batch.micro).enumerate() {
+            let first_index =
+                ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
+            rolls.extend(rollout::sample(
+                &sampler,
+                &start,
+                &prompts,
+                &prompt_ids,
+                chunk,
+                spec.group,
+                &cfg,
+                first_index,
+                &inner,
+            )?);
+        }
+        let r = rewards(&spec.rewards, &models, &rolls, &prompts, &inner)?;
+        let adv = group_advantages(&r, spec.group);
+        let per = spec.batch.micro * spec.group;
+        let rows: Vec<&Encoded> = rolls.iter().map(|x| &x.row).collect();
+        let mut old = vec![];
+        let mut refs = vec![];
+        for chunk in rows.chunks(per) {
+            old.extend(token_logps_of(&sampler, chunk, &start, &inner)?);
+            if let Some(rm) = &reference {
+                refs.extend(token_logps_of(rm, chunk, &start, &inner)?);
+            }
+        }
+        let f = schedule::factor(&spec.schedule, step, total);
+        let mut stats = Stats::default();
+        let mut step_loss = 0.0;
+        let mut norm = 0.0;
+        for _ in 0..spec.updates {
+            let mut acc = GradientsAccumulator::<Llava>::new();
+            for (k, chunk) in rows.chunks(per).enumerate() {
+                let span = k * per..k * per + chunk.len();
+                let l = micro_loss(
+                    &model,
+                    chunk,
+                    &adv[span.clone()],
+                    &old[span.clone()],
+                    reference.as_ref().map(|_| &refs[span]),
+                    spec,
+                    &start,
+                    device,
+                    &mut stats,
+                )?
+                .div_scalar(rows.len() as f64);
+                step_loss += l.clone().into_scalar::<f32>() as f64 / spec.updates as f64;
+                acc.accumulate(&model, GradientsParams::from_grads(l.backward(), &model));
+            }
+            (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
+        }
+        if !step_loss.is_finite() {
+            return Err(Error::input(format!(
+                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
+            )));
+        }
+        let done = step + 1;
+        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
+        {
+            std::process::abort();
+        }
+        let mean = r.iter().sum::<f64>() / r.len() as f64;
+        progress.update(done, step_loss, lr * f, 0.0);
+        if done % spec.log_every == 0 || done == total || done == first + 1 {
+            let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / r.len() as f64).sqrt();
+            let toks = stats.tokens.max(1.0);
+            ctx.metrics.write(serde_json::json!({
+                "stage": ctx.name, "step": done, "loss": step_loss, "reward": mean, "reward_std": std,
+                "kl": stats.kl / toks, "clip_fraction": stats.clipped / toks, "entropy": stats.entropy / toks,
+                "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
+                "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if done % spec.save_every == 0 && done < total {
+            checkpoints::save(
+                &ctx.dir,
+                &optim::state(&model, done, total),
+                |tmp| {
+                    save(&model, tmp)?;
+                    groups.save(tmp)
+                },
+                spec.keep_last,
+            )?;
+        }
+    }
+    progress.finish();
+    if !held.is_empty() && !rule_specs.is_empty() {
+        let h = heldout_reward(
+            &model.valid(),
+            &start,
+            &template,
+            &held,
+            &rule_specs,
+            spec.sampling.max_new_tokens,
+            &inner,
+        )?;
+        eprintln!("[{}] held-out reward after: {h:.3}", ctx.name);
+        ctx.metrics
+            .write(serde_json::json!({"stage": ctx.name, "step": total, "heldout_reward": h}))?;
+    }
+    save(&model, &ctx.dir.join("model"))?;
+    checkpoints::mark_done(&ctx.dir, total)?;
+    Ok(Built { model, ..start })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_advantages;
+
+    #[test]
+    fn advantages_by_hand() {
+        // group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4·0.25/3) = 0.57735 -> ±0.5/0.57745 = ±0.86588
+        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], 4);
+        let s = (1.0f64 / 3.0).sqrt() + 1e-4;
+        for (x, want) in a
+            .iter()
+            .zip([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0.0, 0.0, 0.0, 0.0])
+        {
+            assert!((x - want).abs() < 1e-12, "{x} vs {want}");
+        }
+        // all equal rewards: no signal
+        assert!(a[4..].iter().all(|&x| x == 0.0));
+    }
+}

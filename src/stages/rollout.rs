@@ -1,0 +1,189 @@
+//! On-policy pieces shared by the RL stages (GRPO, PPO): prompts encoded through the chat template, completions
+//! sampled with the KV cache (each completion its own seeded RNG, so a step's rollouts are a pure function of the
+//! weights and the step), rows re-encoded as prompt + completion with only the completion supervised, and the
+//! rule rewards a recipe can name.
+use burn::tensor::Device;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use super::build::Built;
+use crate::data::preference::PromptItem;
+use crate::data::templates::{self, Encoded};
+use crate::error::{Error, Result};
+use crate::eval::metrics;
+use crate::generate::{GenConfig, Prompt, generate_batch};
+use crate::zoo::mllm::Llava;
+
+/// How completions are sampled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    #[serde(default = "one")]
+    pub temperature: f64,
+    #[serde(default = "one")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "thirty_two")]
+    pub max_new_tokens: usize,
+}
+fn one() -> f64 {
+    1.0
+}
+fn thirty_two() -> usize {
+    32
+}
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 32,
+        }
+    }
+}
+
+/// A reward term; a stage's reward is the weighted sum of its terms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// 1 when the answer (first line) equals the prompt's reference after VQA normalisation.
+    ExactMatch {
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 1 when the answer's yes/no (POPE's rule) agrees with a yes/no reference.
+    YesNo {
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 1 when the whole completion matches the regex.
+    Format {
+        pattern: String,
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// The score of a reward model (a `kind = "reward"` stage of this pipeline, or its saved directory).
+    Model {
+        from_stage: Option<String>,
+        path: Option<PathBuf>,
+        #[serde(default = "one")]
+        weight: f64,
+    },
+}
+
+impl RewardSpec {
+    pub fn weight(&self) -> f64 {
+        match self {
+            RewardSpec::ExactMatch { weight }
+            | RewardSpec::YesNo { weight }
+            | RewardSpec::Format { weight, .. }
+            | RewardSpec::Model { weight, .. } => *weight,
+        }
+    }
+
+    /// The rule's reward of `completion` (None for the model term, scored in batch by the stage).
+    pub fn rule(&self, completion: &str, reference: Option<&str>) -> Result<Option<f64>> {
+        let answer = completion.trim().lines().next().unwrap_or("").trim();
+        Ok(match self {
+            RewardSpec::ExactMatch { .. } => {
+                Some(reference.map_or(0.0, |r| metrics::vqa_accuracy(answer, &[r.to_string()])))
+            }
+            RewardSpec::YesNo { .. } => Some(reference.map_or(0.0, |r| {
+                let want = metrics::vqa_normalize(r) == "yes";
+                f64::from(u8::from(metrics::pope_is_yes(answer) == want))
+            })),
+            RewardSpec::Format { pattern, .. } => {
+                let re = Regex::new(pattern)
+                    .map_err(|e| Error::input(format!("reward pattern {pattern:?}: {e}")))?;
+                Some(f64::from(u8::from(re.is_match(completion.trim()))))
+            }
+            RewardSpec::Model { .. } => None,
+        })
+    }
+}
+
+/// One sampled completion, ready for the loss.
+pub struct Rollout {
+    /// Index of its prompt in the stage's prompt list.
+    pub prompt: usize,
+    /// Prompt + completion ids; only the completion (EOS included when produced) supervised.
+    pub row: Encoded,
+    /// The completion as text (EOS and turn-end tokens dropped).
+    pub text: String,
+    pub tokens: usize,
+}
+
+/// Prompt ids through the chat template (generation prompt appended).
+pub fn encode_prompt(
+    b: &Built,
+    template: &str,
+    p: &PromptItem,
+) -> std::result::Result<Vec<i64>, String> {
+    let text = templates::prompt(&b.text, template, &p.history)?;
+    b.text.encode(&text, false).map_err(|e| e.to_string())
+}
+
+/// Samples `group` completions of every prompt in `which` with `model` (inner device); prompt-major order.
+/// Completion k of the prompt at position i of the step is seeded with `seed + (first + i·group + k)`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    model: &Llava,
+    b: &Built,
+    prompts: &[PromptItem],
+    prompt_ids: &[Vec<i64>],
+    which: &[usize],
+    group: usize,
+    cfg: &GenConfig,
+    first: u64,
+    device: &Device,
+) -> Result<Vec<Rollout>> {
+    let mut batch = vec![];
+    let mut owner = vec![];
+    for (i, &p) in which.iter().enumerate() {
+        let pixels = b.images.batch(&prompts[p].images, device)?;
+        for k in 0..group {
+            batch.push(Prompt {
+                ids: prompt_ids[p].clone(),
+                pixels: pixels.clone(),
+                index: first + (i * group + k) as u64,
+            });
+            owner.push(p);
+        }
+    }
+    let out = generate_batch(model, batch, cfg, None, |_, _| {})?;
+    let mut rollouts = vec![];
+    for (g, p) in out.into_iter().zip(owner) {
+        let mut ids = prompt_ids[p].clone();
+        let n_prompt = ids.len();
+        ids.extend(&g.output_ids);
+        let mut labels = vec![false; n_prompt];
+        labels.extend(std::iter::repeat_n(true, g.output_ids.len()));
+        let mut shown = g.output_ids.clone();
+        shown.retain(|i| !cfg.eos.contains(i));
+        rollouts.push(Rollout {
+            prompt: p,
+            row: Encoded {
+                index: p,
+                ids,
+                labels,
+                images: prompts[p].images.clone(),
+            },
+            text: b.text.decode(&shown),
+            tokens: g.output_ids.len(),
+        });
+    }
+    Ok(rollouts)
+}
+
+/// End-of-answer ids: the model's EOS, the tokenizer's, and ChatML's turn end.
+pub fn stop_ids(b: &Built, model: &Llava) -> Vec<i64> {
+    let mut eos = model.spec.llm.eos_token_ids.clone();
+    eos.extend(b.text.eos_token_id);
+    eos.extend(b.text.token_id("<|im_end|>"));
+    eos.sort_unstable();
+    eos.dedup();
+    eos
+}
