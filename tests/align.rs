@@ -459,3 +459,81 @@ log_every = 1
         assert!(!ok && err.contains(want), "{want}: {err}");
     }
 }
+
+#[test]
+fn ppo_with_a_reward_model_logs_rlhf_metrics() {
+    let d = scratch("ppo");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    let text = recipe(&w, &d.join("runs"), "frozen", "")
+        .replace(
+            "pipeline = [\"align\", \"dpo\"]",
+            "pipeline = [\"align\", \"rm\", \"rl\"]",
+        )
+        .replace(
+            "[stages.dpo]\nkind = \"dpo\"",
+            "[stages.rm]\nkind = \"reward\"",
+        )
+        .replace("reference = \"frozen\"\n", "")
+        + &format!(
+            r#"
+[stages.rl]
+kind = "ppo"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ path = {tr}, cap = 8 }}] }}
+heldout = {{ sources = [{{ path = {he} }}] }}
+template = "vicuna_v1"
+group = 1
+rewards = [{{ kind = "model", from_stage = "rm" }}, {{ kind = "exact_match" }}]
+kl_beta = 0.1
+updates = 2
+lam = 0.9
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+"#,
+            tr = p("prompts_train.jsonl"),
+            he = p("prompts_heldout.jsonl"),
+        );
+    std::fs::write(&r, &text).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.join("runs/tiny-dpo");
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "rl" && v.get("reward").is_some())
+        .collect();
+    assert_eq!(steps.len(), 2);
+    for s in &steps {
+        for k in [
+            "reward",
+            "kl",
+            "entropy",
+            "clip_fraction",
+            "value_loss",
+            "completion_length",
+        ] {
+            assert!(s[k].is_number(), "{k}: {s}");
+        }
+    }
+    // rollouts come from the starting policy = the reference: the sampled tokens' KL is 0 at step 1
+    assert!(
+        steps[0]["kl"].as_f64().unwrap().abs() < 1e-5,
+        "{}",
+        steps[0]
+    );
+    assert!(run.join("rl/model/value_head.safetensors").exists());
+    // GRPO-only and PPO-only settings are kept apart
+    std::fs::write(&r, text.replace("kind = \"ppo\"", "kind = \"grpo\"")).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.rl.lam") && err.contains("stages.rl.group"),
+        "{err}"
+    );
+}

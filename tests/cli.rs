@@ -189,3 +189,46 @@ fn bad_input_gives_one_line_errors() {
         let _ = std::fs::remove_dir_all(scratch(tag));
     }
 }
+
+/// `chat` on a checkpoint without a chat template says which template to pass, and works with one named.
+#[test]
+fn chat_without_a_template_names_the_fix() {
+    let d = std::env::temp_dir().join(format!("mitune-cli-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in std::fs::read_dir(fixture("llava_clip_llama")).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "chat_template.jinja" {
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let dir = d.to_str().unwrap();
+    fails_cleanly(&["chat", "--model", dir], "--template vicuna_v1");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args([
+            "chat",
+            "--model",
+            dir,
+            "--template",
+            "vicuna_v1",
+            "--max-new-tokens",
+            "3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "Hello there!").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+}

@@ -91,12 +91,13 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
             section::<schema::PrefStage>(r, &key, rest.clone(), errs).map(StageSpec::Reward)
         }
         "grpo" => section::<schema::RlStage>(r, &key, rest.clone(), errs).map(StageSpec::Grpo),
+        "ppo" => section::<schema::RlStage>(r, &key, rest.clone(), errs).map(StageSpec::Ppo),
         other => {
             errs.push(problem(
                 r,
                 &format!("{key}.kind"),
                 format!(
-                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo, reward, grpo)"
+                    "unknown stage kind {other:?} (known: align, instruct, pretrain, eval, dpo, reward, grpo, ppo)"
                 ),
             ));
             None
@@ -273,6 +274,30 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 continue;
             }
             StageSpec::Grpo(g) => {
+                for (k, set) in [
+                    ("gamma", g.gamma.is_some()),
+                    ("lam", g.lam.is_some()),
+                    ("vf_coef", g.vf_coef.is_some()),
+                ] {
+                    if set {
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.{k}"),
+                            "a PPO setting: GRPO has no value model",
+                        ));
+                    }
+                }
+                if g.group < 2 {
+                    errs.push(problem(
+                        r,
+                        &format!("{key}.group"),
+                        format!("{}: group-normalised advantages need at least 2 completions per prompt", g.group),
+                    ));
+                }
+                check_rl(rc, g, i, &key, r, &exists, errs);
+                continue;
+            }
+            StageSpec::Ppo(g) => {
                 check_rl(rc, g, i, &key, r, &exists, errs);
                 continue;
             }
@@ -416,14 +441,8 @@ fn check_rl(
 ) {
     use crate::stages::rollout::RewardSpec;
     let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
-    if g.group < 2 {
-        bad(
-            "group",
-            format!(
-                "{}: group-normalised advantages need at least 2 completions per prompt",
-                g.group
-            ),
-        );
+    if g.group == 0 {
+        bad("group", "must be at least 1".into());
     }
     if g.kl_beta < 0.0 {
         bad("kl_beta", format!("{} must be >= 0", g.kl_beta));

@@ -143,6 +143,8 @@ pub enum StageSpec {
     /// Group relative policy optimisation: G sampled completions per prompt, group-normalised rewards, KL to
     /// the reference, no value model.
     Grpo(RlStage),
+    /// PPO (RLHF): policy + value head, per-token KL penalty to the reference, GAE, clipped surrogate.
+    Ppo(RlStage),
 }
 
 impl StageSpec {
@@ -155,15 +157,14 @@ impl StageSpec {
             StageSpec::Dpo(_) => "dpo",
             StageSpec::Reward(_) => "reward",
             StageSpec::Grpo(_) => "grpo",
+            StageSpec::Ppo(_) => "ppo",
         }
     }
-    /// The training settings; None for stages that do not train.
+    /// The align/instruct/pretrain settings; None for the other kinds.
     pub fn train(&self) -> Option<&TrainStage> {
         match self {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(t),
-            StageSpec::Eval(_) | StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) => {
-                None
-            }
+            _ => None,
         }
     }
     pub fn init(&self) -> Option<&Init> {
@@ -173,7 +174,7 @@ impl StageSpec {
             }
             StageSpec::Eval(e) => e.init.as_ref(),
             StageSpec::Dpo(p) | StageSpec::Reward(p) => p.init.as_ref(),
-            StageSpec::Grpo(r) => r.init.as_ref(),
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => r.init.as_ref(),
         }
     }
     /// Whether the stage writes a model (`<stage>/model`) that later stages can start from.
@@ -187,7 +188,7 @@ impl StageSpec {
                 Some(t.template)
             }
             StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(p.template),
-            StageSpec::Grpo(r) => Some(r.template),
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(r.template),
             StageSpec::Eval(_) => None,
         }
     }
@@ -231,7 +232,7 @@ pub struct PrefStage {
     pub on_bad_sample: OnBad,
 }
 
-/// `kind = "grpo"`: on-policy RL from prompts (with reference answers for rule rewards).
+/// `kind = "grpo"` / `kind = "ppo"`: on-policy RL from prompts (with reference answers for rule rewards).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RlStage {
@@ -253,9 +254,15 @@ pub struct RlStage {
     /// ε of the clipped ratio.
     #[serde(default = "clip_eps")]
     pub clip_eps: f64,
-    /// Optimizer steps per rollout batch (μ).
+    /// Optimizer steps per rollout batch (GRPO's μ, PPO's epochs).
     #[serde(default = "one_usize")]
     pub updates: usize,
+    /// PPO: discount γ of GAE (default 1).
+    pub gamma: Option<f64>,
+    /// PPO: λ of GAE (default 0.95).
+    pub lam: Option<f64>,
+    /// PPO: weight of the value loss (default 0.1).
+    pub vf_coef: Option<f64>,
     #[serde(default)]
     pub sampling: crate::stages::rollout::Sampling,
     /// In prompts: `global` prompts per rollout batch, `micro` prompts per forward (each with `group` rows).

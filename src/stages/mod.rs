@@ -11,6 +11,7 @@ pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod ppo;
 pub mod pref_loss;
 pub mod reward;
 pub mod rollout;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 /// keep it under `llava.`; their own layers (the scalar `score` head) are the part `head`.
 pub fn part_of(path: &str) -> &'static str {
     let path = path.strip_prefix("llava.").unwrap_or(path);
-    if path.starts_with("score.") {
+    if path.starts_with("score.") || path.starts_with("value.") {
         "head"
     } else if path.starts_with("vision_tower.") {
         "encoder"

@@ -148,7 +148,7 @@ pub fn train(
         }
         if matches!(
             spec,
-            StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_)
+            StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_)
         ) {
             if checkpoints::is_done(&dir) {
                 eprintln!("[{name}] already done; skipping");
@@ -176,6 +176,7 @@ pub fn train(
                 StageSpec::Reward(p) => super::reward::run(ctx, p, start, resume)?,
                 StageSpec::Dpo(p) => super::dpo::run(ctx, p, start, resume)?,
                 StageSpec::Grpo(g) => super::grpo::run(ctx, g, start, resume, &run)?,
+                StageSpec::Ppo(g) => super::ppo::run(ctx, g, start, resume, &run)?,
                 _ => unreachable!("matched above"),
             };
             // a reward model's backbone is not a generator: no held-out generation row for it

@@ -1,0 +1,484 @@
+//! `kind = "ppo"`: RLHF's policy optimisation (InstructGPT, LLaVA-RLHF): the policy with a value head on its
+//! final hidden states, rollouts sampled with the KV cache, a per-token reward −β·(log π − log π_ref) plus the
+//! sequence reward (reward model and/or rules) on the last completion token, GAE over the completion tokens
+//!     δ_t = r_t + γ V_{t+1} − V_t,   Â_t = δ_t + γλ Â_{t+1},   R_t = Â_t + V_t   (V after the end = 0),
+//! advantages whitened over the batch, then `updates` epochs of the clipped surrogate
+//! −min(ρÂ, clip(ρ, 1−ε, 1+ε)Â) plus vf_coef · ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), averaged over
+//! completion tokens. Logged: reward, KL, entropy, clip fraction, value loss, completion length.
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::build::{self, Built, export};
+use super::grpo::{heldout_reward, load_data, reward_models, rewards};
+use super::log::Progress;
+use super::optim::{self, Groups};
+use super::rollout::{self, RewardSpec};
+use super::trainer::{StageRun, to_input};
+use super::{checkpoints, loss, schedule};
+use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
+use crate::data::loader::{Order, micro_batch};
+use crate::data::templates::{self, Encoded};
+use crate::error::{Error, Result};
+use crate::generate::GenConfig;
+use crate::recipe::schema::{Mix, RlStage};
+use crate::zoo::layers::{float_tensor, to_vec};
+use crate::zoo::mllm::Llava;
+
+const VALUE_FILE: &str = "value_head.safetensors";
+
+#[derive(Module, Debug)]
+pub struct PolicyValue {
+    pub llava: Llava,
+    /// hidden -> 1 (TRL's value head)
+    pub value: Linear,
+}
+
+impl PolicyValue {
+    fn new(llava: Llava, device: &Device) -> Self {
+        let d = llava.spec.llm.hidden_size;
+        let mut value = LinearConfig::new(d, 1).with_bias(false).init(device);
+        value.weight = Param::from_tensor(Tensor::zeros([d, 1], device));
+        PolicyValue { llava, value }
+    }
+
+    /// (logits [b, t, v], values [b, t]) in one pass.
+    fn forward(&self, input: &crate::zoo::mllm::MmInput) -> Result<(Tensor<3>, Tensor<2>)> {
+        let h = self.llava.hidden(input)?;
+        let [b, t, _] = h.dims();
+        let v = self.value.forward(h.clone()).reshape([b, t]);
+        Ok((self.llava.language_model.logits(h), v))
+    }
+}
+
+/// GAE over one completion: token rewards and values (same length), γ, λ -> (advantages, returns).
+pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, Vec<f64>) {
+    let n = rewards.len();
+    let mut adv = vec![0.0; n];
+    let mut next_v = 0.0;
+    let mut next_a = 0.0;
+    for t in (0..n).rev() {
+        let delta = rewards[t] + gamma * next_v - values[t];
+        next_a = delta + gamma * lam * next_a;
+        adv[t] = next_a;
+        next_v = values[t];
+    }
+    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
+    (adv, ret)
+}
+
+/// Whitening as TRL's `masked_whiten`: (x − mean) / sqrt(var + 1e-8), unbiased variance, mean shifted back out.
+pub fn whiten(x: &mut [f64]) {
+    let n = x.len() as f64;
+    if n < 2.0 {
+        return;
+    }
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    for v in x.iter_mut() {
+        *v = (*v - mean) / (var + 1e-8).sqrt();
+    }
+}
+
+/// Per-row vectors over next-token positions (1..t) of a padded [n, t-1] tensor, cut to each row's length.
+fn rows_of(t: Tensor<2>, lens: &[usize]) -> Vec<Vec<f32>> {
+    let [n, w] = t.dims();
+    let v = to_vec(t);
+    (0..n)
+        .map(|i| v[i * w..i * w + lens[i].min(w)].to_vec())
+        .collect()
+}
+
+/// Pads per-row vectors into [n, w].
+fn padded(rows: &[Vec<f64>], w: usize, device: &Device) -> Tensor<2> {
+    let mut out = Vec::with_capacity(rows.len() * w);
+    for r in rows {
+        out.extend(r.iter().take(w).map(|&x| x as f32));
+        out.extend(std::iter::repeat_n(0.0, w.saturating_sub(r.len())));
+    }
+    float_tensor(out, [rows.len(), w], device)
+}
+
+fn save_value(pv: &PolicyValue, dir: &Path) -> Result<()> {
+    let w = to_vec(pv.value.weight.val());
+    write_file(
+        &dir.join(VALUE_FILE),
+        &[ToWrite::f32(
+            "v_head.weight".into(),
+            vec![1, w.len()],
+            &w,
+            safetensors::Dtype::F32,
+        )],
+    )
+}
+
+fn load_value(pv: &mut PolicyValue, dir: &Path, device: &Device) -> Result<()> {
+    let store = WeightStore::open_files(&[dir.join(VALUE_FILE)])?;
+    let w = store.get("v_head.weight")?;
+    let d = pv.llava.spec.llm.hidden_size;
+    pv.value.weight = Param::from_tensor(float_tensor(w.values, [d, 1], device));
+    Ok(())
+}
+
+pub fn run(
+    ctx: StageRun,
+    spec: &RlStage,
+    start: Built,
+    resume: Option<PathBuf>,
+    run_dir: &Path,
+) -> Result<Built> {
+    let key = format!("stages.{}", ctx.name);
+    let seed = spec.seed.unwrap_or(ctx.seed);
+    let device = ctx.device;
+    let inner = device.clone().inner();
+    let (gamma, lam, vf_coef) = (
+        spec.gamma.unwrap_or(1.0),
+        spec.lam.unwrap_or(0.95),
+        spec.vf_coef.unwrap_or(0.1),
+    );
+    let template = templates::training_source(spec.template, &start.text)
+        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+    let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
+    let held = match &spec.heldout {
+        Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
+        None => vec![],
+    };
+    let prompt_ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| {
+            rollout::encode_prompt(&start, &template, p)
+                .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
+        })
+        .collect::<Result<_>>()?;
+    let order = Order {
+        mix: Mix::Mixed,
+        global: spec.batch.global,
+        seed,
+        sources: vec![((0..prompts.len()).collect(), 1.0)],
+        has_image: prompts.iter().map(|p| !p.images.is_empty()).collect(),
+        len: prompt_ids.iter().map(Vec::len).collect(),
+    };
+    let per_epoch = order.steps_per_epoch();
+    let total = spec
+        .max_steps
+        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
+    if total == 0 {
+        return Err(Error::input(format!(
+            "{key}: {} prompts make no full batch of {}",
+            prompts.len(),
+            spec.batch.global
+        )));
+    }
+    let models = reward_models(&spec.rewards, run_dir, &inner)?;
+    let reference = start.model.valid();
+    let rule_specs: Vec<RewardSpec> = spec
+        .rewards
+        .iter()
+        .filter(|r| !matches!(r, RewardSpec::Model { .. }))
+        .cloned()
+        .collect();
+    let mut train = spec
+        .train
+        .clone()
+        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
+    train.push("head".into());
+    let mut groups = Groups::new(&spec.optim, ctx.name)?;
+    let lr = groups.lr();
+    let mut pv = PolicyValue::new(start.model.clone(), device);
+    let mut first = 0;
+    if let Some(ck) = &resume {
+        pv.llava = build::load_dir(ck, device)?.model;
+        load_value(&mut pv, ck, device)?;
+        (pv, first) = groups.resume(pv, ck)?;
+        eprintln!(
+            "[{}] resuming at step {first}/{total} from {}",
+            ctx.name,
+            ck.display()
+        );
+    }
+    pv = groups.select(pv, &train, ctx.name)?;
+    eprintln!(
+        "[{}] ppo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps, {} epochs per batch; training {} ({} of {} params)",
+        ctx.name,
+        prompts.len(),
+        spec.group,
+        spec.updates,
+        train.join(", "),
+        groups.n_train,
+        groups.n_all
+    );
+    if !held.is_empty() && !rule_specs.is_empty() && first == 0 {
+        let h = heldout_reward(
+            &pv.llava.valid(),
+            &start,
+            &template,
+            &held,
+            &rule_specs,
+            spec.sampling.max_new_tokens,
+            &inner,
+        )?;
+        eprintln!("[{}] held-out reward before: {h:.3}", ctx.name);
+        ctx.metrics
+            .write(serde_json::json!({"stage": ctx.name, "step": 0, "heldout_reward": h}))?;
+    }
+    let mut cfg = GenConfig::greedy(
+        spec.sampling.max_new_tokens,
+        rollout::stop_ids(&start, &pv.llava),
+    );
+    cfg.temperature = spec.sampling.temperature;
+    cfg.top_p = spec.sampling.top_p;
+    cfg.top_k = spec.sampling.top_k;
+    cfg.seed = seed;
+    let save = |m: &PolicyValue, out: &Path| -> Result<()> {
+        export(
+            &m.llava,
+            &start.text,
+            &start.processor,
+            Some(&template),
+            None,
+            out,
+        )?;
+        save_value(m, out)
+    };
+    let mut progress = Progress::new(ctx.name, first, total);
+    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
+    let per = spec.batch.micro * spec.group;
+    for step in first..total {
+        let t0 = Instant::now();
+        let epoch = step / per_epoch;
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((epoch, order.epoch(epoch)));
+        }
+        let which = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        let frozen = pv.valid();
+        let mut rolls = vec![];
+        for (c, chunk) in which.chunks(spec.batch.micro).enumerate() {
+            let first_index =
+                ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
+            rolls.extend(rollout::sample(
+                &frozen.llava,
+                &start,
+                &prompts,
+                &prompt_ids,
+                chunk,
+                spec.group,
+                &cfg,
+                first_index,
+                &inner,
+            )?);
+        }
+        let scores = rewards(&spec.rewards, &models, &rolls, &prompts, &inner)?;
+        let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
+        // old log-probs and values, reference log-probs (no gradients), per row over positions 1..t
+        let (mut old, mut refs, mut vals) = (vec![], vec![], vec![]);
+        for chunk in rows.chunks(per) {
+            let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
+            let input = to_input(&mb, &inner)?;
+            let lens: Vec<usize> = chunk.iter().map(|r| r.ids.len() - 1).collect();
+            let (logits, v) = frozen.forward(&input)?;
+            let t = v.dims()[1];
+            old.extend(rows_of(loss::token_logps(logits, &mb.ids, false).0, &lens));
+            vals.extend(rows_of(v.slice([0..chunk.len(), 0..t - 1]), &lens));
+            refs.extend(rows_of(
+                loss::token_logps(reference.forward(&input)?, &mb.ids, false).0,
+                &lens,
+            ));
+        }
+        // token rewards, GAE over each completion (positions where the next token is a target)
+        let (mut advs, mut rets) = (vec![], vec![]);
+        let mut kl_sum = 0.0;
+        let mut n_tok = 0usize;
+        for (i, r) in rows.iter().enumerate() {
+            let pos: Vec<usize> = (0..r.ids.len() - 1).filter(|&k| r.labels[k + 1]).collect();
+            let kl: Vec<f64> = pos
+                .iter()
+                .map(|&k| (old[i][k] - refs[i][k]) as f64)
+                .collect();
+            kl_sum += kl.iter().sum::<f64>();
+            n_tok += pos.len();
+            let mut tr: Vec<f64> = kl.iter().map(|k| -spec.kl_beta * k).collect();
+            if let Some(last) = tr.last_mut() {
+                *last += scores[i];
+            }
+            let v: Vec<f64> = pos.iter().map(|&k| vals[i][k] as f64).collect();
+            let (a, ret) = gae(&tr, &v, gamma, lam);
+            // scatter back to full positions (zeros outside the completion)
+            let mut fa = vec![0.0; r.ids.len() - 1];
+            let mut fr = vec![0.0; r.ids.len() - 1];
+            for (j, &k) in pos.iter().enumerate() {
+                fa[k] = a[j];
+                fr[k] = ret[j];
+            }
+            advs.push(fa);
+            rets.push(fr);
+        }
+        // whiten the advantages over all completion tokens of the batch
+        let mut flat: Vec<f64> = rows
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                (0..r.ids.len() - 1)
+                    .filter(|&k| r.labels[k + 1])
+                    .map(move |k| (i, k))
+            })
+            .map(|(i, k)| advs[i][k])
+            .collect();
+        whiten(&mut flat);
+        let mut it = flat.into_iter();
+        for (i, r) in rows.iter().enumerate() {
+            for k in 0..r.ids.len() - 1 {
+                if r.labels[k + 1] {
+                    advs[i][k] = it.next().unwrap();
+                }
+            }
+        }
+        let f = schedule::factor(&spec.schedule, step, total);
+        let (mut clipped, mut ent_sum, mut vf_sum, mut step_loss, mut norm) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
+        for _ in 0..spec.updates {
+            let mut acc = GradientsAccumulator::<PolicyValue>::new();
+            for (c, chunk) in rows.chunks(per).enumerate() {
+                let span = c * per..c * per + chunk.len();
+                let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
+                let (logits, v) = pv.forward(&to_input(&mb, device)?)?;
+                let (logp, ent) = loss::token_logps(logits, &mb.ids, true);
+                let [n, w] = logp.dims();
+                let mask = loss::target_mask(&mb.labels, device);
+                let as64 = |rows: &[Vec<f32>]| -> Vec<Vec<f64>> {
+                    rows.iter()
+                        .map(|r| r.iter().map(|&x| x as f64).collect())
+                        .collect()
+                };
+                let old_t = padded(&as64(&old[span.clone()]), w, device);
+                let vold_t = padded(&as64(&vals[span.clone()]), w, device);
+                let adv_t = padded(&advs[span.clone()], w, device);
+                let ret_t = padded(&rets[span.clone()], w, device);
+                let ratio = (logp - old_t).exp();
+                let e = spec.clip_eps;
+                let pg = (ratio.clone() * adv_t.clone())
+                    .min_pair(ratio.clone().clamp(1.0 - e, 1.0 + e) * adv_t)
+                    .neg();
+                let v = v.slice([0..n, 0..w]);
+                let v_clip = vold_t.clone() + (v.clone() - vold_t).clamp(-e, e);
+                let vf = (v - ret_t.clone())
+                    .powi_scalar(2)
+                    .max_pair((v_clip - ret_t).powi_scalar(2))
+                    .mul_scalar(0.5);
+                let per_tok = pg + vf.clone().mul_scalar(vf_coef);
+                let l = (per_tok * mask.clone())
+                    .sum()
+                    .div_scalar(n_tok.max(1) as f64);
+                step_loss += l.clone().into_scalar::<f32>() as f64 / spec.updates as f64;
+                let (rv, mv) = (to_vec(ratio), to_vec(mask.clone()));
+                clipped += rv
+                    .iter()
+                    .zip(&mv)
+                    .filter(|(r, m)| {
+                        **m > 0.0 && ((**r as f64) < 1.0 - e || (**r as f64) > 1.0 + e)
+                    })
+                    .count() as f64;
+                vf_sum += to_vec(vf * mask.clone())
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>();
+                if let Some(en) = ent {
+                    ent_sum += to_vec(en * mask).iter().map(|&x| x as f64).sum::<f64>();
+                }
+                acc.accumulate(&pv, GradientsParams::from_grads(l.backward(), &pv));
+            }
+            (pv, norm) = groups.step(pv, acc.grads(), spec.clip_grad_norm, f);
+        }
+        if !step_loss.is_finite() {
+            return Err(Error::input(format!(
+                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
+            )));
+        }
+        let done = step + 1;
+        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
+        {
+            std::process::abort();
+        }
+        progress.update(done, step_loss, lr * f, 0.0);
+        if done % spec.log_every == 0 || done == total || done == first + 1 {
+            let tok = (n_tok * spec.updates).max(1) as f64;
+            ctx.metrics.write(serde_json::json!({
+                "stage": ctx.name, "step": done, "loss": step_loss,
+                "reward": scores.iter().sum::<f64>() / scores.len() as f64,
+                "kl": kl_sum / n_tok.max(1) as f64, "entropy": ent_sum / tok, "clip_fraction": clipped / tok,
+                "value_loss": vf_sum / tok,
+                "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
+                "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if done % spec.save_every == 0 && done < total {
+            checkpoints::save(
+                &ctx.dir,
+                &optim::state(&pv, done, total),
+                |tmp| {
+                    save(&pv, tmp)?;
+                    groups.save(tmp)
+                },
+                spec.keep_last,
+            )?;
+        }
+    }
+    progress.finish();
+    if !held.is_empty() && !rule_specs.is_empty() {
+        let h = heldout_reward(
+            &pv.llava.valid(),
+            &start,
+            &template,
+            &held,
+            &rule_specs,
+            spec.sampling.max_new_tokens,
+            &inner,
+        )?;
+        eprintln!("[{}] held-out reward after: {h:.3}", ctx.name);
+        ctx.metrics
+            .write(serde_json::json!({"stage": ctx.name, "step": total, "heldout_reward": h}))?;
+    }
+    save(&pv, &ctx.dir.join("model"))?;
+    checkpoints::mark_done(&ctx.dir, total)?;
+    Ok(Built {
+        model: pv.llava,
+        ..start
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gae, whiten};
+
+    #[test]
+    fn gae_on_a_hand_made_trajectory() {
+        // r = [0, 0, 1], V = [0.5, 0.6, 0.7], γ = 1, λ = 0.9:
+        // δ2 = 1 − 0.7 = 0.3;           Â2 = 0.3
+        // δ1 = 0 + 0.7 − 0.6 = 0.1;     Â1 = 0.1 + 0.9·0.3 = 0.37
+        // δ0 = 0 + 0.6 − 0.5 = 0.1;     Â0 = 0.1 + 0.9·0.37 = 0.433
+        let (a, r) = gae(&[0.0, 0.0, 1.0], &[0.5, 0.6, 0.7], 1.0, 0.9);
+        for (x, y) in a.iter().zip([0.433, 0.37, 0.3]) {
+            assert!((x - y).abs() < 1e-12, "{a:?}");
+        }
+        for (x, y) in r.iter().zip([0.933, 0.97, 1.0]) {
+            assert!((x - y).abs() < 1e-12, "{r:?}");
+        }
+        // γ = 0.5, λ = 1: Â2 = 0.3; Â1 = (0 + 0.5·0.7 − 0.6) + 0.5·0.3 = −0.1; Â0 = (0.3 − 0.5) + 0.5·−0.1 = −0.25
+        let (a, _) = gae(&[0.0, 0.0, 1.0], &[0.5, 0.6, 0.7], 0.5, 1.0);
+        for (x, y) in a.iter().zip([-0.25, -0.1, 0.3]) {
+            assert!((x - y).abs() < 1e-12, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn whitening_centres_and_scales() {
+        let mut x = vec![1.0, 2.0, 3.0];
+        whiten(&mut x);
+        // mean 2, unbiased variance 1
+        for (v, want) in x.iter().zip([-1.0, 0.0, 1.0]) {
+            assert!((v - want).abs() < 1e-6, "{x:?}");
+        }
+    }
+}
