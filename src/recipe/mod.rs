@@ -249,7 +249,13 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     }
                 }
                 (None, Some(dir)) => {
-                    if !dir.join("config.json").exists() {
+                    // A stage model of another run (under the runs folder) may not exist yet: that run makes it.
+                    if !dir.exists() && dir.starts_with(&rc.output) {
+                        eprintln!(
+                            "note: {key}.init.checkpoint {} does not exist yet: run the recipe that makes it first",
+                            dir.display()
+                        );
+                    } else if !dir.join("config.json").exists() {
                         errs.push(problem(
                             r,
                             &format!("{key}.init.checkpoint"),

@@ -14,17 +14,18 @@ use std::time::Instant;
 
 use super::build::{self, Built, export};
 use super::log::Progress;
-use super::optim::{self, Groups};
+use super::optim::Groups;
 use super::pref_loss::{PairLogps, PrefLoss, losses};
+use super::steps::{self, Batches};
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, loss, schedule};
-use crate::data::loader::{Order, micro_batch};
+use crate::data::loader::micro_batch;
 use crate::data::preference::{Pair, load_pairs};
 use crate::data::sources::{Role, Sample};
 use crate::data::templates::{self, Encoded};
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{Mix, OnBad, PrefData, PrefStage, Reference};
+use crate::recipe::schema::{OnBad, PrefData, PrefStage, Reference};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -239,6 +240,61 @@ fn pair_losses(
     Ok((l, c, r, pc, pr))
 }
 
+/// What the preference stages (dpo, reward) start from: the template, encoded train and held-out pairs, batches.
+pub struct PrefSetup {
+    pub template: String,
+    pub pairs: Vec<EncPair>,
+    pub heldout: Vec<EncPair>,
+    pub batches: Batches,
+}
+
+pub fn setup(
+    name: &str,
+    dir: &Path,
+    spec: &PrefStage,
+    start: &Built,
+    seed: u64,
+) -> Result<PrefSetup> {
+    let key = format!("stages.{name}");
+    let template = templates::training_source(spec.template, &start.text)
+        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+    let load = |d: &PrefData, k: &str| {
+        load_encode(
+            d,
+            &start.text,
+            &template,
+            spec.max_len,
+            spec.on_bad_sample,
+            dir,
+            &format!("{key}.{k}"),
+        )
+    };
+    let pairs = load(&spec.data, "data")?;
+    let heldout = match &spec.heldout {
+        Some(h) => load(h, "heldout")?,
+        None => vec![],
+    };
+    let batches = Batches::new(
+        &key,
+        "pairs",
+        spec.batch.global,
+        seed,
+        pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
+        pairs
+            .iter()
+            .map(|p| p.0.ids.len().max(p.1.ids.len()))
+            .collect(),
+        spec.epochs,
+        spec.max_steps,
+    )?;
+    Ok(PrefSetup {
+        template,
+        pairs,
+        heldout,
+        batches,
+    })
+}
+
 /// Runs the stage from `start` (the reference; also the policy unless `resume` names a checkpoint).
 pub fn run(
     ctx: StageRun,
@@ -248,52 +304,14 @@ pub fn run(
 ) -> Result<Built> {
     let seed = spec.seed.unwrap_or(ctx.seed);
     let loss_kind = spec.loss.unwrap_or_default();
-    let template = templates::training_source(spec.template, &start.text)
-        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
     let key = format!("stages.{}", ctx.name);
-    let pairs = load_encode(
-        &spec.data,
-        &start.text,
-        &template,
-        spec.max_len,
-        spec.on_bad_sample,
-        &ctx.dir,
-        &format!("{key}.data"),
-    )?;
-    let heldout = match &spec.heldout {
-        Some(h) => load_encode(
-            h,
-            &start.text,
-            &template,
-            spec.max_len,
-            spec.on_bad_sample,
-            &ctx.dir,
-            &format!("{key}.heldout"),
-        )?,
-        None => vec![],
-    };
-    let order = Order {
-        mix: Mix::Mixed,
-        global: spec.batch.global,
-        seed,
-        sources: vec![((0..pairs.len()).collect(), 1.0)],
-        has_image: pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
-        len: pairs
-            .iter()
-            .map(|p| p.0.ids.len().max(p.1.ids.len()))
-            .collect(),
-    };
-    let per_epoch = order.steps_per_epoch();
-    let total = spec
-        .max_steps
-        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
-    if total == 0 {
-        return Err(Error::input(format!(
-            "{key}: {} usable pairs make no full global batch of {}; lower batch.global or add pairs",
-            pairs.len(),
-            spec.batch.global
-        )));
-    }
+    let PrefSetup {
+        template,
+        pairs,
+        heldout,
+        mut batches,
+    } = setup(ctx.name, &ctx.dir, spec, &start, seed)?;
+    let (per_epoch, total) = (batches.per_epoch, batches.total);
     let device = ctx.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();
@@ -378,15 +396,10 @@ pub fn run(
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
     let mut progress = Progress::new(ctx.name, first, total);
-    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
     let mut sums = Sums::default();
     for step in first..total {
         let t0 = Instant::now();
-        let epoch = step / per_epoch;
-        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_cache = Some((epoch, order.epoch(epoch)));
-        }
-        let batch = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        let batch = batches.at(step);
         let f = schedule::factor(&spec.schedule, step, total);
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut step_loss = 0.0;
@@ -408,17 +421,12 @@ pub fn run(
             acc.accumulate(&model, g);
         }
         if !step_loss.is_finite() {
-            return Err(Error::input(format!(
-                "{key}: loss is {step_loss} at step {step}; stopped without saving. Lower the learning rate or beta."
-            )));
+            return Err(steps::non_finite(&key, step_loss, step));
         }
         let norm;
         (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         let done = step + 1;
-        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
-        {
-            std::process::abort();
-        }
+        steps::fault_point(ctx.name, done);
         progress.update(done, step_loss, lr * f, 0.0);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
             let mut line = sums.json(ctx.name, done);
@@ -429,14 +437,14 @@ pub fn run(
             sums = Sums::default();
         }
         if done % spec.save_every == 0 && done < total {
-            checkpoints::save(
+            steps::checkpoint(
                 &ctx.dir,
-                &optim::state(&model, done, total),
-                |tmp| {
-                    save(&model, tmp)?;
-                    groups.save(tmp)
-                },
+                &model,
+                &groups,
+                done,
+                total,
                 spec.keep_last,
+                |tmp| save(&model, tmp),
             )?;
         }
     }

@@ -17,17 +17,18 @@ use std::time::Instant;
 
 use super::build::{self, Built, export};
 use super::log::Progress;
-use super::optim::{self, Groups};
+use super::optim::Groups;
 use super::reward::{self, RewardModel};
 use super::rollout::{self, RewardSpec, Rollout};
+use super::steps::{self, Batches};
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, loss, schedule};
-use crate::data::loader::{Order, micro_batch};
+use crate::data::loader::micro_batch;
 use crate::data::preference::{PromptItem, load_prompts};
 use crate::data::templates::{self, Encoded};
 use crate::error::{Error, Result};
 use crate::generate::GenConfig;
-use crate::recipe::schema::{Mix, OnBad, PromptData, RlStage};
+use crate::recipe::schema::{OnBad, PromptData, RlStage};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -249,8 +250,147 @@ fn token_logps_of(
     Ok((0..n).map(|i| v[i * t..(i + 1) * t].to_vec()).collect())
 }
 
+/// What the RL stages (grpo, ppo) share: prompts encoded through the template, held-out prompts, the step
+/// batches, reward models, the sampler settings.
+pub struct RlSetup {
+    pub template: String,
+    pub prompts: Vec<PromptItem>,
+    pub prompt_ids: Vec<Vec<i64>>,
+    pub held: Vec<PromptItem>,
+    pub batches: Batches,
+    pub models: Vec<(usize, RewardModel, Built)>,
+    /// The rule terms (held-out scoring uses only these).
+    pub rules: Vec<RewardSpec>,
+    pub cfg: GenConfig,
+}
+
+impl RlSetup {
+    pub fn new(
+        name: &str,
+        spec: &RlStage,
+        start: &Built,
+        seed: u64,
+        run_dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let key = format!("stages.{name}");
+        let template = templates::training_source(spec.template, &start.text)
+            .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+        let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
+        let held = match &spec.heldout {
+            Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
+            None => vec![],
+        };
+        let prompt_ids: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                rollout::encode_prompt(start, &template, p)
+                    .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
+            })
+            .collect::<Result<_>>()?;
+        let max_new = spec.sampling.max_new_tokens;
+        if let Some(i) = prompt_ids
+            .iter()
+            .position(|ids| ids.len() + max_new > spec.max_len)
+        {
+            return Err(Error::input(format!(
+                "{key}: prompt {} has {} tokens; with max_new_tokens {max_new} it exceeds max_len {}",
+                prompts[i].id,
+                prompt_ids[i].len(),
+                spec.max_len
+            )));
+        }
+        let batches = Batches::new(
+            &key,
+            "prompts",
+            spec.batch.global,
+            seed,
+            prompts.iter().map(|p| !p.images.is_empty()).collect(),
+            prompt_ids.iter().map(Vec::len).collect(),
+            spec.epochs,
+            spec.max_steps,
+        )?;
+        let mut cfg = GenConfig::greedy(max_new, rollout::stop_ids(start, &start.model));
+        cfg.temperature = spec.sampling.temperature;
+        cfg.top_p = spec.sampling.top_p;
+        cfg.top_k = spec.sampling.top_k;
+        cfg.seed = seed;
+        Ok(RlSetup {
+            template,
+            prompts,
+            prompt_ids,
+            held,
+            batches,
+            models: reward_models(&spec.rewards, run_dir, device)?,
+            rules: spec
+                .rewards
+                .iter()
+                .filter(|r| !matches!(r, RewardSpec::Model { .. }))
+                .cloned()
+                .collect(),
+            cfg,
+        })
+    }
+
+    /// The rollouts of step `step` from `sampler` (the current policy, inner device) and their rewards.
+    pub fn rollouts(
+        &mut self,
+        step: usize,
+        spec: &RlStage,
+        sampler: &Llava,
+        start: &Built,
+        device: &Device,
+    ) -> Result<(Vec<Rollout>, Vec<f64>)> {
+        let which = self.batches.at(step);
+        let mut rolls = vec![];
+        for (c, chunk) in which.chunks(spec.batch.micro).enumerate() {
+            let first = ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
+            rolls.extend(rollout::sample(
+                sampler,
+                start,
+                &self.prompts,
+                &self.prompt_ids,
+                chunk,
+                spec.group,
+                &self.cfg,
+                first,
+                device,
+            )?);
+        }
+        let r = rewards(&spec.rewards, &self.models, &rolls, &self.prompts, device)?;
+        Ok((rolls, r))
+    }
+
+    /// Logs the mean greedy rule reward on the held-out prompts (`when` = before / after).
+    pub fn heldout(
+        &self,
+        ctx: &mut StageRun,
+        model: &Llava,
+        start: &Built,
+        step: usize,
+        when: &str,
+        device: &Device,
+    ) -> Result<()> {
+        if self.held.is_empty() || self.rules.is_empty() {
+            return Ok(());
+        }
+        let h = heldout_reward(
+            model,
+            start,
+            &self.template,
+            &self.held,
+            &self.rules,
+            self.cfg.max_new_tokens,
+            device,
+        )?;
+        eprintln!("[{}] held-out reward {when}: {h:.3}", ctx.name);
+        ctx.metrics
+            .write(serde_json::json!({"stage": ctx.name, "step": step, "heldout_reward": h}))
+    }
+}
+
 pub fn run(
-    ctx: StageRun,
+    mut ctx: StageRun,
     spec: &RlStage,
     start: Built,
     resume: Option<PathBuf>,
@@ -260,60 +400,10 @@ pub fn run(
     let seed = spec.seed.unwrap_or(ctx.seed);
     let device = ctx.device;
     let inner = device.clone().inner();
-    let template = templates::training_source(spec.template, &start.text)
-        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
-    let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
-    let held = match &spec.heldout {
-        Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
-        None => vec![],
-    };
-    let prompt_ids: Vec<Vec<i64>> = prompts
-        .iter()
-        .map(|p| {
-            rollout::encode_prompt(&start, &template, p)
-                .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
-        })
-        .collect::<Result<_>>()?;
-    if let Some((i, _)) = prompt_ids
-        .iter()
-        .enumerate()
-        .find(|(_, ids)| ids.len() + spec.sampling.max_new_tokens > spec.max_len)
-    {
-        return Err(Error::input(format!(
-            "{key}: prompt {} has {} tokens; with max_new_tokens {} it exceeds max_len {}",
-            prompts[i].id,
-            prompt_ids[i].len(),
-            spec.sampling.max_new_tokens,
-            spec.max_len
-        )));
-    }
-    let order = Order {
-        mix: Mix::Mixed,
-        global: spec.batch.global,
-        seed,
-        sources: vec![((0..prompts.len()).collect(), 1.0)],
-        has_image: prompts.iter().map(|p| !p.images.is_empty()).collect(),
-        len: prompt_ids.iter().map(Vec::len).collect(),
-    };
-    let per_epoch = order.steps_per_epoch();
-    let total = spec
-        .max_steps
-        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
-    if total == 0 {
-        return Err(Error::input(format!(
-            "{key}: {} prompts make no full batch of {}",
-            prompts.len(),
-            spec.batch.global
-        )));
-    }
-    let models = reward_models(&spec.rewards, run_dir, &inner)?;
+    let mut rl = RlSetup::new(ctx.name, spec, &start, seed, run_dir, &inner)?;
+    let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
+    let template = rl.template.clone();
     let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
-    let rule_specs: Vec<RewardSpec> = spec
-        .rewards
-        .iter()
-        .filter(|r| !matches!(r, RewardSpec::Model { .. }))
-        .cloned()
-        .collect();
     let train = spec
         .train
         .clone()
@@ -335,65 +425,24 @@ pub fn run(
     eprintln!(
         "[{}] grpo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
         ctx.name,
-        prompts.len(),
+        rl.prompts.len(),
         spec.group,
         train.join(", "),
         groups.n_train,
         groups.n_all
     );
-    if !held.is_empty() && !rule_specs.is_empty() && first == 0 {
-        let h = heldout_reward(
-            &model.valid(),
-            &start,
-            &template,
-            &held,
-            &rule_specs,
-            spec.sampling.max_new_tokens,
-            &inner,
-        )?;
-        eprintln!("[{}] held-out reward before: {h:.3}", ctx.name);
-        ctx.metrics
-            .write(serde_json::json!({"stage": ctx.name, "step": 0, "heldout_reward": h}))?;
+    if first == 0 {
+        rl.heldout(&mut ctx, &model.valid(), &start, 0, "before", &inner)?;
     }
     let save = |m: &Llava, out: &Path| {
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
-    let mut cfg = GenConfig::greedy(
-        spec.sampling.max_new_tokens,
-        rollout::stop_ids(&start, &model),
-    );
-    cfg.temperature = spec.sampling.temperature;
-    cfg.top_p = spec.sampling.top_p;
-    cfg.top_k = spec.sampling.top_k;
-    cfg.seed = seed;
     let mut progress = Progress::new(ctx.name, first, total);
-    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
     for step in first..total {
         let t0 = Instant::now();
-        let epoch = step / per_epoch;
-        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_cache = Some((epoch, order.epoch(epoch)));
-        }
-        let which = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
-        // rollouts from the current policy, in micro chunks of prompts
+        // rollouts from the current policy
         let sampler = model.valid();
-        let mut rolls = vec![];
-        for (c, chunk) in which.chunks(spec.batch.micro).enumerate() {
-            let first_index =
-                ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
-            rolls.extend(rollout::sample(
-                &sampler,
-                &start,
-                &prompts,
-                &prompt_ids,
-                chunk,
-                spec.group,
-                &cfg,
-                first_index,
-                &inner,
-            )?);
-        }
-        let r = rewards(&spec.rewards, &models, &rolls, &prompts, &inner)?;
+        let (rolls, r) = rl.rollouts(step, spec, &sampler, &start, &inner)?;
         let adv = group_advantages(&r, spec.group);
         let per = spec.batch.micro * spec.group;
         let rows: Vec<&Encoded> = rolls.iter().map(|x| &x.row).collect();
@@ -431,15 +480,10 @@ pub fn run(
             (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         }
         if !step_loss.is_finite() {
-            return Err(Error::input(format!(
-                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
-            )));
+            return Err(steps::non_finite(&key, step_loss, step));
         }
         let done = step + 1;
-        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
-        {
-            std::process::abort();
-        }
+        steps::fault_point(ctx.name, done);
         let mean = r.iter().sum::<f64>() / r.len() as f64;
         progress.update(done, step_loss, lr * f, 0.0);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
@@ -453,32 +497,19 @@ pub fn run(
             }))?;
         }
         if done % spec.save_every == 0 && done < total {
-            checkpoints::save(
+            steps::checkpoint(
                 &ctx.dir,
-                &optim::state(&model, done, total),
-                |tmp| {
-                    save(&model, tmp)?;
-                    groups.save(tmp)
-                },
+                &model,
+                &groups,
+                done,
+                total,
                 spec.keep_last,
+                |tmp| save(&model, tmp),
             )?;
         }
     }
     progress.finish();
-    if !held.is_empty() && !rule_specs.is_empty() {
-        let h = heldout_reward(
-            &model.valid(),
-            &start,
-            &template,
-            &held,
-            &rule_specs,
-            spec.sampling.max_new_tokens,
-            &inner,
-        )?;
-        eprintln!("[{}] held-out reward after: {h:.3}", ctx.name);
-        ctx.metrics
-            .write(serde_json::json!({"stage": ctx.name, "step": total, "heldout_reward": h}))?;
-    }
+    rl.heldout(&mut ctx, &model.valid(), &start, total, "after", &inner)?;
     save(&model, &ctx.dir.join("model"))?;
     checkpoints::mark_done(&ctx.dir, total)?;
     Ok(Built { model, ..start })

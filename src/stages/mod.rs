@@ -17,4 +17,5 @@ pub mod reward;
 pub mod rollout;
 pub mod run;
 pub mod schedule;
+pub mod steps;
 pub mod trainer;

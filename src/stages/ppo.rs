@@ -13,18 +13,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::build::{self, Built, export};
-use super::grpo::{heldout_reward, load_data, reward_models, rewards};
+use super::grpo::RlSetup;
 use super::log::Progress;
-use super::optim::{self, Groups};
-use super::rollout::{self, RewardSpec};
+use super::optim::Groups;
+use super::steps;
+
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, loss, schedule};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::{Order, micro_batch};
-use crate::data::templates::{self, Encoded};
-use crate::error::{Error, Result};
-use crate::generate::GenConfig;
-use crate::recipe::schema::{Mix, RlStage};
+use crate::data::loader::micro_batch;
+use crate::data::templates::Encoded;
+use crate::error::Result;
+
+use crate::recipe::schema::RlStage;
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -124,7 +125,7 @@ fn load_value(pv: &mut PolicyValue, dir: &Path, device: &Device) -> Result<()> {
 }
 
 pub fn run(
-    ctx: StageRun,
+    mut ctx: StageRun,
     spec: &RlStage,
     start: Built,
     resume: Option<PathBuf>,
@@ -139,47 +140,10 @@ pub fn run(
         spec.lam.unwrap_or(0.95),
         spec.vf_coef.unwrap_or(0.1),
     );
-    let template = templates::training_source(spec.template, &start.text)
-        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
-    let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
-    let held = match &spec.heldout {
-        Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
-        None => vec![],
-    };
-    let prompt_ids: Vec<Vec<i64>> = prompts
-        .iter()
-        .map(|p| {
-            rollout::encode_prompt(&start, &template, p)
-                .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
-        })
-        .collect::<Result<_>>()?;
-    let order = Order {
-        mix: Mix::Mixed,
-        global: spec.batch.global,
-        seed,
-        sources: vec![((0..prompts.len()).collect(), 1.0)],
-        has_image: prompts.iter().map(|p| !p.images.is_empty()).collect(),
-        len: prompt_ids.iter().map(Vec::len).collect(),
-    };
-    let per_epoch = order.steps_per_epoch();
-    let total = spec
-        .max_steps
-        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
-    if total == 0 {
-        return Err(Error::input(format!(
-            "{key}: {} prompts make no full batch of {}",
-            prompts.len(),
-            spec.batch.global
-        )));
-    }
-    let models = reward_models(&spec.rewards, run_dir, &inner)?;
+    let mut rl = RlSetup::new(ctx.name, spec, &start, seed, run_dir, &inner)?;
+    let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
+    let template = rl.template.clone();
     let reference = start.model.valid();
-    let rule_specs: Vec<RewardSpec> = spec
-        .rewards
-        .iter()
-        .filter(|r| !matches!(r, RewardSpec::Model { .. }))
-        .cloned()
-        .collect();
     let mut train = spec
         .train
         .clone()
@@ -203,35 +167,16 @@ pub fn run(
     eprintln!(
         "[{}] ppo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps, {} epochs per batch; training {} ({} of {} params)",
         ctx.name,
-        prompts.len(),
+        rl.prompts.len(),
         spec.group,
         spec.updates,
         train.join(", "),
         groups.n_train,
         groups.n_all
     );
-    if !held.is_empty() && !rule_specs.is_empty() && first == 0 {
-        let h = heldout_reward(
-            &pv.llava.valid(),
-            &start,
-            &template,
-            &held,
-            &rule_specs,
-            spec.sampling.max_new_tokens,
-            &inner,
-        )?;
-        eprintln!("[{}] held-out reward before: {h:.3}", ctx.name);
-        ctx.metrics
-            .write(serde_json::json!({"stage": ctx.name, "step": 0, "heldout_reward": h}))?;
+    if first == 0 {
+        rl.heldout(&mut ctx, &pv.llava.valid(), &start, 0, "before", &inner)?;
     }
-    let mut cfg = GenConfig::greedy(
-        spec.sampling.max_new_tokens,
-        rollout::stop_ids(&start, &pv.llava),
-    );
-    cfg.temperature = spec.sampling.temperature;
-    cfg.top_p = spec.sampling.top_p;
-    cfg.top_k = spec.sampling.top_k;
-    cfg.seed = seed;
     let save = |m: &PolicyValue, out: &Path| -> Result<()> {
         export(
             &m.llava,
@@ -244,33 +189,11 @@ pub fn run(
         save_value(m, out)
     };
     let mut progress = Progress::new(ctx.name, first, total);
-    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
     let per = spec.batch.micro * spec.group;
     for step in first..total {
         let t0 = Instant::now();
-        let epoch = step / per_epoch;
-        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_cache = Some((epoch, order.epoch(epoch)));
-        }
-        let which = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
         let frozen = pv.valid();
-        let mut rolls = vec![];
-        for (c, chunk) in which.chunks(spec.batch.micro).enumerate() {
-            let first_index =
-                ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
-            rolls.extend(rollout::sample(
-                &frozen.llava,
-                &start,
-                &prompts,
-                &prompt_ids,
-                chunk,
-                spec.group,
-                &cfg,
-                first_index,
-                &inner,
-            )?);
-        }
-        let scores = rewards(&spec.rewards, &models, &rolls, &prompts, &inner)?;
+        let (rolls, scores) = rl.rollouts(step, spec, &frozen.llava, &start, &inner)?;
         let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
         // old log-probs and values, reference log-probs (no gradients), per row over positions 1..t
         let (mut old, mut refs, mut vals) = (vec![], vec![], vec![]);
@@ -392,15 +315,10 @@ pub fn run(
             (pv, norm) = groups.step(pv, acc.grads(), spec.clip_grad_norm, f);
         }
         if !step_loss.is_finite() {
-            return Err(Error::input(format!(
-                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
-            )));
+            return Err(steps::non_finite(&key, step_loss, step));
         }
         let done = step + 1;
-        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
-        {
-            std::process::abort();
-        }
+        steps::fault_point(ctx.name, done);
         progress.update(done, step_loss, lr * f, 0.0);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
             let tok = (n_tok * spec.updates).max(1) as f64;
@@ -414,32 +332,13 @@ pub fn run(
             }))?;
         }
         if done % spec.save_every == 0 && done < total {
-            checkpoints::save(
-                &ctx.dir,
-                &optim::state(&pv, done, total),
-                |tmp| {
-                    save(&pv, tmp)?;
-                    groups.save(tmp)
-                },
-                spec.keep_last,
-            )?;
+            steps::checkpoint(&ctx.dir, &pv, &groups, done, total, spec.keep_last, |tmp| {
+                save(&pv, tmp)
+            })?;
         }
     }
     progress.finish();
-    if !held.is_empty() && !rule_specs.is_empty() {
-        let h = heldout_reward(
-            &pv.llava.valid(),
-            &start,
-            &template,
-            &held,
-            &rule_specs,
-            spec.sampling.max_new_tokens,
-            &inner,
-        )?;
-        eprintln!("[{}] held-out reward after: {h:.3}", ctx.name);
-        ctx.metrics
-            .write(serde_json::json!({"stage": ctx.name, "step": total, "heldout_reward": h}))?;
-    }
+    rl.heldout(&mut ctx, &pv.llava.valid(), &start, total, "after", &inner)?;
     save(&pv, &ctx.dir.join("model"))?;
     checkpoints::mark_done(&ctx.dir, total)?;
     Ok(Built {

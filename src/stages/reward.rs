@@ -12,17 +12,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::build::{self, Built, export};
-use super::dpo::load_encode;
+use super::dpo::{PrefSetup, setup};
 use super::log::Progress;
-use super::optim::{self, Groups};
+use super::optim::Groups;
 use super::pref_loss::bradley_terry;
+use super::steps;
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, schedule};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::{Order, micro_batch};
-use crate::data::templates::{self, Encoded};
+use crate::data::loader::micro_batch;
+use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Mix, PrefStage};
+use crate::recipe::schema::PrefStage;
 use crate::zoo::layers::{float_tensor, int_tensor, to_vec};
 use crate::zoo::mllm::{Llava, MmInput};
 
@@ -161,52 +162,14 @@ pub fn run(
 ) -> Result<Built> {
     let seed = spec.seed.unwrap_or(ctx.seed);
     let device = ctx.device;
-    let template = templates::training_source(spec.template, &start.text)
-        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
     let key = format!("stages.{}", ctx.name);
-    let pairs = load_encode(
-        &spec.data,
-        &start.text,
-        &template,
-        spec.max_len,
-        spec.on_bad_sample,
-        &ctx.dir,
-        &format!("{key}.data"),
-    )?;
-    let heldout = match &spec.heldout {
-        Some(h) => load_encode(
-            h,
-            &start.text,
-            &template,
-            spec.max_len,
-            spec.on_bad_sample,
-            &ctx.dir,
-            &format!("{key}.heldout"),
-        )?,
-        None => vec![],
-    };
-    let order = Order {
-        mix: Mix::Mixed,
-        global: spec.batch.global,
-        seed,
-        sources: vec![((0..pairs.len()).collect(), 1.0)],
-        has_image: pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
-        len: pairs
-            .iter()
-            .map(|p| p.0.ids.len().max(p.1.ids.len()))
-            .collect(),
-    };
-    let per_epoch = order.steps_per_epoch();
-    let total = spec
-        .max_steps
-        .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
-    if total == 0 {
-        return Err(Error::input(format!(
-            "{key}: {} usable pairs make no full global batch of {}",
-            pairs.len(),
-            spec.batch.global
-        )));
-    }
+    let PrefSetup {
+        template,
+        pairs,
+        heldout,
+        mut batches,
+    } = setup(ctx.name, &ctx.dir, spec, &start, seed)?;
+    let (per_epoch, total) = (batches.per_epoch, batches.total);
     let train = spec
         .train
         .clone()
@@ -236,16 +199,11 @@ pub fn run(
         groups.n_all
     );
     let mut progress = Progress::new(ctx.name, first, total);
-    let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
     let (mut n, mut ok, mut lsum, mut msum) = (0usize, 0usize, 0.0f64, 0.0f64);
     while first < total {
         let step = first;
         let t0 = Instant::now();
-        let epoch = step / per_epoch;
-        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_cache = Some((epoch, order.epoch(epoch)));
-        }
-        let batch = epoch_cache.as_ref().unwrap().1[step % per_epoch].clone();
+        let batch = batches.at(step);
         let f = schedule::factor(&spec.schedule, step, total);
         let mut acc = GradientsAccumulator::<RewardModel>::new();
         let mut step_loss = 0.0;
@@ -264,18 +222,13 @@ pub fn run(
             acc.accumulate(&rm, GradientsParams::from_grads(total_l.backward(), &rm));
         }
         if !step_loss.is_finite() {
-            return Err(Error::input(format!(
-                "{key}: loss is {step_loss} at step {step}; lower the learning rate"
-            )));
+            return Err(steps::non_finite(&key, step_loss, step));
         }
         let norm;
         (rm, norm) = groups.step(rm, acc.grads(), spec.clip_grad_norm, f);
         first += 1;
         let done = first;
-        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
-        {
-            std::process::abort();
-        }
+        steps::fault_point(ctx.name, done);
         progress.update(done, step_loss, lr * f, 0.0);
         if done % spec.log_every == 0 || done == total {
             let k = n.max(1) as f64;
@@ -286,15 +239,9 @@ pub fn run(
             (n, ok, lsum, msum) = (0, 0, 0.0, 0.0);
         }
         if done % spec.save_every == 0 && done < total {
-            checkpoints::save(
-                &ctx.dir,
-                &optim::state(&rm, done, total),
-                |tmp| {
-                    rm.save(&start.text, &start.processor, &template, tmp)?;
-                    groups.save(tmp)
-                },
-                spec.keep_last,
-            )?;
+            steps::checkpoint(&ctx.dir, &rm, &groups, done, total, spec.keep_last, |tmp| {
+                rm.save(&start.text, &start.processor, &template, tmp)
+            })?;
         }
     }
     progress.finish();

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::build::{Built, export};
-use super::checkpoints;
 use super::log::{Metrics, Progress};
-use super::optim::{self, Groups};
+use super::optim::Groups;
+use super::{checkpoints, steps};
 use super::{loss, schedule};
 use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
@@ -214,11 +214,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         tokens_since += tokens;
         let done = step + 1;
-        // Fault injection for the resume tests: die abruptly (no unwinding, no cleanup), as SIGKILL would.
-        if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{}:{done}", ctx.name))
-        {
-            std::process::abort();
-        }
+        steps::fault_point(ctx.name, done);
         let secs = t0.elapsed().as_secs_f64();
         progress.update(done, loss_val, lr * f, tokens as f64 / secs);
         if done % spec.log_every == 0 || done == total {
@@ -244,14 +240,14 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 .write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
         }
         if done % spec.save_every == 0 && done < total {
-            let dir = checkpoints::save(
+            let dir = steps::checkpoint(
                 &ctx.dir,
-                &optim::state(&model, done, total),
-                |tmp| {
-                    save(&model, None, tmp)?;
-                    groups.save(tmp)
-                },
+                &model,
+                &groups,
+                done,
+                total,
                 spec.keep_last,
+                |tmp| save(&model, None, tmp),
             )?;
             last_good = Some(dir);
         }
