@@ -25,7 +25,7 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 
 /// Bump when the generator changes, so `ensure` rewrites datasets made by an older version.
-const VERSION: u64 = 5;
+const VERSION: u64 = 6;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
@@ -732,6 +732,8 @@ identically from meta.json.\n\n\
 chosen) and captions against hallucinated ones (an extra object, a wrong colour or shape).\n\
 - `prompts_{{train,heldout}}.jsonl`: one short question per image with its `answer` (verifiable-reward prompts \
 for GRPO/PPO).\n\
+- `yesno_train.json`: POPE-style yes/no probes of every training image (LLaVA layout), as many absent objects \
+as present ones.\n\
 - `mc_train.json`: multiple-choice questions (LLaVA layout, lettered options, letter answers).\n\
 - `eval/{{heldin,heldout}}/`: benchmark sets for `mitune eval` (see below): `vqa.jsonl`, `mc.jsonl`, \
 `pope_{{random,popular,adversarial}}.json` (POPE layout), `captions.jsonl`; held-in sets use training images.\n\

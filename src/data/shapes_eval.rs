@@ -278,6 +278,31 @@ pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>])
         jsonl(&out.join(format!("prompts_{split}.jsonl")), &rows)?;
     }
 
+    // yes/no probes of every training image (POPE-style: as many absent objects as present ones, negatives
+    // sharing a colour or a shape with a present object half of the time), LLaVA layout
+    let mut yesno = vec![];
+    for (i, objs) in train.iter().enumerate() {
+        let mut rng = rng_for(seed, "train", "yesno", i);
+        let sampling = if i % 2 == 0 { "random" } else { "adversarial" };
+        for (k, ((c, s), yes)) in pope(objs, sampling, &popular, &mut rng)
+            .into_iter()
+            .enumerate()
+        {
+            let q = format!(
+                "Is there a {} {}?\n{}",
+                c.name(),
+                s.name(),
+                super::shapes::YESNO_HINT
+            );
+            let a = if yes { "yes" } else { "no" }.to_string();
+            yesno.push(
+                json!({"id": format!("yesno-train-{i:05}-{k}"), "image": image_rel("train", i),
+                "conversations": convo(&[(q, a)], Some(true))}),
+            );
+        }
+    }
+    write_json(&out.join("yesno_train.json"), &Value::Array(yesno))?;
+
     let n_heldin = held.len().min(train.len());
     for (name, split, set) in [
         ("heldin", "train", &train[..n_heldin]),

@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::build::{self, Built, export};
+use super::build::{Built, export};
 use super::log::Progress;
 use super::optim::Groups;
 use super::reward::{self, RewardModel};
@@ -410,18 +410,15 @@ pub fn run(
         .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
     let mut groups = Groups::new(&spec.optim, ctx.name)?;
     let lr = groups.lr();
-    let mut model = start.model.clone();
-    let mut first = 0;
-    if let Some(ck) = &resume {
-        model = build::load_dir(ck, device)?.model;
-        (model, first) = groups.resume(model, ck)?;
-        eprintln!(
-            "[{}] resuming at step {first}/{total} from {}",
-            ctx.name,
-            ck.display()
-        );
-    }
-    model = groups.select(model, &train, ctx.name)?;
+    let (mut model, first) = steps::policy(
+        &start.model,
+        resume.as_deref(),
+        &mut groups,
+        &train,
+        ctx.name,
+        total,
+        device,
+    )?;
     eprintln!(
         "[{}] grpo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
         ctx.name,

@@ -99,3 +99,28 @@ pub fn non_finite(key: &str, loss: f64, step: usize) -> Error {
         "{key}: loss is {loss} at step {step}; stopped without saving. Lower the learning rate (or beta), or check this step's data."
     ))
 }
+
+/// The LLaVA policy a stage trains: the starting model, or on resume the checkpoint's weights and optimizer
+/// moments; frozen outside `train`. Returns the model and the first step to run.
+#[allow(clippy::too_many_arguments)]
+pub fn policy(
+    start: &crate::zoo::mllm::Llava,
+    resume: Option<&Path>,
+    groups: &mut Groups,
+    train: &[String],
+    stage: &str,
+    total: usize,
+    device: &burn::tensor::Device,
+) -> Result<(crate::zoo::mllm::Llava, usize)> {
+    let mut model = start.clone();
+    let mut first = 0;
+    if let Some(ck) = resume {
+        model = super::build::load_dir(ck, device)?.model;
+        (model, first) = groups.resume(model, ck)?;
+        eprintln!(
+            "[{stage}] resuming at step {first}/{total} from {}",
+            ck.display()
+        );
+    }
+    Ok((groups.select(model, train, stage)?, first))
+}
