@@ -387,7 +387,13 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 "a whole checkpoint excludes [model.encoder]/[model.llm]/[model.connector]",
             ));
         }
-        if !dir.join("config.json").exists() {
+        if !dir.exists() && dir.starts_with(&rc.output) {
+            // a stage model of another run: that run makes it
+            eprintln!(
+                "note: model.from {} does not exist yet: run the recipe that makes it first",
+                dir.display()
+            );
+        } else if !dir.join("config.json").exists() {
             errs.push(problem(
                 r,
                 "model.from",
