@@ -3,6 +3,7 @@ mod chat;
 mod eval;
 mod generate;
 mod inspect;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a recipe's pipeline of stages (align, instruct, ...) with checkpoints, logs and held-out metrics.
     Train(train::TrainArgs),
+    /// Run every point of a sweep file's grid (`--dry-run`: list them); finished points are skipped.
+    Sweep(sweep::Args),
     /// Check a recipe (every error with its key and file:line); with --data, dry-run its data.
     Validate(train::ValidateArgs),
     /// Write a built-in dataset: `mitune data shapes --out datasets/shapes`.
@@ -70,6 +73,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::train(a),
         Command::Validate(a) => train::validate(a),
+        Command::Sweep(a) => sweep::run(a),
         Command::Data {
             which,
             out,

@@ -2,6 +2,7 @@
 //! its key path and, where the TOML source gives it, file:line.
 pub mod resolve;
 pub mod schema;
+pub mod sweep;
 
 use std::path::Path;
 
@@ -107,7 +108,27 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
 
 /// Resolves and validates a recipe; `Err` holds every problem found.
 pub fn load(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<String>> {
+    load_inner(path, sets, false)
+}
+
+/// One point of a sweep file: the file's recipe (its `[sweep]` grid ignored) with the point's `sets`.
+pub fn load_point(path: &Path, sets: &[String]) -> Result<(Recipe, Resolved), Vec<String>> {
+    load_inner(path, sets, true)
+}
+
+fn load_inner(
+    path: &Path,
+    sets: &[String],
+    sweep_ok: bool,
+) -> Result<(Recipe, Resolved), Vec<String>> {
     let r = resolve::resolve(path, sets).map_err(|e| vec![e.to_string()])?;
+    if r.sweep.is_some() && !sweep_ok {
+        return Err(vec![format!(
+            "{}: this is a sweep file (it has a [sweep] grid): run it with `mitune sweep {}`",
+            path.display(),
+            path.display()
+        )]);
+    }
     let mut errs = vec![];
     let t = r.table.clone();
     for k in t.keys() {

@@ -76,12 +76,15 @@ pub struct Resolved {
     pub files: Vec<PathBuf>,
     sources: Vec<Source>,
     set_keys: Vec<Vec<String>>,
+    /// The `[sweep]` table of the top file (a sweep file is a recipe plus its grid; see `sweep.rs`).
+    pub sweep: Option<Table>,
 }
 
 /// Load `path`, follow its `extends` chain, merge, then apply `sets` (each "a.b.c=VALUE") in order.
 pub fn resolve(path: &Path, sets: &[String]) -> Result<Resolved, ResolveError> {
     let (mut files, mut canon): (Vec<PathBuf>, Vec<PathBuf>) = (Vec::new(), Vec::new());
     let (mut tables, mut sources): (Vec<Table>, Vec<Source>) = (Vec::new(), Vec::new());
+    let mut sweep = None;
     let mut next = Some(path.to_path_buf());
     while let Some(file) = next.take() {
         let read_err = |source| ResolveError::Read {
@@ -101,6 +104,11 @@ pub fn resolve(path: &Path, sets: &[String]) -> Result<Resolved, ResolveError> {
         }
         let text = std::fs::read_to_string(&file).map_err(read_err)?;
         let (mut table, keys) = parse_file(&file, &text)?;
+        if files.is_empty()
+            && let Some(Value::Table(t)) = table.remove("sweep")
+        {
+            sweep = Some(t);
+        }
         match table.remove("extends") {
             None => {}
             Some(Value::String(p)) => {
@@ -149,6 +157,7 @@ pub fn resolve(path: &Path, sets: &[String]) -> Result<Resolved, ResolveError> {
         files,
         sources,
         set_keys,
+        sweep,
     })
 }
 
