@@ -273,6 +273,17 @@ pub fn generate_batch(
     Ok(out)
 }
 
+/// The ids that end an answer: the model's EOS ids, the tokenizer's EOS, and ChatML's turn end `<|im_end|>`
+/// (templates that close turns with their own token end answers with it).
+pub fn stop_ids(model: &Llava, text: &crate::data::tokenizer::TextProcessor) -> Vec<i64> {
+    let mut eos = model.spec.llm.eos_token_ids.clone();
+    eos.extend(text.eos_token_id);
+    eos.extend(text.token_id("<|im_end|>"));
+    eos.sort_unstable();
+    eos.dedup();
+    eos
+}
+
 /// The text before the first stop string (all of it when none occurs).
 pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
     let end = stop

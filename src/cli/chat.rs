@@ -4,11 +4,11 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use super::generate::Stream;
+use super::generate::{Sampling, Stream};
 use crate::data::sources::Role;
 use crate::data::templates;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, Prompt, cut_at_stop, generate_batch};
+use crate::generate::{Prompt, cut_at_stop, generate_batch, stop_ids};
 use crate::recipe::schema::Template;
 
 #[derive(clap::Args)]
@@ -24,20 +24,8 @@ pub struct Args {
     pub template: Template,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Stop strings (repeatable), e.g. "USER:" for templates without an end-of-turn token.
-    #[arg(long)]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub sampling: Sampling,
 }
 
 const HELP: &str = "commands: /image PATH (attach to the next message), /reset, /quit";
@@ -50,20 +38,9 @@ pub fn run(a: Args) -> Result<()> {
             "{m}: pass --template vicuna_v1 (LLaVA-1.5), llama_2, chatml or plain"
         ))
     })?;
-    let mut cfg = GenConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        eos: built.model.spec.llm.eos_token_ids.clone(),
-        stop: a.stop.clone(),
-    };
-    cfg.eos.extend(built.text.eos_token_id);
-    cfg.eos.extend(built.text.token_id("<|im_end|>"));
-    cfg.check()
-        .map_err(|m| Error::input(format!("--{}", m.replace('_', "-"))))?;
+    let cfg = a
+        .sampling
+        .config(a.max_new_tokens, stop_ids(&built.model, &built.text))?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("mitune chat: {} ({HELP})", a.model.display());

@@ -23,22 +23,8 @@ pub struct Args {
     pub raw: bool,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// 1 = off.
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
-    /// Stop once the output contains this string (repeatable); the string is cut from the printed text.
-    #[arg(long)]
-    pub stop: Vec<String>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: Sampling,
     /// Print one JSON object: input_ids, output_ids, text, logprobs.
     #[arg(long)]
     pub json: bool,
@@ -56,19 +42,9 @@ pub fn run(a: Args) -> Result<()> {
             a.image.len()
         )));
     }
-    let mut cfg = GenConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        eos: spec.llm.eos_token_ids.clone(),
-        stop: a.stop.clone(),
-    };
-    cfg.eos.extend(text.eos_token_id);
-    cfg.check()
-        .map_err(|m| Error::input(format!("--{}", m.replace('_', "-"))))?;
+    let mut eos = spec.llm.eos_token_ids.clone();
+    eos.extend(text.eos_token_id);
+    let cfg = a.sampling.config(a.max_new_tokens, eos)?;
     let device = crate::default_device();
     let pixels = if a.image.is_empty() {
         None
@@ -108,6 +84,47 @@ pub fn run(a: Args) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(clap::Args)]
+pub struct Sampling {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Stop once the output contains this string (repeatable; e.g. "USER:" for templates without an end-of-turn
+    /// token); the string is cut from the printed text.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The checked generation settings (a bad flag is a one-line error naming it).
+    pub fn config(&self, max_new_tokens: usize, eos: Vec<i64>) -> Result<GenConfig> {
+        let cfg = GenConfig {
+            max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            eos,
+            stop: self.stop.clone(),
+        };
+        cfg.check()
+            .map_err(|m| Error::input(format!("--{}", m.replace('_', "-"))))?;
+        Ok(cfg)
+    }
 }
 
 /// Prints decoded text as ids arrive: only what is certain (complete UTF-8, and never the part of the text that

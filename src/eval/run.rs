@@ -14,7 +14,7 @@ use crate::data::sources::Role;
 use crate::data::templates;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, Prompt, generate_batch};
+use crate::generate::{GenConfig, Prompt, generate_batch, stop_ids};
 use crate::recipe::schema::OnBad;
 use crate::zoo::mllm::Llava;
 
@@ -254,12 +254,7 @@ pub fn run_task(
         .clone()
         .unwrap_or_else(|| default_hint(spec.task).to_string());
     let device = burn::module::Module::devices(model)[0].clone();
-    let mut cfg = GenConfig::greedy(opt.max_new_tokens, model.spec.llm.eos_token_ids.clone());
-    cfg.eos.extend(text.eos_token_id);
-    // Templates that close turns with their own token (ChatML's `<|im_end|>`) end answers with it.
-    cfg.eos.extend(text.token_id("<|im_end|>"));
-    cfg.eos.sort_unstable();
-    cfg.eos.dedup();
+    let cfg = GenConfig::greedy(opt.max_new_tokens, stop_ids(model, text));
 
     let t0 = std::time::Instant::now();
     let mut outputs: Vec<String> = Vec::with_capacity(items.len());

@@ -148,7 +148,7 @@ pub fn heldout_reward(
         .iter()
         .map(|p| rollout::encode_prompt(b, template, p).map_err(Error::input))
         .collect::<Result<_>>()?;
-    let cfg = GenConfig::greedy(max_new, rollout::stop_ids(b, model));
+    let cfg = GenConfig::greedy(max_new, crate::generate::stop_ids(model, &b.text));
     let mut sum = 0.0;
     for chunk in (0..items.len()).collect::<Vec<_>>().chunks(16) {
         let rolls = rollout::sample(model, b, items, &ids, chunk, 1, &cfg, 0, device)?;
@@ -310,7 +310,10 @@ impl RlSetup {
             spec.epochs,
             spec.max_steps,
         )?;
-        let mut cfg = GenConfig::greedy(max_new, rollout::stop_ids(start, &start.model));
+        let mut cfg = GenConfig::greedy(
+            max_new,
+            crate::generate::stop_ids(&start.model, &start.text),
+        );
         cfg.temperature = spec.sampling.temperature;
         cfg.top_p = spec.sampling.top_p;
         cfg.top_k = spec.sampling.top_k;

@@ -8,7 +8,7 @@ use super::build::Built;
 use crate::data::sources::{self, Role};
 use crate::data::templates;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, generate};
+use crate::generate::{GenConfig, generate, stop_ids};
 use crate::recipe::schema::{Heldout, Source};
 use crate::zoo::mllm::MmInput;
 
@@ -49,10 +49,7 @@ impl Score {
 pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>> {
     let model = built.model.valid();
     let device = burn::module::Module::devices(&model)[0].clone();
-    let cfg = GenConfig::greedy(h.max_new_tokens, model.spec.llm.eos_token_ids.clone());
-    // Templates that close turns with their own token (ChatML's `<|im_end|>`) end answers with it.
-    let mut cfg = cfg;
-    cfg.eos.extend(built.text.token_id("<|im_end|>"));
+    let cfg = GenConfig::greedy(h.max_new_tokens, stop_ids(&model, &built.text));
     let mut out = vec![];
     for task in &h.tasks {
         let src = Source::LlavaJson {

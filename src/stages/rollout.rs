@@ -177,13 +177,3 @@ pub fn sample(
     }
     Ok(rollouts)
 }
-
-/// End-of-answer ids: the model's EOS, the tokenizer's, and ChatML's turn end.
-pub fn stop_ids(b: &Built, model: &Llava) -> Vec<i64> {
-    let mut eos = model.spec.llm.eos_token_ids.clone();
-    eos.extend(b.text.eos_token_id);
-    eos.extend(b.text.token_id("<|im_end|>"));
-    eos.sort_unstable();
-    eos.dedup();
-    eos
-}
