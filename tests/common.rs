@@ -70,3 +70,56 @@ pub fn image_text_logit_error(model: &Llava, e: &Expected, device: &Device) -> f
     );
     max_abs_diff(&got, &e.tensor("image_text.logits").1)
 }
+
+/// A fresh scratch directory for one test (`tag` keeps parallel tests apart).
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mitune-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny shapes world (48 training images) under `dir/shapes`.
+pub fn world(dir: &std::path::Path) -> PathBuf {
+    let w = dir.join("shapes");
+    let cfg = mitune::data::shapes::ShapesConfig {
+        seed: 1,
+        train: 48,
+        heldout: 6,
+        vocab_size: 320,
+    };
+    mitune::data::shapes::ensure(&w, &cfg).unwrap();
+    w
+}
+
+/// Runs the mitune binary; (success, stderr).
+pub fn run_mitune(args: &[&str], env: Option<(&str, &str)>) -> (bool, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"));
+    c.args(args);
+    if let Some((k, v)) = env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// (stage, step) -> loss as written in a run's metrics.jsonl (the last line wins: a resumed step overwrites the
+/// killed run's).
+pub fn losses(run: &std::path::Path) -> Vec<((String, u64), String)> {
+    let mut m = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let (Some(s), Some(k), Some(l)) =
+            (v["stage"].as_str(), v["step"].as_u64(), v.get("loss"))
+        {
+            m.insert((s.to_string(), k), l.to_string());
+        }
+    }
+    m.into_iter().collect()
+}

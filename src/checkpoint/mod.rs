@@ -3,6 +3,7 @@
 pub mod hf;
 pub mod keys;
 pub mod params;
+pub mod peft;
 pub mod safetensors_io;
 
 pub use hf::{Composition, compose_llava, load_llava, save_llava};

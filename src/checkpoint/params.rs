@@ -25,7 +25,12 @@ fn hf_path(stack: &[(String, String)]) -> (String, bool) {
     (names.join("."), transpose)
 }
 
-fn transpose2(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// Inside a LoRA adapter (burn's reparameterization): its factors are written by `checkpoint::peft`, not here.
+fn in_adapter(stack: &[(String, String)]) -> bool {
+    stack.iter().any(|(_, c)| c == "Reparameterization")
+}
+
+pub(crate) fn transpose2(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -66,6 +71,15 @@ impl<'a> Loader<'a> {
 
     /// Fills `module` from the store; errors name the file and tensor. Stored tensors nobody asked for are errors
     /// too (unless known-ignorable), so a checkpoint of another architecture never loads half-way silently.
+    /// Fills `module` and ignores the store's other tensors (one part out of a larger file).
+    pub fn load_part<M: Module>(mut self, module: M) -> Result<M> {
+        let module = module.map(&mut self);
+        match self.errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(module),
+        }
+    }
+
     pub fn load<M: Module>(mut self, module: M) -> Result<M> {
         let module = module.map(&mut self);
         if let Some(first) = self.errors.first() {
@@ -112,7 +126,7 @@ impl ModuleMapper for Loader<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (path, transpose) = hf_path(&self.stack);
-        if self.fresh.iter().any(|f| path.starts_with(f)) {
+        if in_adapter(&self.stack) || self.fresh.iter().any(|f| path.starts_with(f)) {
             return param;
         }
         let candidates = (self.keys)(&path);
@@ -198,7 +212,12 @@ impl ModuleVisitor for Collector<'_> {
         self.stack.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if in_adapter(&self.stack) {
+            return;
+        }
         let (path, transpose) = hf_path(&self.stack);
+        // burn visits an adapted weight as its base (the adapter's factors follow under `lora`): HF layouts hold
+        // the base; merge first (`Module::materialize`) to write the adapted weight.
         let t = param.val();
         let dims = t.dims().to_vec();
         let values = crate::zoo::layers::to_vec(t);

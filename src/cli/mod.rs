@@ -52,10 +52,17 @@ pub enum Command {
         /// Checkpoint directory (LlavaForConditionalGeneration layout).
         dir: PathBuf,
     },
-    /// Load a checkpoint and save it again in the LlavaForConditionalGeneration layout.
+    /// Save a checkpoint (or a run's stage, `RUN/STAGE`) in the LlavaForConditionalGeneration layout; a stage
+    /// trained with LoRA gives its base plus the PEFT adapter (`OUT/adapter`), or with --merge-lora one merged model.
     Export {
+        /// A run's stage directory (`checkpoints/runs/NAME/STAGE`).
+        stage: Option<PathBuf>,
+        /// A checkpoint directory (instead of a stage).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
+        /// Merge the stage's LoRA adapter into the weights.
+        #[arg(long)]
+        merge_lora: bool,
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype: f32, bf16 or f16.
@@ -86,11 +93,22 @@ pub fn main() -> std::process::ExitCode {
         Command::Chat(args) => chat::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
         Command::Export {
+            stage,
             model,
+            merge_lora,
             out,
             dtype,
             part,
-        } => export(&model, &out, &dtype, part.as_deref()),
+        } => match (stage, model) {
+            (Some(stage), None) => export_stage(&stage, &out, &dtype, merge_lora),
+            (None, Some(model)) if !merge_lora => export(&model, &out, &dtype, part.as_deref()),
+            (None, Some(_)) => Err(crate::Error::input(
+                "--merge-lora applies to a run's stage: mitune export RUN/STAGE --out DIR --merge-lora",
+            )),
+            _ => Err(crate::Error::input(
+                "give a run's stage (mitune export RUN/STAGE --out DIR) or --model DIR, not both",
+            )),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -101,22 +119,94 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+fn dtype_of(dtype: &str) -> crate::Result<safetensors::Dtype> {
+    match dtype {
+        "f32" => Ok(safetensors::Dtype::F32),
+        "bf16" => Ok(safetensors::Dtype::BF16),
+        "f16" => Ok(safetensors::Dtype::F16),
+        other => Err(crate::Error::input(format!(
+            "--dtype {other}: use f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// `RUN/STAGE`: its model, or for a LoRA stage the base + adapter (merged on request).
+fn export_stage(
+    stage: &std::path::Path,
+    out: &std::path::Path,
+    dtype: &str,
+    merge: bool,
+) -> crate::Result<()> {
+    use crate::checkpoint::peft;
+    let adapter = stage.join("adapter");
+    let base = stage.join("base");
+    if !adapter.join(peft::CONFIG).exists() {
+        if merge {
+            return Err(crate::Error::file(
+                stage,
+                "this stage trained no LoRA adapter (no adapter/adapter_config.json): drop --merge-lora",
+            ));
+        }
+        if !stage.join("model").join("config.json").exists() {
+            return Err(crate::Error::file(
+                stage,
+                "not a finished stage of a run (no model/config.json): give checkpoints/runs/NAME/STAGE",
+            ));
+        }
+        return export(&stage.join("model"), out, dtype, None);
+    }
+    let device = crate::default_device();
+    if merge {
+        let m = peft::load_adapted(&base, &adapter, &device)?;
+        let m = crate::zoo::lora::merge(m);
+        crate::checkpoint::save_llava(&m, out, dtype_of(dtype)?, Some(&base))?;
+        eprintln!(
+            "merged {} into {} -> {}",
+            adapter.display(),
+            base.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    export(&base, out, dtype, None)?;
+    let dst = out.join("adapter");
+    std::fs::create_dir_all(&dst).map_err(|source| crate::Error::Io {
+        path: dst.clone(),
+        source,
+    })?;
+    std::fs::copy(adapter.join(peft::WEIGHTS), dst.join(peft::WEIGHTS)).map_err(|source| {
+        crate::Error::Io {
+            path: adapter.join(peft::WEIGHTS),
+            source,
+        }
+    })?;
+    let mut cfg = peft::read_config(&adapter)?;
+    cfg.base_model_name_or_path = Some(
+        std::path::absolute(out)
+            .unwrap_or_else(|_| out.to_path_buf())
+            .display()
+            .to_string(),
+    );
+    crate::checkpoint::hf::write_json(
+        &dst.join(peft::CONFIG),
+        &serde_json::to_value(&cfg).unwrap(),
+    )?;
+    eprintln!(
+        "base -> {}, PEFT adapter -> {} (PeftModel.from_pretrained(model, \"{}\"))",
+        out.display(),
+        dst.display(),
+        dst.display()
+    );
+    Ok(())
+}
+
 fn export(
     model: &std::path::Path,
     out: &std::path::Path,
     dtype: &str,
     part: Option<&str>,
 ) -> crate::Result<()> {
-    let dtype = match dtype {
-        "f32" => safetensors::Dtype::F32,
-        "bf16" => safetensors::Dtype::BF16,
-        "f16" => safetensors::Dtype::F16,
-        other => {
-            return Err(crate::Error::input(format!(
-                "--dtype {other}: use f32, bf16 or f16"
-            )));
-        }
-    };
+    let dtype = dtype_of(dtype)?;
     let device = crate::default_device();
     if let Some(part) = part {
         use crate::checkpoint::hf::Part;

@@ -393,6 +393,9 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 }
             }
         }
+        if let Some(a) = &t.adapter {
+            check_adapter(a, t.train.as_deref(), &key, r, errs);
+        }
     }
     for name in rc.stages.keys() {
         if !rc.pipeline.contains(name) {
@@ -458,6 +461,86 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     format!("task {i} ({}): {} does not exist", t.name, t.path.display()),
                 ));
             }
+        }
+    }
+}
+
+/// What can be said of an adapter without the model (its targets are matched against the model at `train`).
+fn check_adapter(
+    a: &schema::Adapter,
+    train: Option<&[String]>,
+    key: &str,
+    r: &Resolved,
+    errs: &mut Vec<Problem>,
+) {
+    let f = a.fields();
+    let key = format!("{key}.adapter");
+    if f.rank == 0 {
+        errs.push(problem(r, &format!("{key}.rank"), "must be at least 1"));
+    }
+    if f.alpha.is_nan() || f.alpha <= 0.0 {
+        errs.push(problem(r, &format!("{key}.alpha"), "must be positive"));
+    }
+    if f.dropout != 0.0 {
+        errs.push(problem(
+            r,
+            &format!("{key}.dropout"),
+            format!(
+                "{}: adapter dropout is not available (burn adds the adapter into the weight, so there is no separate adapter input to drop); use 0.0",
+                f.dropout
+            ),
+        ));
+    }
+    if f.targets.is_empty() {
+        errs.push(problem(
+            r,
+            &format!("{key}.targets"),
+            "empty: name modules (q_proj, v_proj, ...) or give re:<regex>",
+        ));
+    }
+    for t in f.targets {
+        if let Some(re) = t.strip_prefix("re:")
+            && let Err(e) = regex::Regex::new(re)
+        {
+            errs.push(problem(
+                r,
+                &format!("{key}.targets"),
+                format!("{t:?} is not a valid regex: {e}"),
+            ));
+        }
+    }
+    for p in f.parts {
+        if !["encoder", "connector", "llm"].contains(&p.as_str()) {
+            errs.push(problem(
+                r,
+                &format!("{key}.parts"),
+                format!("{p:?}: use encoder, connector or llm"),
+            ));
+        }
+    }
+    if let Some(b) = f.bits
+        && b != 8
+        && b != 4
+    {
+        errs.push(problem(
+            r,
+            &format!("{key}.bits"),
+            format!("{b}: use 8 or 4"),
+        ));
+    }
+    for p in train.unwrap_or_default() {
+        if p.starts_with("re:") {
+            errs.push(problem(
+                r,
+                &key,
+                format!("with an adapter, `train` names whole parts (saved as PEFT modules_to_save), not {p:?}"),
+            ));
+        } else if f.parts.contains(p) {
+            errs.push(problem(
+                r,
+                &format!("{key}.parts"),
+                format!("{p:?} is both fully trained (`train`) and adapted: drop it from `train` (the adapter trains it)"),
+            ));
         }
     }
 }

@@ -397,6 +397,93 @@ pub struct TrainStage {
     /// Also export one component of the final model as a standalone directory (pre-training recipes release
     /// encoders and LLMs this way): `export = { part = "llm", dtype = "bf16" }`.
     pub export: Option<Export>,
+    /// Train low-rank adapters instead of the targeted weights (LoRA; QLoRA over a quantized base):
+    /// `adapter = { kind = "lora", rank = 8, alpha = 16, targets = ["q_proj", "v_proj"] }`.
+    pub adapter: Option<Adapter>,
+}
+
+/// Low-rank adapters on Linear weights (burn's built-in LoRA/QLoRA), saved in PEFT's layout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Adapter {
+    Lora {
+        rank: usize,
+        alpha: f64,
+        /// PEFT's `lora_dropout`; only 0 is available (burn composes the adapter into the weight).
+        #[serde(default)]
+        dropout: f64,
+        /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's
+        /// transformers name (`model.language_model.layers.0.self_attn.q_proj`), as PEFT's `target_modules`.
+        targets: Vec<String>,
+        /// Which parts the targets apply to: `llm` (default), `encoder`, `connector`.
+        #[serde(default = "llm_part")]
+        parts: Vec<String>,
+    },
+    /// LoRA over a base quantized to `bits` (8 or 4; symmetric, per tensor block), as QLoRA.
+    Qlora {
+        rank: usize,
+        alpha: f64,
+        #[serde(default)]
+        dropout: f64,
+        targets: Vec<String>,
+        #[serde(default = "llm_part")]
+        parts: Vec<String>,
+        #[serde(default = "eight")]
+        bits: u8,
+    },
+}
+
+/// The fields LoRA and QLoRA share, and the quantization width (None for LoRA).
+pub struct LoraFields<'a> {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: &'a [String],
+    pub parts: &'a [String],
+    pub bits: Option<u8>,
+}
+
+impl Adapter {
+    pub fn fields(&self) -> LoraFields<'_> {
+        match self {
+            Adapter::Lora {
+                rank,
+                alpha,
+                dropout,
+                targets,
+                parts,
+            } => LoraFields {
+                rank: *rank,
+                alpha: *alpha,
+                dropout: *dropout,
+                targets,
+                parts,
+                bits: None,
+            },
+            Adapter::Qlora {
+                rank,
+                alpha,
+                dropout,
+                targets,
+                parts,
+                bits,
+            } => LoraFields {
+                rank: *rank,
+                alpha: *alpha,
+                dropout: *dropout,
+                targets,
+                parts,
+                bits: Some(*bits),
+            },
+        }
+    }
+}
+
+fn llm_part() -> Vec<String> {
+    vec!["llm".into()]
+}
+fn eight() -> u8 {
+    8
 }
 fn one() -> f64 {
     1.0

@@ -6,7 +6,7 @@
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,12 +15,14 @@ use super::log::{Metrics, Progress};
 use super::optim::Groups;
 use super::{checkpoints, steps};
 use super::{loss, schedule};
+use crate::checkpoint::peft;
 use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
-use crate::recipe::schema::StageSpec;
+use crate::recipe::schema::{Adapter, StageSpec};
 use crate::zoo::layers::float_tensor;
+use crate::zoo::lora;
 use crate::zoo::mllm::{Llava, MmInput};
 
 pub struct StageRun<'a> {
@@ -56,11 +58,41 @@ pub fn micro_loss(
     Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
 }
 
-fn default_train(kind: &str) -> Vec<String> {
+fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<String> {
+    if let Some(a) = adapter {
+        // LLaVA's LoRA recipe: adapters on the LLM, the connector trained in full.
+        let adapted = a.fields().parts;
+        return ["connector"]
+            .iter()
+            .filter(|p| !adapted.iter().any(|a| a == *p))
+            .map(|p| p.to_string())
+            .collect();
+    }
     match kind {
         "align" => vec!["connector".into()],
         "instruct" => vec!["connector".into(), "llm".into()],
         _ => vec!["encoder".into(), "connector".into(), "llm".into()],
+    }
+}
+
+/// The stage's adapters: where they are, and which parts train in full beside them (PEFT's modules_to_save).
+struct Adapted<'a> {
+    spec: &'a Adapter,
+    targets: Vec<lora::Linear>,
+    to_save: Vec<String>,
+}
+
+impl Adapted<'_> {
+    /// Saves the adapter (PEFT layout) into `out`, naming `base` (where the unmerged model was saved).
+    fn save(&self, model: &Llava, base: &Path, out: &Path) -> Result<()> {
+        peft::save(
+            model,
+            &self.spec.fields(),
+            &self.targets,
+            &self.to_save,
+            base,
+            out,
+        )
     }
 }
 
@@ -144,11 +176,32 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     }
 
     // Which parameters learn, in which optimizer group.
-    let train = spec.train.clone().unwrap_or_else(|| default_train(kind));
+    let mut train = spec
+        .train
+        .clone()
+        .unwrap_or_else(|| default_train(kind, spec.adapter.as_ref()));
     let mut groups = Groups::new(&spec.optim, ctx.name)?;
     let lr = groups.lr();
     let mut start = 0;
     let mut model = built.model;
+    let adapted = match &spec.adapter {
+        Some(a) => {
+            let f = a.fields();
+            let targets = lora::resolve(&model, &f, &format!("stages.{}.adapter", ctx.name))?;
+            model = lora::attach(model, &f, &targets, ctx.device)?;
+            if let Some(ck) = &resume {
+                model = peft::load(model, &ck.join("adapter"), &targets, ctx.device)?;
+            }
+            let to_save = train.clone();
+            train.push(r"re:\.lora\.[ab]$".into());
+            Some(Adapted {
+                spec: a,
+                targets,
+                to_save,
+            })
+        }
+        None => None,
+    };
     if let Some(ck) = &resume {
         (model, start) = groups.resume(model, ck)?;
         eprintln!(
@@ -247,7 +300,14 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 done,
                 total,
                 spec.keep_last,
-                |tmp| save(&model, None, tmp),
+                |tmp| match &adapted {
+                    // base weights (HF files skip adapters) + the adapter, as the resume above reads them
+                    Some(a) => {
+                        save(&model, None, tmp)?;
+                        a.save(&model, tmp, &tmp.join("adapter"))
+                    }
+                    None => save(&model, None, tmp),
+                },
             )?;
             last_good = Some(dir);
         }
@@ -261,10 +321,22 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         (p, e.dtype.safetensors())
     });
     // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
-    save(&model, None, &ctx.dir.join("model"))?;
+    // With adapters: `model/` holds them merged (what later stages, generate and transformers load), `adapter/`
+    // the PEFT adapter over `base/` (the unmerged weights).
+    let out = match &adapted {
+        Some(a) => {
+            let base = ctx.dir.join("base");
+            save(&model, None, &base)?;
+            a.save(&model, &base, &ctx.dir.join("adapter"))?;
+            lora::merge(model)
+        }
+        None => model,
+    };
+    save(&out, None, &ctx.dir.join("model"))?;
     if let Some(p) = part {
-        save(&model, Some(p), &ctx.dir.join("export"))?;
+        save(&out, Some(p), &ctx.dir.join("export"))?;
     }
+    let model = out;
     checkpoints::mark_done(&ctx.dir, total)?;
     built.model = model;
     Ok(built)

@@ -3,5 +3,6 @@ pub mod connectors;
 pub mod encoders;
 pub mod layers;
 pub mod llms;
+pub mod lora;
 pub mod mllm;
 pub mod presets;

@@ -1,0 +1,168 @@
+//! LoRA / QLoRA adapters on a LLaVA's Linear weights, through burn's built-in reparameterization: an adapted
+//! weight reads `base + alpha/rank · A·B` (burn layout: base [in, out], A [in, r], B [r, out]; B starts at zero,
+//! so the adapted model starts equal to its base). The base weights freeze, the factors train. Targets are named
+//! the way PEFT's `target_modules` names them, against the module's transformers name, so the adapter saved by
+//! `checkpoint::peft` applies to the same modules in Python.
+use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup, ParamId, QLora, Quantizer};
+use burn::tensor::quantization::{Calibration, QuantValue};
+use burn::tensor::{Device, Tensor};
+use regex::Regex;
+
+use crate::checkpoint::keys;
+use crate::error::{Error, Result};
+use crate::recipe::schema::LoraFields;
+use crate::stages::params::part_of;
+use crate::zoo::mllm::Llava;
+
+/// One Linear weight an adapter may target.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub id: ParamId,
+    /// burn parameter path (`language_model.layers.0.self_attn.q_proj.weight`)
+    pub param: String,
+    /// the module's transformers 5 name (`model.language_model.layers.0.self_attn.q_proj`)
+    pub module: String,
+    /// encoder, connector or llm
+    pub part: &'static str,
+}
+
+/// The transformers 5 name of a burn parameter path (`LlavaForConditionalGeneration`'s native layout; the
+/// 4.x names that mitune writes in full checkpoints are first in `keys::llava`, these are the `model.` ones).
+pub fn hf5_key(path: &str) -> String {
+    let cands = keys::llava(path);
+    cands
+        .iter()
+        .find(|k| k.starts_with("model.") || k.starts_with("lm_head."))
+        .cloned()
+        .unwrap_or_else(|| cands[0].clone())
+}
+
+/// Every Linear weight of the model, in visiting order.
+pub fn linears<M: Module>(model: &M) -> Vec<Linear> {
+    #[derive(Default)]
+    struct V {
+        stack: Vec<(String, String)>,
+        out: Vec<Linear>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.stack.push((name.into(), container.into()));
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let Some((leaf, container)) = self.stack.last() else {
+                return;
+            };
+            if D != 2 || leaf != "weight" || container != "Struct:Linear" {
+                return;
+            }
+            let path: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
+            let param_path = path.join(".");
+            let key = hf5_key(&param_path);
+            self.out.push(Linear {
+                id: param.id,
+                module: key.strip_suffix(".weight").unwrap_or(&key).to_string(),
+                part: part_of(&param_path),
+                param: param_path,
+            });
+        }
+    }
+    let mut v = V::default();
+    model.visit(&mut v);
+    v.out
+}
+
+/// The Linear modules `targets` select within `parts` (PEFT's rules: a plain name matches a module whose name
+/// ends with `.name`; `re:` must match the whole name). Every target must match something.
+pub fn resolve(model: &Llava, f: &LoraFields, key: &str) -> Result<Vec<Linear>> {
+    let all: Vec<Linear> = linears(model)
+        .into_iter()
+        .filter(|l| f.parts.iter().any(|p| p == l.part))
+        .collect();
+    let mut out: Vec<Linear> = vec![];
+    for t in f.targets {
+        let hit: Vec<&Linear> = if let Some(re) = t.strip_prefix("re:") {
+            let re = Regex::new(&format!("^(?:{re})$"))
+                .map_err(|e| Error::input(format!("{key}.targets: {t:?}: {e}")))?;
+            all.iter().filter(|l| re.is_match(&l.module)).collect()
+        } else {
+            all.iter()
+                .filter(|l| l.module == *t || l.module.ends_with(&format!(".{t}")))
+                .collect()
+        };
+        if hit.is_empty() {
+            let mut names: Vec<&str> = all
+                .iter()
+                .map(|l| l.module.rsplit('.').next().unwrap_or(""))
+                .collect();
+            names.sort();
+            names.dedup();
+            return Err(Error::input(format!(
+                "{key}.targets: {t:?} matches no Linear module in parts {:?} (their names: {}; e.g. {})",
+                f.parts,
+                names.join(", "),
+                all.first().map(|l| l.module.as_str()).unwrap_or("none")
+            )));
+        }
+        for l in hit {
+            if !out.iter().any(|o| o.id == l.id) {
+                out.push(l.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Attaches adapters to `targets` (their bases quantized to `f.bits` for QLoRA). Every base parameter of the
+/// model is left frozen; the caller unfreezes what else trains.
+pub fn attach(model: Llava, f: &LoraFields, targets: &[Linear], device: &Device) -> Result<Llava> {
+    let group = ParamGroup::from_ids(targets.iter().map(|t| t.id).collect());
+    let lora = Lora::new(f.rank, f.alpha).set_param_group(group.clone());
+    Ok(match f.bits {
+        None => model.apply_lora(lora),
+        Some(bits) => {
+            let value = match bits {
+                8 => QuantValue::Q8S,
+                4 => QuantValue::Q4S,
+                b => return Err(Error::input(format!("qlora bits = {b}: use 8 or 4"))),
+            };
+            let scheme = device.settings().quantization.scheme.with_value(value);
+            let mut q = Quantizer::new(Calibration::MinMax, scheme);
+            q.set_param_group(group);
+            model.apply_qlora(QLora::new(lora, q))
+        }
+    })
+}
+
+/// The adapted model with every adapter merged into its weight (what an HF directory stores).
+pub fn merge(model: Llava) -> Llava {
+    model.materialize()
+}
+
+/// Number of adapter parameters (the factors) in the model.
+pub fn adapter_params<M: Module>(model: &M) -> Vec<(String, ParamId, usize)> {
+    #[derive(Default)]
+    struct V {
+        stack: Vec<String>,
+        out: Vec<(String, ParamId, usize)>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.stack.iter().any(|s| s == "lora") {
+                self.out
+                    .push((self.stack.join("."), param.id, param.shape().num_elements()));
+            }
+        }
+    }
+    let mut v = V::default();
+    model.visit(&mut v);
+    v.out
+}
