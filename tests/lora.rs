@@ -261,6 +261,35 @@ fn lora_stage_saves_peft_merges_and_resumes_exactly() {
         !ok && err.contains("stages.instruct.adapter.targets") && err.contains("qkv_proj"),
         "{err}"
     );
+    // QLoRA: the same stage over an 8-bit base; base/ holds the dequantized base (close to, not equal to, the
+    // align model's weights) and the adapter still reproduces the merged model.
+    let (ok, err) = run_mitune(
+        &[
+            "train",
+            a.to_str().unwrap(),
+            "--set",
+            "name=qlora",
+            "--set",
+            r#"stages.instruct.adapter={ kind = "qlora", rank = 4, alpha = 8, targets = ["q_proj"], bits = 8 }"#,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let st = d.join("runs-a/qlora/instruct");
+    let k = "language_model.model.layers.0.self_attn.q_proj.weight";
+    let (x, y) = (
+        tensors(&run.join("align/model")).get(k).unwrap().values,
+        tensors(&st.join("base")).get(k).unwrap().values,
+    );
+    let q_err = max_abs_diff(&x, &y);
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        q_err > 0.0 && q_err <= max / 127.0 * 0.51,
+        "8-bit rounding error {q_err} (max |w| {max})"
+    );
+    let unmerged = peft::load_adapted(&st.join("base"), &st.join("adapter"), &device).unwrap();
+    let merged = load_llava(&st.join("model"), &device).unwrap();
+    assert!(max_abs_diff(&logits(&unmerged), &logits(&merged)) < 1e-4);
     // Adapter dropout is refused by validation.
     let (ok, err) = run_mitune(
         &[

@@ -25,6 +25,12 @@ pub fn int_tensor<const D: usize>(
 
 /// Row-major f32 values of a float tensor (syncs with the device).
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    // a QLoRA base is stored quantized: its values are the dequantized ones
+    let t = if matches!(t.dtype(), burn::tensor::DType::QFloat(_)) {
+        t.dequantize()
+    } else {
+        t
+    };
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
