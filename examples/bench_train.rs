@@ -1,16 +1,18 @@
 //! Training-step benchmark of the named LLaVA presets (issue 3), f32, one AdamW step per batch:
-//!     cargo run --release --example bench_train [-- tiny|small-align|small-instruct]
+//!     cargo run --release --example bench_train [-- tiny|small-align|small-instruct|small-lora]
 //! Prints one JSON line per preset: median step time over the measured steps (after warm-up), tokens/s
 //! (tokens = batch × sequence incl. image tokens) and peak resident memory. `tools/bench_train.py` runs the same
 //! presets in PyTorch + transformers for the side-by-side ratio.
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::Device;
 use mitune::data::loader::MicroBatch;
+use mitune::recipe::schema::LoraFields;
 use mitune::stages::{params, trainer};
 use mitune::zoo::connectors::ConnectorSpec;
 use mitune::zoo::encoders::{FeatureSelect, VitFamily};
 use mitune::zoo::layers::act::Act;
 use mitune::zoo::llms::LlmFamily;
+use mitune::zoo::lora;
 use mitune::zoo::mllm::LlavaSpec;
 use mitune::zoo::presets;
 use std::time::Instant;
@@ -26,9 +28,11 @@ struct Preset {
     train: &'static [&'static str],
     warmup: usize,
     steps: usize,
+    /// LoRA rank on every LLM projection (q, k, v, o, gate, up, down; alpha = 2 × rank), 0 = none
+    lora: usize,
 }
 
-const PRESETS: [Preset; 3] = [
+const PRESETS: [Preset; 4] = [
     Preset {
         name: "tiny",
         enc: "bench-tiny",
@@ -40,6 +44,7 @@ const PRESETS: [Preset; 3] = [
         train: &["encoder", "connector", "llm"],
         warmup: 3,
         steps: 20,
+        lora: 0,
     },
     Preset {
         name: "small-align",
@@ -52,6 +57,7 @@ const PRESETS: [Preset; 3] = [
         train: &["connector"],
         warmup: 1,
         steps: 3,
+        lora: 0,
     },
     Preset {
         name: "small-instruct",
@@ -64,6 +70,21 @@ const PRESETS: [Preset; 3] = [
         train: &["connector", "llm"],
         warmup: 1,
         steps: 3,
+        lora: 0,
+    },
+    // small-instruct with the LLM frozen under LoRA adapters (r = 8) and the connector trained in full.
+    Preset {
+        name: "small-lora",
+        enc: "bench-small",
+        llm: "bench-small",
+        vocab: 32000,
+        feature_layer: -2,
+        batch: 4,
+        text: 128,
+        train: &["connector", r"re:\.lora\.[ab]$"],
+        warmup: 1,
+        steps: 3,
+        lora: 8,
     },
 ];
 
@@ -109,7 +130,33 @@ fn main() {
         };
         let n_img = spec.image_tokens();
         let size = spec.vision.input_size;
-        let model = spec.init(&device);
+        let mut model = spec.init(&device);
+        if p.lora > 0 {
+            let (targets, parts) = (
+                [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]
+                .map(String::from)
+                .to_vec(),
+                vec!["llm".to_string()],
+            );
+            let f = LoraFields {
+                rank: p.lora,
+                alpha: 2.0 * p.lora as f64,
+                dropout: 0.0,
+                targets: &targets,
+                parts: &parts,
+                bits: None,
+            };
+            let lin = lora::resolve(&model, &f, "lora").unwrap();
+            model = lora::attach(model, &f, &lin, &device).unwrap();
+        }
         let all = params::list(&model);
         let train: Vec<String> = p.train.iter().map(|s| s.to_string()).collect();
         let trainable = params::select(&all, &train).unwrap();

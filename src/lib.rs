@@ -7,6 +7,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod recipe;
+pub mod report;
 pub mod stages;
 pub mod zoo;
 

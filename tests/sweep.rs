@@ -136,6 +136,14 @@ fn sweep_runs_points_skips_finished_and_resumes_exactly() {
         "{out}"
     );
     assert!(!d.join("runs-a/abl").exists(), "a dry run trains nothing");
+    // points differing only in the instruct lr share their align run
+    assert!(
+        out.contains("reuse align.optim.lr=0.003_instruct.optim.lr=0.001")
+            && out.contains("stages reused: 2")
+            && out.contains("run (~2 steps)")
+            && out.contains("run (~4 steps)"),
+        "{out}"
+    );
     let (ok, _, err) = mitune(&["sweep", sa.to_str().unwrap()], None);
     assert!(ok, "{err}");
     let names = [
@@ -157,8 +165,92 @@ fn sweep_runs_points_skips_finished_and_resumes_exactly() {
     let l = |n: &str| losses(&d.join("runs-a/abl").join(n));
     assert_ne!(l(names[0]), l(names[1]));
     assert_ne!(l(names[0]), l(names[2]));
+    // point 2 linked point 1's align stage and says so
+    let p2 = d.join("runs-a/abl").join(names[1]);
+    assert!(
+        std::fs::read_link(p2.join("align")).is_ok(),
+        "align should be a link"
+    );
+    let reused = std::fs::read_to_string(p2.join("reused.json")).unwrap();
+    assert!(reused.contains(names[0]), "{reused}");
+    // ... and reusing gives the numbers recomputing gives: the same point trained on its own, align included
+    let solo = d.join("runs-c");
+    let (ok, _, err) = mitune(
+        &[
+            "train",
+            a.join("base.toml").to_str().unwrap(),
+            "--set",
+            "stages.instruct.optim.lr=0.003",
+            "--set",
+            &format!("output={:?}", solo.display().to_string()),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let solo = losses(&solo.join("base"));
+    let shared = l(names[1]);
+    let aligned0: Vec<_> = l(names[0])
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("align"))
+        .collect();
+    assert_eq!(solo.len(), 6, "{solo:?}");
+    assert_eq!(
+        &solo[..2],
+        &aligned0[..],
+        "align recomputed = align of the point it was reused from"
+    );
+    assert_eq!(
+        &solo[2..],
+        &shared[..],
+        "instruct after a reused align = instruct after a recomputed one"
+    );
     let (ok, _, err) = mitune(&["sweep", sa.to_str().unwrap()], None);
     assert!(ok && err.matches("done, skipped").count() == 4, "{err}");
+    // The report: one row per point (the reused align marked), CSV, and overlaid curves per stage.
+    let rep = d.join("report");
+    let (ok, out, err) = mitune(
+        &[
+            "report",
+            d.join("runs-a/abl").to_str().unwrap(),
+            "--out",
+            rep.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
+    for n in names {
+        assert!(md.contains(&format!("| {n} |")), "{md}");
+    }
+    assert!(
+        md.contains("align loss (reused)") && md.contains("instruct loss"),
+        "{md}"
+    );
+    assert!(out.contains("| run |"), "{out}");
+    let csv = std::fs::read_to_string(rep.join("report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    // the final instruct loss in the table is the last logged one
+    let last: f64 = l(names[3]).last().unwrap().1.parse().unwrap();
+    assert!(csv.contains(&format!("{last:.4}")), "{csv} lacks {last:.4}");
+    for f in ["loss-align.svg", "loss-instruct.svg"] {
+        let svg = std::fs::read_to_string(rep.join(f)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.matches("<polyline").count() >= 4,
+            "{f}"
+        );
+    }
+    // TensorBoard event files sit beside metrics.jsonl
+    let tb = std::fs::read_dir(d.join("runs-a/abl").join(names[0]))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .count();
+    assert!(tb >= 1);
     // killed in the third point's instruct stage after step 3 (checkpoint at 2), then re-run
     let (ok, _, _) = mitune(&["sweep", sb.to_str().unwrap()], Some("instruct:3"));
     assert!(!ok);

@@ -1,7 +1,10 @@
 """PyTorch + transformers side of `cargo run --release --example bench_train`: the same LLaVA presets, f32,
 one AdamW step per batch, median step time after warm-up, tokens/s and peak RSS.
 
-    python tools/bench_train.py [tiny|small-align|small-instruct]      (run by hand; CI never needs Python)
+    python tools/bench_train.py [tiny|small-align|small-instruct|small-lora]      (run by hand; CI never needs Python)
+
+small-lora: small-instruct with PEFT LoRA (r = 8, alpha = 16) on every LLM projection and the projector trained
+in full (modules_to_save), as mitune's `adapter = { kind = "lora", ... }` with `train = ["connector"]`.
 
 Both print JSON lines with the same fields, so the two can be run one after the other on the same machine and
 compared (README "Performance").
@@ -20,6 +23,7 @@ PRESETS = [
     ("tiny", (32, 64, 3, 2, 8, 32), (512, 48, 96, 2, 4, 2, True), -1, 8, 64, ("encoder", "connector", "llm"), 3, 20),
     ("small-align", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 1, 3),
     ("small-instruct", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector", "llm"), 1, 3),
+    ("small-lora", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 1, 3),
 ]
 
 
@@ -51,6 +55,11 @@ def main():
         trained = tuple(x for part in parts for x in prefixes[part])
         for name, prm in model.named_parameters():
             prm.requires_grad_(name.startswith(trained))
+        if p[0] == "small-lora":
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
+                target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0.0)
         row = [vocab - 1] * n_img + [1 + (i * 7) % (vocab - 2) for i in range(text)]
         ids = torch.tensor([row] * batch)

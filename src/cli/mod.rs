@@ -47,6 +47,15 @@ pub enum Command {
     Chat(chat::Args),
     /// Evaluate a checkpoint on a benchmark file: vqa, mc, pope or caption; M-ICL (--shots) and M-CoT (--cot).
     Eval(eval::Args),
+    /// Tables (Markdown, CSV) and SVG plots of runs or sweeps: final/best metrics per run, loss curves overlaid.
+    Report {
+        /// Run directories (checkpoints/runs/NAME) or sweep directories (their points).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write report.md, report.csv and the SVGs (default: DIR/report for the first DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Show a checkpoint's components, parameter counts, dtypes, image tokens and vocabulary.
     Inspect {
         /// Checkpoint directory (LlavaForConditionalGeneration layout).
@@ -92,6 +101,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
+        Command::Report { dirs, out } => report(&dirs, out),
         Command::Export {
             stage,
             model,
@@ -117,6 +127,17 @@ pub fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn report(dirs: &[PathBuf], out: Option<PathBuf>) -> crate::Result<()> {
+    let runs = crate::report::collect(dirs)?;
+    let out = out.unwrap_or_else(|| dirs[0].join("report"));
+    let files = crate::report::write(&runs, &out)?;
+    print!("{}", crate::report::markdown(&runs));
+    for f in files {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 fn dtype_of(dtype: &str) -> crate::Result<safetensors::Dtype> {

@@ -21,7 +21,8 @@ pub struct Prepared {
     pub bad: Vec<Bad>,
 }
 
-fn weight(s: &Source) -> f64 {
+/// A source's mixture weight.
+pub fn weight(s: &Source) -> f64 {
     match s {
         Source::LlavaJson { weight, .. }
         | Source::Messages { weight, .. }

@@ -170,6 +170,41 @@ pub fn expand(grid: &Table) -> Result<Vec<Point>, String> {
     Ok(points)
 }
 
+/// FNV-1a, 64 bits: a stable hash (std's hasher may change between releases, and keys are stored on disk).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// For each stage of `pipeline`, a key of everything that decides what the stages up to and including it produce
+/// (the model section, seed, data preparation, held-out tasks and the stage tables in pipeline order; not the
+/// run's name or output). Two points with equal keys at stage k can share one run of stages 0..=k.
+pub fn prefix_keys(resolved: &Table, pipeline: &[String]) -> Vec<String> {
+    let mut base = Table::new();
+    for k in ["model", "seed", "prepare", "heldout"] {
+        if let Some(v) = resolved.get(k) {
+            base.insert(k.into(), v.clone());
+        }
+    }
+    let stages = resolved.get("stages").and_then(Value::as_table);
+    let mut prefix: Vec<Value> = vec![];
+    pipeline
+        .iter()
+        .map(|name| {
+            let mut entry = Table::new();
+            entry.insert("name".into(), Value::String(name.clone()));
+            if let Some(t) = stages.and_then(|s| s.get(name)) {
+                entry.insert("spec".into(), t.clone());
+            }
+            prefix.push(Value::Table(entry));
+            let mut t = base.clone();
+            t.insert("stages".into(), Value::Array(prefix.clone()));
+            format!("{:016x}", fnv1a(&toml::to_string(&t).unwrap_or_default()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +252,28 @@ mod tests {
                 .contains(&"model.connector={ depth = 2, kind = \"mlp\" }".to_string())),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn prefix_keys_agree_up_to_the_first_differing_stage() {
+        let r = |lr: f64, seed: i64| {
+            format!(
+                "name = \"x{lr}\"\nseed = {seed}\npipeline = [\"align\", \"instruct\"]\n[model]\nfrom = \"m\"\n\
+                 [stages.align]\nkind = \"align\"\n[stages.instruct]\nkind = \"instruct\"\nlr = {lr}\n"
+            )
+            .parse::<Table>()
+            .unwrap()
+        };
+        let p = ["align".to_string(), "instruct".to_string()];
+        let (a, b, c) = (
+            prefix_keys(&r(1e-3, 0), &p),
+            prefix_keys(&r(2e-3, 0), &p),
+            prefix_keys(&r(1e-3, 1), &p),
+        );
+        assert_eq!(a[0], b[0], "the name differs, align does not");
+        assert_ne!(a[1], b[1]);
+        assert_ne!(a[0], c[0], "another seed is another align run");
+        assert_eq!(a, prefix_keys(&r(1e-3, 0), &p), "stable");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Run logging: `metrics.jsonl` (one JSON object per line, flushed as written) and a progress bar per stage
+//! Run logging: `metrics.jsonl` (one JSON object per line, flushed as written; mirrored into TensorBoard event
+//! files beside it) and a progress bar per stage
 //! (indicatif on a terminal; plain lines every few percent otherwise, so CI logs stay readable).
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -9,6 +10,8 @@ use crate::error::{Error, Result};
 pub struct Metrics {
     file: std::fs::File,
     path: std::path::PathBuf,
+    /// TensorBoard's view of the same lines (a new event file per process; TensorBoard reads them all).
+    events: Option<super::tensorboard::EventWriter>,
 }
 
 impl Metrics {
@@ -21,13 +24,21 @@ impl Metrics {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let events = match path.parent() {
+            Some(dir) => Some(super::tensorboard::EventWriter::create(dir)?),
+            None => None,
+        };
         Ok(Metrics {
             file,
             path: path.to_path_buf(),
+            events,
         })
     }
 
     pub fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        if let Some(e) = &mut self.events {
+            e.metrics(&v)?;
+        }
         writeln!(self.file, "{v}")
             .and_then(|_| self.file.flush())
             .map_err(|source| Error::Io {

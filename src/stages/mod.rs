@@ -18,4 +18,5 @@ pub mod rollout;
 pub mod run;
 pub mod schedule;
 pub mod steps;
+pub mod tensorboard;
 pub mod trainer;

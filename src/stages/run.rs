@@ -129,6 +129,9 @@ pub fn train(
     for (i, name) in rc.pipeline.iter().enumerate() {
         let spec = &rc.stages[name];
         let dir = run.join(name);
+        // Each stage draws fresh weights (adapters, heads) from its own seed, so a stage gives the same result
+        // whether the stages before it ran in this process, were resumed, or were reused by a sweep.
+        device.seed(stage_seed(rc.seed, i));
         if let StageSpec::Eval(e) = spec {
             let reports = if super::eval::is_done(&dir) {
                 eprintln!(
@@ -282,6 +285,12 @@ pub fn train(
     .map_err(io(&run))?;
     eprintln!("run saved in {}", run.display());
     Ok(run)
+}
+
+/// The device seed of stage `i`: the recipe's seed for the first stage (fresh components of the model section),
+/// a different stream for each later one.
+fn stage_seed(seed: u64, i: usize) -> u64 {
+    seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// The model a stage starts from: its `init`, else the model in hand, else the last trained stage's saved model,
