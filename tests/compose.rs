@@ -78,3 +78,42 @@ fn compose_at_higher_resolution_matches_transformers() {
         );
     }
 }
+
+/// Connectors transformers' 2-layer projector cannot hold (linear, 3-layer MLP) save with LLaVA's
+/// `mm_projector_type` and load back into mitune with the same logits.
+#[test]
+fn other_connectors_round_trip_through_mm_projector_type() {
+    let device = Device::flex();
+    let name = MODELS[0];
+    let spec = llava_spec(&fixture(name)).unwrap();
+    let parts = fixture(&format!("{name}_parts"));
+    for (connector, tag) in [
+        (ConnectorSpec::Linear {}, "linear"),
+        (
+            ConnectorSpec::Mlp {
+                depth: 3,
+                act: Act::Gelu,
+            },
+            "mlp3x_gelu",
+        ),
+    ] {
+        let c = Composition {
+            encoder: &parts.join("encoder"),
+            llm: &parts.join("llm"),
+            connector,
+            select: spec.select.clone(),
+            image_size: None,
+            image_token_id: spec.image_token_id,
+        };
+        let m = compose_llava(&c, &device).unwrap();
+        let out = scratch(&format!("connector-{tag}"));
+        mitune::checkpoint::save_llava(&m, &out, safetensors::Dtype::F32, None).unwrap();
+        let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(cfg.contains(&format!("\"mm_projector_type\": \"{tag}\"")), "{cfg}");
+        let back = load_llava(&out, &device).unwrap();
+        let e = expected(name);
+        let a = image_text_logit_error(&m, &e, &device);
+        let b = image_text_logit_error(&back, &e, &device);
+        assert_eq!(a, b, "{tag}: reloaded model differs");
+    }
+}

@@ -72,10 +72,21 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
         .or_else(|| v.get("image_token_id"))
         .and_then(|x| x.as_i64())
         .ok_or_else(|| Error::key(&path, "image_token_index", "missing"))?;
+    // transformers' projector is always 2 layers; other connectors carry LLaVA's own `mm_projector_type` name
+    let connector = match v.get("mm_projector_type").and_then(|t| t.as_str()) {
+        None => ConnectorSpec::Mlp { depth: 2, act },
+        Some(t) => projector_type(t).ok_or_else(|| {
+            Error::key(
+                &path,
+                "mm_projector_type",
+                format!("{t:?}: expected \"linear\" or \"mlp<N>x_<act>\" (e.g. mlp2x_gelu)"),
+            )
+        })?,
+    };
     let spec = LlavaSpec {
         vision,
         select,
-        connector: ConnectorSpec::Mlp { depth: 2, act },
+        connector,
         projector_bias: v
             .get("multimodal_projector_bias")
             .and_then(|b| b.as_bool())
@@ -240,18 +251,33 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
         })
 }
 
-/// The config.json transformers reads for this model.
+/// LLaVA's `mm_projector_type` names: `linear`, `mlp<N>x_<act>`.
+fn projector_type(t: &str) -> Option<ConnectorSpec> {
+    if t == "linear" {
+        return Some(ConnectorSpec::Linear {});
+    }
+    let (depth, act) = t.strip_prefix("mlp")?.split_once("x_")?;
+    let depth: usize = depth.parse().ok().filter(|d| *d >= 1)?;
+    let act = parse_act(act, Path::new(""), "").ok()?;
+    Some(ConnectorSpec::Mlp { depth, act })
+}
+
+/// The `mm_projector_type` of a connector transformers' 2-layer projector cannot hold (None for that one).
+pub fn nonstandard_projector(c: &ConnectorSpec) -> Option<String> {
+    match c {
+        ConnectorSpec::Mlp { depth: 2, .. } => None,
+        ConnectorSpec::Linear {} => Some("linear".into()),
+        ConnectorSpec::Mlp { depth, act } => Some(format!("mlp{depth}x_{}", act.hf_name())),
+    }
+}
+
+/// The config.json transformers reads for this model. A connector other than the 2-layer MLP is written with
+/// LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`) and `linear_{i}` weights: mitune loads it back;
+/// transformers' LlavaForConditionalGeneration cannot (its projector is fixed at 2 layers).
 pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
-    let act = match &spec.connector {
-        ConnectorSpec::Mlp { depth: 2, act } => *act,
-        other => {
-            return Err(Error::input(format!(
-                "the LLaVA HF layout holds a 2-layer MLP projector; this model's connector is {other:?} and cannot be saved as LlavaForConditionalGeneration"
-            )));
-        }
-    };
+    let act = spec.connector.act();
     let vision = spec.vision.to_hf();
-    Ok(serde_json::json!({
+    let mut cfg = serde_json::json!({
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": vision,
@@ -264,7 +290,11 @@ pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
         "vision_feature_select_strategy": if spec.select.drop_cls { "default" } else { "full" },
         "tie_word_embeddings": spec.llm.tie_word_embeddings,
         "dtype": "float32",
-    }))
+    });
+    if let Some(t) = nonstandard_projector(&spec.connector) {
+        cfg["mm_projector_type"] = t.into();
+    }
+    Ok(cfg)
 }
 
 /// Writes `config.json` + `model.safetensors` (f32 or bf16/f16) into `out`, and copies the tokenizer/processor
