@@ -29,8 +29,25 @@ fn every_recipe_validates() {
     );
     for f in files {
         let rel = f.strip_prefix(root()).unwrap();
-        if let Err(errs) = recipe::load(rel, &[]) {
-            panic!("{} does not validate:\n{}", rel.display(), errs.join("\n"));
+        // a sweep file validates point by point, as `mitune sweep` does before training
+        let sweep = recipe::resolve::resolve(rel, &[]).ok().and_then(|r| r.sweep);
+        let points = match &sweep {
+            Some(grid) => recipe::sweep::expand(grid)
+                .unwrap_or_else(|e| panic!("{}: {e}", rel.display()))
+                .into_iter()
+                .map(|p| p.sets)
+                .collect(),
+            None => vec![vec![]],
+        };
+        for sets in points {
+            let r = if sweep.is_some() {
+                recipe::load_point(rel, &sets)
+            } else {
+                recipe::load(rel, &sets)
+            };
+            if let Err(errs) = r {
+                panic!("{} {sets:?} does not validate:\n{}", rel.display(), errs.join("\n"));
+            }
         }
     }
 }
