@@ -6,7 +6,7 @@
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::Device;
 use mitune::data::loader::MicroBatch;
-use mitune::recipe::schema::LoraFields;
+use mitune::recipe::schema::Adapter;
 use mitune::stages::{params, trainer};
 use mitune::zoo::connectors::ConnectorSpec;
 use mitune::zoo::encoders::{FeatureSelect, VitFamily};
@@ -132,8 +132,10 @@ fn main() {
         let size = spec.vision.input_size;
         let mut model = spec.init(&device);
         if p.lora > 0 {
-            let (targets, parts) = (
-                [
+            let f = Adapter::lora(
+                p.lora,
+                2.0 * p.lora as f64,
+                &[
                     "q_proj",
                     "k_proj",
                     "v_proj",
@@ -141,19 +143,9 @@ fn main() {
                     "gate_proj",
                     "up_proj",
                     "down_proj",
-                ]
-                .map(String::from)
-                .to_vec(),
-                vec!["llm".to_string()],
+                ],
+                &["llm"],
             );
-            let f = LoraFields {
-                rank: p.lora,
-                alpha: 2.0 * p.lora as f64,
-                dropout: 0.0,
-                targets: &targets,
-                parts: &parts,
-                bits: None,
-            };
             let lin = lora::resolve(&model, &f, "lora").unwrap();
             model = lora::attach(model, &f, &lin, &device).unwrap();
         }

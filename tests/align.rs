@@ -1,16 +1,16 @@
 //! Preference data and the DPO stage: the public preference layouts import (each from a fixture in its
 //! documented shape), bad pairs are named, and a tiny align → dpo pipeline starts at the DPO invariant (policy =
 //! reference: loss ln 2, margins 0), with cached reference log-probs giving the frozen reference's losses.
+mod common;
+
+use common::{scratch, world};
 use mitune::data::preference::{PairFormat, load_pairs};
 use mitune::data::sources::Role;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mitune-align-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// The mitune binary; (success, stderr).
+fn mitune(args: &[&str]) -> (bool, String) {
+    common::run_mitune(args, None)
 }
 
 fn png(p: &Path) {
@@ -20,7 +20,7 @@ fn png(p: &Path) {
         .unwrap();
 }
 
-fn fixture(name: &str) -> PathBuf {
+fn format_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/formats")
         .join(name)
@@ -30,7 +30,7 @@ fn fixture(name: &str) -> PathBuf {
 fn with_images(tag: &str, name: &str, images: &[&str]) -> PathBuf {
     let d = scratch(tag);
     let p = d.join(name);
-    std::fs::copy(fixture(name), &p).unwrap();
+    std::fs::copy(format_fixture(name), &p).unwrap();
     for i in images {
         png(&d.join(i));
     }
@@ -108,7 +108,7 @@ fn public_preference_layouts_import() {
     let (pairs, bad) = load_pairs(PairFormat::Vlfeedback, &p, None).unwrap();
     assert!(bad.is_empty(), "{bad:?}");
     let want: Vec<(String, String)> =
-        std::fs::read_to_string(fixture("vlfeedback_silkie_pairs.sample.jsonl"))
+        std::fs::read_to_string(format_fixture("vlfeedback_silkie_pairs.sample.jsonl"))
             .unwrap()
             .lines()
             .map(|l| {
@@ -167,18 +167,6 @@ fn bad_pairs_are_named() {
     );
 }
 
-fn world(dir: &Path) -> PathBuf {
-    let w = dir.join("shapes");
-    let cfg = mitune::data::shapes::ShapesConfig {
-        seed: 1,
-        train: 48,
-        heldout: 6,
-        vocab_size: 320,
-    };
-    mitune::data::shapes::ensure(&w, &cfg).unwrap();
-    w
-}
-
 fn recipe(w: &Path, out: &Path, reference: &str, extra: &str) -> String {
     let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
     format!(
@@ -234,17 +222,6 @@ fn dpo_lines(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v["stage"] == "dpo" && v.get("rewards/margins").is_some())
         .collect()
-}
-
-fn mitune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]

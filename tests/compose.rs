@@ -109,7 +109,10 @@ fn other_connectors_round_trip_through_mm_projector_type() {
         let out = scratch(&format!("connector-{tag}"));
         mitune::checkpoint::save_llava(&m, &out, safetensors::Dtype::F32, None).unwrap();
         let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
-        assert!(cfg.contains(&format!("\"mm_projector_type\": \"{tag}\"")), "{cfg}");
+        assert!(
+            cfg.contains(&format!("\"mm_projector_type\": \"{tag}\"")),
+            "{cfg}"
+        );
         let back = load_llava(&out, &device).unwrap();
         let e = expected(name);
         let a = image_text_logit_error(&m, &e, &device);

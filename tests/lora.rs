@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use common::{losses, max_abs_diff, run_mitune, scratch, world};
 use mitune::checkpoint::safetensors_io::WeightStore;
 use mitune::checkpoint::{load_llava, peft};
-use mitune::recipe::schema::LoraFields;
+use mitune::recipe::schema::{Adapter, AdapterKind};
 use mitune::zoo::layers::to_vec;
 use mitune::zoo::lora;
 use mitune::zoo::mllm::{Llava, MmInput};
@@ -79,15 +79,7 @@ fn adapted_model_starts_equal_to_its_base() {
     let base = mitune::stages::build::build(&rc.model, false, &device)
         .unwrap()
         .model;
-    let (targets, parts) = (vec!["q_proj".into(), "v_proj".into()], vec!["llm".into()]);
-    let f = LoraFields {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: &targets,
-        parts: &parts,
-        bits: None,
-    };
+    let f = Adapter::lora(4, 8.0, &["q_proj", "v_proj"], &["llm"]);
     let lin = lora::resolve(&base, &f, "adapter").unwrap();
     // bench-tiny LLaMA: 2 layers × (q, v); the encoder's q/v projections are not in `parts`.
     assert_eq!(lin.len(), 4, "{lin:?}");
@@ -97,12 +89,14 @@ fn adapted_model_starts_equal_to_its_base() {
             .starts_with("model.language_model.layers.0.self_attn.")
     );
     let adapted = lora::attach(base.clone(), &f, &lin, &device).unwrap();
-    assert_eq!(lora::adapter_params(&adapted).len(), 8);
+    assert_eq!(lora::factors(&adapted).len(), 8);
     let (a, b) = (logits(&base), logits(&adapted));
     assert_eq!(a, b, "B = 0: the adapted model must equal its base exactly");
     // A target that matches nothing names what exists.
-    let bad = vec!["qkv".to_string()];
-    let f = LoraFields { targets: &bad, ..f };
+    let f = Adapter {
+        targets: vec!["qkv".into()],
+        ..f
+    };
     let e = lora::resolve(&base, &f, "stages.x.adapter")
         .unwrap_err()
         .to_string();
@@ -235,14 +229,7 @@ fn lora_stage_saves_peft_merges_and_resumes_exactly() {
     );
 
     // An adapter for another rank does not load onto this model: a clear error naming the tensor.
-    let f = LoraFields {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: &["q_proj".to_string()],
-        parts: &["llm".to_string()],
-        bits: None,
-    };
+    let f = Adapter::lora(2, 4.0, &["q_proj"], &["llm"]);
     let lin = lora::resolve(&base, &f, "adapter").unwrap();
     let other = lora::attach(base, &f, &lin, &device).unwrap();
     let e = peft::load(other, &st.join("adapter"), &lin, &device)
@@ -290,7 +277,22 @@ fn lora_stage_saves_peft_merges_and_resumes_exactly() {
     let unmerged = peft::load_adapted(&st.join("base"), &st.join("adapter"), &device).unwrap();
     let merged = load_llava(&st.join("model"), &device).unwrap();
     assert!(max_abs_diff(&logits(&unmerged), &logits(&merged)) < 1e-4);
-    // Adapter dropout is refused by validation.
+    let q = Adapter {
+        kind: AdapterKind::Qlora,
+        ..Adapter::lora(4, 8.0, &["q_proj"], &["llm"])
+    };
+    assert_eq!(q.quant_bits(), Some(8), "QLoRA defaults to 8 bits");
+    // Adapter dropout is refused by validation, and so is rank 0.
+    let (ok, err) = run_mitune(
+        &[
+            "validate",
+            a.to_str().unwrap(),
+            "--set",
+            "stages.instruct.adapter.rank=0",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("adapter.rank"), "{err}");
     let (ok, err) = run_mitune(
         &[
             "validate",

@@ -30,7 +30,9 @@ fn every_recipe_validates() {
     for f in files {
         let rel = f.strip_prefix(root()).unwrap();
         // a sweep file validates point by point, as `mitune sweep` does before training
-        let sweep = recipe::resolve::resolve(rel, &[]).ok().and_then(|r| r.sweep);
+        let sweep = recipe::resolve::resolve(rel, &[])
+            .ok()
+            .and_then(|r| r.sweep);
         let points = match &sweep {
             Some(grid) => recipe::sweep::expand(grid)
                 .unwrap_or_else(|e| panic!("{}: {e}", rel.display()))
@@ -46,7 +48,11 @@ fn every_recipe_validates() {
                 recipe::load(rel, &sets)
             };
             if let Err(errs) = r {
-                panic!("{} {sets:?} does not validate:\n{}", rel.display(), errs.join("\n"));
+                panic!(
+                    "{} {sets:?} does not validate:\n{}",
+                    rel.display(),
+                    errs.join("\n")
+                );
             }
         }
     }

@@ -1,10 +1,12 @@
 //! Training on a tiny shapes world (generated into a temp dir): loss masks per template, averaged gradient
 //! accumulation, freezing, and a tiny align → instruct pipeline killed mid-stage and resumed exactly.
+mod common;
+
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
+use common::{losses, run_mitune, scratch, world};
 use mitune::data::loader::micro_batch;
-use mitune::data::shapes::{self, ShapesConfig};
 use mitune::data::sources::{Role, Sample};
 use mitune::data::templates;
 use mitune::recipe::schema::{OnBad, Template};
@@ -13,25 +15,6 @@ use mitune::zoo::layers::to_vec;
 use mitune::zoo::mllm::Llava;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mitune-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn world(dir: &Path) -> PathBuf {
-    let w = dir.join("shapes");
-    let cfg = ShapesConfig {
-        seed: 1,
-        train: 48,
-        heldout: 6,
-        vocab_size: 320,
-    };
-    shapes::ensure(&w, &cfg).unwrap();
-    w
-}
 
 /// A two-stage recipe on bench-tiny presets over the world `w`, runs written under `out`.
 fn recipe(w: &Path, out: &Path) -> String {
@@ -298,36 +281,6 @@ fn frozen_parts_stay_bit_identical() {
     assert_eq!(changed, 4, "every connector tensor should have moved");
 }
 
-fn mitune(args: &[&str], env: Option<(&str, &str)>) -> (bool, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mitune"));
-    c.args(args);
-    if let Some((k, v)) = env {
-        c.env(k, v);
-    }
-    let out = c.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-/// (stage, step) -> loss as written (the last line wins: a resumed step overwrites the killed run's).
-fn losses(run: &Path) -> Vec<((String, u64), String)> {
-    let mut m = std::collections::BTreeMap::new();
-    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if let (Some(s), Some(k), Some(l)) =
-            (v["stage"].as_str(), v["step"].as_u64(), v.get("loss"))
-        {
-            m.insert((s.to_string(), k), l.to_string());
-        }
-    }
-    m.into_iter().collect()
-}
-
 #[test]
 fn pipeline_killed_mid_stage_resumes_exactly() {
     let d = scratch("resume");
@@ -336,7 +289,7 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
     let b = d.join("b.toml");
     std::fs::write(&a, recipe(&w, &d.join("runs-a"))).unwrap();
     std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
-    let (ok, err) = mitune(&["train", a.to_str().unwrap()], None);
+    let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
     assert!(ok, "{err}");
     let run_a = d.join("runs-a/tiny");
     for f in [
@@ -352,19 +305,19 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
         assert!(run_a.join(f).exists(), "{f} missing");
     }
     // Killed abruptly after step 5 of instruct (last checkpoint: step 4), then resumed.
-    let (ok, _) = mitune(
+    let (ok, _) = run_mitune(
         &["train", b.to_str().unwrap()],
         Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:5")),
     );
     assert!(!ok, "the fault should have killed the run");
     let run_b = d.join("runs-b/tiny");
     assert!(!run_b.join("instruct/done.json").exists());
-    let (ok, err) = mitune(&["train", b.to_str().unwrap()], None);
+    let (ok, err) = run_mitune(&["train", b.to_str().unwrap()], None);
     assert!(
         !ok && err.contains("--resume"),
         "an existing run needs --resume or --fresh: {err}"
     );
-    let (ok, err) = mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    let (ok, err) = run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
     assert!(ok, "{err}");
     assert!(err.contains("resuming at step 4/6"), "{err}");
     let (la, lb) = (losses(&run_a), losses(&run_b));
@@ -376,7 +329,7 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
         .collect();
     assert_eq!(cks.len(), 2);
     let model = run_b.join("instruct/model");
-    let (ok, err) = mitune(
+    let (ok, err) = run_mitune(
         &[
             "generate",
             "--model",
@@ -446,7 +399,7 @@ fn pipeline_killed_mid_stage_resumes_exactly() {
     for k in ["accuracy", "precision", "recall", "f1", "yes_ratio"] {
         assert!(r["metrics"][k].is_number(), "{k}: {r}");
     }
-    let (ok, err) = mitune(
+    let (ok, err) = run_mitune(
         &[
             "eval",
             "--model",

@@ -3,16 +3,16 @@
 //! and `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight`
 //! [out, r] (module names in transformers 5's layout), plus the fully trained modules (`modules_to_save`) under
 //! `base_model.model.<key>`. burn keeps the factors transposed (A [in, r], B [r, out]).
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::params::{Collector, Loader, transpose2};
 use super::safetensors_io::{ToWrite, WeightStore, write_file};
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::LoraFields;
+use crate::recipe::schema::Adapter;
 use crate::zoo::lora::{self, Linear, hf5_key};
 use crate::zoo::mllm::Llava;
 
@@ -66,39 +66,11 @@ fn key_prefixes(part: &str) -> &'static [&'static str] {
     }
 }
 
-/// Values of every adapter factor, by burn path (`<weight path>.lora.a`).
-fn factors<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    #[derive(Default)]
-    struct V {
-        stack: Vec<String>,
-        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.into());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.stack.iter().any(|s| s == "lora") {
-                let t = param.val();
-                let dims = t.dims().to_vec();
-                self.out
-                    .insert(self.stack.join("."), (dims, crate::zoo::layers::to_vec(t)));
-            }
-        }
-    }
-    let mut v = V::default();
-    model.visit(&mut v);
-    v.out
-}
-
 /// Writes the adapters on `targets` (and the parts in `to_save`, trained in full) into `out`, naming `base` as the
 /// model they apply to.
 pub fn save(
     model: &Llava,
-    f: &LoraFields,
+    f: &Adapter,
     targets: &[Linear],
     to_save: &[String],
     base: &Path,
@@ -108,7 +80,7 @@ pub fn save(
         path: out.to_path_buf(),
         source,
     })?;
-    let values = factors(model);
+    let values = lora::factors(model);
     let mut tensors = vec![];
     for t in targets {
         for (factor, name) in [("a", "lora_A"), ("b", "lora_B")] {
@@ -287,40 +259,15 @@ pub fn load(model: Llava, dir: &Path, targets: &[Linear], device: &Device) -> Re
     if let Some(e) = fill.errors.into_iter().next() {
         return Err(e);
     }
-    // Fully trained modules saved beside the adapters.
-    let saved: Vec<&str> = store
-        .keys()
-        .filter(|k| !k.contains(".lora_A.") && !k.contains(".lora_B."))
-        .collect();
-    if !saved.is_empty() {
-        let keys = |prefix: &'static str| {
-            move |p: &str| vec![format!("{PREFIX}{}", hf5_key(&format!("{prefix}{p}")))]
-        };
-        let k = keys("multi_modal_projector.");
-        if saved
-            .iter()
-            .any(|s| s.starts_with(&format!("{PREFIX}model.multi_modal_projector.")))
-        {
-            model.multi_modal_projector =
-                Loader::new(&store, &k, &[], device).load_part(model.multi_modal_projector)?;
-        }
-        let k = keys("vision_tower.");
-        if saved
-            .iter()
-            .any(|s| s.starts_with(&format!("{PREFIX}model.vision_tower.")))
-        {
-            model.vision_tower =
-                Loader::new(&store, &k, &[], device).load_part(model.vision_tower)?;
-        }
-        let k = keys("language_model.");
-        if saved
-            .iter()
-            .any(|s| s.starts_with(&format!("{PREFIX}model.language_model.")))
-        {
-            model.language_model =
-                Loader::new(&store, &k, &[], device).load_part(model.language_model)?;
-        }
-    }
+    // Fully trained modules saved beside the adapters (PEFT's modules_to_save).
+    model.multi_modal_projector = load_saved(
+        &store,
+        model.multi_modal_projector,
+        "multi_modal_projector.",
+        device,
+    )?;
+    model.vision_tower = load_saved(&store, model.vision_tower, "vision_tower.", device)?;
+    model.language_model = load_saved(&store, model.language_model, "language_model.", device)?;
     let unknown: Vec<&str> = store
         .keys()
         .filter(|k| (k.contains(".lora_A.") || k.contains(".lora_B.")) && !used.contains(*k))
@@ -340,18 +287,38 @@ pub fn load(model: Llava, dir: &Path, targets: &[Linear], device: &Device) -> Re
     Ok(model)
 }
 
+/// Fills `module` (the LLaVA's part under burn path `prefix`) from the adapter file's fully trained copy of it,
+/// when the file has one.
+fn load_saved<M: Module>(
+    store: &WeightStore,
+    module: M,
+    prefix: &str,
+    device: &Device,
+) -> Result<M> {
+    let key = |p: &str| format!("{PREFIX}{}", hf5_key(&format!("{prefix}{p}")));
+    // the part's HF key prefix, as a probe key without the parameter name shows it
+    let head = key("").trim_end_matches('.').to_string();
+    if !store
+        .keys()
+        .any(|k| k.starts_with(&head) && !k.contains(".lora_A.") && !k.contains(".lora_B."))
+    {
+        return Ok(module);
+    }
+    let keys = |p: &str| vec![key(p)];
+    Loader::new(store, &keys, &[], device).load_part(module)
+}
+
 /// A base LLaVA directory plus a PEFT adapter directory → the adapted model (adapters attached, not merged).
 pub fn load_adapted(base: &Path, adapter: &Path, device: &Device) -> Result<Llava> {
     let cfg = read_config(adapter)?;
     let targets = config_targets(&cfg, adapter)?;
     let parts: Vec<String> = ["encoder", "connector", "llm"].map(String::from).to_vec();
-    let f = LoraFields {
+    let f = Adapter {
         rank: cfg.r,
         alpha: cfg.lora_alpha,
-        dropout: 0.0,
-        targets: &targets,
-        parts: &parts,
-        bits: None,
+        targets,
+        parts,
+        ..Adapter::lora(0, 0.0, &[], &[])
     };
     let model = super::load_llava(base, device)?;
     let key = adapter.join(CONFIG).display().to_string();

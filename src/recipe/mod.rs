@@ -473,7 +473,7 @@ fn check_adapter(
     r: &Resolved,
     errs: &mut Vec<Problem>,
 ) {
-    let f = a.fields();
+    let f = a;
     let key = format!("{key}.adapter");
     if f.rank == 0 {
         errs.push(problem(r, &format!("{key}.rank"), "must be at least 1"));
@@ -498,7 +498,7 @@ fn check_adapter(
             "empty: name modules (q_proj, v_proj, ...) or give re:<regex>",
         ));
     }
-    for t in f.targets {
+    for t in &f.targets {
         if let Some(re) = t.strip_prefix("re:")
             && let Err(e) = regex::Regex::new(re)
         {
@@ -509,7 +509,7 @@ fn check_adapter(
             ));
         }
     }
-    for p in f.parts {
+    for p in &f.parts {
         if !["encoder", "connector", "llm"].contains(&p.as_str()) {
             errs.push(problem(
                 r,

@@ -403,87 +403,57 @@ pub struct TrainStage {
 }
 
 /// Low-rank adapters on Linear weights (burn's built-in LoRA/QLoRA), saved in PEFT's layout.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Adapter {
-    Lora {
-        rank: usize,
-        alpha: f64,
-        /// PEFT's `lora_dropout`; only 0 is available (burn composes the adapter into the weight).
-        #[serde(default)]
-        dropout: f64,
-        /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's
-        /// transformers name (`model.language_model.layers.0.self_attn.q_proj`), as PEFT's `target_modules`.
-        targets: Vec<String>,
-        /// Which parts the targets apply to: `llm` (default), `encoder`, `connector`.
-        #[serde(default = "llm_part")]
-        parts: Vec<String>,
-    },
-    /// LoRA over a base quantized to `bits` (8 or 4; symmetric, per tensor block), as QLoRA.
-    Qlora {
-        rank: usize,
-        alpha: f64,
-        #[serde(default)]
-        dropout: f64,
-        targets: Vec<String>,
-        #[serde(default = "llm_part")]
-        parts: Vec<String>,
-        #[serde(default = "eight")]
-        bits: u8,
-    },
-}
-
-/// The fields LoRA and QLoRA share, and the quantization width (None for LoRA).
-pub struct LoraFields<'a> {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adapter {
+    pub kind: AdapterKind,
     pub rank: usize,
     pub alpha: f64,
+    /// PEFT's `lora_dropout`; only 0 is available (burn composes the adapter into the weight).
+    #[serde(default)]
     pub dropout: f64,
-    pub targets: &'a [String],
-    pub parts: &'a [String],
+    /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's
+    /// transformers name (`model.language_model.layers.0.self_attn.q_proj`), as PEFT's `target_modules`.
+    pub targets: Vec<String>,
+    /// Which parts the targets apply to: `llm` (default), `encoder`, `connector`.
+    #[serde(default = "llm_part")]
+    pub parts: Vec<String>,
+    /// QLoRA only: the base's width, 8 (default) or 4 (symmetric, per tensor).
     pub bits: Option<u8>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    Lora,
+    /// LoRA over a quantized base, as QLoRA.
+    Qlora,
+}
+
 impl Adapter {
-    pub fn fields(&self) -> LoraFields<'_> {
-        match self {
-            Adapter::Lora {
-                rank,
-                alpha,
-                dropout,
-                targets,
-                parts,
-            } => LoraFields {
-                rank: *rank,
-                alpha: *alpha,
-                dropout: *dropout,
-                targets,
-                parts,
-                bits: None,
-            },
-            Adapter::Qlora {
-                rank,
-                alpha,
-                dropout,
-                targets,
-                parts,
-                bits,
-            } => LoraFields {
-                rank: *rank,
-                alpha: *alpha,
-                dropout: *dropout,
-                targets,
-                parts,
-                bits: Some(*bits),
-            },
+    /// A plain LoRA adapter (tests, benchmarks).
+    pub fn lora(rank: usize, alpha: f64, targets: &[&str], parts: &[&str]) -> Self {
+        Adapter {
+            kind: AdapterKind::Lora,
+            rank,
+            alpha,
+            dropout: 0.0,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            parts: parts.iter().map(|t| t.to_string()).collect(),
+            bits: None,
+        }
+    }
+    /// The quantization width of the base (None: LoRA over the float base).
+    pub fn quant_bits(&self) -> Option<u8> {
+        match self.kind {
+            AdapterKind::Lora => None,
+            AdapterKind::Qlora => Some(self.bits.unwrap_or(8)),
         }
     }
 }
 
 fn llm_part() -> Vec<String> {
     vec!["llm".into()]
-}
-fn eight() -> u8 {
-    8
 }
 fn one() -> f64 {
     1.0

@@ -61,7 +61,7 @@ pub fn micro_loss(
 fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<String> {
     if let Some(a) = adapter {
         // LLaVA's LoRA recipe: adapters on the LLM, the connector trained in full.
-        let adapted = a.fields().parts;
+        let adapted = &a.parts;
         return ["connector"]
             .iter()
             .filter(|p| !adapted.iter().any(|a| a == *p))
@@ -85,14 +85,7 @@ struct Adapted<'a> {
 impl Adapted<'_> {
     /// Saves the adapter (PEFT layout) into `out`, naming `base` (where the unmerged model was saved).
     fn save(&self, model: &Llava, base: &Path, out: &Path) -> Result<()> {
-        peft::save(
-            model,
-            &self.spec.fields(),
-            &self.targets,
-            &self.to_save,
-            base,
-            out,
-        )
+        peft::save(model, self.spec, &self.targets, &self.to_save, base, out)
     }
 }
 
@@ -186,9 +179,9 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let mut model = built.model;
     let adapted = match &spec.adapter {
         Some(a) => {
-            let f = a.fields();
-            let targets = lora::resolve(&model, &f, &format!("stages.{}.adapter", ctx.name))?;
-            model = lora::attach(model, &f, &targets, ctx.device)?;
+            let f = a;
+            let targets = lora::resolve(&model, f, &format!("stages.{}.adapter", ctx.name))?;
+            model = lora::attach(model, f, &targets, ctx.device)?;
             if let Some(ck) = &resume {
                 model = peft::load(model, &ck.join("adapter"), &targets, ctx.device)?;
             }

@@ -7,10 +7,11 @@ use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup, ParamId, QLor
 use burn::tensor::quantization::{Calibration, QuantValue};
 use burn::tensor::{Device, Tensor};
 use regex::Regex;
+use std::collections::BTreeMap;
 
 use crate::checkpoint::keys;
 use crate::error::{Error, Result};
-use crate::recipe::schema::LoraFields;
+use crate::recipe::schema::Adapter;
 use crate::stages::params::part_of;
 use crate::zoo::mllm::Llava;
 
@@ -76,13 +77,13 @@ pub fn linears<M: Module>(model: &M) -> Vec<Linear> {
 
 /// The Linear modules `targets` select within `parts` (PEFT's rules: a plain name matches a module whose name
 /// ends with `.name`; `re:` must match the whole name). Every target must match something.
-pub fn resolve(model: &Llava, f: &LoraFields, key: &str) -> Result<Vec<Linear>> {
+pub fn resolve(model: &Llava, f: &Adapter, key: &str) -> Result<Vec<Linear>> {
     let all: Vec<Linear> = linears(model)
         .into_iter()
         .filter(|l| f.parts.iter().any(|p| p == l.part))
         .collect();
     let mut out: Vec<Linear> = vec![];
-    for t in f.targets {
+    for t in &f.targets {
         let hit: Vec<&Linear> = if let Some(re) = t.strip_prefix("re:") {
             let re = Regex::new(&format!("^(?:{re})$"))
                 .map_err(|e| Error::input(format!("{key}.targets: {t:?}: {e}")))?;
@@ -117,10 +118,10 @@ pub fn resolve(model: &Llava, f: &LoraFields, key: &str) -> Result<Vec<Linear>> 
 
 /// Attaches adapters to `targets` (their bases quantized to `f.bits` for QLoRA). Every base parameter of the
 /// model is left frozen; the caller unfreezes what else trains.
-pub fn attach(model: Llava, f: &LoraFields, targets: &[Linear], device: &Device) -> Result<Llava> {
+pub fn attach(model: Llava, f: &Adapter, targets: &[Linear], device: &Device) -> Result<Llava> {
     let group = ParamGroup::from_ids(targets.iter().map(|t| t.id).collect());
     let lora = Lora::new(f.rank, f.alpha).set_param_group(group.clone());
-    Ok(match f.bits {
+    Ok(match f.quant_bits() {
         None => model.apply_lora(lora),
         Some(bits) => {
             let value = match bits {
@@ -141,12 +142,12 @@ pub fn merge(model: Llava) -> Llava {
     model.materialize()
 }
 
-/// Number of adapter parameters (the factors) in the model.
-pub fn adapter_params<M: Module>(model: &M) -> Vec<(String, ParamId, usize)> {
+/// Every adapter factor's values by burn path (`<weight path>.lora.a` [in, r], `.lora.b` [r, out]).
+pub fn factors<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     #[derive(Default)]
     struct V {
         stack: Vec<String>,
-        out: Vec<(String, ParamId, usize)>,
+        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     }
     impl ModuleVisitor for V {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -157,8 +158,10 @@ pub fn adapter_params<M: Module>(model: &M) -> Vec<(String, ParamId, usize)> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if self.stack.iter().any(|s| s == "lora") {
+                let t = param.val();
+                let dims = t.dims().to_vec();
                 self.out
-                    .push((self.stack.join("."), param.id, param.shape().num_elements()));
+                    .insert(self.stack.join("."), (dims, crate::zoo::layers::to_vec(t)));
             }
         }
     }
