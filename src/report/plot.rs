@@ -31,13 +31,37 @@ pub fn curves(
     }
     let root = SVGBackend::new(path, (860, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
+    // log-y only when the values span a decade or more (else a log axis has no labelled ticks)
+    let (lo, hi) = (y0 * 0.95, y1 * 1.05);
+    if hi / lo >= 10.0 {
+        draw(&root, title, y_label, series, x0..x1, (lo..hi).log_scale()).map_err(err)?;
+    } else {
+        draw(&root, title, y_label, series, x0..x1, lo..hi).map_err(err)?;
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn draw<Y>(
+    root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x: std::ops::Range<f64>,
+    y: Y,
+) -> std::result::Result<(), String>
+where
+    Y: plotters::coord::ranged1d::AsRangedCoord<Value = f64>,
+    Y::CoordDescType: plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, (y0 * 0.95..y1 * 1.05).log_scale())
-        .map_err(|e| err(e.to_string()))?;
+        .build_cartesian_2d(x, y)
+        .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc("step")
@@ -48,7 +72,7 @@ pub fn curves(
             s.trim_end_matches('0').trim_end_matches('.').to_string()
         })
         .draw()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|x| e(&x))?;
     for (i, (label, v)) in series.iter().enumerate() {
         let colour = Palette99::pick(i).to_rgba();
         chart
@@ -56,11 +80,9 @@ pub fn curves(
                 v.iter().copied().filter(|p| p.1 > 0.0),
                 colour.stroke_width(2),
             ))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|x| e(&x))?
             .label(label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-            });
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
     }
     chart
         .configure_series_labels()
@@ -68,7 +90,6 @@ pub fn curves(
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()
-        .map_err(|e| err(e.to_string()))?;
-    root.present().map_err(|e| err(e.to_string()))?;
+        .map_err(|x| e(&x))?;
     Ok(())
 }
