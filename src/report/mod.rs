@@ -1,4 +1,5 @@
-//! `mitune report RUN_OR_SWEEP_DIR... [--out DIR]`: one table of final and best metrics per run (or sweep point),
+//! `mitune report RUN_OR_SWEEP_DIR... [--out DIR]`: one table of final and best metrics per run (or sweep point)
+//! with the held-out exact match after each stage,
 //! as Markdown and CSV, and SVG plots of the loss and held-out-loss curves of every stage overlaid per run. A sweep
 //! directory stands for its points; a stage a point reused from another (`reused.json`) is reported with the
 //! other point's curves and marked.
@@ -21,7 +22,7 @@ pub struct Run {
     pub loss: BTreeMap<String, Vec<(f64, f64)>>,
     /// stage -> (step, held-out loss)
     pub eval_loss: BTreeMap<String, Vec<(f64, f64)>>,
-    /// (after, task, accuracy) of the held-out generation table
+    /// (after stage, task, accuracy) of the held-out generation table
     pub heldout: Vec<(String, String, f64)>,
     /// (stage, task name, metric, value) of evaluation stages
     pub bench: Vec<(String, String, String, f64)>,
@@ -186,11 +187,9 @@ fn columns(r: &Run) -> Vec<(String, String)> {
             ));
         }
     }
-    // held-out accuracy after the last stage that has it
-    if let Some(last) = r.heldout.last().map(|h| h.0.clone()) {
-        for (_, task, acc) in r.heldout.iter().filter(|h| h.0 == last) {
-            c.push((format!("{task} % (final)"), format!("{:.1}", acc * 100.0)));
-        }
+    // held-out exact match after each stage
+    for (after, task, acc) in r.heldout.iter().filter(|h| h.0 != "init") {
+        c.push((format!("{task} % after {after}"), format!("{:.1}", acc * 100.0)));
     }
     for (stage, task, metric, v) in &r.bench {
         c.push((format!("{stage}/{task} {metric}"), format!("{v:.4}")));
