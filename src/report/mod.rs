@@ -189,7 +189,10 @@ fn columns(r: &Run) -> Vec<(String, String)> {
     }
     // held-out exact match after each stage
     for (after, task, acc) in r.heldout.iter().filter(|h| h.0 != "init") {
-        c.push((format!("{task} % after {after}"), format!("{:.1}", acc * 100.0)));
+        c.push((
+            format!("{task} % after {after}"),
+            format!("{:.1}", acc * 100.0),
+        ));
     }
     for (stage, task, metric, v) in &r.bench {
         c.push((format!("{stage}/{task} {metric}"), format!("{v:.4}")));
