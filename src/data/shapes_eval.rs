@@ -214,7 +214,8 @@ fn preference_pairs(
     ]
 }
 
-/// Writes `mc_train.json`, `preference_{train,heldout}.jsonl` and `eval/{heldin,heldout}/*`.
+/// Writes `mc_train.json`, `preference_{train,heldout}.jsonl` (+ `preference_probes_*`: the probe pairs alone) and
+/// `eval/{heldin,heldout}/*`.
 pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>]) -> Result<()> {
     let mut mc_train = vec![];
     for (i, objs) in train.iter().enumerate() {
@@ -262,6 +263,16 @@ pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>])
             })
             .collect();
         jsonl(&out.join(format!("preference_{split}.jsonl")), &rows)?;
+        // the yes/no probe pairs alone (POPE-style faithfulness pairs without the caption pairs)
+        let probes: Vec<Value> = rows
+            .iter()
+            .filter(|r| r["kind"] != "caption")
+            .cloned()
+            .collect();
+        jsonl(
+            &out.join(format!("preference_probes_{split}.jsonl")),
+            &probes,
+        )?;
         // verifiable-answer prompts for on-policy stages: one short question per image, with its answer
         let rows: Vec<Value> = set
             .iter()
