@@ -177,7 +177,7 @@ fn micro_loss(
     policy: &Llava,
     rows: &[&Encoded],
     adv: &[f64],
-    old: &[Vec<f32>],
+    old: Option<&[Vec<f32>]>,
     reference: Option<&[Vec<f32>]>,
     spec: &RlStage,
     b: &Built,
@@ -197,7 +197,13 @@ fn micro_loss(
         }
         float_tensor(out, [n, t], device)
     };
-    let ratio = (logp.clone() - flat(old)).exp();
+    // One update per rollout batch: π_old is the current policy itself (ratio 1, gradient ∇log π), as TRL does,
+    // so no separate forward is spent on it.
+    let old = match old {
+        Some(o) => flat(o),
+        None => logp.clone().detach(),
+    };
+    let ratio = (logp.clone() - old).exp();
     let a: Tensor<2> = float_tensor(adv.iter().map(|&x| x as f32).collect(), [n, 1], device);
     let surr = (ratio.clone() * a.clone()).min_pair(
         ratio
@@ -449,7 +455,9 @@ pub fn run(
         let mut old = vec![];
         let mut refs = vec![];
         for chunk in rows.chunks(per) {
-            old.extend(token_logps_of(&sampler, chunk, &start, &inner)?);
+            if spec.updates > 1 {
+                old.extend(token_logps_of(&sampler, chunk, &start, &inner)?);
+            }
             if let Some(rm) = &reference {
                 refs.extend(token_logps_of(rm, chunk, &start, &inner)?);
             }
@@ -466,7 +474,7 @@ pub fn run(
                     &model,
                     chunk,
                     &adv[span.clone()],
-                    &old[span.clone()],
+                    (spec.updates > 1).then(|| &old[span.clone()]),
                     reference.as_ref().map(|_| &refs[span]),
                     spec,
                     &start,
