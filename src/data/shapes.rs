@@ -25,7 +25,7 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 
 /// Bump when the generator changes, so `ensure` rewrites datasets made by an older version.
-const VERSION: u64 = 7;
+const VERSION: u64 = 8;
 pub const POSITIONS: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
 const NUMBERS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 /// Special tokens, in id order (the trainer assigns ids in this order, before the byte alphabet).
@@ -729,7 +729,7 @@ identically from meta.json.\n\n\
 - `caption_heldout.json` ({nh}, task caption), `vqa_heldout.json` ({nv}, task vqa, field `kind`), \
 `pope_heldout.json` ({nh}, task yesno, half present / half absent): held-out evaluation.\n\
 - `preference_{{train,heldout}}.jsonl`: preference pairs (mitune `pairs` layout): yes/no probes (faithful answer \
-chosen) and captions against hallucinated ones (an extra object, a wrong colour or shape).\n\
+chosen; absent objects drawn by POPE's random, popular and adversarial samplings in turn, field `sampling`) and captions against hallucinated ones (an extra object, a wrong colour or shape).\n\
 - `prompts_{{train,heldout}}.jsonl`: one short question per image with its `answer` (verifiable-reward prompts \
 for GRPO/PPO).\n\
 - `yesno_train.json`: POPE-style yes/no probes of every training image (LLaVA layout), as many absent objects \

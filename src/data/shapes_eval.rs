@@ -192,7 +192,10 @@ fn hallucinated(objs: &[Object], rng: &mut StdRng) -> String {
 
 /// Preference pairs of one image (mitune's `pairs` layout): a yes/no probe (the faithful answer chosen, its
 /// opposite rejected; half the probes ask about absent objects, POPE-style) and a caption against a hallucinated
-/// one (an extra object, a wrong colour or a wrong shape).
+/// one (an extra object, a wrong colour or a wrong shape). Absent objects are drawn by POPE's three samplings in
+/// turn (image i: random, popular, adversarial for i mod 3): `yesno_train.json`, which the quickstart's instruct
+/// stage learns from, has no popular negatives, so frequent objects are where its model says "yes" to absent
+/// objects most, and these pairs are what corrects it.
 fn preference_pairs(
     objs: &[Object],
     split: &str,
@@ -201,11 +204,13 @@ fn preference_pairs(
     rng: &mut StdRng,
 ) -> Vec<Value> {
     let img = image_rel(split, i);
-    let probes = pope(objs, "adversarial", popular, rng);
+    let sampling = ["random", "popular", "adversarial"][i % 3];
+    let probes = pope(objs, sampling, popular, rng);
     let ((c, s), yes) = probes[rng.random_range(0..probes.len())];
     let (good, bad) = if yes { ("yes", "no") } else { ("no", "yes") };
     vec![
         json!({"id": format!("pref-{split}-{i:05}-probe"), "image": img, "kind": if yes { "present" } else { "absent" },
+            "sampling": sampling,
             "prompt": format!("<image>\nIs there a {} {}?\n{}", c.name(), s.name(), super::shapes::YESNO_HINT),
             "chosen": good, "rejected": bad}),
         json!({"id": format!("pref-{split}-{i:05}-caption"), "image": img, "kind": "caption",
@@ -398,6 +403,33 @@ mod tests {
                     assert!(objs.iter().any(|o| o.colour == *c || o.shape == *s));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn preference_probes_are_faithful_and_cycle_the_samplings() {
+        let popular: Vec<Pair> = Colour::ALL
+            .iter()
+            .flat_map(|&c| Shape::ALL.map(|s| (c, s)))
+            .collect();
+        for i in 0..60 {
+            let objs = super::super::shapes::objects(5, "train", i);
+            let rows = preference_pairs(&objs, "train", i, &popular, &mut rng_for(5, "t", "p", i));
+            let probe = &rows[0];
+            assert_eq!(
+                probe["sampling"],
+                ["random", "popular", "adversarial"][i % 3]
+            );
+            // "<image>\nIs there a {colour} {shape}?\n..." — chosen is the truth about that object
+            let q = probe["prompt"].as_str().unwrap();
+            let words: Vec<&str> = q.split(['\n', ' ', '?']).collect();
+            let at = words.iter().position(|w| *w == "a").unwrap();
+            let there = objs
+                .iter()
+                .any(|o| o.colour.name() == words[at + 1] && o.shape.name() == words[at + 2]);
+            assert_eq!(probe["chosen"], if there { "yes" } else { "no" }, "{q}");
+            assert_eq!(probe["kind"], if there { "present" } else { "absent" });
+            assert_ne!(probe["chosen"], probe["rejected"]);
         }
     }
 
