@@ -300,6 +300,8 @@ pub struct PopeScores {
     pub f1: f64,
     /// Share of "yes" predictions: far from the set's 0.5 means a yes- (or no-) biased model.
     pub yes_ratio: f64,
+    /// Share of absent objects answered "yes" (false-positive rate): the hallucination rate proper.
+    pub yes_to_absent: f64,
 }
 
 /// Accuracy, precision, recall, F1 and yes-ratio of yes/no predictions against labels, as LLaVA's
@@ -350,6 +352,7 @@ pub fn pope_scores(preds_yes: &[bool], labels_yes: &[bool]) -> PopeScores {
         recall,
         f1,
         yes_ratio: ratio(tp + fp, n),
+        yes_to_absent: ratio(fp, fp + tn),
     }
 }
 
@@ -854,6 +857,8 @@ mod tests {
         assert!(close(s.recall, 2.0 / 3.0, 1e-12));
         assert!(close(s.f1, 4.0 / 7.0, 1e-12));
         assert!(close(s.yes_ratio, 2.0 / 3.0, 1e-12));
+        // fp / (fp + tn)
+        assert!(close(s.yes_to_absent, 2.0 / 3.0, 1e-12));
 
         // no predicted or labelled positives: zeros, not NaN
         let none = pope_scores(&[false, false], &[false, false]);

@@ -379,6 +379,7 @@ pub fn score(spec: &TaskSpec, items: &[Item], outputs: &[String]) -> Report {
             m.insert("recall".into(), s.recall);
             m.insert("f1".into(), s.f1);
             m.insert("yes_ratio".into(), s.yes_ratio);
+            m.insert("yes_to_absent".into(), s.yes_to_absent);
         }
         TaskKind::Caption => {
             let tok = |s: &str| metrics::caption_tokens(s).join(" ");
