@@ -424,7 +424,7 @@ pub fn run(
         (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         let done = step + 1;
         steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, 0.0);
+        progress.update(done, step_loss, lr * f, None);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
             let mut line = sums.json(ctx.name, done);
             line["lr"] = (lr * f).into();

@@ -493,7 +493,7 @@ pub fn run(
         let done = step + 1;
         steps::fault_point(ctx.name, done);
         let mean = r.iter().sum::<f64>() / r.len() as f64;
-        progress.update(done, step_loss, lr * f, 0.0);
+        progress.update(done, step_loss, lr * f, None);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
             let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / r.len() as f64).sqrt();
             let toks = stats.tokens.max(1.0);

@@ -76,8 +76,12 @@ impl Progress {
         }
     }
 
-    pub fn update(&mut self, step: usize, loss: f64, lr: f64, tok_s: f64) {
-        let msg = format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s");
+    /// `tok_s`: supervised-token throughput where the stage counts it (None: preference and RL stages).
+    pub fn update(&mut self, step: usize, loss: f64, lr: f64, tok_s: Option<f64>) {
+        let mut msg = format!("loss {loss:.4} lr {lr:.2e}");
+        if let Some(t) = tok_s {
+            msg += &format!(" {t:.0} tok/s");
+        }
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);

@@ -319,7 +319,7 @@ pub fn run(
         }
         let done = step + 1;
         steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, 0.0);
+        progress.update(done, step_loss, lr * f, None);
         if done % spec.log_every == 0 || done == total || done == first + 1 {
             let tok = (n_tok * spec.updates).max(1) as f64;
             ctx.metrics.write(serde_json::json!({

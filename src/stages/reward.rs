@@ -229,7 +229,7 @@ pub fn run(
         first += 1;
         let done = first;
         steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, 0.0);
+        progress.update(done, step_loss, lr * f, None);
         if done % spec.log_every == 0 || done == total {
             let k = n.max(1) as f64;
             ctx.metrics.write(serde_json::json!({

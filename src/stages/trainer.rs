@@ -262,7 +262,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         let done = step + 1;
         steps::fault_point(ctx.name, done);
         let secs = t0.elapsed().as_secs_f64();
-        progress.update(done, loss_val, lr * f, tokens as f64 / secs);
+        progress.update(done, loss_val, lr * f, Some(tokens as f64 / secs));
         if done % spec.log_every == 0 || done == total {
             ctx.metrics.write(serde_json::json!({
                 "stage": ctx.name, "step": done, "loss": loss_val, "lr": lr * f, "grad_norm": norm,
