@@ -123,6 +123,9 @@ fn absent(objs: &[Object]) -> Vec<Pair> {
         .collect()
 }
 
+/// POPE's three ways of drawing absent objects.
+const SAMPLINGS: [&str; 3] = ["random", "popular", "adversarial"];
+
 /// POPE probes of one image for one sampling: up to three present objects, as many absent ones, alternating.
 fn pope(objs: &[Object], sampling: &str, popular: &[Pair], rng: &mut StdRng) -> Vec<(Pair, bool)> {
     let mut present: Vec<Pair> = objs.iter().map(|o| (o.colour, o.shape)).collect();
@@ -204,7 +207,7 @@ fn preference_pairs(
     rng: &mut StdRng,
 ) -> Vec<Value> {
     let img = image_rel(split, i);
-    let sampling = ["random", "popular", "adversarial"][i % 3];
+    let sampling = SAMPLINGS[i % 3];
     let probes = pope(objs, sampling, popular, rng);
     let ((c, s), yes) = probes[rng.random_range(0..probes.len())];
     let (good, bad) = if yes { ("yes", "no") } else { ("no", "yes") };
@@ -347,7 +350,7 @@ pub fn write(out: &Path, seed: u64, train: &[Vec<Object>], held: &[Vec<Object>])
             );
             caps.push(json!({"id": format!("{name}-{i:05}"), "image": img,
                 "captions": references(objs)}));
-            for sampling in ["random", "popular", "adversarial"] {
+            for sampling in SAMPLINGS {
                 let mut rng = rng_for(seed, name, sampling, i);
                 let rows = popes.entry(sampling).or_default();
                 for ((c, s), yes) in pope(objs, sampling, &popular, &mut rng) {
@@ -389,7 +392,7 @@ mod tests {
             .iter()
             .flat_map(|&c| Shape::ALL.map(|s| (c, s)))
             .collect();
-        for sampling in ["random", "popular", "adversarial"] {
+        for sampling in SAMPLINGS {
             let probes = pope(&objs, sampling, &popular, &mut rng_for(0, "t", sampling, 0));
             assert_eq!(probes.len(), 4, "{sampling}");
             for (k, ((c, s), yes)) in probes.iter().enumerate() {
@@ -416,10 +419,7 @@ mod tests {
             let objs = super::super::shapes::objects(5, "train", i);
             let rows = preference_pairs(&objs, "train", i, &popular, &mut rng_for(5, "t", "p", i));
             let probe = &rows[0];
-            assert_eq!(
-                probe["sampling"],
-                ["random", "popular", "adversarial"][i % 3]
-            );
+            assert_eq!(probe["sampling"], SAMPLINGS[i % 3]);
             // "<image>\nIs there a {colour} {shape}?\n..." — chosen is the truth about that object
             let q = probe["prompt"].as_str().unwrap();
             let words: Vec<&str> = q.split(['\n', ' ', '?']).collect();
