@@ -182,7 +182,7 @@ fn main() {
             // Sync: read one value back so the step is really done.
             let _ = params::list(&model);
             let _: Vec<f32> = mitune::zoo::layers::to_vec(
-                model.multi_modal_projector.layers[0]
+                model.multi_modal_projector.as_mlp().unwrap().layers[0]
                     .weight
                     .val()
                     .slice([0..1, 0..1]),

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::Result;
 use crate::zoo::layers::{int_tensor, to_vec};
 use crate::zoo::llms::KvCache;
-use crate::zoo::mllm::{Llava, MmInput};
+use crate::zoo::mllm::{Llava, Media, MmInput};
 
 #[derive(Debug, Clone)]
 pub struct GenConfig {
@@ -168,10 +168,11 @@ pub fn generate(
     cfg: &GenConfig,
     mut on_token: impl FnMut(i64),
 ) -> Result<Generated> {
+    let pixels = input.images().cloned();
     let mut ids = input.ids;
     let prompt = Prompt {
         ids: ids.swap_remove(0),
-        pixels: input.pixels,
+        pixels,
         index: 0,
     };
     let out = generate_batch(model, vec![prompt], cfg, None, |_, id| on_token(id))?;
@@ -195,11 +196,7 @@ pub fn generate_batch(
     let device = burn::module::Module::devices(model)[0].clone();
     let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     // Left padding: every row's last prompt token sits at column t-1, so one slice reads all next-token logits.
-    let mut input = MmInput {
-        ids: vec![],
-        attention: vec![],
-        pixels: None,
-    };
+    let mut input = MmInput::new(vec![], vec![], None);
     let mut positions = vec![];
     let mut pixels = vec![];
     let mut seen = vec![];
@@ -220,7 +217,7 @@ pub fn generate_batch(
         seen.push(p.ids);
     }
     if !pixels.is_empty() {
-        input.pixels = Some(Tensor::cat(pixels, 0));
+        input.media.push(Media::Images(Tensor::cat(pixels, 0)));
     }
     let mut cache = KvCache::default();
     let logits = model.forward_with(&input, &positions, Some(&mut cache))?;

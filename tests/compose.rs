@@ -30,8 +30,16 @@ fn compose_from_standalone_parts() {
             image_token_id: spec.image_token_id,
         };
         let mut composed = compose_llava(&c, &device).unwrap();
-        let fresh = to_vec(composed.multi_modal_projector.layers[0].weight.val());
-        let trained = to_vec(full.multi_modal_projector.layers[0].weight.val());
+        let fresh = to_vec(
+            composed.multi_modal_projector.as_mlp().unwrap().layers[0]
+                .weight
+                .val(),
+        );
+        let trained = to_vec(
+            full.multi_modal_projector.as_mlp().unwrap().layers[0]
+                .weight
+                .val(),
+        );
         assert!(
             max_abs_diff(&fresh, &trained) > 1e-3,
             "{name}: connector should be freshly initialized"

@@ -60,11 +60,11 @@ fn padded_batch_matches_transformers() {
             .iter()
             .map(|r| r.iter().map(|&m| m == 1).collect())
             .collect();
-        let input = MmInput {
+        let input = MmInput::new(
             ids,
-            attention: attention.clone(),
-            pixels: Some(pixels(&e, "batch.pixel_values", &device)),
-        };
+            attention.clone(),
+            Some(pixels(&e, "batch.pixel_values", &device)),
+        );
         let got = to_vec(model.forward(&input).unwrap());
         let (shape, want) = e.tensor("batch.logits");
         let (t, v) = (shape[1], shape[2]);
@@ -158,7 +158,9 @@ fn masked_loss_and_connector_gradient_match_transformers() {
             "{name}: loss {got} vs {want_loss}"
         );
         let grads = loss.backward();
-        let w = model.multi_modal_projector.layers[0].weight.val();
+        let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
+            .weight
+            .val();
         let g = w.grad(&grads).expect("connector weight has a gradient");
         let g = to_vec(g.transpose()); // burn [in, out] -> torch [out, in]
         let (_, want) = e.tensor("loss.grad_linear_1_weight");

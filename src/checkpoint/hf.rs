@@ -72,10 +72,16 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
         .or_else(|| v.get("image_token_id"))
         .and_then(|x| x.as_i64())
         .ok_or_else(|| Error::key(&path, "image_token_index", "missing"))?;
-    // transformers' projector is always 2 layers; other connectors carry LLaVA's own `mm_projector_type` name
-    let connector = match v.get("mm_projector_type").and_then(|t| t.as_str()) {
-        None => ConnectorSpec::Mlp { depth: 2, act },
-        Some(t) => projector_type(t).ok_or_else(|| {
+    // transformers' projector is always 2 layers; other connectors carry LLaVA's own `mm_projector_type` name,
+    // and the kinds LLaVA has no name for carry their spec as `mitune_connector`
+    let connector = match (
+        v.get("mitune_connector"),
+        v.get("mm_projector_type").and_then(|t| t.as_str()),
+    ) {
+        (Some(c), _) => serde_json::from_value::<ConnectorSpec>(c.clone())
+            .map_err(|e| Error::key(&path, "mitune_connector", e.to_string()))?,
+        (None, None) => ConnectorSpec::Mlp { depth: 2, act },
+        (None, Some(t)) => projector_type(t).ok_or_else(|| {
             Error::key(
                 &path,
                 "mm_projector_type",
@@ -268,12 +274,14 @@ pub fn nonstandard_projector(c: &ConnectorSpec) -> Option<String> {
         ConnectorSpec::Mlp { depth: 2, .. } => None,
         ConnectorSpec::Linear {} => Some("linear".into()),
         ConnectorSpec::Mlp { depth, act } => Some(format!("mlp{depth}x_{}", act.hf_name())),
+        other => Some(other.kind().into()),
     }
 }
 
 /// The config.json transformers reads for this model. A connector other than the 2-layer MLP is written with
-/// LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`) and `linear_{i}` weights: mitune loads it back;
-/// transformers' LlavaForConditionalGeneration cannot (its projector is fixed at 2 layers).
+/// LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`) and `linear_{i}` weights, and the kinds LLaVA has no
+/// name for (`pool`, `pixel_shuffle`, `resampler`) also with their spec as `mitune_connector`: mitune loads them
+/// back; transformers' LlavaForConditionalGeneration cannot (its projector is fixed at 2 layers).
 pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
     let act = spec.connector.act();
     let vision = spec.vision.to_hf();
@@ -293,6 +301,12 @@ pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
     });
     if let Some(t) = nonstandard_projector(&spec.connector) {
         cfg["mm_projector_type"] = t.into();
+    }
+    if !matches!(
+        spec.connector,
+        ConnectorSpec::Linear {} | ConnectorSpec::Mlp { .. }
+    ) {
+        cfg["mitune_connector"] = serde_json::to_value(&spec.connector).unwrap_or_default();
     }
     Ok(cfg)
 }

@@ -8,12 +8,12 @@ use std::collections::HashSet;
 
 use super::safetensors_io::{ToWrite, WeightStore};
 use crate::error::{Error, Result};
+use crate::zoo::path::PathStack;
 
 /// The module path as HF names it: `a.b.gamma` -> `a.b.weight`, `beta` -> `bias`.
-fn hf_path(stack: &[(String, String)]) -> (String, bool) {
-    let mut names: Vec<&str> = stack.iter().map(|(n, _)| n.as_str()).collect();
-    let leaf = names.last().copied().unwrap_or("");
-    let container = stack.last().map(|(_, c)| c.as_str()).unwrap_or("");
+fn hf_path(stack: &PathStack) -> (String, bool) {
+    let mut names: Vec<&str> = stack.segments().map(|(n, _)| n).collect();
+    let (leaf, container) = stack.last().unwrap_or(("", ""));
     let transpose = container == "Struct:Linear" && leaf == "weight";
     if let Some(last) = names.last_mut() {
         *last = match *last {
@@ -26,8 +26,8 @@ fn hf_path(stack: &[(String, String)]) -> (String, bool) {
 }
 
 /// Inside a LoRA adapter (burn's reparameterization): its factors are written by `checkpoint::peft`, not here.
-fn in_adapter(stack: &[(String, String)]) -> bool {
-    stack.iter().any(|(_, c)| c == "Reparameterization")
+fn in_adapter(stack: &PathStack) -> bool {
+    stack.inside("Reparameterization")
 }
 
 pub(crate) fn transpose2(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -45,7 +45,7 @@ pub struct Loader<'a> {
     keys: &'a dyn Fn(&str) -> Vec<String>,
     /// Module-path prefixes left as initialized (fresh components of a partial load).
     fresh: &'a [&'a str],
-    stack: Vec<(String, String)>,
+    stack: PathStack,
     device: Device,
     pub used: HashSet<String>,
     pub errors: Vec<Error>,
@@ -62,7 +62,7 @@ impl<'a> Loader<'a> {
             store,
             keys,
             fresh,
-            stack: vec![],
+            stack: PathStack::default(),
             device: device.clone(),
             used: HashSet::new(),
             errors: vec![],
@@ -118,11 +118,10 @@ impl<'a> Loader<'a> {
 
 impl ModuleMapper for Loader<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.stack.enter(name, container_type);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.stack.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (path, transpose) = hf_path(&self.stack);
@@ -182,7 +181,7 @@ impl ModuleMapper for Loader<'_> {
 pub struct Collector<'a> {
     keys: &'a dyn Fn(&str) -> Vec<String>,
     dtype: Dtype,
-    stack: Vec<(String, String)>,
+    stack: PathStack,
     pub out: Vec<ToWrite>,
 }
 
@@ -195,7 +194,7 @@ impl<'a> Collector<'a> {
         let mut c = Collector {
             keys,
             dtype,
-            stack: vec![],
+            stack: PathStack::default(),
             out: vec![],
         };
         module.visit(&mut c);
@@ -205,11 +204,10 @@ impl<'a> Collector<'a> {
 
 impl ModuleVisitor for Collector<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.stack.enter(name, container_type);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.stack.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if in_adapter(&self.stack) {

@@ -189,21 +189,21 @@ pub fn load(model: Llava, dir: &Path, targets: &[Linear], device: &Device) -> Re
     struct Fill<'a> {
         store: &'a WeightStore,
         targets: &'a [Linear],
-        stack: Vec<String>,
+        stack: crate::zoo::path::PathStack,
         used: &'a mut HashSet<String>,
         errors: Vec<Error>,
         device: Device,
         file: PathBuf,
     }
     impl ModuleMapper for Fill<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.into());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.stack.enter(name, container);
         }
         fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let path = self.stack.join(".");
+            let path = self.stack.path();
             let Some((weight, factor)) = path.rsplit_once(".lora.") else {
                 return param;
             };
@@ -249,7 +249,7 @@ pub fn load(model: Llava, dir: &Path, targets: &[Linear], device: &Device) -> Re
     let mut fill = Fill {
         store: &store,
         targets,
-        stack: vec![],
+        stack: Default::default(),
         used: &mut used,
         errors: vec![],
         device: device.clone(),

@@ -69,6 +69,19 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         rc.pipeline.len(),
         rc.pipeline.join(" -> ")
     );
+    // The model's spec from config files alone (weights that a stage of this run makes do not exist yet).
+    let from_run = rc.model.from.as_ref().is_some_and(|d| !d.exists());
+    if !from_run {
+        let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
+        let f = spec.features();
+        println!(
+            "model: connector {} takes {} encoder tokens of width {} and gives {} image tokens per image",
+            spec.connector.kind(),
+            f.tokens,
+            f.width,
+            spec.image_tokens()
+        );
+    }
     if !a.data {
         return Ok(());
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::zoo::connectors::ConnectorSpec;
+use crate::zoo::llms::LlmFamily;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,20 +101,13 @@ fn default_select() -> Select {
     Select::Patch
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LlmKind {
-    Llama,
-    Mistral,
-    Qwen2,
-}
-
 /// An LLM from a weights directory (its tokenizer comes with it) or fresh from a preset (then `tokenizer` names
 /// the directory with tokenizer.json, and the vocabulary size is the tokenizer's).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSource {
-    pub kind: LlmKind,
+    /// The family, named by the zoo's own enum (`llama`, `mistral`, `qwen2`).
+    pub kind: LlmFamily,
     pub weights: Option<PathBuf>,
     pub preset: Option<String>,
     pub tokenizer: Option<PathBuf>,

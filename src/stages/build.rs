@@ -10,11 +10,11 @@ use crate::checkpoint::{load_llava, save_llava};
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{EncoderKind, EncoderSpec, LlmKind, LlmSource, ModelSpec, Select};
+use crate::recipe::schema::{EncoderKind, EncoderSpec, LlmSource, ModelSpec, Select};
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{FeatureSelect, VitFamily, VitSpec};
 use crate::zoo::layers::act::Act;
-use crate::zoo::llms::{LlmFamily, LlmSpec};
+use crate::zoo::llms::LlmSpec;
 use crate::zoo::mllm::{Llava, LlavaSpec};
 use crate::zoo::presets;
 
@@ -149,11 +149,7 @@ fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VitSpec, Value)> {
 }
 
 fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {
-    let family = match l.kind {
-        LlmKind::Llama => LlmFamily::Llama,
-        LlmKind::Mistral => LlmFamily::Mistral,
-        LlmKind::Qwen2 => LlmFamily::Qwen2,
-    };
+    let family = l.kind;
     match (&l.weights, &l.preset) {
         (Some(dir), None) => {
             let (path, cfg) = config_of(dir)?;
@@ -200,12 +196,12 @@ fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {
     }
 }
 
-/// Builds the model the recipe describes; weights load for the parts that name a directory.
-pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Built> {
+/// The model the recipe describes, without weights: its spec (validated: connector, feature layers, heads), the
+/// directory of its tokenizer and its image processor's json. Reads config files only, so `mitune validate`
+/// reports a connector that cannot take the encoder's features before any tensor is made.
+pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
     if let Some(dir) = &m.from {
-        let mut b = load_dir(dir, device)?;
-        b.images.pad_to_square = pad_to_square;
-        return Ok(b);
+        return Ok((llava_spec(dir)?, dir.clone(), read_processor(dir)?));
     }
     let (Some(e), Some(l)) = (&m.encoder, &m.llm) else {
         return Err(Error::input(
@@ -235,12 +231,36 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
         llm,
         image_token_id,
     };
+    if let Err(msg) = spec.connector.out_tokens(&spec.features()) {
+        let f = spec.features();
+        return Err(Error::input(format!(
+            "model.connector (kind = \"{}\"): {msg} [the encoder gives {} tokens of width {} per image{}]",
+            spec.connector.kind(),
+            f.tokens,
+            f.width,
+            f.grid
+                .map(|(h, w)| format!(", a {h}×{w} patch grid"))
+                .unwrap_or_default()
+        )));
+    }
     spec.validate()
         .map_err(|msg| Error::input(format!("model: {msg}")))?;
+    Ok((spec, tok_dir, processor))
+}
+
+/// Builds the model the recipe describes; weights load for the parts that name a directory.
+pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Built> {
+    if let Some(dir) = &m.from {
+        let mut b = load_dir(dir, device)?;
+        b.images.pad_to_square = pad_to_square;
+        return Ok(b);
+    }
+    let (spec, tok_dir, processor) = plan(m)?;
+    let (e, l) = (m.encoder.as_ref(), m.llm.as_ref());
     let model = load_parts(
         spec.init(device),
-        e.weights.as_deref(),
-        l.weights.as_deref(),
+        e.and_then(|e| e.weights.as_deref()),
+        l.and_then(|l| l.weights.as_deref()),
         device,
     )?;
     let (text, images, processor) = processors(&tok_dir, &spec, processor, pad_to_square)?;

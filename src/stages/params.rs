@@ -33,19 +33,19 @@ pub struct ParamInfo {
 
 #[derive(Default)]
 struct Lister {
-    stack: Vec<String>,
+    stack: crate::zoo::path::PathStack,
     out: Vec<ParamInfo>,
 }
 
 impl ModuleVisitor for Lister {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.stack.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.stack.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.stack.pop();
+        self.stack.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.stack.join(".");
+        let path = self.stack.path();
         // Norm scales/shifts and biases are 1-D; embeddings and weights decay.
         let decay = D >= 2;
         self.out.push(ParamInfo {
@@ -169,18 +169,18 @@ pub fn split_grads<M: Module>(
 /// applies to the reloaded model.
 pub fn restore_ids<M: Module>(model: M, ids: &BTreeMap<String, u64>) -> M {
     struct Ids<'a> {
-        stack: Vec<String>,
+        stack: crate::zoo::path::PathStack,
         ids: &'a BTreeMap<String, u64>,
     }
     impl ModuleMapper for Ids<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.stack.enter(name, container);
         }
         fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            match self.ids.get(&self.stack.join(".")) {
+            match self.ids.get(&self.stack.path()) {
                 Some(&id) => {
                     let (_, value, mapper) = param.consume();
                     Param::from_mapped_value(ParamId::from(id), value, mapper)
@@ -189,7 +189,10 @@ pub fn restore_ids<M: Module>(model: M, ids: &BTreeMap<String, u64>) -> M {
             }
         }
     }
-    model.map(&mut Ids { stack: vec![], ids })
+    model.map(&mut Ids {
+        stack: Default::default(),
+        ids,
+    })
 }
 
 pub fn id_map(params: &[ParamInfo]) -> BTreeMap<String, u64> {

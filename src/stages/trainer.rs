@@ -40,11 +40,7 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Ok(None) => None,
         Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
     };
-    Ok(MmInput {
-        ids: mb.ids.clone(),
-        attention: mb.attention.clone(),
-        pixels,
-    })
+    Ok(MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels))
 }
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).

@@ -42,15 +42,15 @@ pub fn hf5_key(path: &str) -> String {
 pub fn linears<M: Module>(model: &M) -> Vec<Linear> {
     #[derive(Default)]
     struct V {
-        stack: Vec<(String, String)>,
+        stack: crate::zoo::path::PathStack,
         out: Vec<Linear>,
     }
     impl ModuleVisitor for V {
         fn enter_module(&mut self, name: &str, container: &str) {
-            self.stack.push((name.into(), container.into()));
+            self.stack.enter(name, container);
         }
         fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let Some((leaf, container)) = self.stack.last() else {
@@ -59,8 +59,7 @@ pub fn linears<M: Module>(model: &M) -> Vec<Linear> {
             if D != 2 || leaf != "weight" || container != "Struct:Linear" {
                 return;
             }
-            let path: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
-            let param_path = path.join(".");
+            let param_path = self.stack.path();
             let key = hf5_key(&param_path);
             self.out.push(Linear {
                 id: param.id,
@@ -146,22 +145,22 @@ pub fn merge(model: Llava) -> Llava {
 pub fn factors<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     #[derive(Default)]
     struct V {
-        stack: Vec<String>,
+        stack: crate::zoo::path::PathStack,
         out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     }
     impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.into());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.stack.enter(name, container);
         }
         fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.stack.iter().any(|s| s == "lora") {
+            if self.stack.has("lora") {
                 let t = param.val();
                 let dims = t.dims().to_vec();
                 self.out
-                    .insert(self.stack.join("."), (dims, crate::zoo::layers::to_vec(t)));
+                    .insert(self.stack.path(), (dims, crate::zoo::layers::to_vec(t)));
             }
         }
     }

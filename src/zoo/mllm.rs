@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::zoo::connectors::{ConnectorSpec, Projector};
+use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{FeatureSelect, VisionTower, VitSpec};
 use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::{Decoder, KvCache, LlmSpec};
@@ -25,41 +25,71 @@ pub struct LlavaSpec {
 #[derive(Module, Debug)]
 pub struct Llava {
     pub vision_tower: VisionTower,
-    pub multi_modal_projector: Projector,
+    pub multi_modal_projector: Connector,
     pub language_model: Decoder,
     #[module(skip)]
     pub spec: LlavaSpec,
 }
 
-/// A batch of token rows (already padded to one length) and the images of all rows, in reading order.
+/// What fills a batch's placeholder positions, in reading order (row by row). One variant per modality: a new
+/// modality (video frames, audio) is a new variant here and an arm in `Llava::input_embeds`, not a field threaded
+/// through every signature.
+#[derive(Debug, Clone)]
+pub enum Media {
+    /// [n_images, c, s, s]: each image fills `image_tokens()` consecutive `image_token_id` placeholders.
+    Images(Tensor<4>),
+}
+
+/// A batch of token rows (already padded to one length) and the media its placeholders stand for.
 pub struct MmInput {
-    /// [b][t] token ids, image placeholders included.
+    /// [b][t] token ids, placeholders included.
     pub ids: Vec<Vec<i64>>,
     /// [b][t] false at padding.
     pub attention: Vec<Vec<bool>>,
-    /// [n_images, c, s, s] in the order the placeholders appear (row by row).
-    pub pixels: Option<Tensor<4>>,
+    /// At most one entry per modality, each in the order its placeholders appear (row by row).
+    pub media: Vec<Media>,
 }
 
 impl MmInput {
+    /// A batch whose media are `pixels` (none when `None`).
+    pub fn new(ids: Vec<Vec<i64>>, attention: Vec<Vec<bool>>, pixels: Option<Tensor<4>>) -> Self {
+        MmInput {
+            ids,
+            attention,
+            media: pixels.map(Media::Images).into_iter().collect(),
+        }
+    }
+
     pub fn single(ids: Vec<i64>, pixels: Option<Tensor<4>>) -> Self {
         let attention = vec![vec![true; ids.len()]];
-        MmInput {
-            ids: vec![ids],
-            attention,
-            pixels,
-        }
+        MmInput::new(vec![ids], attention, pixels)
+    }
+
+    /// The images of the batch, [n, c, s, s], if any.
+    pub fn images(&self) -> Option<&Tensor<4>> {
+        self.media
+            .iter()
+            .map(|m| match m {
+                Media::Images(p) => p,
+            })
+            .next()
     }
 }
 
 impl LlavaSpec {
-    /// (image tokens per image, feature width into the connector)
+    /// What the encoder hands the connector per image (tokens, width, patch grid).
+    pub fn features(&self) -> Features {
+        self.select.features(&self.vision)
+    }
+
+    /// Image tokens per image as the LLM sees them: the connector's count (0 for a spec that fails `validate`).
     pub fn image_tokens(&self) -> usize {
-        self.select.tokens_and_width(&self.vision).0
+        self.connector.out_tokens(&self.features()).unwrap_or(0)
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.select.indices(self.vision.num_layers)?;
+        self.connector.out_tokens(&self.features())?;
         if self.llm.num_heads % self.llm.num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -76,12 +106,11 @@ impl LlavaSpec {
     }
 
     pub fn init(&self, device: &Device) -> Llava {
-        let (_, width) = self.select.tokens_and_width(&self.vision);
         Llava {
             vision_tower: self.vision.init(device),
             multi_modal_projector: self.connector.init(
-                width,
-                self.llm.hidden_size,
+                &self.features(),
+                &self.llm,
                 self.projector_bias,
                 device,
             ),
@@ -113,7 +142,7 @@ impl Llava {
     /// Token embeddings with image features scattered into placeholder positions: [b, t, d].
     pub fn input_embeds(&self, input: &MmInput) -> Result<Tensor<3>> {
         let device = self.devices()[0].clone();
-        let n_images = input.pixels.as_ref().map_or(0, |p| p.dims()[0]);
+        let n_images = input.images().map_or(0, |p| p.dims()[0]);
         self.check_images(&input.ids, n_images)?;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let img = self.spec.image_token_id;
@@ -125,7 +154,7 @@ impl Llava {
             .map(|&x| if x == img { 0 } else { x })
             .collect();
         let embeds = self.language_model.embed(int_tensor(flat, [b, t], &device));
-        let Some(pixels) = input.pixels.clone() else {
+        let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
         let feats = self.image_features(pixels); // [n, tokens, d]

@@ -5,4 +5,5 @@ pub mod layers;
 pub mod llms;
 pub mod lora;
 pub mod mllm;
+pub mod path;
 pub mod presets;

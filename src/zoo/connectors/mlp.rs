@@ -1,25 +1,11 @@
-//! Linear / MLP projector: linear → (act → linear) × (depth − 1). transformers' `LlavaMultiModalProjector` is depth 2
-//! with keys `linear_1`, `linear_2` (mapped in `checkpoint::keys`).
+//! Linear / MLP projector: linear → (act → linear) × (depth − 1), token count unchanged. transformers'
+//! `LlavaMultiModalProjector` is depth 2 with keys `linear_1`, `linear_2` (`layers.{i}` here; mapped in
+//! `checkpoint::keys::projector`). Other depths save with LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`).
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
 use crate::zoo::layers::act::Act;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ConnectorSpec {
-    Linear {},
-    Mlp {
-        depth: usize,
-        #[serde(default = "gelu")]
-        act: Act,
-    },
-}
-fn gelu() -> Act {
-    Act::Gelu
-}
 
 #[derive(Module, Debug)]
 pub struct Projector {
@@ -28,43 +14,49 @@ pub struct Projector {
     pub act: Act,
 }
 
-impl ConnectorSpec {
-    pub fn depth(&self) -> usize {
-        match self {
-            ConnectorSpec::Linear {} => 1,
-            ConnectorSpec::Mlp { depth, .. } => *depth,
-        }
+/// `depth` linears from `d_in` to `d_out` (the first changes the width, the others keep it).
+pub fn init(
+    depth: usize,
+    act: Act,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Projector {
+    Projector {
+        layers: layers(depth, d_in, d_out, bias, device),
+        act,
     }
-    pub fn act(&self) -> Act {
-        match self {
-            ConnectorSpec::Linear {} => Act::Gelu,
-            ConnectorSpec::Mlp { act, .. } => *act,
-        }
-    }
+}
 
-    /// d_in: encoder feature width (× selected layers); d_out: the LLM's hidden size.
-    pub fn init(&self, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Projector {
-        let layers = (0..self.depth().max(1))
-            .map(|i| {
-                LinearConfig::new(if i == 0 { d_in } else { d_out }, d_out)
-                    .with_bias(bias)
-                    .init(device)
-            })
-            .collect();
-        Projector {
-            layers,
-            act: self.act(),
-        }
+pub(crate) fn layers(
+    depth: usize,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Vec<Linear> {
+    (0..depth.max(1))
+        .map(|i| {
+            LinearConfig::new(if i == 0 { d_in } else { d_out }, d_out)
+                .with_bias(bias)
+                .init(device)
+        })
+        .collect()
+}
+
+/// x: [n, tokens, d_in] -> [n, tokens, d_out]
+pub(crate) fn forward_layers(layers: &[Linear], act: Act, x: Tensor<3>) -> Tensor<3> {
+    let mut h = layers[0].forward(x);
+    for l in &layers[1..] {
+        h = l.forward(act.forward(h));
     }
+    h
 }
 
 impl Projector {
     /// x: [n, tokens, d_in] -> [n, tokens, d_out]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut h = self.layers[0].forward(x);
-        for l in &self.layers[1..] {
-            h = l.forward(self.act.forward(h));
-        }
-        h
+        forward_layers(&self.layers, self.act, x)
     }
 }

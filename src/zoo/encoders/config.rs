@@ -205,6 +205,18 @@ impl FeatureSelect {
             .collect()
     }
 
+    /// What a tower hands the connector per image: tokens, width, and the patch grid when the tokens are exactly
+    /// the patches (CLS dropped, or a tower without one that keeps them all).
+    pub fn features(&self, vit: &VitSpec) -> crate::zoo::connectors::Features {
+        let (tokens, width) = self.tokens_and_width(vit);
+        let g = vit.grid();
+        crate::zoo::connectors::Features {
+            tokens,
+            width,
+            grid: (tokens == g * g).then_some((g, g)),
+        }
+    }
+
     /// Image tokens per image and feature width for a tower.
     pub fn tokens_and_width(&self, vit: &VitSpec) -> (usize, usize) {
         // transformers drops the first token under `default` whatever the tower (SigLIP has no CLS: it loses a patch).
