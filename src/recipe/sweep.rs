@@ -39,15 +39,29 @@ fn literal(v: &Value) -> String {
     }
 }
 
-/// A short, path-safe rendering of a value for point names.
-fn short(v: &Value) -> String {
+/// A short, path-safe rendering of a value for point names. A table is named by its `kind`, plus the fields
+/// that tell it apart from the axis's other tables of the same kind (`resampler-latents-4`).
+fn short(v: &Value, axis: &[Value]) -> String {
+    let kind = |t: &Table| t.get("kind").and_then(Value::as_str).map(str::to_string);
     let s = match v {
         Value::String(s) => s.clone(),
-        Value::Table(t) => t
-            .get("kind")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| literal(v)),
+        Value::Table(t) => match kind(t) {
+            Some(k) => {
+                let same: Vec<&Table> = axis
+                    .iter()
+                    .filter_map(Value::as_table)
+                    .filter(|o| kind(o).as_deref() == Some(k.as_str()))
+                    .collect();
+                let mut name = k;
+                for (field, val) in t {
+                    if field != "kind" && same.iter().any(|o| o.get(field) != Some(val)) {
+                        name.push_str(&format!("-{field}-{}", literal(val)));
+                    }
+                }
+                name
+            }
+            None => literal(v),
+        },
         other => other.to_string(),
     };
     s.chars()
@@ -154,18 +168,26 @@ pub fn expand(grid: &Table) -> Result<Vec<Point>, String> {
         for p in &points {
             for row in rows {
                 let mut q = p.clone();
-                for (k, v) in keys.iter().zip(row) {
+                for (ki, (k, v)) in keys.iter().zip(row).enumerate() {
                     q.sets.push(format!("{k}={}", literal(v)));
                     let label = &names[all_keys.iter().position(|x| x == k).unwrap()];
                     if !q.name.is_empty() {
                         q.name.push('_');
                     }
-                    q.name.push_str(&format!("{label}={}", short(v)));
+                    let axis: Vec<Value> = rows.iter().map(|r| r[ki].clone()).collect();
+                    q.name.push_str(&format!("{label}={}", short(v, &axis)));
                 }
                 next.push(q);
             }
         }
         points = next;
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = points.iter().find(|p| !seen.insert(p.name.as_str())) {
+        return Err(format!(
+            "sweep: two points would share the run directory {:?}; give the values of an axis distinct names",
+            dup.name
+        ));
     }
     Ok(points)
 }
@@ -230,6 +252,27 @@ mod tests {
                 "seed=1"
             ]
         );
+    }
+
+    #[test]
+    fn tables_of_one_kind_are_named_by_what_differs() {
+        let p = expand(&grid(
+            "\"model.connector\" = [{ kind = \"mlp\", depth = 2 }, { kind = \"resampler\", latents = 4, depth = 2 }, \
+             { kind = \"resampler\", latents = 16, depth = 2 }]",
+        ))
+        .unwrap();
+        let names: Vec<&str> = p.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "connector=mlp",
+                "connector=resampler-latents-4",
+                "connector=resampler-latents-16"
+            ]
+        );
+        // values that would still collide are an error, not two points writing one run directory
+        let err = expand(&grid("\"a.b\" = [\"x y\", \"x-y\"]")).unwrap_err();
+        assert!(err.contains("share the run directory"), "{err}");
     }
 
     #[test]
