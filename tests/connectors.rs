@@ -199,6 +199,92 @@ fn idefics3_pixel_shuffle_matches_transformers() {
     );
 }
 
+#[test]
+fn blip2_qformer_matches_transformers() {
+    let fx = load("blip2_qformer");
+    let spec: ConnectorSpec = serde_json::from_value(serde_json::json!({
+        "kind": "qformer", "queries": fx.usize("queries"), "hidden": fx.usize("hidden"),
+        "layers": fx.usize("layers"), "heads": fx.usize("heads"), "intermediate": fx.usize("intermediate"),
+        "cross_attention_frequency": fx.usize("cross_attention_frequency"),
+        "layer_norm_eps": fx.config["layer_norm_eps"].as_f64().unwrap(),
+    }))
+    .unwrap();
+    let f = Features {
+        tokens: fx.store.shape("input").unwrap()[1],
+        width: fx.usize("vision_hidden"),
+        grid: None,
+    };
+    let llm = llm(fx.usize("hidden_size"), 4 * fx.usize("hidden_size"), 1e-6);
+    check(
+        "blip2_qformer",
+        spec,
+        f,
+        &llm,
+        |c| {
+            let Connector::Qformer(q) = c else {
+                panic!("not a qformer")
+            };
+            let l2 = &q.qformer.encoder.layer[2];
+            vec![
+                (
+                    "language_projection.weight",
+                    q.language_projection.weight.clone(),
+                    true,
+                ),
+                (
+                    "qformer.encoder.layer.2.crossattention.attention.key.weight",
+                    l2.crossattention
+                        .as_ref()
+                        .unwrap()
+                        .attention
+                        .key
+                        .weight
+                        .clone(),
+                    true,
+                ),
+                (
+                    "qformer.encoder.layer.0.intermediate_query.dense.weight",
+                    q.qformer.encoder.layer[0]
+                        .intermediate_query
+                        .dense
+                        .weight
+                        .clone(),
+                    true,
+                ),
+            ]
+        },
+        |c| {
+            let Connector::Qformer(q) = c else {
+                panic!("not a qformer")
+            };
+            vec![(
+                "qformer.layernorm.weight",
+                q.qformer.layernorm.gamma.clone(),
+            )]
+        },
+    );
+    // the query embeddings [1, q, h] are a 3-D parameter: checked on their own
+    let device = Device::flex().autodiff();
+    let identity: &dyn Fn(&str) -> Vec<String> = &|p| vec![p.to_string()];
+    let spec: ConnectorSpec = serde_json::from_value(serde_json::json!({
+        "kind": "qformer", "queries": 6, "hidden": 32, "layers": 3, "heads": 4, "intermediate": 48,
+        "cross_attention_frequency": 2, "layer_norm_eps": 1e-12,
+    }))
+    .unwrap();
+    let c = Loader::new(&fx.store, identity, &[], &device)
+        .load_part(spec.init(&f, &llm, false, &device))
+        .unwrap();
+    let out = c.forward(fx.tensor("input", &device));
+    let g = (out * fx.tensor::<3>("probe", &device)).sum().backward();
+    let Connector::Qformer(q) = &c else { panic!() };
+    let got = to_vec(q.query_tokens.val().grad(&g).unwrap());
+    let want = fx.store.get("grad.query_tokens").unwrap().values;
+    let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let rel = max_abs_diff(&got, &want) / scale;
+    eprintln!("blip2_qformer: grad query_tokens rel err {rel:.2e}");
+    assert!(rel <= 1e-3, "query_tokens gradient: relative error {rel}");
+}
+
 /// Average pooling of a 4×4 grid to 2×2 by hand: each output token is the mean of its 2×2 block (before the
 /// MLP, checked through an identity first layer); bilinear to 2×2 at align_corners=False samples the block
 /// centres, which for a 2× reduction is the same mean.
@@ -240,10 +326,11 @@ fn every_kind_saves_and_reloads_with_equal_logits() {
         serde_json::json!({"kind": "pixel_shuffle", "scale": 2}),
         serde_json::json!({"kind": "pool", "grid": 1, "mode": "bilinear"}),
         serde_json::json!({"kind": "resampler", "latents": 3, "depth": 1, "heads": 4, "kv_heads": 2}),
+        serde_json::json!({"kind": "qformer", "queries": 5, "layers": 2, "heads": 4}),
     ];
     let mut vision = presets::encoder("bench-tiny", VitFamily::Clip).unwrap(); // 32 px, 8 px patches: 4×4
     vision.input_size = 32;
-    let expect_tokens = [16, 4, 1, 3];
+    let expect_tokens = [16, 4, 1, 3, 5];
     for (kind, want) in kinds.iter().zip(expect_tokens) {
         let spec = LlavaSpec {
             vision: vision.clone(),

@@ -7,6 +7,8 @@
 For each connector, a tiny *random* transformers module built from a config object (never from the hub), f32:
   - idefics2.safetensors: `Idefics2Connector` (gated-MLP modality projection + perceiver resampler, GQA heads)
   - idefics3.safetensors: `Idefics3Connector` (pixel shuffle, scale 2, + linear)
+  - blip2_qformer.safetensors: `Blip2ForConditionalGeneration`'s connector path — `query_tokens`, `Blip2QFormerModel`
+    (3 layers, cross-attention every 2nd) and `language_projection`, as its `get_image_features` runs them
 Each file holds the module's weights under their transformers names, `input` (encoder features [n, tokens, width]:
 a batch of two images), `output` (connector features [n, tokens_out, d_llm]), `probe` (a fixed random tensor of the
 output's shape) and `grad.<name>` = d sum(output · probe) / d <name> for every weight, and its config (JSON in the
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import Idefics2Config, Idefics3Config
+from transformers import Blip2QFormerConfig, Idefics2Config, Idefics3Config
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
@@ -82,6 +85,36 @@ def idefics3():
     dump("idefics3", m, x, m, meta)
 
 
+class Blip2Connector(torch.nn.Module):
+    """The names and computation of Blip2ForConditionalGeneration between vision tower and language model."""
+
+    def __init__(self, qcfg, queries, d_llm):
+        super().__init__()
+        self.query_tokens = torch.nn.Parameter(torch.zeros(1, queries, qcfg.hidden_size))
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.language_projection = torch.nn.Linear(qcfg.hidden_size, d_llm)
+
+    def forward(self, image_embeds):
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+        q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = self.qformer(query_embeds=q, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
+        return self.language_projection(out.last_hidden_state)
+
+
+def blip2_qformer():
+    vision, h, d = 20, 32, 40
+    qcfg = Blip2QFormerConfig(hidden_size=h, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                              cross_attention_frequency=2, encoder_hidden_size=vision, layer_norm_eps=1e-12)
+    qcfg._attn_implementation = "eager"
+    m = Blip2Connector(qcfg, 6, d).float()
+    randomize(m)
+    x = torch.randn(2, 10, vision)
+    meta = {"vision_hidden": vision, "hidden_size": d, "queries": 6, "hidden": h, "layers": 3, "heads": 4,
+            "intermediate": 48, "cross_attention_frequency": 2, "layer_norm_eps": 1e-12}
+    dump("blip2_qformer", m, x, m, meta)
+
+
 if __name__ == "__main__":
     idefics2()
     idefics3()
+    blip2_qformer()

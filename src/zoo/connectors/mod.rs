@@ -1,7 +1,7 @@
 //! Connectors between the encoder's features and the LLM's embeddings (survey §2.3, "modality interface").
 //! Projection: `linear` (LLaVA-1), `mlp` (LLaVA-1.5's `mlp2x_gelu` at depth 2). Token compression: `pixel_shuffle`
 //! (Idefics3 / SmolVLM space-to-depth), `pool` (2-D average or bilinear pooling to a grid, LLaVA-OneVision style).
-//! Learnable queries: `resampler` (Flamingo's perceiver resampler as Idefics2 has it).
+//! Learnable queries: `resampler` (Flamingo's perceiver resampler as Idefics2 has it), `qformer` (BLIP-2).
 //!
 //! The connector owns its output token count: [`ConnectorSpec::out_tokens`] is a function of the encoder's
 //! [`Features`] and its own spec; the text processor, placeholder expansion, config.json and `inspect` ask the
@@ -21,6 +21,7 @@
 pub mod mlp;
 pub mod pixel_shuffle;
 pub mod pool;
+pub mod qformer;
 pub mod resampler;
 
 use burn::module::Module;
@@ -32,6 +33,7 @@ use crate::zoo::llms::LlmSpec;
 pub use mlp::Projector;
 pub use pixel_shuffle::{PixelShuffle, PixelShuffleSpec};
 pub use pool::{Pool, PoolMode, PoolSpec};
+pub use qformer::{QFormer, QFormerSpec};
 pub use resampler::{Resampler, ResamplerSpec};
 
 /// What the encoder hands the connector per image.
@@ -62,6 +64,8 @@ pub enum ConnectorSpec {
     Pool(PoolSpec),
     /// Perceiver resampler (Idefics2): `latents` learnable queries cross-attend to the projected features.
     Resampler(ResamplerSpec),
+    /// BLIP-2 Q-Former: `queries` learnable queries, BERT layers with cross-attention to the features.
+    Qformer(QFormerSpec),
 }
 fn gelu() -> Act {
     Act::Gelu
@@ -75,6 +79,7 @@ pub enum Connector {
     PixelShuffle(PixelShuffle),
     Pool(Pool),
     Resampler(Resampler),
+    Qformer(QFormer),
 }
 
 impl ConnectorSpec {
@@ -86,6 +91,7 @@ impl ConnectorSpec {
             ConnectorSpec::PixelShuffle(_) => "pixel_shuffle",
             ConnectorSpec::Pool(_) => "pool",
             ConnectorSpec::Resampler(_) => "resampler",
+            ConnectorSpec::Qformer(_) => "qformer",
         }
     }
 
@@ -102,6 +108,7 @@ impl ConnectorSpec {
             ConnectorSpec::PixelShuffle(s) => s.out_tokens(f),
             ConnectorSpec::Pool(s) => s.out_tokens(f),
             ConnectorSpec::Resampler(s) => s.out_tokens(f),
+            ConnectorSpec::Qformer(s) => s.out_tokens(f),
         }
     }
 
@@ -128,6 +135,7 @@ impl ConnectorSpec {
             ConnectorSpec::PixelShuffle(s) => Connector::PixelShuffle(s.init(f, llm, device)),
             ConnectorSpec::Pool(s) => Connector::Pool(s.init(f, llm, bias, device)),
             ConnectorSpec::Resampler(s) => Connector::Resampler(s.init(f, llm, device)),
+            ConnectorSpec::Qformer(s) => Connector::Qformer(s.init(f, llm, device)),
         }
     }
 
@@ -157,6 +165,7 @@ impl Connector {
             Connector::PixelShuffle(m) => m.forward(x),
             Connector::Pool(m) => m.forward(x),
             Connector::Resampler(m) => m.forward(x),
+            Connector::Qformer(m) => m.forward(x),
         }
     }
 }
@@ -212,6 +221,14 @@ mod tests {
         assert_eq!(rs.out_tokens(&f), Ok(3));
         let none: ConnectorSpec = toml::from_str("kind = \"resampler\"\nlatents = 0").unwrap();
         assert!(none.out_tokens(&f).is_err());
+        let q: ConnectorSpec = toml::from_str("kind = \"qformer\"\nqueries = 32").unwrap();
+        assert_eq!(q.out_tokens(&f), Ok(32));
+        let q0: ConnectorSpec = toml::from_str("kind = \"qformer\"\nqueries = 0").unwrap();
+        assert!(
+            q0.out_tokens(&f)
+                .unwrap_err()
+                .contains("queries must be at least 1")
+        );
         // a CLS token (no grid) cannot be pixel-shuffled
         let cls = Features {
             tokens: 17,
