@@ -33,7 +33,9 @@ fn main() {
         let mut l = presets::llm(llm, LlmFamily::Llama, vocab).unwrap();
         l.tie_word_embeddings = tied;
         let spec = LlavaSpec {
-            vision: presets::encoder(enc, VitFamily::Clip).unwrap(),
+            vision: mitune::zoo::encoders::VisionSpec::Vit(
+                presets::encoder(enc, VitFamily::Clip).unwrap(),
+            ),
             select: FeatureSelect {
                 layers: vec![layer],
                 drop_cls: true,
@@ -47,7 +49,7 @@ fn main() {
             image_token_id: vocab as i64 - 1,
         };
         let n_img = spec.image_tokens();
-        let size = spec.vision.input_size;
+        let size = spec.vision.input_size();
         let model = spec.init(&device);
         for batch in [1usize, 8] {
             // rows of different text lengths (32, 30, 28, ...) so the batch really is left-padded

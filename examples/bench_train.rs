@@ -115,7 +115,9 @@ fn main() {
         let mut llm = presets::llm(p.llm, LlmFamily::Llama, p.vocab).unwrap();
         llm.tie_word_embeddings = p.name == "tiny";
         let spec = LlavaSpec {
-            vision: presets::encoder(p.enc, VitFamily::Clip).unwrap(),
+            vision: mitune::zoo::encoders::VisionSpec::Vit(
+                presets::encoder(p.enc, VitFamily::Clip).unwrap(),
+            ),
             select: FeatureSelect {
                 layers: vec![p.feature_layer],
                 drop_cls: true,
@@ -129,7 +131,7 @@ fn main() {
             image_token_id: p.vocab as i64 - 1,
         };
         let n_img = spec.image_tokens();
-        let size = spec.vision.input_size;
+        let size = spec.vision.input_size();
         let mut model = spec.init(&device);
         if p.lora > 0 {
             let f = Adapter::lora(

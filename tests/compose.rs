@@ -75,7 +75,12 @@ fn compose_at_higher_resolution_matches_transformers() {
         let e = expected(name);
         let got = m
             .vision_tower
-            .features(pixels(&e, "hires.pixel_values", &device), &m.spec.select);
+            .features(
+                pixels(&e, "hires.pixel_values", &device),
+                &m.spec.select,
+                &m.spec.vision,
+            )
+            .unwrap();
         let (ws, want) = e.tensor("hires.features");
         assert_eq!(got.dims().to_vec(), ws, "{name}: feature shape");
         let err = max_abs_diff(&to_vec(got), &want);

@@ -318,7 +318,7 @@ fn pool_averages_blocks_of_the_patch_grid() {
 #[test]
 fn every_kind_saves_and_reloads_with_equal_logits() {
     use mitune::checkpoint::{load_llava, save_llava};
-    use mitune::zoo::encoders::{FeatureSelect, VitFamily};
+    use mitune::zoo::encoders::{EncoderFamily, FeatureSelect};
     use mitune::zoo::mllm::{LlavaSpec, MmInput};
     let device = Device::flex();
     let kinds = [
@@ -328,44 +328,47 @@ fn every_kind_saves_and_reloads_with_equal_logits() {
         serde_json::json!({"kind": "resampler", "latents": 3, "depth": 1, "heads": 4, "kv_heads": 2}),
         serde_json::json!({"kind": "qformer", "queries": 5, "layers": 2, "heads": 4}),
     ];
-    let mut vision = presets::encoder("bench-tiny", VitFamily::Clip).unwrap(); // 32 px, 8 px patches: 4×4
-    vision.input_size = 32;
     let expect_tokens = [16, 4, 1, 3, 5];
-    for (kind, want) in kinds.iter().zip(expect_tokens) {
-        let spec = LlavaSpec {
-            vision: vision.clone(),
-            select: FeatureSelect {
-                layers: vec![-2],
-                drop_cls: true,
-            },
-            connector: serde_json::from_value(kind.clone()).unwrap(),
-            projector_bias: true,
-            llm: presets::llm("bench-tiny", LlmFamily::Llama, 64).unwrap(),
-            image_token_id: 63,
-        };
-        spec.validate().unwrap();
-        assert_eq!(spec.image_tokens(), want, "{kind}");
-        let model = spec.init(&device);
-        let dir = std::env::temp_dir().join(format!(
-            "mitune-connector-{}-{}",
-            spec.connector.kind(),
-            std::process::id()
-        ));
-        save_llava(&model, &dir, safetensors::Dtype::F32, None).unwrap();
-        let back = load_llava(&dir, &device).unwrap();
-        assert_eq!(back.spec.connector, spec.connector);
-        let mut ids = vec![1i64, 5, 6];
-        ids.extend(std::iter::repeat_n(63, want));
-        ids.extend([7, 8]);
-        let px = Tensor::<4>::random([1, 3, 32, 32], burn::tensor::Distribution::Default, &device);
-        let a = to_vec(
-            model
-                .forward(&MmInput::single(ids.clone(), Some(px.clone())))
-                .unwrap(),
-        );
-        let b = to_vec(back.forward(&MmInput::single(ids, Some(px))).unwrap());
-        assert_eq!(max_abs_diff(&a, &b), 0.0, "{kind}: logits after reload");
-        std::fs::remove_dir_all(&dir).ok();
+    // 32 px, 8 px patches: a 4×4 grid after the CLS token is dropped
+    for family in [EncoderFamily::ClipVit, EncoderFamily::Dinov2] {
+        let vision = presets::vision("bench-tiny", family).unwrap();
+        for (kind, want) in kinds.iter().zip(expect_tokens) {
+            let spec = LlavaSpec {
+                vision: vision.clone(),
+                select: FeatureSelect {
+                    layers: vec![-2],
+                    drop_cls: true,
+                },
+                connector: serde_json::from_value(kind.clone()).unwrap(),
+                projector_bias: true,
+                llm: presets::llm("bench-tiny", LlmFamily::Llama, 64).unwrap(),
+                image_token_id: 63,
+            };
+            spec.validate().unwrap();
+            assert_eq!(spec.image_tokens(), want, "{kind}");
+            let model = spec.init(&device);
+            let dir = std::env::temp_dir().join(format!(
+                "mitune-connector-{family:?}-{}-{}",
+                spec.connector.kind(),
+                std::process::id()
+            ));
+            save_llava(&model, &dir, safetensors::Dtype::F32, None).unwrap();
+            let back = load_llava(&dir, &device).unwrap();
+            assert_eq!(back.spec.connector, spec.connector);
+            let mut ids = vec![1i64, 5, 6];
+            ids.extend(std::iter::repeat_n(63, want));
+            ids.extend([7, 8]);
+            let px =
+                Tensor::<4>::random([1, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+            let a = to_vec(
+                model
+                    .forward(&MmInput::single(ids.clone(), Some(px.clone())))
+                    .unwrap(),
+            );
+            let b = to_vec(back.forward(&MmInput::single(ids, Some(px))).unwrap());
+            assert_eq!(max_abs_diff(&a, &b), 0.0, "{kind}: logits after reload");
+            std::fs::remove_dir_all(&dir).ok();
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use super::params::{Collector, Loader};
 use super::safetensors_io::{WeightStore, write_file};
 use crate::error::{Error, Result, read_json};
 use crate::zoo::connectors::ConnectorSpec;
-use crate::zoo::encoders::{FeatureSelect, VitSpec};
+use crate::zoo::encoders::{FeatureSelect, VisionSpec};
 use crate::zoo::llms::LlmSpec;
 use crate::zoo::llms::config::parse_act;
 use crate::zoo::mllm::{Llava, LlavaSpec};
@@ -41,7 +41,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
             ),
         ));
     }
-    let vision = VitSpec::from_hf(
+    let vision = VisionSpec::from_hf(
         v.get("vision_config").unwrap_or(&serde_json::Value::Null),
         &path,
         "vision_config.",
@@ -125,9 +125,9 @@ pub struct Composition<'a> {
     pub image_token_id: i64,
 }
 
-/// The vision spec of a standalone encoder directory (CLIPVisionModel / SiglipVisionModel, or a full CLIPModel
-/// whose tower config sits under `vision_config`).
-pub fn vision_spec_of(dir: &Path) -> Result<VitSpec> {
+/// The vision spec of a standalone encoder directory (CLIPVisionModel / SiglipVisionModel / Dinov2Model, or a full
+/// CLIPModel whose tower config sits under `vision_config`).
+pub fn vision_spec_of(dir: &Path) -> Result<VisionSpec> {
     let (vpath, vcfg) = config_of(dir)?;
     let (vv, prefix) = match vcfg.get("vision_config") {
         Some(inner) if model_type(&vcfg) != "clip_vision_model" => {
@@ -135,20 +135,20 @@ pub fn vision_spec_of(dir: &Path) -> Result<VitSpec> {
         }
         _ => (vcfg.clone(), ""),
     };
-    VitSpec::from_hf(&vv, &vpath, prefix)
+    VisionSpec::from_hf(&vv, &vpath, prefix)
 }
 
 /// Partial load, explicit: encoder and LLM weights from their directories, connector freshly initialized.
 pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
     let mut vision = vision_spec_of(c.encoder)?;
     if let Some(s) = c.image_size {
-        if s % vision.patch_size != 0 {
+        if s % vision.patch_size() != 0 {
             return Err(Error::input(format!(
                 "image size {s} is not a multiple of the encoder's patch size {}",
-                vision.patch_size
+                vision.patch_size()
             )));
         }
-        vision.input_size = s;
+        vision.set_input_size(s, false);
     }
     let (lpath, lcfg) = config_of(c.llm)?;
     let llm = LlmSpec::from_hf(&lcfg, &lpath, "", None)?;
@@ -219,11 +219,7 @@ pub fn save_part(model: &Llava, part: Part, out: &Path, dtype: Dtype) -> Result<
     let (prefix, cfg) = match part {
         Part::Encoder => {
             let mut v = model.spec.vision.to_hf();
-            let arch = match model.spec.vision.family {
-                crate::zoo::encoders::VitFamily::Clip => "CLIPVisionModel",
-                crate::zoo::encoders::VitFamily::Siglip => "SiglipVisionModel",
-            };
-            v["architectures"] = serde_json::json!([arch]);
+            v["architectures"] = serde_json::json!([model.spec.vision.hf_architecture()]);
             ("vision_tower.", v)
         }
         Part::Llm => {

@@ -5,7 +5,14 @@
 
 /// Keys of a `LlavaForConditionalGeneration` checkpoint.
 pub fn llava(path: &str) -> Vec<String> {
-    if let Some(rest) = path.strip_prefix("vision_tower.") {
+    if let Some(names) = path
+        .strip_prefix("vision_tower.")
+        .and_then(crate::zoo::encoders::dinov2::hf_keys)
+    {
+        let mut out: Vec<String> = names.iter().map(|n| format!("vision_tower.{n}")).collect();
+        out.extend(names.iter().map(|n| format!("model.vision_tower.{n}")));
+        out
+    } else if let Some(rest) = path.strip_prefix("vision_tower.") {
         vec![
             format!("vision_tower.vision_model.{rest}"),
             format!("vision_tower.{rest}"),
@@ -42,6 +49,9 @@ pub fn projector(rest: &str) -> String {
 
 /// Keys of a standalone `CLIPVisionModel` / `SiglipVisionModel` (a full `CLIPModel` too: its text tower is ignored).
 pub fn vision(path: &str) -> Vec<String> {
+    if let Some(names) = crate::zoo::encoders::dinov2::hf_keys(path) {
+        return names;
+    }
     vec![format!("vision_model.{path}"), path.to_string()]
 }
 
@@ -57,7 +67,7 @@ pub fn llm(path: &str) -> Vec<String> {
 /// Stored tensors that are known and deliberately not used (buffers, heads LLaVA does not need, the text tower of a
 /// full CLIP checkpoint). Anything else left over is an "unexpected tensor" error.
 pub fn ignorable(key: &str) -> bool {
-    const PARTS: [&str; 9] = [
+    const PARTS: [&str; 10] = [
         "vision_tower.head.",
         "position_ids",
         "rotary_emb.inv_freq",
@@ -67,6 +77,7 @@ pub fn ignorable(key: &str) -> bool {
         "visual_projection.",
         "text_projection.",
         "vision_model.head.",
+        "mask_token",
     ];
     PARTS.iter().any(|p| key.contains(p)) || key.starts_with("head.")
 }

@@ -28,17 +28,18 @@ pub fn run(dir: &Path) -> Result<()> {
     );
     println!("{}  (LlavaForConditionalGeneration)", dir.display());
     println!(
-        "├─ vision_tower          {:?} ViT  {:>12} params",
-        v.family, vp
+        "├─ vision_tower          {:?} ({})  {:>12} params",
+        v.family(),
+        v.hf_architecture(),
+        vp
     );
     println!(
-        "│    {} layers, d={}, heads={}, patch={}, image={}px, act={}",
-        v.num_layers,
-        v.hidden_size,
-        v.num_heads,
-        v.patch_size,
-        v.input_size,
-        v.act.hf_name()
+        "│    {} layers, d={}, patch={}, image={}px, {} tokens per image",
+        v.num_layers(),
+        v.hidden_size(),
+        v.patch_size(),
+        v.input_size(),
+        v.num_tokens()
     );
     println!(
         "│    features: layers {:?}, {}",

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::zoo::connectors::ConnectorSpec;
+use crate::zoo::encoders::EncoderFamily;
 use crate::zoo::llms::LlmFamily;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,13 +62,6 @@ pub struct ModelSpec {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EncoderKind {
-    ClipVit,
-    SiglipVit,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum Select {
     /// Patch tokens only (LLaVA's `default`: the CLS token is dropped).
     Patch,
@@ -79,7 +73,8 @@ pub enum Select {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderSpec {
-    pub kind: EncoderKind,
+    /// The family, named by the zoo's own enum (`clip_vit`, `siglip_vit`, `dinov2`).
+    pub kind: EncoderFamily,
     pub weights: Option<PathBuf>,
     pub preset: Option<String>,
     pub hidden_size: Option<usize>,

@@ -2,7 +2,7 @@
 //! connector / LLM each from a weights directory or fresh from a preset (prismatic-style composition). Also writes
 //! a trained model back as an HF directory with everything `mitune generate` and transformers need.
 use burn::tensor::Device;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::hf::{Part, config_of, llava_spec, load_parts, save_part, write_json};
@@ -10,9 +10,9 @@ use crate::checkpoint::{load_llava, save_llava};
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{EncoderKind, EncoderSpec, LlmSource, ModelSpec, Select};
+use crate::recipe::schema::{EncoderSpec, LlmSource, ModelSpec, Select};
 use crate::zoo::connectors::ConnectorSpec;
-use crate::zoo::encoders::{FeatureSelect, VitFamily, VitSpec};
+use crate::zoo::encoders::{EncoderFamily, FeatureSelect, VisionSpec};
 use crate::zoo::layers::act::Act;
 use crate::zoo::llms::LlmSpec;
 use crate::zoo::mllm::{Llava, LlavaSpec};
@@ -24,26 +24,6 @@ pub struct Built {
     pub images: ImageProcessor,
     /// The image processor's HF json (written as preprocessor_config.json on export).
     pub processor: Value,
-}
-
-/// CLIP's / SigLIP's processor settings for a fresh encoder at `size` pixels.
-pub fn processor_json(family: VitFamily, size: usize) -> Value {
-    match family {
-        VitFamily::Clip => json!({
-            "image_processor_type": "CLIPImageProcessor",
-            "do_resize": true, "size": {"shortest_edge": size}, "resample": 3,
-            "do_center_crop": true, "crop_size": {"height": size, "width": size},
-            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-        }),
-        VitFamily::Siglip => json!({
-            "image_processor_type": "SiglipImageProcessor",
-            "do_resize": true, "size": {"height": size, "width": size}, "resample": 3,
-            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        }),
-    }
 }
 
 fn read_processor(dir: &Path) -> Result<Value> {
@@ -84,22 +64,28 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Built> {
     })
 }
 
-fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VitSpec, Value)> {
-    let family = match e.kind {
-        EncoderKind::ClipVit => VitFamily::Clip,
-        EncoderKind::SiglipVit => VitFamily::Siglip,
-    };
+fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
     let (mut spec, processor) = match (&e.weights, &e.preset) {
         (Some(dir), None) => {
             let spec = crate::checkpoint::hf::vision_spec_of(dir)?;
+            if spec.family() != e.kind {
+                return Err(Error::input(format!(
+                    "{key}.kind = {:?} but {} holds a {:?} encoder ({}): set kind to match the weights",
+                    e.kind,
+                    dir.display(),
+                    spec.family(),
+                    spec.hf_architecture()
+                )));
+            }
             let proc =
-                read_processor(dir).unwrap_or_else(|_| processor_json(family, spec.image_size));
+                read_processor(dir).unwrap_or_else(|_| spec.processor_json(spec.image_size()));
             (spec, proc)
         }
         (None, Some(p)) => {
-            let spec = presets::encoder(p, family).ok_or_else(|| {
+            let spec = presets::vision(p, e.kind).ok_or_else(|| {
                 Error::input(format!(
-                    "{key}.preset = {p:?}: unknown preset (known: {})",
+                    "{key}.preset = {p:?}: unknown preset for {:?} (known: {})",
+                    e.kind,
                     presets::ENCODER_PRESETS.join(", ")
                 ))
             })?;
@@ -112,36 +98,32 @@ fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VitSpec, Value)> {
         }
     };
     let fresh = e.preset.is_some();
-    for (v, slot) in [
-        (e.hidden_size, &mut spec.hidden_size),
-        (e.intermediate_size, &mut spec.intermediate_size),
-        (e.num_layers, &mut spec.num_layers),
-        (e.num_heads, &mut spec.num_heads),
-        (e.patch_size, &mut spec.patch_size),
-    ] {
-        if let Some(v) = v {
-            if !fresh {
-                return Err(Error::input(format!(
-                    "{key}: architecture fields can only override a preset, not pretrained weights"
-                )));
-            }
-            *slot = v;
-        }
+    let arch = [
+        e.hidden_size,
+        e.intermediate_size,
+        e.num_layers,
+        e.num_heads,
+        e.patch_size,
+    ];
+    if arch.iter().any(Option::is_some) && !fresh {
+        return Err(Error::input(format!(
+            "{key}: architecture fields can only override a preset, not pretrained weights"
+        )));
     }
+    spec.set_arch(arch[0], arch[1], arch[2], arch[3], arch[4]);
     if let Some(s) = e.image_size {
-        if s % spec.patch_size != 0 {
+        if s % spec.patch_size() != 0 {
             return Err(Error::input(format!(
                 "{key}.image_size = {s} is not a multiple of the patch size {}",
-                spec.patch_size
+                spec.patch_size()
             )));
         }
-        spec.input_size = s;
-        if fresh {
-            spec.image_size = s;
-        }
+        spec.set_input_size(s, fresh);
     }
+    spec.validate()
+        .map_err(|m| Error::input(format!("{key}: {m}")))?;
     let processor = if processor.is_null() || e.image_size.is_some() {
-        processor_json(family, spec.input_size)
+        spec.processor_json(spec.input_size())
     } else {
         processor
     };
@@ -221,7 +203,8 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         vision,
         select: FeatureSelect {
             layers: vec![e.feature_layer],
-            drop_cls: e.select == Select::Patch && e.kind == EncoderKind::ClipVit,
+            // SigLIP has no CLS: `patch` keeps all its tokens (transformers' `default` would drop one)
+            drop_cls: e.select == Select::Patch && e.kind != EncoderFamily::SiglipVit,
         },
         connector: m.connector.clone().unwrap_or(ConnectorSpec::Mlp {
             depth: 2,

@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
-use crate::zoo::encoders::{FeatureSelect, VisionTower, VitSpec};
+use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::{Decoder, KvCache, LlmSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlavaSpec {
-    pub vision: VitSpec,
+    pub vision: VisionSpec,
     pub select: FeatureSelect,
     pub connector: ConnectorSpec,
     pub projector_bias: bool,
@@ -24,7 +24,7 @@ pub struct LlavaSpec {
 
 #[derive(Module, Debug)]
 pub struct Llava {
-    pub vision_tower: VisionTower,
+    pub vision_tower: Encoder,
     pub multi_modal_projector: Connector,
     pub language_model: Decoder,
     #[module(skip)]
@@ -88,7 +88,8 @@ impl LlavaSpec {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        self.select.indices(self.vision.num_layers)?;
+        self.vision.validate()?;
+        self.select.indices(self.vision.num_layers())?;
         self.connector.out_tokens(&self.features())?;
         if self.llm.num_heads % self.llm.num_kv_heads != 0 {
             return Err(format!(
@@ -157,7 +158,7 @@ impl Llava {
         let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
-        let feats = self.image_features(pixels); // [n, tokens, d]
+        let feats = self.image_features(pixels)?; // [n, tokens, d]
         let [n, per, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
@@ -186,9 +187,11 @@ impl Llava {
     }
 
     /// pixels [n, c, s, s] -> projected image features [n, tokens, d_llm]
-    pub fn image_features(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let f = self.vision_tower.features(pixels, &self.spec.select);
-        self.multi_modal_projector.forward(f)
+    pub fn image_features(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
+        let f = self
+            .vision_tower
+            .features(pixels, &self.spec.select, &self.spec.vision)?;
+        Ok(self.multi_modal_projector.forward(f))
     }
 
     /// Full forward: logits [b, t, vocab]. Positions are 0..t for every row, as transformers' forward without

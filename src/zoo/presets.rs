@@ -1,17 +1,20 @@
 //! Named presets for fresh components (recipes pick one and override a few fields; STYLE principle 3).
 //! Real-model presets carry the published dimensions; `shapes` sizes the quickstart world's tiny models, `bench-*`
 //! are the benchmark presets of issue 3.
-use crate::zoo::encoders::{VitFamily, VitSpec};
+use crate::zoo::encoders::{Dinov2Spec, EncoderFamily, VisionSpec, VitFamily, VitSpec};
 use crate::zoo::layers::act::Act;
 use crate::zoo::layers::rope::{Rope, RopeScaling};
 use crate::zoo::llms::{LlmFamily, LlmSpec};
 
-pub const ENCODER_PRESETS: [&str; 5] = [
+pub const ENCODER_PRESETS: [&str; 8] = [
     "shapes",
     "bench-tiny",
     "bench-small",
     "clip-vit-b16",
     "clip-vit-l14-336",
+    "dinov2-vit-s14",
+    "dinov2-vit-b14",
+    "dinov2-vit-l14",
 ];
 pub const LLM_PRESETS: [&str; 4] = ["shapes", "bench-tiny", "bench-small", "llama-7b"];
 
@@ -46,6 +49,40 @@ pub fn encoder(name: &str, family: VitFamily) -> Option<VitSpec> {
             Act::GeluTanh
         },
     })
+}
+
+/// A fresh encoder of `family` from a preset name (CLIP/SigLIP presets as `encoder`; DINOv2: `shapes`,
+/// `bench-tiny` and the published `dinov2-vit-s14`, `dinov2-vit-b14`, `dinov2-vit-l14` at 224 px).
+pub fn vision(name: &str, family: EncoderFamily) -> Option<VisionSpec> {
+    match family {
+        EncoderFamily::ClipVit => encoder(name, VitFamily::Clip).map(VisionSpec::Vit),
+        EncoderFamily::SiglipVit => encoder(name, VitFamily::Siglip).map(VisionSpec::Vit),
+        EncoderFamily::Dinov2 => {
+            let (d, l, h, p, s) = match name {
+                "shapes" => (64, 3, 4, 16, 32),
+                "bench-tiny" => (32, 3, 2, 8, 32),
+                "dinov2-vit-s14" => (384, 12, 6, 14, 224),
+                "dinov2-vit-b14" => (768, 12, 12, 14, 224),
+                "dinov2-vit-l14" => (1024, 24, 16, 14, 224),
+                _ => return None,
+            };
+            Some(VisionSpec::Dinov2(Dinov2Spec {
+                hidden_size: d,
+                intermediate_size: 4 * d,
+                num_layers: l,
+                num_heads: h,
+                num_channels: 3,
+                patch_size: p,
+                image_size: s,
+                input_size: s,
+                layer_norm_eps: 1e-6,
+                act: Act::Gelu,
+                qkv_bias: true,
+                layerscale_value: 1.0,
+                registers: 0,
+            }))
+        }
+    }
 }
 
 /// (hidden, intermediate, layers, heads, kv heads, tied); the vocabulary comes from the tokenizer.

@@ -1,4 +1,4 @@
-//! Vision encoder specs from HuggingFace `CLIPVisionConfig` / `SiglipVisionConfig`, and LLaVA's feature selection
+//! CLIP/SigLIP vision specs from HuggingFace `CLIPVisionConfig` / `SiglipVisionConfig`, and LLaVA's feature selection
 //! (`vision_feature_layer`, `vision_feature_select_strategy`).
 use crate::error::{Error, Result};
 use crate::zoo::layers::act::Act;
@@ -205,11 +205,21 @@ impl FeatureSelect {
             .collect()
     }
 
+    /// Tokens the selection drops from the front: the CLS token and registers under `patch`/`default`
+    /// (transformers' `default` drops one token even from SigLIP, which has no CLS: kept for parity).
+    pub fn dropped(&self, vision: &super::VisionSpec) -> usize {
+        if self.drop_cls {
+            vision.prefix_tokens().max(1)
+        } else {
+            0
+        }
+    }
+
     /// What a tower hands the connector per image: tokens, width, and the patch grid when the tokens are exactly
-    /// the patches (CLS dropped, or a tower without one that keeps them all).
-    pub fn features(&self, vit: &VitSpec) -> crate::zoo::connectors::Features {
-        let (tokens, width) = self.tokens_and_width(vit);
-        let g = vit.grid();
+    /// the patches (CLS and registers dropped, or a tower without them that keeps them all).
+    pub fn features(&self, vision: &super::VisionSpec) -> crate::zoo::connectors::Features {
+        let (tokens, width) = self.tokens_and_width(vision);
+        let g = vision.grid();
         crate::zoo::connectors::Features {
             tokens,
             width,
@@ -218,9 +228,8 @@ impl FeatureSelect {
     }
 
     /// Image tokens per image and feature width for a tower.
-    pub fn tokens_and_width(&self, vit: &VitSpec) -> (usize, usize) {
-        // transformers drops the first token under `default` whatever the tower (SigLIP has no CLS: it loses a patch).
-        let tokens = vit.num_tokens() - usize::from(self.drop_cls);
-        (tokens, vit.hidden_size * self.layers.len())
+    pub fn tokens_and_width(&self, vision: &super::VisionSpec) -> (usize, usize) {
+        let tokens = vision.num_tokens() - self.dropped(vision);
+        (tokens, vision.hidden_size() * self.layers.len())
     }
 }

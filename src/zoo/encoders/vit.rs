@@ -7,7 +7,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use super::{FeatureSelect, VitSpec};
+use super::VitSpec;
 use crate::zoo::layers::act::Act;
 use crate::zoo::layers::attention;
 
@@ -214,31 +214,14 @@ impl VisionTower {
         }
     }
 
-    /// Image features as LLaVA selects them: pixels [n, c, s, s] -> [n, tokens, d * layers.len()].
-    pub fn features(&self, pixels: Tensor<4>, select: &FeatureSelect) -> Tensor<3> {
-        let idx = select
-            .indices(self.spec.num_layers)
-            .expect("feature layers validated at load");
-        let last = *idx.iter().max().unwrap();
-        // hidden_states[0] is the embedding output; run only the blocks the selection needs.
+    /// hidden_states[0..=last]: the embedding output and the outputs of the first `last` blocks.
+    pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {
         let mut states = vec![self.embed(pixels)];
         for layer in self.encoder.layers.iter().take(last) {
             let next = layer.forward(states.last().unwrap().clone());
             states.push(next);
         }
-        let picked: Vec<Tensor<3>> = idx
-            .iter()
-            .map(|&i| {
-                let s = states[i].clone();
-                let [n, t, d] = s.dims();
-                if select.drop_cls {
-                    s.slice([0..n, 1..t, 0..d])
-                } else {
-                    s
-                }
-            })
-            .collect();
-        Tensor::cat(picked, 2)
+        states
     }
 
     /// The tower's own output (all blocks + post_layernorm): [n, tokens, d]; CLIPVisionModel's last_hidden_state.

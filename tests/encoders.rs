@@ -1,0 +1,180 @@
+//! DINOv2 towers against transformers (fixtures from tools/make_encoder_fixtures.py): a `Dinov2Model` and a
+//! `Dinov2WithRegistersModel` directory as `save_pretrained` wrote it load by their own names and give every hidden
+//! state and the final output within 1e-4 on two real photos, at the trained size and at twice it (interpolated
+//! position embeddings). A DINOv2 encoder composes into a LLaVA with an LLM directory, saves and reloads with equal
+//! logits, and exports back to a standalone directory.
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::{fixture, max_abs_diff};
+use mitune::checkpoint::hf::{Part, save_part, vision_spec_of};
+use mitune::checkpoint::keys;
+use mitune::checkpoint::params::Loader;
+use mitune::checkpoint::safetensors_io::WeightStore;
+use mitune::checkpoint::{Composition, compose_llava, load_llava, save_llava};
+use mitune::zoo::connectors::ConnectorSpec;
+use mitune::zoo::encoders::{Encoder, EncoderFamily, FeatureSelect, VisionSpec};
+use mitune::zoo::layers::{float_tensor, to_vec};
+use mitune::zoo::mllm::MmInput;
+
+fn load_tower(dir: &std::path::Path, device: &Device) -> (VisionSpec, Encoder) {
+    let spec = vision_spec_of(dir).unwrap();
+    let store = WeightStore::open_dir(dir).unwrap();
+    let k: &dyn Fn(&str) -> Vec<String> = &keys::vision;
+    let enc = Loader::new(&store, k, &[], device)
+        .load(spec.init(device))
+        .unwrap();
+    (spec, enc)
+}
+
+fn tensor<const D: usize>(e: &WeightStore, key: &str, device: &Device) -> Tensor<D> {
+    let l = e.get(key).unwrap();
+    float_tensor(l.values, l.shape.try_into().unwrap(), device)
+}
+
+#[test]
+fn dinov2_hidden_states_match_transformers() {
+    let device = Device::flex();
+    for name in ["dinov2", "dinov2_registers"] {
+        let dir = fixture(name);
+        let (mut spec, enc) = load_tower(&dir, &device);
+        assert_eq!(spec.family(), EncoderFamily::Dinov2);
+        let e = WeightStore::open_files(&[dir.join("expected.safetensors")]).unwrap();
+        for (tag, scale) in [("", 1), ("hires.", 2)] {
+            spec.set_input_size(spec.image_size() * scale, false);
+            let px: Tensor<4> = tensor(&e, &format!("{tag}pixel_values"), &device);
+            let states = enc.hidden_states(px.clone(), spec.num_layers());
+            assert_eq!(
+                states[0].dims()[1],
+                spec.num_tokens(),
+                "{name}{tag}: tokens"
+            );
+            for (i, s) in states.iter().enumerate() {
+                let want = e.get(&format!("{tag}hidden_states.{i}")).unwrap().values;
+                let err = max_abs_diff(&to_vec(s.clone()), &want);
+                assert!(
+                    err <= 1e-4,
+                    "{name}{tag}: hidden_states.{i} differs by {err}"
+                );
+            }
+            let want = e.get(&format!("{tag}last_hidden_state")).unwrap().values;
+            let err = max_abs_diff(&to_vec(enc.forward(px)), &want);
+            eprintln!("{name}{tag}: last_hidden_state max abs err {err:.2e}");
+            assert!(
+                err <= 1e-4,
+                "{name}{tag}: last_hidden_state differs by {err}"
+            );
+        }
+    }
+}
+
+/// DINOv2 + a LLaMA directory + a fresh connector: the LLaVA model saves (DINOv2 keys under `vision_tower.`)
+/// and reloads with equal logits; its encoder exports as a standalone Dinov2 directory that loads back equal.
+#[test]
+fn dinov2_composes_into_llava_and_round_trips() {
+    let device = Device::flex();
+    let c = Composition {
+        encoder: &fixture("dinov2"),
+        llm: &fixture("llava_clip_llama_parts").join("llm"),
+        connector: ConnectorSpec::Mlp {
+            depth: 2,
+            act: mitune::zoo::layers::act::Act::Gelu,
+        },
+        select: FeatureSelect {
+            layers: vec![-2],
+            drop_cls: true,
+        },
+        image_size: None,
+        image_token_id: 5,
+    };
+    let m = compose_llava(&c, &device).unwrap();
+    assert_eq!(m.spec.image_tokens(), 16, "4×4 patches after the CLS token");
+    let out = std::env::temp_dir().join(format!("mitune-dinov2-llava-{}", std::process::id()));
+    save_llava(&m, &out, safetensors::Dtype::F32, None).unwrap();
+    let store = WeightStore::open_dir(&out).unwrap();
+    assert!(store.contains("vision_tower.encoder.layer.0.attention.attention.query.weight"));
+    assert!(store.contains("vision_tower.embeddings.position_embeddings"));
+    let back = load_llava(&out, &device).unwrap();
+    let e = WeightStore::open_files(&[fixture("dinov2").join("expected.safetensors")]).unwrap();
+    let px: Tensor<4> = tensor(&e, "pixel_values", &device);
+    let px = px.slice([0..1, 0..3, 0..28, 0..28]);
+    let mut ids = vec![1i64, 10, 11];
+    ids.extend(std::iter::repeat_n(5, 16));
+    ids.push(12);
+    let a = to_vec(
+        m.forward(&MmInput::single(ids.clone(), Some(px.clone())))
+            .unwrap(),
+    );
+    let b = to_vec(
+        back.forward(&MmInput::single(ids, Some(px.clone())))
+            .unwrap(),
+    );
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // kept (not removed) for tools/check_encoder_export.py, which loads it in transformers
+    let part = std::env::temp_dir().join("mitune-dinov2-export");
+    save_part(&m, Part::Encoder, &part, safetensors::Dtype::F32).unwrap();
+    let (_, enc) = load_tower(&part, &device);
+    let (_, orig) = load_tower(&fixture("dinov2"), &device);
+    assert_eq!(
+        max_abs_diff(&to_vec(enc.forward(px.clone())), &to_vec(orig.forward(px))),
+        0.0
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// `[model.encoder] kind = "dinov2"` in a recipe: a fresh preset trains an align stage and saves a LLaVA directory
+/// that reloads; naming the wrong family for a weights directory is a located error before any compute.
+#[test]
+fn dinov2_in_a_recipe_trains_and_wrong_kinds_are_named() {
+    let d = common::scratch("dinov2-recipe");
+    let w = common::world(&d);
+    let recipe = |encoder: &str| {
+        format!(
+            r#"name = "dino"
+pipeline = ["align"]
+output = {out:?}
+[model.encoder]
+{encoder}
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok:?}
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap:?} }}] }}
+template = "plain"
+batch = {{ global = 4, micro = 4 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 2
+max_len = 64
+"#,
+            out = d.join("runs").display().to_string(),
+            tok = w.join("tokenizer").display().to_string(),
+            cap = w.join("captions_train.json").display().to_string(),
+        )
+    };
+    let r = d.join("dino.toml");
+    std::fs::write(
+        &r,
+        recipe("kind = \"dinov2\"\npreset = \"bench-tiny\"\nfeature_layer = -2"),
+    )
+    .unwrap();
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let model = d.join("runs/dino/align/model");
+    let spec = mitune::checkpoint::hf::llava_spec(&model).unwrap();
+    assert_eq!(spec.vision.family(), EncoderFamily::Dinov2);
+    load_llava(&model, &Device::flex()).unwrap();
+    let bad = d.join("bad.toml");
+    let weights = fixture("dinov2").display().to_string();
+    std::fs::write(
+        &bad,
+        recipe(&format!("kind = \"clip_vit\"\nweights = {weights:?}")),
+    )
+    .unwrap();
+    let (ok, err) = common::run_mitune(&["validate", bad.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("model.encoder.kind") && err.contains("Dinov2"),
+        "{err}"
+    );
+}
