@@ -97,7 +97,7 @@ fn dinov2_composes_into_llava_and_round_trips() {
     let back = load_llava(&out, &device).unwrap();
     let e = WeightStore::open_files(&[fixture("dinov2").join("expected.safetensors")]).unwrap();
     let px: Tensor<4> = tensor(&e, "pixel_values", &device);
-    let px = px.slice([0..1, 0..3, 0..28, 0..28]);
+    let px = px.slice([0..1, 0..3, 0..32, 0..32]);
     let mut ids = vec![1i64, 10, 11];
     ids.extend(std::iter::repeat_n(5, 16));
     ids.push(12);
@@ -177,4 +177,130 @@ max_len = 64
         !ok && err.contains("model.encoder.kind") && err.contains("Dinov2"),
         "{err}"
     );
+}
+
+/// Prismatic's "dinosiglip" shape: a DINOv2 tower and a SigLIP tower from their own directories, fused. Each tower
+/// keeps its own preprocessing (ImageNet vs 0.5 mean/std, stacked on the channel axis); the features are the towers'
+/// selected patch features side by side (DINOv2 drops its CLS, SigLIP has none), exactly what each tower gives
+/// alone; the model trains an align stage, saves in mitune's layout and reloads with equal logits. Towers that
+/// disagree on the patch grid are a located error before any compute.
+#[test]
+fn fused_dinov2_siglip_encoder() {
+    let d = common::scratch("fused");
+    let w = common::world(&d);
+    let dino = fixture("dinov2").display().to_string();
+    let siglip = fixture("llava_siglip_qwen2_parts")
+        .join("encoder")
+        .display()
+        .to_string();
+    let recipe = |towers: &str, extra: &str| {
+        format!(
+            r#"name = "fused"
+pipeline = ["align"]
+output = {out:?}
+[model.encoder]
+kind = "fused"
+feature_layer = -2
+towers = [{towers}]
+{extra}
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok:?}
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap:?} }}] }}
+template = "plain"
+batch = {{ global = 4, micro = 4 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 2
+max_len = 64
+"#,
+            out = d.join("runs").display().to_string(),
+            tok = w.join("tokenizer").display().to_string(),
+            cap = w.join("captions_train.json").display().to_string(),
+        )
+    };
+    let towers = format!(
+        "{{ kind = \"dinov2\", weights = {dino:?} }}, {{ kind = \"siglip_vit\", weights = {siglip:?} }}"
+    );
+    let r = d.join("fused.toml");
+    std::fs::write(&r, recipe(&towers, "")).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let device = Device::flex();
+    let dir = d.join("runs/fused/align/model");
+    let m = load_llava(&dir, &device).unwrap();
+    assert_eq!(m.spec.vision.family(), EncoderFamily::Fused);
+    assert_eq!(m.spec.image_tokens(), 16);
+    assert_eq!(
+        m.spec.features().width,
+        64,
+        "32 (DINOv2) + 32 (SigLIP) per patch"
+    );
+    // preprocessing: tower 0's channels are the DINOv2 processor's, tower 1's the SigLIP processor's
+    let images = mitune::data::images::ImageProcessor::load(&dir).unwrap();
+    assert_eq!(images.channels(), 6);
+    let photo = fixture("images").join("astronaut_32.png");
+    let px = images.batch(&[&photo], &device).unwrap().unwrap();
+    let one = |p: &str| {
+        let proc = mitune::data::images::ImageProcessor::from_hf(
+            &m.spec.vision.processor_json(32)["towers"][if p == "dino" { 0 } else { 1 }],
+            std::path::Path::new(""),
+        )
+        .unwrap();
+        to_vec(proc.batch(&[&photo], &device).unwrap().unwrap())
+    };
+    let all = to_vec(px.clone());
+    assert_eq!(&all[..3 * 32 * 32], &one("dino")[..]);
+    assert_eq!(&all[3 * 32 * 32..], &one("siglip")[..]);
+    // features: each tower's own selection, concatenated per patch
+    let feats = to_vec(
+        m.vision_tower
+            .features(px.clone(), &m.spec.select, &m.spec.vision)
+            .unwrap(),
+    );
+    let (Encoder::Fused(f), VisionSpec::Fused(fs)) = (&m.vision_tower, &m.spec.vision) else {
+        panic!("not fused")
+    };
+    let tower = |i: usize, drop: usize| {
+        let s =
+            f.towers[i].hidden_states(px.clone().slice([0..1, 3 * i..3 * i + 3, 0..32, 0..32]), 2);
+        let [n, t, dd] = s[2].dims();
+        to_vec(s[2].clone().slice([0..n, drop..t, 0..dd]))
+    };
+    assert_eq!(fs.towers[0].num_layers(), 3);
+    let (a, b) = (tower(0, 1), tower(1, 0));
+    for p in 0..16 {
+        assert_eq!(
+            &feats[p * 64..p * 64 + 32],
+            &a[p * 32..p * 32 + 32],
+            "patch {p}: DINOv2 half"
+        );
+        assert_eq!(
+            &feats[p * 64 + 32..p * 64 + 64],
+            &b[p * 32..p * 32 + 32],
+            "patch {p}: SigLIP half"
+        );
+    }
+    // save / reload
+    let out = d.join("saved");
+    save_llava(&m, &out, safetensors::Dtype::F32, None).unwrap();
+    let back = load_llava(&out, &device).unwrap();
+    let mut ids = vec![1i64, 10];
+    ids.extend(std::iter::repeat_n(m.spec.image_token_id, 16));
+    let x = to_vec(
+        m.forward(&MmInput::single(ids.clone(), Some(px.clone())))
+            .unwrap(),
+    );
+    let y = to_vec(back.forward(&MmInput::single(ids, Some(px))).unwrap());
+    assert_eq!(max_abs_diff(&x, &y), 0.0);
+    // towers whose grids disagree: DINOv2 bench-tiny at 8 px patches vs a 16-px-patch CLIP preset
+    let bad = d.join("bad.toml");
+    let towers = "{ kind = \"dinov2\", preset = \"bench-tiny\" }, { kind = \"clip_vit\", preset = \"bench-tiny\", patch_size = 16 }";
+    std::fs::write(&bad, recipe(towers, "")).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", bad.to_str().unwrap()], None);
+    assert!(!ok && err.contains("disagree on the patch grid"), "{err}");
 }

@@ -5,7 +5,7 @@
 
 Tiny *random* towers built from config objects (never from the hub), f32, saved with `save_pretrained` (so the
 directory is exactly what transformers writes and loads):
-  - dinov2: `Dinov2Model` (CLS, layer scale, patch bias, qkv bias), image 28 px at 7 px patches (4×4 grid)
+  - dinov2: `Dinov2Model` (CLS, layer scale, patch bias, qkv bias), image 32 px at 8 px patches (4×4 grid, as the CLIP/SigLIP fixture towers, so they fuse)
   - dinov2_registers: `Dinov2WithRegistersModel` with 2 register tokens
 Each directory's expected.safetensors holds `pixel_values` (two real photos, resized/normalised as ImageNet),
 every `hidden_states.<i>` and `last_hidden_state` at the trained size, and `hires.*` the same at 2× the size
@@ -56,7 +56,7 @@ def build(name, model):
 
 
 if __name__ == "__main__":
-    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28,
-                  patch_size=7, layer_norm_eps=1e-6)
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=32,
+                  patch_size=8, layer_norm_eps=1e-6)
     build("dinov2", Dinov2Model(Dinov2Config(**common)))
     build("dinov2_registers", Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=2, **common)))

@@ -201,6 +201,24 @@ pub fn load_parts(
     Ok(model)
 }
 
+/// Fills tower `i` of a fused encoder from a standalone encoder directory; everything else stays as it is.
+pub fn load_tower(model: Llava, i: usize, dir: &Path, device: &Device) -> Result<Llava> {
+    let store = WeightStore::open_dir(dir)?;
+    let prefix = format!("vision_tower.towers.{i}.");
+    let others: Vec<String> = match &model.spec.vision {
+        VisionSpec::Fused(f) => (0..f.towers.len())
+            .filter(|&j| j != i)
+            .map(|j| format!("vision_tower.towers.{j}."))
+            .collect(),
+        _ => vec![],
+    };
+    let mut fresh: Vec<&str> = vec!["multi_modal_projector.", "language_model."];
+    fresh.extend(others.iter().map(String::as_str));
+    let vk = |p: &str| keys::vision(p.strip_prefix(prefix.as_str()).unwrap_or(p));
+    let vk: &dyn Fn(&str) -> Vec<String> = &vk;
+    Loader::new(&store, vk, &fresh, device).load(model)
+}
+
 /// Which component a standalone export holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -217,6 +235,11 @@ pub fn save_part(model: &Llava, part: Part, out: &Path, dtype: Dtype) -> Result<
     })?;
     const SKIP: &str = "__skip__.";
     let (prefix, cfg) = match part {
+        Part::Encoder if matches!(model.spec.vision, VisionSpec::Fused(_)) => {
+            return Err(Error::input(
+                "a fused encoder has no standalone transformers class: export the LLaVA directory (mitune layout)",
+            ));
+        }
         Part::Encoder => {
             let mut v = model.spec.vision.to_hf();
             v["architectures"] = serde_json::json!([model.spec.vision.hf_architecture()]);

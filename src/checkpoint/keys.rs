@@ -5,7 +5,10 @@
 
 /// Keys of a `LlavaForConditionalGeneration` checkpoint.
 pub fn llava(path: &str) -> Vec<String> {
-    if let Some(names) = path
+    if path.starts_with("vision_tower.towers.") {
+        // a fused encoder's towers: mitune's own layout, by module path
+        vec![path.to_string(), format!("model.{path}")]
+    } else if let Some(names) = path
         .strip_prefix("vision_tower.")
         .and_then(crate::zoo::encoders::dinov2::hf_keys)
     {

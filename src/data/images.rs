@@ -27,6 +27,9 @@ pub struct ImageProcessor {
     pub normalize: bool,
     /// LLaVA-1.5's `image_aspect_ratio = "pad"`: pad to a square with the mean colour before resizing.
     pub pad_to_square: bool,
+    /// The other towers of a fused encoder, each with its own preprocessing: their channels follow this one's
+    /// ([3·(1 + also.len()), h, w]); all must produce the same size.
+    pub also: Vec<ImageProcessor>,
 }
 
 fn f32s(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
@@ -65,6 +68,23 @@ impl ImageProcessor {
     }
 
     pub fn from_hf(v: &Value, path: &Path) -> Result<Self> {
+        if v.get("image_processor_type").and_then(Value::as_str)
+            == Some("MituneFusedImageProcessor")
+        {
+            let towers = v.get("towers").and_then(Value::as_array).ok_or_else(|| {
+                Error::key(path, "towers", "missing: one image processor per tower")
+            })?;
+            let mut all = towers
+                .iter()
+                .map(|t| Self::from_hf(t, path))
+                .collect::<Result<Vec<_>>>()?;
+            if all.is_empty() {
+                return Err(Error::key(path, "towers", "empty"));
+            }
+            let mut first = all.remove(0);
+            first.also = all;
+            return Ok(first);
+        }
         let flag = |k: &str, d: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(d);
         let dim = |o: &Value, k: &str| o.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
         let resize = if flag("do_resize", true) {
@@ -134,7 +154,21 @@ impl ImageProcessor {
             std: f32s(v.get("image_std"), [0.5; 3]),
             normalize: flag("do_normalize", true),
             pad_to_square: false,
+            also: vec![],
         })
+    }
+
+    /// Channels of `preprocess`'s output: 3 per tower.
+    pub fn channels(&self) -> usize {
+        3 * (1 + self.also.len())
+    }
+
+    /// LLaVA's pad-to-square for every tower.
+    pub fn set_pad_to_square(&mut self, on: bool) {
+        self.pad_to_square = on;
+        for t in &mut self.also {
+            t.pad_to_square = on;
+        }
     }
 
     /// Output (height, width) of `preprocess`.
@@ -158,8 +192,22 @@ impl ImageProcessor {
         }
     }
 
-    /// An RGB image -> [3, h, w] values, channels first.
+    /// An RGB image -> [channels, h, w] values, channels first (each tower's 3 channels in turn; a tower whose
+    /// output size differs from the first's is cropped/padded to it, which `VisionSpec::validate` prevents).
     pub fn preprocess(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
+        let (mut out, h, w) = self.preprocess_one(img);
+        for t in &self.also {
+            let (v, th, tw) = t.preprocess_one(img);
+            if (th, tw) == (h, w) {
+                out.extend(v);
+            } else {
+                out.extend(std::iter::repeat_n(0.0, 3 * (h * w) as usize));
+            }
+        }
+        (out, h, w)
+    }
+
+    fn preprocess_one(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
         let mut rgb: RgbImage = img.to_rgb8();
         if self.pad_to_square {
             rgb = expand_to_square(&rgb, self.mean);
@@ -216,7 +264,7 @@ impl ImageProcessor {
         let (h, w) = size.unwrap();
         Ok(Some(float_tensor(
             all,
-            [paths.len(), 3, h as usize, w as usize],
+            [paths.len(), self.channels(), h as usize, w as usize],
             device,
         )))
     }

@@ -130,7 +130,8 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.pixels = decoded.map(|d| {
             let (h, w) = (d[0].1 as usize, d[0].2 as usize);
             let n = d.len();
-            Some((d.into_iter().flat_map(|x| x.0).collect(), [n, 3, h, w]))
+            let c = images.channels();
+            Some((d.into_iter().flat_map(|x| x.0).collect(), [n, c, h, w]))
         });
     }
     mb

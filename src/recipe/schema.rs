@@ -88,6 +88,9 @@ pub struct EncoderSpec {
     pub feature_layer: i64,
     #[serde(default = "default_select")]
     pub select: Select,
+    /// `kind = "fused"`: the towers, each an encoder table of its own (kind, weights or preset, …); the outer
+    /// `feature_layer`, `select` and `image_size` apply to every tower, the towers' own are not read.
+    pub towers: Option<Vec<EncoderSpec>>,
 }
 fn default_feature_layer() -> i64 {
     -2

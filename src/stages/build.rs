@@ -47,7 +47,7 @@ fn processors(
     let text = TextProcessor::load(tok_dir, spec.image_token_id, spec.image_tokens())?;
     let mut images =
         ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
-    images.pad_to_square = pad_to_square;
+    images.set_pad_to_square(pad_to_square);
     Ok((text, images, processor))
 }
 
@@ -65,6 +65,14 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Built> {
 }
 
 fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
+    if e.kind == EncoderFamily::Fused {
+        return fused_spec(e, key);
+    }
+    if e.towers.is_some() {
+        return Err(Error::input(format!(
+            "{key}.towers: only a `kind = \"fused\"` encoder has towers"
+        )));
+    }
     let (mut spec, processor) = match (&e.weights, &e.preset) {
         (Some(dir), None) => {
             let spec = crate::checkpoint::hf::vision_spec_of(dir)?;
@@ -127,6 +135,50 @@ fn encoder_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
     } else {
         processor
     };
+    Ok((spec, processor))
+}
+
+/// `kind = "fused"`: each tower from its own table (weights or preset), the outer `image_size` for all; one
+/// image processor per tower.
+fn fused_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
+    let towers = match &e.towers {
+        Some(t) if !t.is_empty() => t,
+        _ => {
+            return Err(Error::input(format!(
+                "{key}.towers: a fused encoder needs its towers, e.g. towers = [{{ kind = \"dinov2\", weights = \"…\" }}, \
+                 {{ kind = \"siglip_vit\", weights = \"…\" }}]"
+            )));
+        }
+    };
+    if e.weights.is_some() || e.preset.is_some() {
+        return Err(Error::input(format!(
+            "{key}: a fused encoder takes `weights`/`preset` per tower, not for the whole"
+        )));
+    }
+    let mut specs = vec![];
+    let mut procs = vec![];
+    for (i, t) in towers.iter().enumerate() {
+        let tkey = format!("{key}.towers[{i}]");
+        if t.kind == EncoderFamily::Fused {
+            return Err(Error::input(format!(
+                "{tkey}: a tower cannot itself be fused"
+            )));
+        }
+        let mut t = t.clone();
+        if let Some(s) = e.image_size {
+            t.image_size = Some(s);
+        }
+        let (spec, proc) = encoder_spec(&t, &tkey)?;
+        specs.push(spec);
+        procs.push(proc);
+    }
+    let spec = VisionSpec::Fused(crate::zoo::encoders::FusedSpec { towers: specs });
+    spec.validate()
+        .map_err(|m| Error::input(format!("{key}: {m}")))?;
+    let processor = serde_json::json!({
+        "image_processor_type": "MituneFusedImageProcessor",
+        "towers": procs,
+    });
     Ok((spec, processor))
 }
 
@@ -235,17 +287,27 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
 pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Built> {
     if let Some(dir) = &m.from {
         let mut b = load_dir(dir, device)?;
-        b.images.pad_to_square = pad_to_square;
+        b.images.set_pad_to_square(pad_to_square);
         return Ok(b);
     }
     let (spec, tok_dir, processor) = plan(m)?;
     let (e, l) = (m.encoder.as_ref(), m.llm.as_ref());
-    let model = load_parts(
+    let mut model = load_parts(
         spec.init(device),
         e.and_then(|e| e.weights.as_deref()),
         l.and_then(|l| l.weights.as_deref()),
         device,
     )?;
+    for (i, t) in e
+        .and_then(|e| e.towers.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(dir) = &t.weights {
+            model = crate::checkpoint::hf::load_tower(model, i, dir, device)?;
+        }
+    }
     let (text, images, processor) = processors(&tok_dir, &spec, processor, pad_to_square)?;
     Ok(Built {
         model,

@@ -231,7 +231,7 @@ pub fn train(
             }
             None => init_model(rc, &run, i, t.init.as_ref(), &mut current, device)?,
         };
-        built.images.pad_to_square = t.data.pad_to_square;
+        built.images.set_pad_to_square(t.data.pad_to_square);
         if i == 0
             && let Some(s) = heldout_row(
                 rc,

@@ -57,6 +57,8 @@ pub fn vision(name: &str, family: EncoderFamily) -> Option<VisionSpec> {
     match family {
         EncoderFamily::ClipVit => encoder(name, VitFamily::Clip).map(VisionSpec::Vit),
         EncoderFamily::SiglipVit => encoder(name, VitFamily::Siglip).map(VisionSpec::Vit),
+        // a fused encoder is built from its towers' presets
+        EncoderFamily::Fused => None,
         EncoderFamily::Dinov2 => {
             let (d, l, h, p, s) = match name {
                 "shapes" => (64, 3, 4, 16, 32),

@@ -208,6 +208,9 @@ impl FeatureSelect {
     /// Tokens the selection drops from the front: the CLS token and registers under `patch`/`default`
     /// (transformers' `default` drops one token even from SigLIP, which has no CLS: kept for parity).
     pub fn dropped(&self, vision: &super::VisionSpec) -> usize {
+        if matches!(vision, super::VisionSpec::Fused(_)) {
+            return 0; // each tower dropped its own
+        }
         if self.drop_cls {
             vision.prefix_tokens().max(1)
         } else {

@@ -8,6 +8,7 @@
 //! `VisionSpec::from_hf`, and its processor defaults in `VisionSpec::processor_json`.
 pub mod config;
 pub mod dinov2;
+pub mod fused;
 pub mod vit;
 
 use burn::module::Module;
@@ -19,6 +20,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 pub use config::{FeatureSelect, VitFamily, VitSpec};
 pub use dinov2::{Dinov2, Dinov2Spec};
+pub use fused::{Fused, FusedSpec};
 pub use vit::VisionTower;
 
 /// An encoder family as recipes name it (`[model.encoder] kind = "clip_vit"`).
@@ -28,6 +30,8 @@ pub enum EncoderFamily {
     ClipVit,
     SiglipVit,
     Dinov2,
+    /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
+    Fused,
 }
 
 /// Everything needed to build an encoder; derived from config.json or a preset.
@@ -37,6 +41,7 @@ pub enum VisionSpec {
     /// CLIP / SigLIP.
     Vit(VitSpec),
     Dinov2(Dinov2Spec),
+    Fused(FusedSpec),
 }
 
 /// The encoder module: one variant per family (transparent in module paths, see `zoo::path`).
@@ -44,6 +49,7 @@ pub enum VisionSpec {
 pub enum Encoder {
     Vit(VisionTower),
     Dinov2(Dinov2),
+    Fused(Fused),
 }
 
 impl VisionSpec {
@@ -54,6 +60,7 @@ impl VisionSpec {
             Some("dinov2" | "dinov2_with_registers") => {
                 Ok(VisionSpec::Dinov2(Dinov2Spec::from_hf(v, path, prefix)?))
             }
+            Some("mitune_fused") => Ok(VisionSpec::Fused(FusedSpec::from_hf(v, path, prefix)?)),
             _ => Ok(VisionSpec::Vit(VitSpec::from_hf(v, path, prefix)?)),
         }
     }
@@ -62,6 +69,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => s.to_hf(),
             VisionSpec::Dinov2(s) => s.to_hf(),
+            VisionSpec::Fused(s) => s.to_hf(),
         }
     }
 
@@ -70,6 +78,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) if s.family == VitFamily::Clip => EncoderFamily::ClipVit,
             VisionSpec::Vit(_) => EncoderFamily::SiglipVit,
             VisionSpec::Dinov2(_) => EncoderFamily::Dinov2,
+            VisionSpec::Fused(_) => EncoderFamily::Fused,
         }
     }
 
@@ -79,6 +88,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) if s.family == VitFamily::Clip => "CLIPVisionModel",
             VisionSpec::Vit(_) => "SiglipVisionModel",
             VisionSpec::Dinov2(s) => s.hf_architecture(),
+            VisionSpec::Fused(_) => "MituneFusedVisionModel",
         }
     }
 
@@ -86,6 +96,13 @@ impl VisionSpec {
     /// shortest edge, centre crop, CLIP mean/std), SigLIP (resize to the square, mean/std 0.5), DINOv2
     /// (`BitImageProcessor`: resize + crop, ImageNet mean/std).
     pub fn processor_json(&self, size: usize) -> Value {
+        if let VisionSpec::Fused(f) = self {
+            // one processor per tower; the loader stacks their outputs on the channel axis
+            return json!({
+                "image_processor_type": "MituneFusedImageProcessor",
+                "towers": f.towers.iter().map(|t| t.processor_json(size)).collect::<Vec<_>>(),
+            });
+        }
         match self.family() {
             EncoderFamily::ClipVit => json!({
                 "image_processor_type": "CLIPImageProcessor",
@@ -108,39 +125,59 @@ impl VisionSpec {
                 "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
                 "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
             }),
+            EncoderFamily::Fused => unreachable!("handled above"),
         }
     }
 
+    /// Feature width per selected layer (a fused encoder's is its towers' sum).
     pub fn hidden_size(&self) -> usize {
         match self {
             VisionSpec::Vit(s) => s.hidden_size,
             VisionSpec::Dinov2(s) => s.hidden_size,
+            VisionSpec::Fused(f) => f.towers.iter().map(VisionSpec::hidden_size).sum(),
         }
     }
+    /// Layers (a fused encoder's: its shallowest tower's, the range a feature layer index must fit).
     pub fn num_layers(&self) -> usize {
         match self {
             VisionSpec::Vit(s) => s.num_layers,
             VisionSpec::Dinov2(s) => s.num_layers,
+            VisionSpec::Fused(f) => f
+                .towers
+                .iter()
+                .map(VisionSpec::num_layers)
+                .min()
+                .unwrap_or(0),
+        }
+    }
+    /// The first tower of a fused encoder stands for the grid, patch and sizes (validate makes them agree).
+    fn lead(&self) -> &VisionSpec {
+        match self {
+            VisionSpec::Fused(f) if !f.towers.is_empty() => f.towers[0].lead(),
+            other => other,
         }
     }
     pub fn patch_size(&self) -> usize {
-        match self {
+        match self.lead() {
             VisionSpec::Vit(s) => s.patch_size,
             VisionSpec::Dinov2(s) => s.patch_size,
+            VisionSpec::Fused(_) => 0,
         }
     }
     /// Resolution the position embeddings were trained at.
     pub fn image_size(&self) -> usize {
-        match self {
+        match self.lead() {
             VisionSpec::Vit(s) => s.image_size,
             VisionSpec::Dinov2(s) => s.image_size,
+            VisionSpec::Fused(_) => 0,
         }
     }
     /// Resolution images are fed at.
     pub fn input_size(&self) -> usize {
-        match self {
+        match self.lead() {
             VisionSpec::Vit(s) => s.input_size,
             VisionSpec::Dinov2(s) => s.input_size,
+            VisionSpec::Fused(_) => 0,
         }
     }
     /// Feeds images at `size` pixels (direct scaling); with `retrain`, the position table is made for it too (a
@@ -149,13 +186,19 @@ impl VisionSpec {
         let (input, image) = match self {
             VisionSpec::Vit(s) => (&mut s.input_size, &mut s.image_size),
             VisionSpec::Dinov2(s) => (&mut s.input_size, &mut s.image_size),
+            VisionSpec::Fused(f) => {
+                for t in &mut f.towers {
+                    t.set_input_size(size, retrain);
+                }
+                return;
+            }
         };
         *input = size;
         if retrain {
             *image = size;
         }
     }
-    /// Overrides a fresh (preset) encoder's architecture fields.
+    /// Overrides a fresh (preset) encoder's architecture fields (a fused encoder's towers are set one by one).
     pub fn set_arch(
         &mut self,
         hidden: Option<usize>,
@@ -179,6 +222,7 @@ impl VisionSpec {
                 &mut s.num_heads,
                 &mut s.patch_size,
             ],
+            VisionSpec::Fused(_) => return,
         };
         for (v, slot) in [hidden, intermediate, layers, heads, patch]
             .into_iter()
@@ -191,13 +235,14 @@ impl VisionSpec {
     }
     /// Patches per side at the input resolution.
     pub fn grid(&self) -> usize {
-        self.input_size() / self.patch_size()
+        self.input_size() / self.patch_size().max(1)
     }
-    /// Tokens before the patches (CLS, registers).
+    /// Tokens before the patches (CLS, registers; a fused encoder drops each tower's own).
     pub fn prefix_tokens(&self) -> usize {
         match self {
             VisionSpec::Vit(s) => usize::from(s.has_cls()),
             VisionSpec::Dinov2(s) => 1 + s.registers,
+            VisionSpec::Fused(_) => 0,
         }
     }
     /// Tokens the tower outputs per image.
@@ -207,6 +252,9 @@ impl VisionSpec {
 
     /// Checks that cannot wait for the first image.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        if let VisionSpec::Fused(f) = self {
+            return f.validate();
+        }
         if self.num_layers() == 0 || self.patch_size() == 0 || self.hidden_size() == 0 {
             return Err("encoder: layers, patch size and width must be positive".into());
         }
@@ -224,6 +272,9 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => Encoder::Vit(s.init(device)),
             VisionSpec::Dinov2(s) => Encoder::Dinov2(s.init(device)),
+            VisionSpec::Fused(f) => Encoder::Fused(Fused {
+                towers: f.towers.iter().map(|t| t.init(device)).collect(),
+            }),
         }
     }
 }
@@ -234,6 +285,7 @@ impl Encoder {
         match self {
             Encoder::Vit(m) => m.hidden_states(pixels, last),
             Encoder::Dinov2(m) => m.hidden_states(pixels, last),
+            Encoder::Fused(m) => m.hidden_states(pixels, last),
         }
     }
 
@@ -246,6 +298,9 @@ impl Encoder {
         select: &FeatureSelect,
         spec: &VisionSpec,
     ) -> Result<Tensor<3>> {
+        if let (Encoder::Fused(m), VisionSpec::Fused(s)) = (self, spec) {
+            return m.features(pixels, select, s);
+        }
         let idx = select.indices(spec.num_layers()).map_err(Error::input)?;
         let last = idx.iter().copied().max().unwrap_or(0);
         let states = self.hidden_states(pixels, last);
@@ -266,6 +321,7 @@ impl Encoder {
         match self {
             Encoder::Vit(m) => m.forward(pixels),
             Encoder::Dinov2(m) => m.forward(pixels),
+            Encoder::Fused(m) => m.forward(pixels),
         }
     }
 }
