@@ -39,6 +39,7 @@ fn main() {
             select: FeatureSelect {
                 layers: vec![layer],
                 drop_cls: true,
+                post_norm: false,
             },
             connector: ConnectorSpec::Mlp {
                 depth: 2,

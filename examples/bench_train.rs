@@ -121,6 +121,7 @@ fn main() {
             select: FeatureSelect {
                 layers: vec![p.feature_layer],
                 drop_cls: true,
+                post_norm: false,
             },
             connector: ConnectorSpec::Mlp {
                 depth: 2,

@@ -259,7 +259,7 @@ fn blip2_qformer_matches_transformers() {
             };
             vec![(
                 "qformer.layernorm.weight",
-                q.qformer.layernorm.gamma.clone(),
+                q.qformer.layernorm.as_ref().unwrap().gamma.clone(),
             )]
         },
     );
@@ -338,6 +338,7 @@ fn every_kind_saves_and_reloads_with_equal_logits() {
                 select: FeatureSelect {
                     layers: vec![-2],
                     drop_cls: true,
+                    post_norm: false,
                 },
                 connector: serde_json::from_value(kind.clone()).unwrap(),
                 projector_bias: true,
@@ -483,5 +484,85 @@ fn new_connectors_train_every_stage_and_resume_exactly() {
             assert_eq!(spec.image_tokens(), tokens, "{kind} {stage}");
             mitune::checkpoint::load_llava(&dir, &Device::flex()).unwrap();
         }
+    }
+}
+
+/// InstructBLIP's instruction-aware Q-Former: the instruction's tokens join the queries (the second image's
+/// instruction is shorter: padded and masked); features and gradients against transformers.
+#[test]
+fn instructblip_qformer_reads_the_instruction_as_transformers() {
+    let fx = load("instructblip_qformer");
+    let spec: ConnectorSpec = serde_json::from_value(serde_json::json!({
+        "kind": "qformer", "queries": fx.usize("queries"), "hidden": fx.usize("hidden"),
+        "layers": fx.usize("layers"), "heads": fx.usize("heads"), "intermediate": fx.usize("intermediate"),
+        "cross_attention_frequency": fx.usize("cross_attention_frequency"),
+        "layer_norm_eps": 1e-12,
+        "instruction": {"vocab_size": fx.usize("vocab_size"),
+                        "max_position_embeddings": fx.usize("max_position_embeddings"), "pad_token_id": 0},
+    }))
+    .unwrap();
+    let ins: Vec<Vec<i64>> = serde_json::from_value(fx.config["instructions"].clone()).unwrap();
+    let f = Features {
+        tokens: fx.store.shape("input").unwrap()[1],
+        width: fx.usize("vision_hidden"),
+        grid: None,
+    };
+    let llm = llm(fx.usize("hidden_size"), 4 * fx.usize("hidden_size"), 1e-6);
+    let device = Device::flex().autodiff();
+    let identity: &dyn Fn(&str) -> Vec<String> = &|p| vec![p.to_string()];
+    let c = Loader::new(&fx.store, identity, &[], &device)
+        .load_part(spec.init(&f, &llm, false, &device))
+        .unwrap();
+    let out = c.forward_with(fx.tensor("input", &device), Some(&ins));
+    let want = fx.store.get("output").unwrap().values;
+    let err = max_abs_diff(&to_vec(out.clone()), &want);
+    eprintln!("instructblip_qformer: features max abs err {err:.2e}");
+    assert!(err <= 1e-4, "features differ by {err}");
+    // without the instruction the features change: the text really enters the queries' attention
+    let blind = to_vec(c.forward(fx.tensor("input", &device)));
+    assert!(max_abs_diff(&blind, &want) > 1e-3);
+    let g = (out * fx.tensor::<3>("probe", &device)).sum().backward();
+    let Connector::Qformer(q) = &c else { panic!() };
+    let checks: Vec<(&str, Vec<f32>)> = vec![
+        (
+            "qformer.embeddings.word_embeddings.weight",
+            to_vec(
+                q.qformer
+                    .embeddings
+                    .as_ref()
+                    .unwrap()
+                    .word_embeddings
+                    .weight
+                    .val()
+                    .grad(&g)
+                    .unwrap(),
+            ),
+        ),
+        (
+            "qformer.encoder.layer.0.intermediate.dense.weight",
+            to_vec(
+                q.qformer.encoder.layer[0]
+                    .intermediate
+                    .as_ref()
+                    .unwrap()
+                    .dense
+                    .weight
+                    .val()
+                    .grad(&g)
+                    .unwrap()
+                    .transpose(),
+            ),
+        ),
+        (
+            "query_tokens",
+            to_vec(q.query_tokens.val().grad(&g).unwrap()),
+        ),
+    ];
+    for (key, got) in checks {
+        let want = fx.store.get(&format!("grad.{key}")).unwrap().values;
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        let rel = max_abs_diff(&got, &want) / scale;
+        eprintln!("instructblip_qformer: grad {key} rel err {rel:.2e}");
+        assert!(rel <= 1e-3, "gradient of {key}: relative error {rel}");
     }
 }

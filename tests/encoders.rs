@@ -83,6 +83,7 @@ fn dinov2_composes_into_llava_and_round_trips() {
         select: FeatureSelect {
             layers: vec![-2],
             drop_cls: true,
+            post_norm: false,
         },
         image_size: None,
         image_token_id: 5,

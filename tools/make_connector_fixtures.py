@@ -7,6 +7,9 @@
 For each connector, a tiny *random* transformers module built from a config object (never from the hub), f32:
   - idefics2.safetensors: `Idefics2Connector` (gated-MLP modality projection + perceiver resampler, GQA heads)
   - idefics3.safetensors: `Idefics3Connector` (pixel shuffle, scale 2, + linear)
+  - instructblip_qformer.safetensors: InstructBLIP's instruction-aware path — `query_tokens`,
+    `InstructBlipQFormerModel` (the instruction's ids join the queries; the second row's instruction is padded) and
+    `language_projection`; extra tensors `qformer_input_ids` / `qformer_attention_mask`
   - blip2_qformer.safetensors: `Blip2ForConditionalGeneration`'s connector path — `query_tokens`, `Blip2QFormerModel`
     (3 layers, cross-attention every 2nd) and `language_projection`, as its `get_image_features` runs them
 Each file holds the module's weights under their transformers names, `input` (encoder features [n, tokens, width]:
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import Blip2QFormerConfig, Idefics2Config, Idefics3Config
+from transformers import Blip2QFormerConfig, Idefics2Config, Idefics3Config, InstructBlipQFormerConfig
+from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
 from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
@@ -114,7 +118,43 @@ def blip2_qformer():
     dump("blip2_qformer", m, x, m, meta)
 
 
+class InstructBlipConnector(torch.nn.Module):
+    """InstructBlipForConditionalGeneration.get_image_features between vision tower and language model."""
+
+    def __init__(self, qcfg, queries, d_llm):
+        super().__init__()
+        self.query_tokens = torch.nn.Parameter(torch.zeros(1, queries, qcfg.hidden_size))
+        self.qformer = InstructBlipQFormerModel(qcfg)
+        self.language_projection = torch.nn.Linear(qcfg.hidden_size, d_llm)
+
+    def forward(self, image_embeds, ids, mask):
+        q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        qmask = torch.cat([torch.ones(q.shape[:-1], dtype=torch.long), mask], dim=1)
+        out = self.qformer(input_ids=ids, attention_mask=qmask, query_embeds=q, encoder_hidden_states=image_embeds,
+                           encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long))
+        return self.language_projection(out.last_hidden_state[:, : q.shape[1], :])
+
+
+def instructblip_qformer():
+    vision, h, d = 20, 32, 40
+    qcfg = InstructBlipQFormerConfig(vocab_size=50, hidden_size=h, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, cross_attention_frequency=1, encoder_hidden_size=vision,
+                                     max_position_embeddings=16, pad_token_id=0)
+    qcfg._attn_implementation = "eager"
+    m = InstructBlipConnector(qcfg, 4, d).float()
+    randomize(m)
+    x = torch.randn(2, 10, vision)
+    ids = torch.tensor([[5, 17, 9, 33, 2], [7, 21, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    meta = {"vision_hidden": vision, "hidden_size": d, "queries": 4, "hidden": h, "layers": 2, "heads": 4,
+            "intermediate": 48, "cross_attention_frequency": 1, "layer_norm_eps": 1e-12, "vocab_size": 50,
+            "max_position_embeddings": 16, "pad_token_id": 0,
+            "instructions": [[5, 17, 9, 33, 2], [7, 21, 2]]}
+    dump("instructblip_qformer", m, x, lambda x: m(x, ids, mask), meta)
+
+
 if __name__ == "__main__":
     idefics2()
     idefics3()
     blip2_qformer()
+    instructblip_qformer()

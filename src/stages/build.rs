@@ -257,6 +257,8 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
             layers: vec![e.feature_layer],
             // SigLIP has no CLS: `patch` keeps all its tokens (transformers' `default` would drop one)
             drop_cls: e.select == Select::Patch && e.kind != EncoderFamily::SiglipVit,
+            // BLIP-2 / InstructBLIP read their tower's last layer after `post_layernorm`
+            post_norm: e.kind == EncoderFamily::BlipVision,
         },
         connector: m.connector.clone().unwrap_or(ConnectorSpec::Mlp {
             depth: 2,

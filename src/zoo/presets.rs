@@ -6,7 +6,7 @@ use crate::zoo::layers::act::Act;
 use crate::zoo::layers::rope::{Rope, RopeScaling};
 use crate::zoo::llms::{LlmFamily, LlmSpec};
 
-pub const ENCODER_PRESETS: [&str; 8] = [
+pub const ENCODER_PRESETS: [&str; 9] = [
     "shapes",
     "bench-tiny",
     "bench-small",
@@ -15,6 +15,7 @@ pub const ENCODER_PRESETS: [&str; 8] = [
     "dinov2-vit-s14",
     "dinov2-vit-b14",
     "dinov2-vit-l14",
+    "eva-vit-g14",
 ];
 pub const LLM_PRESETS: [&str; 4] = ["shapes", "bench-tiny", "bench-small", "llama-7b"];
 
@@ -59,6 +60,28 @@ pub fn vision(name: &str, family: EncoderFamily) -> Option<VisionSpec> {
         EncoderFamily::SiglipVit => encoder(name, VitFamily::Siglip).map(VisionSpec::Vit),
         // a fused encoder is built from its towers' presets
         EncoderFamily::Fused => None,
+        EncoderFamily::BlipVision => {
+            let (d, f, l, h, p, s) = match name {
+                "shapes" => (64, 192, 3, 4, 16, 32),
+                "bench-tiny" => (32, 64, 3, 2, 8, 32),
+                // EVA-CLIP ViT-g/14 as BLIP-2 / InstructBLIP release it
+                "eva-vit-g14" => (1408, 6144, 39, 16, 14, 224),
+                _ => return None,
+            };
+            Some(VisionSpec::Blip(crate::zoo::encoders::BlipSpec {
+                model_type: "blip_2_vision_model".into(),
+                hidden_size: d,
+                intermediate_size: f,
+                num_layers: l,
+                num_heads: h,
+                patch_size: p,
+                image_size: s,
+                input_size: s,
+                layer_norm_eps: 1e-6,
+                act: Act::Gelu,
+                qkv_bias: true,
+            }))
+        }
         EncoderFamily::Dinov2 => {
             let (d, l, h, p, s) = match name {
                 "shapes" => (64, 3, 4, 16, 32),

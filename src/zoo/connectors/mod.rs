@@ -158,6 +158,20 @@ impl Connector {
         }
     }
 
+    /// As `forward`, with the instruction of each image (token ids of the connector's own vocabulary) for the
+    /// connectors that read one (InstructBLIP's Q-Former); the others ignore it.
+    pub fn forward_with(&self, x: Tensor<3>, instructions: Option<&[Vec<i64>]>) -> Tensor<3> {
+        match self {
+            Connector::Qformer(m) => m.forward_with(x, instructions),
+            other => other.forward(x),
+        }
+    }
+
+    /// Whether the connector reads an instruction per image.
+    pub fn reads_instructions(&self) -> bool {
+        matches!(self, Connector::Qformer(q) if q.qformer.embeddings.is_some())
+    }
+
     /// x: [n, tokens_in, width] -> [n, tokens_out, d_llm]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {

@@ -6,18 +6,22 @@
 //! (BLIP-2 / InstructBLIP use 32). Module names are transformers': `multi_modal_projector.query_tokens`,
 //! `multi_modal_projector.qformer.encoder.layer.0.crossattention.attention.key.weight`, … are BLIP-2's top-level
 //! `query_tokens`, `qformer.*`, `language_projection.*`.
-//! Not here (yet): InstructBLIP's instruction-aware variant (the instruction's tokens enter the Q-Former's
-//! self-attention through its own BERT embeddings and tokenizer).
+//! With `instruction` set it is InstructBLIP's instruction-aware Q-Former (`InstructBlipQFormerModel`): the
+//! instruction's tokens (the Q-Former's own BERT vocabulary) are embedded (`embeddings.word_embeddings` +
+//! `position_embeddings`, `embeddings.layernorm` in place of BLIP-2's `layernorm`) and join the queries in every
+//! self-attention (padding keys masked); only the queries cross-attend to the image; the text tokens take their own
+//! feed-forward (`intermediate` / `output`); the queries' outputs are projected.
 #![allow(non_snake_case)] // `LayerNorm` is BERT's module name, kept so the key table stays the identity
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Features;
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::attention::attend;
+use crate::zoo::layers::attention::{attend, build_mask};
+use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::LlmSpec;
 
 /// BLIP-2's `qformer_config` (+ `num_query_tokens`), small defaults for a fresh connector.
@@ -45,6 +49,23 @@ pub struct QFormerSpec {
     pub act: Act,
     #[serde(default = "eps")]
     pub layer_norm_eps: f64,
+    /// InstructBLIP: the instruction's tokens join the queries (the Q-Former's own vocabulary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<InstructionSpec>,
+}
+
+/// The Q-Former's text side (InstructBLIP's `qformer_config`: BERT's vocabulary and positions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructionSpec {
+    pub vocab_size: usize,
+    #[serde(default = "max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub pad_token_id: i64,
+}
+fn max_positions() -> usize {
+    512
 }
 fn queries() -> usize {
     32
@@ -100,6 +121,16 @@ pub struct QFormerLayer {
     pub crossattention: Option<QAttention>,
     pub intermediate_query: QIntermediate,
     pub output_query: QOutput,
+    /// The text tokens' feed-forward (instruction-aware only).
+    pub intermediate: Option<QIntermediate>,
+    pub output: Option<QOutput>,
+}
+
+#[derive(Module, Debug)]
+pub struct QEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub layernorm: LayerNorm,
 }
 
 #[derive(Module, Debug)]
@@ -109,8 +140,13 @@ pub struct QFormerEncoder {
 
 #[derive(Module, Debug)]
 pub struct QFormerModel {
-    pub layernorm: LayerNorm,
+    /// BLIP-2: the queries' layernorm.
+    pub layernorm: Option<LayerNorm>,
+    /// InstructBLIP: text embeddings, and the layernorm over [queries; text].
+    pub embeddings: Option<QEmbeddings>,
     pub encoder: QFormerEncoder,
+    #[module(skip)]
+    pub pad_token_id: i64,
 }
 
 #[derive(Module, Debug)]
@@ -176,7 +212,14 @@ impl QFormerSpec {
                 device,
             )),
             qformer: QFormerModel {
-                layernorm: ln(),
+                layernorm: self.instruction.is_none().then(ln),
+                embeddings: self.instruction.as_ref().map(|t| QEmbeddings {
+                    word_embeddings: EmbeddingConfig::new(t.vocab_size, h).init(device),
+                    position_embeddings: EmbeddingConfig::new(t.max_position_embeddings, h)
+                        .init(device),
+                    layernorm: ln(),
+                }),
+                pad_token_id: self.instruction.as_ref().map_or(0, |t| t.pad_token_id),
                 encoder: QFormerEncoder {
                     layer: (0..self.layers)
                         .map(|i| QFormerLayer {
@@ -191,6 +234,14 @@ impl QFormerSpec {
                                 dense: lin(inter, h),
                                 LayerNorm: ln(),
                             },
+                            intermediate: self.instruction.as_ref().map(|_| QIntermediate {
+                                dense: lin(h, inter),
+                                act: self.act,
+                            }),
+                            output: self.instruction.as_ref().map(|_| QOutput {
+                                dense: lin(inter, h),
+                                LayerNorm: ln(),
+                            }),
                         })
                         .collect(),
                 },
@@ -207,9 +258,9 @@ impl QOutput {
 }
 
 impl QAttention {
-    /// x: [n, q, h]; kv: [n, t, d_kv] (x itself for self-attention) -> [n, q, h]. No mask: the queries and every
-    /// image feature are valid.
-    fn forward(&self, x: Tensor<3>, kv: Tensor<3>) -> Tensor<3> {
+    /// x: [n, q, h]; kv: [n, t, d_kv] (x itself for self-attention) -> [n, q, h]. `mask` [n, 1, q, t] hides
+    /// padding keys (the instruction's); image features are all valid.
+    fn forward(&self, x: Tensor<3>, kv: Tensor<3>, mask: Option<&Tensor<4, Bool>>) -> Tensor<3> {
         let a = &self.attention;
         let [n, q, h] = x.dims();
         let t = kv.dims()[1];
@@ -219,32 +270,88 @@ impl QAttention {
             split(a.query.forward(x.clone()), q),
             split(a.key.forward(kv.clone()), t),
             split(a.value.forward(kv), t),
-            None,
+            mask,
         ); // [n, heads, q, hd]
         self.output.forward(o.swap_dims(1, 2).reshape([n, q, h]), x)
+    }
+}
+
+impl QFormerLayer {
+    fn ffn(inter: &QIntermediate, out: &QOutput, a: Tensor<3>) -> Tensor<3> {
+        let mid = inter.act.forward(inter.dense.forward(a.clone()));
+        out.forward(mid, a)
     }
 }
 
 impl QFormer {
     /// x: [n, tokens, width] (image features) -> [n, queries, d_llm]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with(x, None)
+    }
+
+    /// As `forward`, with one instruction per image (Q-Former token ids, unpadded) for the instruction-aware
+    /// variant; ignored by BLIP-2's.
+    pub fn forward_with(&self, x: Tensor<3>, instructions: Option<&[Vec<i64>]>) -> Tensor<3> {
         let n = x.dims()[0];
+        let device = x.device();
         let [_, q, h] = self.query_tokens.dims();
-        let mut s = self
-            .qformer
-            .layernorm
-            .forward(self.query_tokens.val().expand([n, q, h]));
-        for layer in &self.qformer.encoder.layer {
-            let mut a = layer.attention.forward(s.clone(), s);
-            if let Some(cross) = &layer.crossattention {
-                a = cross.forward(a, x.clone());
+        let queries = self.query_tokens.val().expand([n, q, h]);
+        let (mut s, mask) = match (&self.qformer.embeddings, instructions) {
+            (Some(emb), Some(ins)) if ins.iter().any(|r| !r.is_empty()) => {
+                let t = ins.iter().map(Vec::len).max().unwrap_or(0);
+                let pad = self.qformer.pad_token_id;
+                let ids: Vec<i64> = ins
+                    .iter()
+                    .flat_map(|r| {
+                        r.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(pad, t - r.len()))
+                    })
+                    .collect();
+                let pos: Vec<i64> = (0..n).flat_map(|_| 0..t as i64).collect();
+                let text = emb
+                    .word_embeddings
+                    .forward(int_tensor(ids, [n, t], &device))
+                    + emb
+                        .position_embeddings
+                        .forward(int_tensor(pos, [n, t], &device));
+                let valid: Vec<Vec<bool>> = ins
+                    .iter()
+                    .map(|r| {
+                        let mut v = vec![true; q + r.len()];
+                        v.resize(q + t, false);
+                        v
+                    })
+                    .collect();
+                let s = emb.layernorm.forward(Tensor::cat(vec![queries, text], 1));
+                (s, Some(build_mask(&valid, q + t, false, &device)))
             }
-            let mid = layer
-                .intermediate_query
-                .act
-                .forward(layer.intermediate_query.dense.forward(a.clone()));
-            s = layer.output_query.forward(mid, a);
+            (Some(emb), _) => (emb.layernorm.forward(queries), None),
+            (None, _) => (
+                match &self.qformer.layernorm {
+                    Some(ln) => ln.forward(queries),
+                    None => queries,
+                },
+                None,
+            ),
+        };
+        for layer in &self.qformer.encoder.layer {
+            let a = layer.attention.forward(s.clone(), s, mask.as_ref());
+            let total = a.dims()[1];
+            let mut aq = a.clone().slice([0..n, 0..q, 0..h]);
+            if let Some(cross) = &layer.crossattention {
+                aq = cross.forward(aq, x.clone(), None);
+            }
+            let out_q = QFormerLayer::ffn(&layer.intermediate_query, &layer.output_query, aq);
+            s = match (&layer.intermediate, &layer.output) {
+                (Some(i), Some(o)) if total > q => {
+                    let at = a.slice([0..n, q..total, 0..h]);
+                    Tensor::cat(vec![out_q, QFormerLayer::ffn(i, o, at)], 1)
+                }
+                _ => out_q,
+            };
         }
-        self.language_projection.forward(s)
+        self.language_projection
+            .forward(s.slice([0..n, 0..q, 0..h]))
     }
 }

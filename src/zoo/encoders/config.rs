@@ -39,6 +39,9 @@ pub struct VitSpec {
 pub struct FeatureSelect {
     pub layers: Vec<i64>,
     pub drop_cls: bool,
+    /// The last layer's hidden state after the tower's final norm (BLIP-2 / InstructBLIP read `last_hidden_state`).
+    #[serde(default)]
+    pub post_norm: bool,
 }
 
 #[derive(Deserialize)]
@@ -177,7 +180,11 @@ impl FeatureSelect {
                 ));
             }
         };
-        Ok(FeatureSelect { layers, drop_cls })
+        Ok(FeatureSelect {
+            layers,
+            drop_cls,
+            post_norm: false,
+        })
     }
 
     pub fn hf_layer(&self) -> serde_json::Value {

@@ -6,6 +6,7 @@
 //! Adding an encoder family: a file owning its spec (with `from_hf`/`to_hf`), its module (`init`, `hidden_states`,
 //! `forward`), then one variant in `EncoderFamily`, `VisionSpec` and `Encoder` here, its `model_type` in
 //! `VisionSpec::from_hf`, and its processor defaults in `VisionSpec::processor_json`.
+pub mod blip;
 pub mod config;
 pub mod dinov2;
 pub mod fused;
@@ -18,6 +19,7 @@ use serde_json::{Value, json};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+pub use blip::{BlipSpec, BlipVision};
 pub use config::{FeatureSelect, VitFamily, VitSpec};
 pub use dinov2::{Dinov2, Dinov2Spec};
 pub use fused::{Fused, FusedSpec};
@@ -30,6 +32,8 @@ pub enum EncoderFamily {
     ClipVit,
     SiglipVit,
     Dinov2,
+    /// BLIP-2 / InstructBLIP's vision tower (`Blip2VisionModel`, `InstructBlipVisionModel`).
+    BlipVision,
     /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
     Fused,
 }
@@ -41,6 +45,7 @@ pub enum VisionSpec {
     /// CLIP / SigLIP.
     Vit(VitSpec),
     Dinov2(Dinov2Spec),
+    Blip(BlipSpec),
     Fused(FusedSpec),
 }
 
@@ -49,6 +54,7 @@ pub enum VisionSpec {
 pub enum Encoder {
     Vit(VisionTower),
     Dinov2(Dinov2),
+    Blip(BlipVision),
     Fused(Fused),
 }
 
@@ -60,6 +66,9 @@ impl VisionSpec {
             Some("dinov2" | "dinov2_with_registers") => {
                 Ok(VisionSpec::Dinov2(Dinov2Spec::from_hf(v, path, prefix)?))
             }
+            Some("blip_2_vision_model" | "instructblip_vision_model") => {
+                Ok(VisionSpec::Blip(BlipSpec::from_hf(v, path, prefix)?))
+            }
             Some("mitune_fused") => Ok(VisionSpec::Fused(FusedSpec::from_hf(v, path, prefix)?)),
             _ => Ok(VisionSpec::Vit(VitSpec::from_hf(v, path, prefix)?)),
         }
@@ -69,6 +78,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => s.to_hf(),
             VisionSpec::Dinov2(s) => s.to_hf(),
+            VisionSpec::Blip(s) => s.to_hf(),
             VisionSpec::Fused(s) => s.to_hf(),
         }
     }
@@ -78,6 +88,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) if s.family == VitFamily::Clip => EncoderFamily::ClipVit,
             VisionSpec::Vit(_) => EncoderFamily::SiglipVit,
             VisionSpec::Dinov2(_) => EncoderFamily::Dinov2,
+            VisionSpec::Blip(_) => EncoderFamily::BlipVision,
             VisionSpec::Fused(_) => EncoderFamily::Fused,
         }
     }
@@ -88,6 +99,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) if s.family == VitFamily::Clip => "CLIPVisionModel",
             VisionSpec::Vit(_) => "SiglipVisionModel",
             VisionSpec::Dinov2(s) => s.hf_architecture(),
+            VisionSpec::Blip(s) => s.hf_architecture(),
             VisionSpec::Fused(_) => "MituneFusedVisionModel",
         }
     }
@@ -104,6 +116,14 @@ impl VisionSpec {
             });
         }
         match self.family() {
+            // BlipImageProcessor: resize to the square (bicubic), CLIP mean/std
+            EncoderFamily::BlipVision => json!({
+                "image_processor_type": "BlipImageProcessor",
+                "do_resize": true, "size": {"height": size, "width": size}, "resample": 3,
+                "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }),
             EncoderFamily::ClipVit => json!({
                 "image_processor_type": "CLIPImageProcessor",
                 "do_resize": true, "size": {"shortest_edge": size}, "resample": 3,
@@ -134,6 +154,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => s.hidden_size,
             VisionSpec::Dinov2(s) => s.hidden_size,
+            VisionSpec::Blip(s) => s.hidden_size,
             VisionSpec::Fused(f) => f.towers.iter().map(VisionSpec::hidden_size).sum(),
         }
     }
@@ -142,6 +163,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => s.num_layers,
             VisionSpec::Dinov2(s) => s.num_layers,
+            VisionSpec::Blip(s) => s.num_layers,
             VisionSpec::Fused(f) => f
                 .towers
                 .iter()
@@ -161,6 +183,7 @@ impl VisionSpec {
         match self.lead() {
             VisionSpec::Vit(s) => s.patch_size,
             VisionSpec::Dinov2(s) => s.patch_size,
+            VisionSpec::Blip(s) => s.patch_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -169,6 +192,7 @@ impl VisionSpec {
         match self.lead() {
             VisionSpec::Vit(s) => s.image_size,
             VisionSpec::Dinov2(s) => s.image_size,
+            VisionSpec::Blip(s) => s.image_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -177,6 +201,7 @@ impl VisionSpec {
         match self.lead() {
             VisionSpec::Vit(s) => s.input_size,
             VisionSpec::Dinov2(s) => s.input_size,
+            VisionSpec::Blip(s) => s.input_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -186,6 +211,7 @@ impl VisionSpec {
         let (input, image) = match self {
             VisionSpec::Vit(s) => (&mut s.input_size, &mut s.image_size),
             VisionSpec::Dinov2(s) => (&mut s.input_size, &mut s.image_size),
+            VisionSpec::Blip(s) => (&mut s.input_size, &mut s.image_size),
             VisionSpec::Fused(f) => {
                 for t in &mut f.towers {
                     t.set_input_size(size, retrain);
@@ -222,6 +248,13 @@ impl VisionSpec {
                 &mut s.num_heads,
                 &mut s.patch_size,
             ],
+            VisionSpec::Blip(s) => [
+                &mut s.hidden_size,
+                &mut s.intermediate_size,
+                &mut s.num_layers,
+                &mut s.num_heads,
+                &mut s.patch_size,
+            ],
             VisionSpec::Fused(_) => return,
         };
         for (v, slot) in [hidden, intermediate, layers, heads, patch]
@@ -242,6 +275,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => usize::from(s.has_cls()),
             VisionSpec::Dinov2(s) => 1 + s.registers,
+            VisionSpec::Blip(_) => 1,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -272,6 +306,7 @@ impl VisionSpec {
         match self {
             VisionSpec::Vit(s) => Encoder::Vit(s.init(device)),
             VisionSpec::Dinov2(s) => Encoder::Dinov2(s.init(device)),
+            VisionSpec::Blip(s) => Encoder::Blip(s.init(device)),
             VisionSpec::Fused(f) => Encoder::Fused(Fused {
                 towers: f.towers.iter().map(|t| t.init(device)).collect(),
             }),
@@ -285,6 +320,7 @@ impl Encoder {
         match self {
             Encoder::Vit(m) => m.hidden_states(pixels, last),
             Encoder::Dinov2(m) => m.hidden_states(pixels, last),
+            Encoder::Blip(m) => m.hidden_states(pixels, last),
             Encoder::Fused(m) => m.hidden_states(pixels, last),
         }
     }
@@ -309,6 +345,12 @@ impl Encoder {
             .iter()
             .map(|&i| {
                 let s = states[i].clone();
+                // BLIP-2/InstructBLIP read the last layer after the tower's final norm
+                let s = if select.post_norm && i == spec.num_layers() {
+                    self.final_norm(s)
+                } else {
+                    s
+                };
                 let [n, t, d] = s.dims();
                 s.slice([0..n, drop..t, 0..d])
             })
@@ -316,11 +358,22 @@ impl Encoder {
         Ok(Tensor::cat(picked, 2))
     }
 
+    /// The tower's final norm (CLIP/SigLIP/BLIP `post_layernorm`, DINOv2 `layernorm`) on hidden states [n, t, d].
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Encoder::Vit(m) => m.post_layernorm.forward(x),
+            Encoder::Dinov2(m) => m.layernorm.forward(x),
+            Encoder::Blip(m) => m.post_layernorm.forward(x),
+            Encoder::Fused(_) => x,
+        }
+    }
+
     /// The tower's own output (all layers + final norm): [n, tokens, d].
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
         match self {
             Encoder::Vit(m) => m.forward(pixels),
             Encoder::Dinov2(m) => m.forward(pixels),
+            Encoder::Blip(m) => m.forward(pixels),
             Encoder::Fused(m) => m.forward(pixels),
         }
     }
