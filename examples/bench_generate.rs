@@ -67,6 +67,7 @@ fn main() {
                             .map(|i| (((i + r) % 255) as f32 / 127.0) - 1.0)
                             .collect();
                         Prompt {
+                            instructions: vec![],
                             ids,
                             pixels: Some(float_tensor(px, [1, 3, size, size], &device)),
                             index: r as u64,

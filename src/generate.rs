@@ -72,6 +72,9 @@ impl GenConfig {
 pub struct Prompt {
     pub ids: Vec<i64>,
     pub pixels: Option<Tensor<4>>,
+    /// One instruction per image (the connector's own token ids) for a connector that reads one (InstructBLIP's
+    /// Q-Former); empty otherwise.
+    pub instructions: Vec<Vec<i64>>,
     /// Position of the prompt in the caller's whole list: its sampling RNG is seeded with `seed + index`.
     pub index: u64,
 }
@@ -169,10 +172,12 @@ pub fn generate(
     mut on_token: impl FnMut(i64),
 ) -> Result<Generated> {
     let pixels = input.images().cloned();
+    let instructions = input.instructions().map(<[_]>::to_vec).unwrap_or_default();
     let mut ids = input.ids;
     let prompt = Prompt {
         ids: ids.swap_remove(0),
         pixels,
+        instructions,
         index: 0,
     };
     let out = generate_batch(model, vec![prompt], cfg, None, |_, id| on_token(id))?;
@@ -199,6 +204,7 @@ pub fn generate_batch(
     let mut input = MmInput::new(vec![], vec![], None);
     let mut positions = vec![];
     let mut pixels = vec![];
+    let mut instructions = vec![];
     let mut seen = vec![];
     let mut rngs = vec![];
     for p in prompts {
@@ -213,11 +219,20 @@ pub fn generate_batch(
         pos.extend(0..p.ids.len() as i64);
         positions.push(pos);
         pixels.extend(p.pixels);
+        instructions.extend(p.instructions);
         rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));
         seen.push(p.ids);
     }
     if !pixels.is_empty() {
-        input.media.push(Media::Images(Tensor::cat(pixels, 0)));
+        let pixels = Tensor::cat(pixels, 0);
+        input.media.push(if instructions.is_empty() {
+            Media::Images(pixels)
+        } else {
+            Media::InstructedImages {
+                pixels,
+                instructions,
+            }
+        });
     }
     let mut cache = KvCache::default();
     let logits = model.forward_with(&input, &positions, Some(&mut cache))?;

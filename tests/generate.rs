@@ -59,6 +59,7 @@ fn prompts(c: &Case, which: &[usize], device: &Device) -> Vec<Prompt> {
     which
         .iter()
         .map(|&i| Prompt {
+            instructions: vec![],
             ids: c.rows[i].0.clone(),
             pixels: c.images.batch(&c.rows[i].1, device).unwrap(),
             index: i as u64,

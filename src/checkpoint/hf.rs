@@ -28,9 +28,12 @@ fn model_type(v: &serde_json::Value) -> &str {
     v.get("model_type").and_then(|m| m.as_str()).unwrap_or("")
 }
 
-/// The spec a LLaVA config.json describes.
+/// The spec a LLaVA (or InstructBLIP) config.json describes.
 pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     let (path, v) = config_of(dir)?;
+    if model_type(&v) == "instructblip" {
+        return super::instructblip::spec(&v, &path);
+    }
     if model_type(&v) != "llava" {
         return Err(Error::key(
             &path,
@@ -109,7 +112,11 @@ pub fn load_llava(dir: &Path, device: &Device) -> Result<Llava> {
     let spec = llava_spec(dir)?;
     let store = WeightStore::open_dir(dir)?;
     let model = spec.init(device);
-    let keys: &dyn Fn(&str) -> Vec<String> = &keys::llava;
+    let keys: &dyn Fn(&str) -> Vec<String> = if super::instructblip::is_instructblip(&spec) {
+        &super::instructblip::keys
+    } else {
+        &keys::llava
+    };
     Loader::new(&store, keys, &[], device).load(model)
 }
 
@@ -337,14 +344,23 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
         path: out.to_path_buf(),
         source,
     })?;
-    let mut cfg = llava_config(&model.spec)?;
+    let instructblip = super::instructblip::is_instructblip(&model.spec);
+    let mut cfg = if instructblip {
+        super::instructblip::config(&model.spec)
+    } else {
+        llava_config(&model.spec)?
+    };
     cfg["dtype"] = match dtype {
         Dtype::BF16 => "bfloat16",
         Dtype::F16 => "float16",
         _ => "float32",
     }
     .into();
-    let keys: &dyn Fn(&str) -> Vec<String> = &keys::llava;
+    let keys: &dyn Fn(&str) -> Vec<String> = if instructblip {
+        &super::instructblip::keys
+    } else {
+        &keys::llava
+    };
     let tensors = Collector::collect(model, keys, dtype);
     write_file(&out.join("model.safetensors"), &tensors)?;
     let cfg_path = out.join("config.json");

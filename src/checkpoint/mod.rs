@@ -1,6 +1,7 @@
 //! Checkpoints in HuggingFace layout, read and written: LLaVA directories, standalone encoder/LLM directories a
 //! model is composed from, tokenizer and processor files.
 pub mod hf;
+pub mod instructblip;
 pub mod keys;
 pub mod params;
 pub mod peft;

@@ -104,6 +104,7 @@ pub fn run(a: Args) -> Result<()> {
         let out = generate_batch(
             &built.model,
             vec![Prompt {
+                instructions: vec![],
                 ids,
                 pixels,
                 index: turn,

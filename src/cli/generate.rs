@@ -58,6 +58,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let model = load_llava(&a.model, &device)?;
     let prompt = Prompt {
+        instructions: vec![],
         ids: ids.clone(),
         pixels,
         index: 0,

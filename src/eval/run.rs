@@ -287,6 +287,7 @@ pub fn run_task(
             let ids = text.encode(&prompt, false)?;
             let pixels = images.batch(&paths, &device)?;
             prompts.push(Prompt {
+                instructions: vec![],
                 ids,
                 pixels,
                 index: index as u64,

@@ -146,6 +146,7 @@ pub fn sample(
         let pixels = b.images.batch(&prompts[p].images, device)?;
         for k in 0..group {
             batch.push(Prompt {
+                instructions: vec![],
                 ids: prompt_ids[p].clone(),
                 pixels: pixels.clone(),
                 index: first + (i * group + k) as u64,

@@ -38,6 +38,12 @@ pub struct Llava {
 pub enum Media {
     /// [n_images, c, s, s]: each image fills `image_tokens()` consecutive `image_token_id` placeholders.
     Images(Tensor<4>),
+    /// Images with the instruction each is asked about, for a connector that reads it (InstructBLIP's Q-Former):
+    /// one row of ids in the connector's own vocabulary per image.
+    InstructedImages {
+        pixels: Tensor<4>,
+        instructions: Vec<Vec<i64>>,
+    },
 }
 
 /// A batch of token rows (already padded to one length) and the media its placeholders stand for.
@@ -70,9 +76,17 @@ impl MmInput {
         self.media
             .iter()
             .map(|m| match m {
-                Media::Images(p) => p,
+                Media::Images(p) | Media::InstructedImages { pixels: p, .. } => p,
             })
             .next()
+    }
+
+    /// Each image's instruction, when the media carry them.
+    pub fn instructions(&self) -> Option<&[Vec<i64>]> {
+        self.media.iter().find_map(|m| match m {
+            Media::InstructedImages { instructions, .. } => Some(instructions.as_slice()),
+            Media::Images(_) => None,
+        })
     }
 }
 
@@ -158,7 +172,7 @@ impl Llava {
         let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
-        let feats = self.image_features(pixels)?; // [n, tokens, d]
+        let feats = self.image_features_with(pixels, input.instructions())?; // [n, tokens, d]
         let [n, per, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
@@ -188,10 +202,28 @@ impl Llava {
 
     /// pixels [n, c, s, s] -> projected image features [n, tokens, d_llm]
     pub fn image_features(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
+        self.image_features_with(pixels, None)
+    }
+
+    /// As `image_features`, with each image's instruction for a connector that reads one.
+    pub fn image_features_with(
+        &self,
+        pixels: Tensor<4>,
+        instructions: Option<&[Vec<i64>]>,
+    ) -> Result<Tensor<3>> {
+        if let Some(ins) = instructions
+            && ins.len() != pixels.dims()[0]
+        {
+            return Err(Error::input(format!(
+                "{} instructions for {} images: give one per image",
+                ins.len(),
+                pixels.dims()[0]
+            )));
+        }
         let f = self
             .vision_tower
             .features(pixels, &self.spec.select, &self.spec.vision)?;
-        Ok(self.multi_modal_projector.forward(f))
+        Ok(self.multi_modal_projector.forward_with(f, instructions))
     }
 
     /// Full forward: logits [b, t, vocab]. Positions are 0..t for every row, as transformers' forward without
