@@ -136,3 +136,79 @@ fn instructblip_logits_and_greedy_ids_match_transformers() {
     let b = to_vec(back.forward(&input(&c)).unwrap());
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
+
+/// `mitune generate --raw --json` on the fixture gives the processor's input_ids (query placeholders first, before
+/// BOS), transformers' greedy ids and log-probs; the Q-Former instruction ids are the processor's for both prompts.
+#[test]
+fn instructblip_processor_and_cli_generate_match_transformers() {
+    let dir = fixture("instructblip");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let spec = llava_spec(&dir).unwrap();
+    let text = mitune::data::tokenizer::TextProcessor::load(
+        &dir,
+        spec.image_token_id,
+        spec.image_tokens(),
+    )
+    .unwrap();
+    let b = &meta["batch"];
+    for (i, prompt) in b["prompts"].as_array().unwrap().iter().enumerate() {
+        let (ids, ins) = text
+            .encode_images_first(prompt.as_str().unwrap(), 1, false)
+            .unwrap();
+        let mask: Vec<i64> = serde_json::from_value(b["attention_mask"][i].clone()).unwrap();
+        let want: Vec<i64> = serde_json::from_value(b["input_ids"][i].clone()).unwrap();
+        let want: Vec<i64> = want
+            .into_iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(x, _)| x)
+            .collect();
+        assert_eq!(ids, want, "prompt {i}: input_ids");
+        let qmask: Vec<i64> =
+            serde_json::from_value(b["qformer_attention_mask"][i].clone()).unwrap();
+        let qwant: Vec<i64> = serde_json::from_value(b["qformer_input_ids"][i].clone()).unwrap();
+        let qwant: Vec<i64> = qwant
+            .into_iter()
+            .zip(&qmask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(x, _)| x)
+            .collect();
+        assert_eq!(ins, vec![qwant], "prompt {i}: qformer_input_ids");
+    }
+    let m = &meta["image_text"];
+    let (ok, out) = {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+            .args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                m["prompts"][0].as_str().unwrap(),
+                "--image",
+                fixture("images").join("astronaut_32.png").to_str().unwrap(),
+                "--raw",
+                "--max-new-tokens",
+                "6",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    assert!(ok, "{out}");
+    let got: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(got["input_ids"], m["input_ids"][0]);
+    assert_eq!(got["output_ids"], m["greedy_ids"]);
+    for (a, b) in got["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(m["greedy_logprobs"].as_array().unwrap())
+    {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4);
+    }
+}

@@ -371,6 +371,7 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
         }
     })?;
     if let Some(src) = assets {
+        crate::data::tokenizer::copy_qformer_tokenizer(src, out)?;
         for f in crate::data::tokenizer::ASSET_FILES {
             let p = src.join(f);
             if p.exists() && src != out {

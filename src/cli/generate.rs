@@ -33,9 +33,11 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let spec = llava_spec(&a.model)?;
     let text = TextProcessor::load(&a.model, spec.image_token_id, spec.image_tokens())?;
+    // InstructBLIP's processor puts every image first and needs no markers
+    let images_first = crate::checkpoint::instructblip::is_instructblip(&spec);
     // Markers vs images first: nothing is computed for a prompt that cannot run.
     let markers = text.markers(&a.prompt);
-    if markers != a.image.len() {
+    if markers != a.image.len() && !images_first {
         return Err(Error::input(format!(
             "the prompt has {markers} `{}` marker(s) but {} --image file(s) were given: give one image per marker",
             text.image_token,
@@ -51,14 +53,16 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         ImageProcessor::load(&a.model)?.batch(&a.image, &device)?
     };
-    let ids = if a.raw {
-        text.encode(&a.prompt, true)?
+    let (ids, instructions) = if images_first {
+        text.encode_images_first(&a.prompt, a.image.len(), !a.raw)?
+    } else if a.raw {
+        (text.encode(&a.prompt, true)?, vec![])
     } else {
-        text.encode_chat(&a.prompt)?
+        (text.encode_chat(&a.prompt)?, vec![])
     };
     let model = load_llava(&a.model, &device)?;
     let prompt = Prompt {
-        instructions: vec![],
+        instructions,
         ids: ids.clone(),
         pixels,
         index: 0,

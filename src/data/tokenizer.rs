@@ -22,6 +22,31 @@ pub const ASSET_FILES: [&str; 8] = [
 
 pub const BASE_TEMPLATE_FILE: &str = "base_chat_template.jinja";
 
+/// Copies a connector's own tokenizer folder (`qformer_tokenizer/`) from `from` to `out`, when there is one.
+pub fn copy_qformer_tokenizer(from: &Path, out: &Path) -> Result<()> {
+    let src = from.join("qformer_tokenizer");
+    if !src.is_dir() || from == out {
+        return Ok(());
+    }
+    let dst = out.join("qformer_tokenizer");
+    std::fs::create_dir_all(&dst).map_err(|source| Error::Io {
+        path: dst.clone(),
+        source,
+    })?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        let p = src.join(f);
+        if p.exists() {
+            std::fs::copy(&p, dst.join(f)).map_err(|source| Error::Io { path: p, source })?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct TextProcessor {
     tok: tokenizers::Tokenizer,
@@ -36,6 +61,8 @@ pub struct TextProcessor {
     pub image_token: String,
     pub image_token_id: i64,
     pub tokens_per_image: usize,
+    /// A connector's own tokenizer (InstructBLIP's Q-Former BERT tokenizer, `qformer_tokenizer/`).
+    pub qformer: Option<tokenizers::Tokenizer>,
     dir: PathBuf,
 }
 
@@ -93,7 +120,17 @@ impl TextProcessor {
             .as_ref()
             .and_then(|t| tok.token_to_id(t))
             .map(i64::from);
+        let qpath = dir.join("qformer_tokenizer").join("tokenizer.json");
+        let qformer = if qpath.exists() {
+            Some(
+                tokenizers::Tokenizer::from_file(&qpath)
+                    .map_err(|e| Error::file(&qpath, format!("cannot read tokenizer: {e}")))?,
+            )
+        } else {
+            None
+        };
         Ok(TextProcessor {
+            qformer,
             bos_token: token_str(cfg.get("bos_token")),
             eos_token,
             eos_token_id,
@@ -124,6 +161,43 @@ impl TextProcessor {
             .or_else(|| proc_cfg.get("chat_template"))
             .and_then(|t| t.as_str())
             .map(str::to_string))
+    }
+
+    /// InstructBLIP's processor (`InstructBlipProcessor`): every image's placeholders first — before BOS — then
+    /// the prompt tokenized as usual (markers removed), and the same prompt through the Q-Former's tokenizer as
+    /// each image's instruction. `chat`: the prompt goes through the chat template instead of raw.
+    /// Returns (ids, one instruction per image).
+    pub fn encode_images_first(
+        &self,
+        prompt: &str,
+        images: usize,
+        chat: bool,
+    ) -> Result<(Vec<i64>, Vec<Vec<i64>>)> {
+        let text = prompt.replace(self.image_token.as_str(), "");
+        let body = if chat {
+            self.encode_chat(&text)?
+        } else {
+            self.encode(&text, true)?
+        };
+        let mut ids = vec![self.image_token_id; images * self.tokens_per_image];
+        ids.extend(body);
+        let instruction = self.qformer_ids(&text)?;
+        Ok((ids, vec![instruction; images]))
+    }
+
+    /// `text` through the connector's own tokenizer, special tokens added ([CLS] … [SEP]).
+    pub fn qformer_ids(&self, text: &str) -> Result<Vec<i64>> {
+        let q = self.qformer.as_ref().ok_or_else(|| {
+            Error::file(
+                self.dir.join("qformer_tokenizer"),
+                "missing: this model's connector reads the instruction with its own tokenizer (save the processor \
+                 with transformers' InstructBlipProcessor.save_pretrained)",
+            )
+        })?;
+        let enc = q
+            .encode(text, true)
+            .map_err(|e| Error::input(format!("Q-Former tokenizer: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     pub fn markers(&self, text: &str) -> usize {

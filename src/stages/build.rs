@@ -360,6 +360,7 @@ pub fn export(
     };
     if part != Some(Part::Encoder) {
         copy_tokenizer(text.dir(), out)?;
+        crate::data::tokenizer::copy_qformer_tokenizer(text.dir(), out)?;
         if let Some(t) = template {
             let p = out.join("chat_template.jinja");
             std::fs::write(&p, t).map_err(|source| Error::Io { path: p, source })?;
