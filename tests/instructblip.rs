@@ -212,3 +212,91 @@ fn instructblip_processor_and_cli_generate_match_transformers() {
         assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4);
     }
 }
+
+/// Training an InstructBLIP directory: each image's Q-Former instruction is the text of the turn holding its marker
+/// (through the Q-Former's tokenizer); a LoRA instruct stage on the tiny shapes world runs, a killed run resumes to
+/// the same losses, and the stage's model is an InstructBLIP directory again (with its Q-Former tokenizer).
+#[test]
+fn instructblip_fine_tunes_with_instructions_and_resumes() {
+    use mitune::data::sources::{Role, Sample};
+    let dir = fixture("instructblip");
+    let spec = llava_spec(&dir).unwrap();
+    let text = mitune::data::tokenizer::TextProcessor::load(
+        &dir,
+        spec.image_token_id,
+        spec.image_tokens(),
+    )
+    .unwrap();
+    let sample = Sample {
+        id: "s".into(),
+        source: 0,
+        images: vec![fixture("images").join("astronaut_32.png")],
+        messages: vec![
+            (Role::User, "<image>\nWhat is in the image?".into()),
+            (Role::Assistant, "An astronaut.".into()),
+        ],
+        raw_text: None,
+        meta: serde_json::Value::Null,
+    };
+    let src =
+        mitune::data::templates::source(mitune::recipe::schema::Template::VicunaV1, &text).unwrap();
+    let e = mitune::data::templates::encode(&text, &src, &sample, 0, 256).unwrap();
+    assert_eq!(
+        e.instructions,
+        vec![text.qformer_ids("What is in the image?").unwrap()]
+    );
+    assert_eq!(
+        e.ids.iter().filter(|&&t| t == spec.image_token_id).count(),
+        4
+    );
+
+    let d = common::scratch("instructblip-train");
+    let w = common::world(&d);
+    let recipe = |out: &str| {
+        format!(
+            r#"name = "ib"
+seed = 2
+pipeline = ["instruct"]
+output = {out:?}
+[model]
+from = {dir:?}
+[stages.instruct]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {inst:?} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
+max_steps = 4
+max_len = 256
+log_every = 1
+save_every = 2
+"#,
+            out = d.join(out).display().to_string(),
+            dir = dir.display().to_string(),
+            inst = w.join("instruct_train.json").display().to_string(),
+        )
+    };
+    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
+    std::fs::write(&a, recipe("runs-a")).unwrap();
+    std::fs::write(&b, recipe("runs-b")).unwrap();
+    let (ok, err) = common::run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let (ok, _) = common::run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
+    );
+    assert!(!ok);
+    let (ok, err) = common::run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
+    let (la, lb) = (
+        common::losses(&d.join("runs-a/ib")),
+        common::losses(&d.join("runs-b/ib")),
+    );
+    assert_eq!(la.len(), 4);
+    assert_eq!(la, lb, "resumed losses differ");
+    let model = d.join("runs-a/ib/instruct/model");
+    assert!(is_instructblip(&llava_spec(&model).unwrap()));
+    assert!(model.join("qformer_tokenizer/tokenizer.json").exists());
+    load_llava(&model, &Device::flex()).unwrap();
+}

@@ -19,6 +19,8 @@ pub struct MicroBatch {
     pub labels: Vec<Vec<bool>>,
     /// [n_images, 3, s, s] flattened, in placeholder order; `Err` names the image that failed to load.
     pub pixels: Result<Option<(Vec<f32>, [usize; 4])>, String>,
+    /// One instruction per image, in placeholder order, for a connector that reads one (empty otherwise).
+    pub instructions: Vec<Vec<i64>>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
     pub tokens: usize,
     pub supervised: usize,
@@ -100,6 +102,10 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         attention: vec![],
         labels: vec![],
         pixels: Ok(None),
+        instructions: samples
+            .iter()
+            .flat_map(|s| s.instructions.iter().cloned())
+            .collect(),
         tokens: samples.len() * t,
         supervised: 0,
     };

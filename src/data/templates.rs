@@ -60,6 +60,9 @@ pub struct Encoded {
     /// [t] true where the token is a training target.
     pub labels: Vec<bool>,
     pub images: Vec<PathBuf>,
+    /// One instruction per image (the connector's own token ids: the text of the turn that holds the image,
+    /// markers removed) when the model's connector reads one (InstructBLIP); empty otherwise.
+    pub instructions: Vec<Vec<i64>>,
 }
 
 impl Encoded {
@@ -229,10 +232,21 @@ fn encode_with(
     if labels.iter().skip(1).all(|l| !l) {
         return Err(format!("no supervised token left within max_len {max_len}"));
     }
+    // InstructBLIP's Q-Former reads the instruction each image comes with: the turn holding its marker
+    let mut instructions = vec![];
+    if tp.qformer.is_some() {
+        for (_, content) in &sample.messages {
+            let turn = content.replace(tp.image_token.as_str(), "");
+            for _ in 0..tp.markers(content) {
+                instructions.push(tp.qformer_ids(turn.trim()).map_err(|e| e.to_string())?);
+            }
+        }
+    }
     Ok(Encoded {
         index,
         ids: out_ids,
         labels,
         images: sample.images.clone(),
+        instructions,
     })
 }

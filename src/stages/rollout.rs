@@ -171,6 +171,7 @@ pub fn sample(
                 ids,
                 labels,
                 images: prompts[p].images.clone(),
+                instructions: vec![],
             },
             text: b.text.decode(&shown),
             tokens: g.output_ids.len(),

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::recipe::schema::{Adapter, StageSpec};
 use crate::zoo::layers::float_tensor;
 use crate::zoo::lora;
-use crate::zoo::mllm::{Llava, MmInput};
+use crate::zoo::mllm::{Llava, Media, MmInput};
 
 pub struct StageRun<'a> {
     pub name: &'a str,
@@ -40,7 +40,16 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Ok(None) => None,
         Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
     };
-    Ok(MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels))
+    let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels);
+    if !mb.instructions.is_empty()
+        && let Some(Media::Images(p)) = input.media.pop()
+    {
+        input.media.push(Media::InstructedImages {
+            pixels: p,
+            instructions: mb.instructions.clone(),
+        });
+    }
+    Ok(input)
 }
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).
