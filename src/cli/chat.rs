@@ -104,7 +104,9 @@ pub fn run(a: Args) -> Result<()> {
         let out = generate_batch(
             &built.model,
             vec![Prompt {
-                instructions: vec![],
+                instructions: built
+                    .text
+                    .instructions(history.iter().map(|(_, c)| c.as_str()))?,
                 ids,
                 pixels,
                 index: turn,

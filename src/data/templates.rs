@@ -233,15 +233,9 @@ fn encode_with(
         return Err(format!("no supervised token left within max_len {max_len}"));
     }
     // InstructBLIP's Q-Former reads the instruction each image comes with: the turn holding its marker
-    let mut instructions = vec![];
-    if tp.qformer.is_some() {
-        for (_, content) in &sample.messages {
-            let turn = content.replace(tp.image_token.as_str(), "");
-            for _ in 0..tp.markers(content) {
-                instructions.push(tp.qformer_ids(turn.trim()).map_err(|e| e.to_string())?);
-            }
-        }
-    }
+    let instructions = tp
+        .instructions(sample.messages.iter().map(|(_, c)| c.as_str()))
+        .map_err(|e| e.to_string())?;
     Ok(Encoded {
         index,
         ids: out_ids,

@@ -185,6 +185,25 @@ impl TextProcessor {
         Ok((ids, vec![instruction; images]))
     }
 
+    /// One instruction per image for a connector that reads one (InstructBLIP): the text of the turn holding each
+    /// `<image>` marker, markers removed, through the connector's tokenizer; empty when the model has none.
+    pub fn instructions<'a>(
+        &self,
+        turns: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Vec<i64>>> {
+        let mut out = vec![];
+        if self.qformer.is_none() {
+            return Ok(out);
+        }
+        for turn in turns {
+            let text = turn.replace(self.image_token.as_str(), "");
+            for _ in 0..self.markers(turn) {
+                out.push(self.qformer_ids(text.trim())?);
+            }
+        }
+        Ok(out)
+    }
+
     /// `text` through the connector's own tokenizer, special tokens added ([CLS] … [SEP]).
     pub fn qformer_ids(&self, text: &str) -> Result<Vec<i64>> {
         let q = self.qformer.as_ref().ok_or_else(|| {

@@ -287,7 +287,7 @@ pub fn run_task(
             let ids = text.encode(&prompt, false)?;
             let pixels = images.batch(&paths, &device)?;
             prompts.push(Prompt {
-                instructions: vec![],
+                instructions: text.instructions(messages.iter().map(|(_, c)| c.as_str()))?,
                 ids,
                 pixels,
                 index: index as u64,

@@ -81,7 +81,11 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
                 .map_err(|m| Error::input(format!("heldout task {}: {m}", task.name)))?;
             let ids = built.text.encode(&prompt, false)?;
             let pixels = built.images.batch(&s.images, &device)?;
-            let g = generate(&model, MmInput::single(ids, pixels), &cfg, |_| {})?;
+            let ins = built
+                .text
+                .instructions(s.messages[..last].iter().map(|(_, c)| c.as_str()))?;
+            let input = MmInput::single(ids, pixels).with_instructions(ins);
+            let g = generate(&model, input, &cfg, |_| {})?;
             // Answers are one line: a newline ends the answer (the `plain` template trains no EOS, as LLaVA's).
             let text = built.text.decode(&g.output_ids);
             let answer = text.trim_start().lines().next().unwrap_or("");

@@ -144,9 +144,12 @@ pub fn sample(
     let mut owner = vec![];
     for (i, &p) in which.iter().enumerate() {
         let pixels = b.images.batch(&prompts[p].images, device)?;
+        let ins = b
+            .text
+            .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?;
         for k in 0..group {
             batch.push(Prompt {
-                instructions: vec![],
+                instructions: ins.clone(),
                 ids: prompt_ids[p].clone(),
                 pixels: pixels.clone(),
                 index: first + (i * group + k) as u64,
@@ -171,7 +174,9 @@ pub fn sample(
                 ids,
                 labels,
                 images: prompts[p].images.clone(),
-                instructions: vec![],
+                instructions: b
+                    .text
+                    .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?,
             },
             text: b.text.decode(&shown),
             tokens: g.output_ids.len(),

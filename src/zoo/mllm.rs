@@ -71,6 +71,27 @@ impl MmInput {
         MmInput::new(vec![ids], attention, pixels)
     }
 
+    /// The same batch with each image's instruction attached (for a connector that reads one); no change when
+    /// `instructions` is empty.
+    pub fn with_instructions(mut self, instructions: Vec<Vec<i64>>) -> Self {
+        if instructions.is_empty() {
+            return self;
+        }
+        self.media = self
+            .media
+            .into_iter()
+            .map(|m| match m {
+                Media::Images(pixels) | Media::InstructedImages { pixels, .. } => {
+                    Media::InstructedImages {
+                        pixels,
+                        instructions: instructions.clone(),
+                    }
+                }
+            })
+            .collect();
+        self
+    }
+
     /// The images of the batch, [n, c, s, s], if any.
     pub fn images(&self) -> Option<&Tensor<4>> {
         self.media
