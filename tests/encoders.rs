@@ -123,15 +123,10 @@ fn dinov2_composes_into_llava_and_round_trips() {
     std::fs::remove_dir_all(&out).ok();
 }
 
-/// `[model.encoder] kind = "dinov2"` in a recipe: a fresh preset trains an align stage and saves a LLaVA directory
-/// that reloads; naming the wrong family for a weights directory is a located error before any compute.
-#[test]
-fn dinov2_in_a_recipe_trains_and_wrong_kinds_are_named() {
-    let d = common::scratch("dinov2-recipe");
-    let w = common::world(&d);
-    let recipe = |encoder: &str| {
-        format!(
-            r#"name = "dino"
+/// A two-step align stage on the tiny shapes world with `encoder` as the `[model.encoder]` table.
+fn align_recipe(d: &std::path::Path, w: &std::path::Path, name: &str, encoder: &str) -> String {
+    format!(
+        r#"name = "{name}"
 pipeline = ["align"]
 output = {out:?}
 [model.encoder]
@@ -149,11 +144,19 @@ optim = {{ kind = "adamw", lr = 3e-3 }}
 max_steps = 2
 max_len = 64
 "#,
-            out = d.join("runs").display().to_string(),
-            tok = w.join("tokenizer").display().to_string(),
-            cap = w.join("captions_train.json").display().to_string(),
-        )
-    };
+        out = d.join("runs").display().to_string(),
+        tok = w.join("tokenizer").display().to_string(),
+        cap = w.join("captions_train.json").display().to_string(),
+    )
+}
+
+/// `[model.encoder] kind = "dinov2"` in a recipe: a fresh preset trains an align stage and saves a LLaVA directory
+/// that reloads; naming the wrong family for a weights directory is a located error before any compute.
+#[test]
+fn dinov2_in_a_recipe_trains_and_wrong_kinds_are_named() {
+    let d = common::scratch("dinov2-recipe");
+    let w = common::world(&d);
+    let recipe = |encoder: &str| align_recipe(&d, &w, "dino", encoder);
     let r = d.join("dino.toml");
     std::fs::write(
         &r,
@@ -195,32 +198,8 @@ fn fused_dinov2_siglip_encoder() {
         .display()
         .to_string();
     let recipe = |towers: &str, extra: &str| {
-        format!(
-            r#"name = "fused"
-pipeline = ["align"]
-output = {out:?}
-[model.encoder]
-kind = "fused"
-feature_layer = -2
-towers = [{towers}]
-{extra}
-[model.llm]
-kind = "llama"
-preset = "bench-tiny"
-tokenizer = {tok:?}
-[stages.align]
-kind = "align"
-data = {{ sources = [{{ kind = "llava_json", path = {cap:?} }}] }}
-template = "plain"
-batch = {{ global = 4, micro = 4 }}
-optim = {{ kind = "adamw", lr = 3e-3 }}
-max_steps = 2
-max_len = 64
-"#,
-            out = d.join("runs").display().to_string(),
-            tok = w.join("tokenizer").display().to_string(),
-            cap = w.join("captions_train.json").display().to_string(),
-        )
+        let encoder = format!("kind = \"fused\"\nfeature_layer = -2\ntowers = [{towers}]\n{extra}");
+        align_recipe(&d, &w, "fused", &encoder)
     };
     let towers = format!(
         "{{ kind = \"dinov2\", weights = {dino:?} }}, {{ kind = \"siglip_vit\", weights = {siglip:?} }}"

@@ -6,15 +6,13 @@
 //! token). Module names are transformers'.
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::attention;
+use crate::zoo::layers::{attention, patch};
 use crate::zoo::llms::config::parse_act;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,50 +256,19 @@ impl BlipLayer {
 }
 
 impl BlipVision {
-    /// Position table for a gh×gw grid: [1 + gh·gw, d] (bicubic interpolation as `interpolate_pos_encoding`).
-    fn positions(&self, gh: usize, gw: usize) -> Tensor<2> {
-        let table = self.embeddings.position_embedding.val();
-        let [_, n_pos, d] = table.dims();
-        let table = table.reshape([n_pos, d]);
-        let g0 = ((n_pos - 1) as f64).sqrt() as usize;
-        if g0 == gh && g0 == gw {
-            return table;
-        }
-        let grid = table
-            .clone()
-            .slice([1..n_pos, 0..d])
-            .reshape([1, g0, g0, d])
-            .permute([0, 3, 1, 2]);
-        let grid = interpolate(
-            grid,
-            InterpolateOptions {
-                mode: InterpolateMode::Bicubic,
-                align_corners: false,
-                output_size: Some([gh, gw]),
-                scale_factor: None,
-            },
-        )
-        .permute([0, 2, 3, 1])
-        .reshape([gh * gw, d]);
-        Tensor::cat(vec![table.slice([0..1, 0..d]), grid], 0)
-    }
-
-    /// pixels [n, 3, s, s] -> embedding output [n, 1 + patches, d].
+    /// pixels [n, 3, s, s] -> embedding output [n, 1 + patches, d] (positions interpolated bicubically for other
+    /// resolutions, as `interpolate_pos_encoding`).
     pub fn embed(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let [n, c, hh, ww] = pixels.dims();
+        let [n, _, hh, ww] = pixels.dims();
         let p = self.spec.patch_size;
-        let (gh, gw) = (hh / p, ww / p);
         let d = self.spec.hidden_size;
         let conv = &self.embeddings.patch_embedding;
-        let patches = pixels
-            .reshape([n, c, gh, p, gw, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([n * gh * gw, c * p * p]);
-        let x = patches.matmul(conv.weight.val().reshape([d, c * p * p]).transpose())
-            + conv.bias.val().unsqueeze::<2>();
+        let x = patch::embed_patches(pixels, conv.weight.val(), Some(conv.bias.val()), p);
         let cls = self.embeddings.class_embedding.val().expand([n, 1, d]);
-        Tensor::cat(vec![cls, x.reshape([n, gh * gw, d])], 1)
-            + self.positions(gh, gw).unsqueeze::<3>()
+        let table = self.embeddings.position_embedding.val();
+        let [_, n_pos, _] = table.dims();
+        let pos = patch::resize_positions(table.reshape([n_pos, d]), 1, hh / p, ww / p);
+        Tensor::cat(vec![cls, x], 1) + pos.unsqueeze::<3>()
     }
 
     pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {

@@ -9,15 +9,13 @@
 //! transformers 5's renamed layout (`attention.q_proj`, `attention.o_proj`) is accepted on read.
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::attention;
+use crate::zoo::layers::{attention, patch};
 use crate::zoo::llms::config::parse_act;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -385,40 +383,17 @@ impl Dinov2 {
                 .reshape([gh * gw, d]); // columns resized
             return Tensor::cat(vec![table.slice([0..1, 0..d]), x], 0);
         }
-        let grid = table
-            .clone()
-            .slice([1..n_pos, 0..d])
-            .reshape([1, g0, g0, d])
-            .permute([0, 3, 1, 2]);
-        let grid = interpolate(
-            grid,
-            InterpolateOptions {
-                mode: InterpolateMode::Bicubic,
-                align_corners: false,
-                output_size: Some([gh, gw]),
-                scale_factor: None,
-            },
-        )
-        .permute([0, 2, 3, 1])
-        .reshape([gh * gw, d]);
-        Tensor::cat(vec![table.slice([0..1, 0..d]), grid], 0)
+        patch::resize_positions(table, 1, gh, gw)
     }
 
     /// pixels: [n, c, s, s] -> embedding output [n, 1 + registers + patches, d] (hidden_states[0]).
     pub fn embed(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let [n, c, hh, ww] = pixels.dims();
+        let [n, _, hh, ww] = pixels.dims();
         let p = self.spec.patch_size;
         let (gh, gw) = (hh / p, ww / p);
         let d = self.spec.hidden_size;
         let conv = &self.embeddings.patch_embeddings.projection;
-        // Patchify in the conv weight's (c, p, p) order: [n, c, gh, p, gw, p] -> [n, gh, gw, c, p, p].
-        let patches = pixels
-            .reshape([n, c, gh, p, gw, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([n * gh * gw, c * p * p]);
-        let x = patches.matmul(conv.weight.val().reshape([d, c * p * p]).transpose())
-            + conv.bias.val().unsqueeze::<2>();
-        let x = x.reshape([n, gh * gw, d]);
+        let x = patch::embed_patches(pixels, conv.weight.val(), Some(conv.bias.val()), p);
         let cls = self.embeddings.cls_token.val().expand([n, 1, d]);
         let x = Tensor::cat(vec![cls, x], 1) + self.positions(gh, gw).unsqueeze::<3>();
         match &self.embeddings.register_tokens {

@@ -3,13 +3,11 @@
 //! pre-LN encoder blocks, post-LN. LLaVA reads hidden states *before* `post_layernorm`.
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use super::VitSpec;
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::attention;
+use crate::zoo::layers::{attention, patch};
 
 /// A conv with kernel = stride = patch size, stored in PyTorch's conv layout [d, c, p, p].
 #[derive(Module, Debug)]
@@ -151,66 +149,30 @@ impl VitLayer {
 impl VisionTower {
     /// pixels: [n, c, s, s] -> embedding output [n, tokens, d] (after `pre_layrnorm` for CLIP).
     pub fn embed(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let [n, c, hh, ww] = pixels.dims();
+        let [n, _, hh, ww] = pixels.dims();
         let p = self.spec.patch_size;
-        let (gh, gw) = (hh / p, ww / p);
         let d = self.spec.hidden_size;
-        // Patchify in the conv weight's (c, p, p) order: [n, c, gh, p, gw, p] -> [n, gh, gw, c, p, p].
-        let patches = pixels
-            .reshape([n, c, gh, p, gw, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([n * gh * gw, c * p * p]);
-        let w = self
-            .embeddings
-            .patch_embedding
-            .weight
-            .val()
-            .reshape([d, c * p * p]);
-        let mut x = patches.matmul(w.transpose());
-        if let Some(b) = &self.embeddings.patch_embedding.bias {
-            x = x + b.val().unsqueeze::<2>();
-        }
-        let mut x = x.reshape([n, gh * gw, d]);
+        let pe = &self.embeddings.patch_embedding;
+        let mut x = patch::embed_patches(
+            pixels,
+            pe.weight.val(),
+            pe.bias.as_ref().map(|b| b.val()),
+            p,
+        );
         if let Some(cls) = &self.embeddings.class_embedding {
             let cls = cls.val().reshape([1, 1, d]).expand([n, 1, d]);
             x = Tensor::cat(vec![cls, x], 1);
         }
-        let pos = self.positions(gh, gw);
+        let pos = patch::resize_positions(
+            self.embeddings.position_embedding.weight.val(),
+            usize::from(self.spec.has_cls()),
+            hh / p,
+            ww / p,
+        );
         let x = x + pos.unsqueeze::<3>();
         match &self.pre_layrnorm {
             Some(ln) => ln.forward(x),
             None => x,
-        }
-    }
-
-    /// Position embeddings for a gh×gw grid: [tokens, d]. Other resolutions than the trained one interpolate the
-    /// patch grid bicubically (align_corners=False), as transformers' `interpolate_pos_encoding`.
-    fn positions(&self, gh: usize, gw: usize) -> Tensor<2> {
-        let table = self.embeddings.position_embedding.weight.val();
-        let [n_pos, d] = table.dims();
-        let cls = usize::from(self.spec.has_cls());
-        let g0 = ((n_pos - cls) as f64).sqrt() as usize;
-        if g0 == gh && g0 == gw {
-            return table;
-        }
-        let grid = table
-            .clone()
-            .slice([cls..n_pos, 0..d])
-            .reshape([1, g0, g0, d])
-            .permute([0, 3, 1, 2]);
-        let opts = InterpolateOptions {
-            mode: InterpolateMode::Bicubic,
-            align_corners: false,
-            output_size: Some([gh, gw]),
-            scale_factor: None,
-        };
-        let grid = interpolate(grid, opts)
-            .permute([0, 2, 3, 1])
-            .reshape([gh * gw, d]);
-        if cls == 1 {
-            Tensor::cat(vec![table.slice([0..1, 0..d]), grid], 0)
-        } else {
-            grid
         }
     }
 
