@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
 # Per connector of recipes/sweeps/connector-zoo.toml, on the shapes world: connector parameters, image tokens per
 # image, median align step (connector trained) and instruct step (connector + LLM trained), and the run's peak RSS.
-# Runs each configuration for 40 align + 20 instruct steps (no held-out generation) one after the other.
+# Runs each configuration for 40 align + 20 instruct steps (held-out generation on 1 sample) one after the other.
 #   cargo build --release && bash tools/bench_connectors.sh [32|64] > /tmp/connectors.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size="${1:-32}"
 bin=target/release/mitune
 out=$(mktemp -d)
+cat > "$out/bench.toml" <<TOML
+extends = "$PWD/recipes/quickstart.toml"
+name = "bench"
+output = "$out"
+[model.encoder]
+image_size = $size
+[stages.align]
+max_steps = 40
+max_len = 128
+log_every = 1
+[stages.instruct]
+max_steps = 20
+max_len = 224
+log_every = 1
+eval = { every = 1000, max_samples = 1, data = { sources = [{ kind = "llava_json", path = "datasets/shapes/vqa_heldout.json" }] } }
+[heldout]
+limit = 1
+TOML
 connectors=(
   '{ kind = "mlp", depth = 2 }'
   '{ kind = "pixel_shuffle", scale = 2 }'
@@ -21,12 +39,9 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 echo "| connector | image px | connector params | image tokens | align step (ms) | instruct step (ms) | peak RSS (MB) |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for c in "${connectors[@]}"; do
-  sets=(--set "model.connector=$c" --set "model.encoder.image_size=$size" --set "output=$out"
-        --set name=bench --set stages.align.max_steps=40 --set stages.instruct.max_steps=20
-        --set stages.align.max_len=128 --set stages.instruct.max_len=224 --set stages.align.log_every=1
-        --set stages.instruct.log_every=1 --set heldout.limit=0 --set stages.instruct.eval.every=1000)
-  tokens=$($bin validate recipes/sweeps/connector-zoo.toml "${sets[@]}" 2>&1 | grep -o 'gives [0-9]* image tokens' | grep -o '[0-9]*' || true)
-  log=$( { /usr/bin/time -v $bin train recipes/quickstart.toml "${sets[@]}" --fresh; } 2>&1 )
+  sets=(--set "model.connector=$c")
+  tokens=$($bin validate "$out/bench.toml" "${sets[@]}" 2>&1 | grep -o 'gives [0-9]* image tokens' | grep -o '[0-9]*' || true)
+  log=$( { /usr/bin/time -v $bin train "$out/bench.toml" "${sets[@]}" --fresh; } 2>&1 || true)
   params=$(grep -o 'training connector ([0-9]* of' <<<"$log" | head -1 | grep -o '[0-9]*')
   rss=$(grep 'Maximum resident set size' <<<"$log" | grep -o '[0-9]*$')
   m="$out/bench/metrics.jsonl"
