@@ -26,7 +26,12 @@ pub fn run(dir: &Path) -> Result<()> {
         model.multi_modal_projector.num_params(),
         model.language_model.num_params(),
     );
-    println!("{}  (LlavaForConditionalGeneration)", dir.display());
+    let arch = if crate::checkpoint::instructblip::is_instructblip(&spec) {
+        "InstructBlipForConditionalGeneration"
+    } else {
+        "LlavaForConditionalGeneration"
+    };
+    println!("{}  ({arch})", dir.display());
     println!(
         "├─ vision_tower          {:?} ({})  {:>12} params",
         v.family(),
@@ -42,17 +47,32 @@ pub fn run(dir: &Path) -> Result<()> {
         v.num_tokens()
     );
     println!(
-        "│    features: layers {:?}, {}",
+        "│    features: layers {:?}, {}{}",
         spec.select.layers,
         if spec.select.drop_cls {
-            "default (drop first token)"
+            "patch tokens (prefix dropped)"
         } else {
             "full"
+        },
+        if spec.select.post_norm {
+            ", after the final norm"
+        } else {
+            ""
         }
     );
+    let f = spec.features();
     println!(
-        "├─ multi_modal_projector {:?}  {:>12} params",
-        spec.connector, cp
+        "├─ multi_modal_projector {}  {:>12} params",
+        spec.connector.kind(),
+        cp
+    );
+    println!(
+        "│    {:?}\n│    {} tokens × {} in -> {} image tokens × {}",
+        spec.connector,
+        f.tokens,
+        f.width,
+        spec.image_tokens(),
+        l.hidden_size
     );
     println!("└─ language_model        {:?}  {:>12} params", l.family, lp);
     println!(
