@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
-use crate::zoo::llms::{Decoder, KvCache, LlmSpec};
+use crate::zoo::llms::{KvCache, Llm, LlmSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlavaSpec {
@@ -26,7 +26,7 @@ pub struct LlavaSpec {
 pub struct Llava {
     pub vision_tower: Encoder,
     pub multi_modal_projector: Connector,
-    pub language_model: Decoder,
+    pub language_model: Llm,
     #[module(skip)]
     pub spec: LlavaSpec,
 }
@@ -150,7 +150,7 @@ impl LlavaSpec {
                 self.projector_bias,
                 device,
             ),
-            language_model: self.llm.init(device),
+            language_model: Llm::Decoder(self.llm.init(device)),
             spec: self.clone(),
         }
     }
