@@ -566,3 +566,34 @@ fn instructblip_qformer_reads_the_instruction_as_transformers() {
         assert!(rel <= 1e-3, "gradient of {key}: relative error {rel}");
     }
 }
+
+/// Connector settings the encoder's features cannot take are located errors from `mitune validate`, before any
+/// tensor is made: a pool grid larger than the patch grid, a Q-Former without queries, pixel shuffle over a CLS token.
+#[test]
+fn impossible_connectors_are_located_errors_before_compute() {
+    let d = common::scratch("connector-errors");
+    let w = common::world(&d);
+    let r = d.join("r.toml");
+    for (table, want) in [
+        (
+            "kind = \"pool\"\ngrid = 5",
+            "grid = 5 is larger than the encoder's 4×4 patch grid",
+        ),
+        (
+            "kind = \"qformer\"\nqueries = 0",
+            "queries must be at least 1",
+        ),
+        (
+            "kind = \"pixel_shuffle\"\nscale = 3",
+            "not square and divisible by scale = 3",
+        ),
+    ] {
+        std::fs::write(&r, pipeline_recipe(&w, &d.join("runs"), table)).unwrap();
+        let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
+        assert!(!ok, "{table}: should fail");
+        assert!(
+            err.contains("model.connector") && err.contains(want),
+            "{table}: {err}"
+        );
+    }
+}
