@@ -283,4 +283,11 @@ fn fused_dinov2_siglip_encoder() {
     std::fs::write(&bad, recipe(towers, "")).unwrap();
     let (ok, err) = common::run_mitune(&["validate", bad.to_str().unwrap()], None);
     assert!(!ok && err.contains("disagree on the patch grid"), "{err}");
+    let towers = "{ kind = \"dinov2\", preset = \"bench-tiny\", feature_layer = -1 }";
+    std::fs::write(&bad, recipe(towers, "")).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", bad.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("model.encoder.towers[0]") && err.contains("not per tower"),
+        "{err}"
+    );
 }

@@ -89,7 +89,8 @@ pub struct EncoderSpec {
     #[serde(default = "default_select")]
     pub select: Select,
     /// `kind = "fused"`: the towers, each an encoder table of its own (kind, weights or preset, …); the outer
-    /// `feature_layer`, `select` and `image_size` apply to every tower, the towers' own are not read.
+    /// `feature_layer`, `select` and `image_size` apply to every tower (a tower's own `feature_layer`/`select` is an
+    /// error; its `image_size` is overridden by the outer one when that is given).
     pub towers: Option<Vec<EncoderSpec>>,
 }
 fn default_feature_layer() -> i64 {

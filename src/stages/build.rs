@@ -164,6 +164,12 @@ fn fused_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
                 "{tkey}: a tower cannot itself be fused"
             )));
         }
+        // the outer `feature_layer` / `select` apply to every tower: a tower's own would be silently unused
+        if t.feature_layer != -2 || t.select != Select::Patch {
+            return Err(Error::input(format!(
+                "{tkey}: `feature_layer` and `select` are set on the fused encoder ({key}), not per tower"
+            )));
+        }
         let mut t = t.clone();
         if let Some(s) = e.image_size {
             t.image_size = Some(s);
