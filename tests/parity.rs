@@ -181,7 +181,7 @@ fn image_preprocessing_matches_transformers() {
         let e = expected(name);
         let proc = ImageProcessor::load(&fixture(name)).unwrap();
         let img = mitune::data::images::load_image(&image("chelsea_75x50.png")).unwrap();
-        let (got, h, w) = proc.preprocess(&img);
+        let (got, h, w) = proc.preprocess(&img).unwrap();
         let (shape, want) = e.tensor("preprocess.chelsea");
         assert_eq!(
             [h as usize, w as usize],

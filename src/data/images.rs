@@ -192,19 +192,25 @@ impl ImageProcessor {
         }
     }
 
-    /// An RGB image -> [channels, h, w] values, channels first (each tower's 3 channels in turn; a tower whose
-    /// output size differs from the first's is cropped/padded to it, which `VisionSpec::validate` prevents).
-    pub fn preprocess(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
+    /// An RGB image -> [channels, h, w] values, channels first (a fused encoder's towers' 3 channels in turn).
+    /// Towers whose processors give this image different sizes cannot share one tensor: an error, not a guess.
+    pub fn preprocess(
+        &self,
+        img: &DynamicImage,
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
         let (mut out, h, w) = self.preprocess_one(img);
-        for t in &self.also {
+        for (i, t) in self.also.iter().enumerate() {
             let (v, th, tw) = t.preprocess_one(img);
-            if (th, tw) == (h, w) {
-                out.extend(v);
-            } else {
-                out.extend(std::iter::repeat_n(0.0, 3 * (h * w) as usize));
+            if (th, tw) != (h, w) {
+                return Err(format!(
+                    "the fused encoder's tower {} preprocesses this image to {th}x{tw} and tower 0 to {h}x{w}: give \
+                     the towers' processors one output size (a fixed resize or crop)",
+                    i + 1
+                ));
             }
+            out.extend(v);
         }
-        (out, h, w)
+        Ok((out, h, w))
     }
 
     fn preprocess_one(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
@@ -249,7 +255,9 @@ impl ImageProcessor {
         let mut size = None;
         for p in paths {
             let img = load_image(p.as_ref())?;
-            let (v, h, w) = self.preprocess(&img);
+            let (v, h, w) = self
+                .preprocess(&img)
+                .map_err(|m| Error::file(p.as_ref(), m))?;
             if *size.get_or_insert((h, w)) != (h, w) {
                 return Err(Error::file(
                     p.as_ref(),

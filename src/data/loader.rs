@@ -128,9 +128,11 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         let decoded: Result<Vec<(Vec<f32>, u32, u32)>, String> = paths
             .par_iter()
             .map(|p| {
-                load_image(p)
-                    .map(|img| images.preprocess(&img))
-                    .map_err(|e| e.to_string())
+                load_image(p).map_err(|e| e.to_string()).and_then(|img| {
+                    images
+                        .preprocess(&img)
+                        .map_err(|m| format!("{}: {m}", p.display()))
+                })
             })
             .collect();
         mb.pixels = decoded.map(|d| {

@@ -33,15 +33,15 @@ pub fn copy_qformer_tokenizer(from: &Path, out: &Path) -> Result<()> {
         path: dst.clone(),
         source,
     })?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.txt",
-    ] {
-        let p = src.join(f);
-        if p.exists() {
-            std::fs::copy(&p, dst.join(f)).map_err(|source| Error::Io { path: p, source })?;
+    let entries = std::fs::read_dir(&src).map_err(|source| Error::Io {
+        path: src.clone(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(entry.file_name()))
+                .map_err(|source| Error::Io { path: p, source })?;
         }
     }
     Ok(())

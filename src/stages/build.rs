@@ -181,11 +181,7 @@ fn fused_spec(e: &EncoderSpec, key: &str) -> Result<(VisionSpec, Value)> {
     let spec = VisionSpec::Fused(crate::zoo::encoders::FusedSpec { towers: specs });
     spec.validate()
         .map_err(|m| Error::input(format!("{key}: {m}")))?;
-    let processor = serde_json::json!({
-        "image_processor_type": "MituneFusedImageProcessor",
-        "towers": procs,
-    });
-    Ok((spec, processor))
+    Ok((spec, crate::zoo::encoders::fused::processor_json(procs)))
 }
 
 fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {

@@ -193,7 +193,7 @@ impl Llava {
         let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
-        let feats = self.image_features_with(pixels, input.instructions())?; // [n, tokens, d]
+        let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
         let [n, per, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
@@ -222,12 +222,8 @@ impl Llava {
     }
 
     /// pixels [n, c, s, s] -> projected image features [n, tokens, d_llm]
-    pub fn image_features(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
-        self.image_features_with(pixels, None)
-    }
-
-    /// As `image_features`, with each image's instruction for a connector that reads one.
-    pub fn image_features_with(
+    /// `instructions`: each image's instruction, for a connector that reads one (InstructBLIP).
+    pub fn image_features(
         &self,
         pixels: Tensor<4>,
         instructions: Option<&[Vec<i64>]>,

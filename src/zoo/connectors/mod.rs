@@ -167,11 +167,6 @@ impl Connector {
         }
     }
 
-    /// Whether the connector reads an instruction per image.
-    pub fn reads_instructions(&self) -> bool {
-        matches!(self, Connector::Qformer(q) if q.qformer.embeddings.is_some())
-    }
-
     /// x: [n, tokens_in, width] -> [n, tokens_out, d_llm]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {

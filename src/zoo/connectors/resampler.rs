@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::Features;
 use crate::zoo::layers::act::Act;
 use crate::zoo::layers::attention::{attend, repeat_kv};
+use crate::zoo::layers::mlp::GatedMlp;
 use crate::zoo::llms::LlmSpec;
 
 /// Idefics2's `perceiver_config`, with its defaults.
@@ -55,16 +56,6 @@ fn silu() -> Act {
     Act::Silu
 }
 
-/// down(act(gate(x)) · up(x)), no biases (`Idefics2MLP`).
-#[derive(Module, Debug)]
-pub struct GatedMlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-    #[module(skip)]
-    pub act: Act,
-}
-
 #[derive(Module, Debug)]
 pub struct PerceiverAttention {
     pub q_proj: Linear,
@@ -103,13 +94,9 @@ fn linear(i: usize, o: usize, device: &Device) -> Linear {
     LinearConfig::new(i, o).with_bias(false).init(device)
 }
 
+/// `Idefics2MLP`: the gated feed-forward without biases.
 fn gated(d_in: usize, d_mid: usize, d_out: usize, act: Act, device: &Device) -> GatedMlp {
-    GatedMlp {
-        gate_proj: linear(d_in, d_mid, device),
-        up_proj: linear(d_in, d_mid, device),
-        down_proj: linear(d_mid, d_out, device),
-        act,
-    }
+    GatedMlp::new(d_in, d_mid, d_out, false, act, device)
 }
 
 impl ResamplerSpec {
@@ -172,14 +159,6 @@ impl ResamplerSpec {
                 norm: norm(),
             },
         }
-    }
-}
-
-impl GatedMlp {
-    /// x: [n, t, d_in] -> [n, t, d_out]
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = self.act.forward(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
     }
 }
 

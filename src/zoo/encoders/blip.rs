@@ -272,12 +272,12 @@ impl BlipVision {
     }
 
     pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {
-        let mut states = vec![self.embed(pixels)];
-        for layer in self.encoder.layers.iter().take(last) {
-            let next = layer.forward(states.last().unwrap().clone());
-            states.push(next);
-        }
-        states
+        patch::hidden_states(
+            self.embed(pixels),
+            &self.encoder.layers,
+            last,
+            |l: &BlipLayer, x| l.forward(x),
+        )
     }
 
     /// last_hidden_state: all layers, then `post_layernorm` — what BLIP-2/InstructBLIP feed the Q-Former.

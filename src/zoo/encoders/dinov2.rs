@@ -415,12 +415,12 @@ impl Dinov2 {
 
     /// hidden_states[0..=last]: the embedding output and the outputs of the first `last` layers.
     pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {
-        let mut states = vec![self.embed(pixels)];
-        for layer in self.encoder.layer.iter().take(last) {
-            let next = layer.forward(states.last().unwrap().clone());
-            states.push(next);
-        }
-        states
+        patch::hidden_states(
+            self.embed(pixels),
+            &self.encoder.layer,
+            last,
+            |l: &Dinov2Layer, x| l.forward(x),
+        )
     }
 
     /// The tower's own output (all layers + layernorm): [n, tokens, d]; Dinov2Model's last_hidden_state.

@@ -23,6 +23,15 @@ pub struct FusedSpec {
 #[derive(Module, Debug)]
 pub struct Fused {
     pub towers: Vec<Encoder>,
+    /// Patches per side, shared by every tower.
+    #[module(skip)]
+    pub grid: usize,
+}
+
+/// The image processor of a fused encoder: one per tower, their outputs stacked on the channel axis by
+/// `data::images::ImageProcessor` (`MituneFusedImageProcessor`).
+pub fn processor_json(towers: Vec<Value>) -> Value {
+    json!({ "image_processor_type": "MituneFusedImageProcessor", "towers": towers })
 }
 
 impl FusedSpec {
@@ -104,14 +113,6 @@ impl Fused {
         Tensor::cat(parts, 2)
     }
 
-    fn grid(&self) -> usize {
-        match self.towers.first() {
-            Some(Encoder::Vit(t)) => t.spec.grid(),
-            Some(Encoder::Dinov2(t)) => t.spec.grid(),
-            _ => 0,
-        }
-    }
-
     /// hidden_states[0..=last], each the towers' patch tokens side by side: [n, grid², Σ d_i].
     pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {
         let per: Vec<Vec<Tensor<3>>> = self
@@ -121,7 +122,7 @@ impl Fused {
             .map(|(i, t)| t.hidden_states(Self::pixels_of(&pixels, i), last))
             .collect();
         (0..=last)
-            .map(|k| Self::cat_patches(per.iter().map(|s| s[k].clone()).collect(), self.grid()))
+            .map(|k| Self::cat_patches(per.iter().map(|s| s[k].clone()).collect(), self.grid))
             .collect()
     }
 
@@ -133,11 +134,12 @@ impl Fused {
             .enumerate()
             .map(|(i, t)| t.forward(Self::pixels_of(&pixels, i)))
             .collect();
-        Self::cat_patches(outs, self.grid())
+        Self::cat_patches(outs, self.grid)
     }
 
-    /// pixels [n, 3·towers, s, s] -> per-patch concatenation of each tower's selected patch features:
-    /// [n, grid², Σ d_i · layers].
+    /// pixels [n, 3·towers, s, s] -> per-patch concatenation of each tower's selected features:
+    /// [n, grid², Σ d_i · layers]. Each tower selects as a single encoder does (its own depth for negative layer
+    /// indices, its own final norm), dropping exactly its own prefix tokens: SigLIP, without CLS, keeps all.
     pub fn features(
         &self,
         pixels: Tensor<4>,
@@ -146,20 +148,11 @@ impl Fused {
     ) -> Result<Tensor<3>> {
         let mut parts = vec![];
         for (i, (tower, ts)) in self.towers.iter().zip(&spec.towers).enumerate() {
-            let px = Self::pixels_of(&pixels, i);
-            let idx = select.indices(ts.num_layers()).map_err(Error::input)?;
-            let last = idx.iter().copied().max().unwrap_or(0);
-            let states = tower.hidden_states(px, last);
-            let drop = if select.drop_cls {
-                ts.prefix_tokens()
-            } else {
-                0
+            let own = FeatureSelect {
+                drop_cls: select.drop_cls && ts.prefix_tokens() > 0,
+                ..select.clone()
             };
-            for &k in &idx {
-                let s = states[k].clone();
-                let [n, t, d] = s.dims();
-                parts.push(s.slice([0..n, drop..t, 0..d]));
-            }
+            parts.push(tower.features(Self::pixels_of(&pixels, i), &own, ts)?);
         }
         Ok(Tensor::cat(parts, 2))
     }

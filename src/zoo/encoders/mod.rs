@@ -110,10 +110,9 @@ impl VisionSpec {
     pub fn processor_json(&self, size: usize) -> Value {
         if let VisionSpec::Fused(f) = self {
             // one processor per tower; the loader stacks their outputs on the channel axis
-            return json!({
-                "image_processor_type": "MituneFusedImageProcessor",
-                "towers": f.towers.iter().map(|t| t.processor_json(size)).collect::<Vec<_>>(),
-            });
+            return fused::processor_json(
+                f.towers.iter().map(|t| t.processor_json(size)).collect(),
+            );
         }
         match self.family() {
             // BlipImageProcessor: resize to the square (bicubic), CLIP mean/std
@@ -309,6 +308,7 @@ impl VisionSpec {
             VisionSpec::Blip(s) => Encoder::Blip(s.init(device)),
             VisionSpec::Fused(f) => Encoder::Fused(Fused {
                 towers: f.towers.iter().map(|t| t.init(device)).collect(),
+                grid: self.grid(),
             }),
         }
     }

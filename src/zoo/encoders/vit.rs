@@ -178,12 +178,12 @@ impl VisionTower {
 
     /// hidden_states[0..=last]: the embedding output and the outputs of the first `last` blocks.
     pub fn hidden_states(&self, pixels: Tensor<4>, last: usize) -> Vec<Tensor<3>> {
-        let mut states = vec![self.embed(pixels)];
-        for layer in self.encoder.layers.iter().take(last) {
-            let next = layer.forward(states.last().unwrap().clone());
-            states.push(next);
-        }
-        states
+        patch::hidden_states(
+            self.embed(pixels),
+            &self.encoder.layers,
+            last,
+            |l: &VitLayer, x| l.forward(x),
+        )
     }
 
     /// The tower's own output (all blocks + post_layernorm): [n, tokens, d]; CLIPVisionModel's last_hidden_state.

@@ -56,3 +56,19 @@ pub fn resize_positions(table: Tensor<2>, prefix: usize, gh: usize, gw: usize) -
         Tensor::cat(vec![table.slice([0..prefix, 0..d]), grid], 0)
     }
 }
+
+/// hidden_states[0..=last] of a stack of blocks: the embedding output, then each of the first `last` blocks'
+/// outputs (transformers' `output_hidden_states`; feature selection indexes into it).
+pub fn hidden_states<L>(
+    embedded: Tensor<3>,
+    layers: &[L],
+    last: usize,
+    forward: impl Fn(&L, Tensor<3>) -> Tensor<3>,
+) -> Vec<Tensor<3>> {
+    let mut states = vec![embedded];
+    for layer in layers.iter().take(last) {
+        let next = forward(layer, states.last().unwrap().clone());
+        states.push(next);
+    }
+    states
+}

@@ -6,7 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNor
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::LlmSpec;
-use crate::zoo::layers::act::Act;
+use crate::zoo::layers::mlp::GatedMlp;
 use crate::zoo::layers::{attention, rope};
 
 #[derive(Module, Debug)]
@@ -18,15 +18,6 @@ pub struct SelfAttention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-}
-
-#[derive(Module, Debug)]
-pub struct GatedMlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-    #[module(skip)]
-    pub act: Act,
 }
 
 #[derive(Module, Debug)]
@@ -90,12 +81,7 @@ impl LlmSpec {
                     num_kv_heads: self.num_kv_heads,
                     head_dim: self.head_dim,
                 },
-                mlp: GatedMlp {
-                    gate_proj: linear(d, f, self.mlp_bias, device),
-                    up_proj: linear(d, f, self.mlp_bias, device),
-                    down_proj: linear(f, d, self.mlp_bias, device),
-                    act: self.act,
-                },
+                mlp: GatedMlp::new(d, f, d, self.mlp_bias, self.act, device),
                 input_layernorm: norm(),
                 post_attention_layernorm: norm(),
             })
@@ -153,13 +139,6 @@ impl SelfAttention {
         let o = attention::attend(q, k, v, Some(mask)); // [b, h, t, hd]
         self.o_proj
             .forward(o.swap_dims(1, 2).reshape([b, t, h * hd]))
-    }
-}
-
-impl GatedMlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = self.act.forward(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
     }
 }
 

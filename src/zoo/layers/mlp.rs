@@ -1,0 +1,42 @@
+//! The gated feed-forward of LLaMA-family decoders and of Idefics2's perceiver: down(act(gate(x)) · up(x))
+//! (SwiGLU with act = silu). Field names are transformers' (`gate_proj`, `up_proj`, `down_proj`).
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+
+use super::act::Act;
+
+#[derive(Module, Debug)]
+pub struct GatedMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    #[module(skip)]
+    pub act: Act,
+}
+
+impl GatedMlp {
+    /// d_in -> d_mid (gate, up) -> d_out (down).
+    pub fn new(
+        d_in: usize,
+        d_mid: usize,
+        d_out: usize,
+        bias: bool,
+        act: Act,
+        device: &Device,
+    ) -> Self {
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(bias).init(device);
+        GatedMlp {
+            gate_proj: lin(d_in, d_mid),
+            up_proj: lin(d_in, d_mid),
+            down_proj: lin(d_mid, d_out),
+            act,
+        }
+    }
+
+    /// x: [n, t, d_in] -> [n, t, d_out]
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let g = self.act.forward(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}
