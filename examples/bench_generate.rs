@@ -48,6 +48,7 @@ fn main() {
             projector_bias: true,
             llm: l,
             image_token_id: vocab as i64 - 1,
+            anyres: None,
         };
         let n_img = spec.image_tokens();
         let size = spec.vision.input_size();

@@ -130,6 +130,7 @@ fn main() {
             projector_bias: true,
             llm,
             image_token_id: p.vocab as i64 - 1,
+            anyres: None,
         };
         let n_img = spec.image_tokens();
         let size = spec.vision.input_size();

@@ -72,6 +72,8 @@ impl GenConfig {
 pub struct Prompt {
     pub ids: Vec<i64>,
     pub pixels: Option<Tensor<4>>,
+    /// Each image's original (height, width) (what AnyRes tiles and counts by); may be empty otherwise.
+    pub sizes: Vec<[u32; 2]>,
     /// One instruction per image (the connector's own token ids) for a connector that reads one (InstructBLIP's
     /// Q-Former); empty otherwise.
     pub instructions: Vec<Vec<i64>>,
@@ -177,6 +179,7 @@ pub fn generate(
     let prompt = Prompt {
         ids: ids.swap_remove(0),
         pixels,
+        sizes: input.image_sizes,
         instructions,
         index: 0,
     };
@@ -219,6 +222,7 @@ pub fn generate_batch(
         pos.extend(0..p.ids.len() as i64);
         positions.push(pos);
         pixels.extend(p.pixels);
+        input.image_sizes.extend(p.sizes);
         instructions.extend(p.instructions);
         rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));
         seen.push(p.ids);

@@ -67,6 +67,7 @@ fn input(c: &Case) -> MmInput {
             pixels: c.pixels.clone(),
             instructions: c.instructions.clone(),
         }],
+        image_sizes: vec![],
     }
 }
 

@@ -9,6 +9,7 @@ use super::keys;
 use super::params::{Collector, Loader};
 use super::safetensors_io::{WeightStore, write_file};
 use crate::error::{Error, Result, read_json};
+use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{FeatureSelect, VisionSpec};
 use crate::zoo::llms::LlmSpec;
@@ -34,12 +35,13 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     if model_type(&v) == "instructblip" {
         return super::instructblip::spec(&v, &path);
     }
-    if model_type(&v) != "llava" {
+    let next = model_type(&v) == "llava_next";
+    if model_type(&v) != "llava" && !next {
         return Err(Error::key(
             &path,
             "model_type",
             format!(
-                "`{}` is not a LLaVA checkpoint (expected \"llava\"); compose standalone encoder/LLM directories with --encoder/--llm",
+                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\" or \"instructblip\"); compose standalone encoder/LLM directories with --encoder/--llm",
                 model_type(&v)
             ),
         ));
@@ -92,6 +94,26 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
             )
         })?,
     };
+    // LLaVA-NeXT: tiles of the encoder's own size, pinpoints as (height, width)
+    let anyres = if next {
+        let pins = v.get("image_grid_pinpoints").cloned().unwrap_or_else(|| {
+            serde_json::json!([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+        });
+        let pinpoints: Vec<[u32; 2]> = serde_json::from_value(pins).map_err(|e| {
+            Error::key(
+                &path,
+                "image_grid_pinpoints",
+                format!("expected a list of [height, width] pairs: {e}"),
+            )
+        })?;
+        Some(AnyRes {
+            pinpoints,
+            tile: vision.image_size() as u32,
+            grid: (vision.image_size() / vision.patch_size().max(1)) as u32,
+        })
+    } else {
+        None
+    };
     let spec = LlavaSpec {
         vision,
         select,
@@ -102,6 +124,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
             .unwrap_or(true),
         llm,
         image_token_id,
+        anyres,
     };
     spec.validate().map_err(|m| Error::file(&path, m))?;
     Ok(spec)
@@ -166,6 +189,7 @@ pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
         projector_bias: true,
         llm,
         image_token_id: c.image_token_id,
+        anyres: None,
     };
     spec.validate().map_err(Error::input)?;
     load_parts(spec.init(device), Some(c.encoder), Some(c.llm), device)
@@ -325,6 +349,11 @@ pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
         "tie_word_embeddings": spec.llm.tie_word_embeddings,
         "dtype": "float32",
     });
+    if let Some(a) = &spec.anyres {
+        cfg["architectures"] = serde_json::json!(["LlavaNextForConditionalGeneration"]);
+        cfg["model_type"] = "llava_next".into();
+        cfg["image_grid_pinpoints"] = serde_json::json!(a.pinpoints);
+    }
     if let Some(t) = nonstandard_projector(&spec.connector) {
         cfg["mm_projector_type"] = t.into();
     }

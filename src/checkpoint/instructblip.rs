@@ -87,6 +87,7 @@ pub fn spec(v: &Value, path: &Path) -> Result<LlavaSpec> {
         projector_bias: true,
         llm,
         image_token_id,
+        anyres: None,
     };
     spec.validate().map_err(|m| Error::file(path, m))?;
     Ok(spec)

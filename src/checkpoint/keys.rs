@@ -37,6 +37,8 @@ pub fn llava(path: &str) -> Vec<String> {
                 format!("model.language_model.{rest}"),
             ]
         }
+    } else if path == "image_newline" {
+        vec![path.to_string(), format!("model.{path}")]
     } else {
         vec![path.to_string()]
     }

@@ -5,6 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use super::generate::{Sampling, Stream};
+use crate::data::images::ImageProcessor;
 use crate::data::sources::Role;
 use crate::data::templates;
 use crate::error::{Error, Result};
@@ -95,7 +96,8 @@ pub fn run(a: Args) -> Result<()> {
         history.push((Role::User, content));
         images.append(&mut pending);
         let prompt = templates::prompt(&built.text, &template, &history).map_err(Error::input)?;
-        let ids = built.text.encode(&prompt, false)?;
+        let sizes = ImageProcessor::sizes(&images)?;
+        let ids = built.text.encode_sized(&prompt, false, &sizes)?;
         let pixels = built.images.batch(&images, &device)?;
         if interactive {
             eprint!("assistant> ");
@@ -109,6 +111,7 @@ pub fn run(a: Args) -> Result<()> {
                     .instructions(history.iter().map(|(_, c)| c.as_str()))?,
                 ids,
                 pixels,
+                sizes,
                 index: turn,
             }],
             &cfg,

@@ -32,7 +32,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let spec = llava_spec(&a.model)?;
-    let text = TextProcessor::load(&a.model, spec.image_token_id, spec.image_tokens())?;
+    let mut text = TextProcessor::load(&a.model, spec.image_token_id, spec.image_tokens())?;
+    text.anyres = spec.anyres.clone();
     // InstructBLIP's processor puts every image first and needs no markers
     let images_first = crate::checkpoint::instructblip::is_instructblip(&spec);
     // Markers vs images first: nothing is computed for a prompt that cannot run.
@@ -51,20 +52,24 @@ pub fn run(a: Args) -> Result<()> {
     let pixels = if a.image.is_empty() {
         None
     } else {
-        ImageProcessor::load(&a.model)?.batch(&a.image, &device)?
+        let mut images = ImageProcessor::load(&a.model)?;
+        images.anyres = spec.anyres.clone();
+        images.batch(&a.image, &device)?
     };
+    let sizes = ImageProcessor::sizes(&a.image)?;
     let (ids, instructions) = if images_first {
         text.encode_images_first(&a.prompt, a.image.len(), !a.raw)?
     } else if a.raw {
-        (text.encode(&a.prompt, true)?, vec![])
+        (text.encode_sized(&a.prompt, true, &sizes)?, vec![])
     } else {
-        (text.encode_chat(&a.prompt)?, vec![])
+        (text.encode_chat_sized(&a.prompt, &sizes)?, vec![])
     };
     let model = load_llava(&a.model, &device)?;
     let prompt = Prompt {
         instructions,
         ids: ids.clone(),
         pixels,
+        sizes,
         index: 0,
     };
     let decode = |ids: &[i64]| text.decode(ids);

@@ -1,6 +1,8 @@
 //! Image preprocessing as transformers' CLIP/SigLIP image processors do it: (LLaVA's pad-to-square with the mean
 //! colour), resize (shortest edge, or to a fixed size) with the configured filter, center crop, rescale by 1/255,
 //! normalize by mean/std, channels first. The image crate's CatmullRom is within ≈0.05 of PIL's bicubic.
+//! With AnyRes (LLaVA-NeXT, `zoo::anyres`) one image becomes several tiles, as `LlavaNextImageProcessor` cuts them:
+//! the whole image squashed to one tile, then the tiles of its best-fit resolution (aspect kept, padded black).
 use burn::tensor::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
@@ -8,6 +10,7 @@ use serde_json::Value;
 use std::path::Path;
 
 use crate::error::{Error, Result, read_json};
+use crate::zoo::anyres::AnyRes;
 use crate::zoo::layers::float_tensor;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +33,9 @@ pub struct ImageProcessor {
     /// The other towers of a fused encoder, each with its own preprocessing: their channels follow this one's
     /// ([3·(1 + also.len()), h, w]); all must produce the same size.
     pub also: Vec<ImageProcessor>,
+    /// LLaVA-NeXT's tiling, set from the model's spec (the model, the placeholder count and the tiles read one
+    /// geometry): `preprocess` then gives `anyres.tiles(h, w)` tiles of [3, tile, tile].
+    pub anyres: Option<AnyRes>,
 }
 
 fn f32s(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
@@ -155,6 +161,7 @@ impl ImageProcessor {
             normalize: flag("do_normalize", true),
             pad_to_square: false,
             also: vec![],
+            anyres: None,
         })
     }
 
@@ -192,12 +199,16 @@ impl ImageProcessor {
         }
     }
 
-    /// An RGB image -> [channels, h, w] values, channels first (a fused encoder's towers' 3 channels in turn).
-    /// Towers whose processors give this image different sizes cannot share one tensor: an error, not a guess.
+    /// An RGB image -> [channels, h, w] values, channels first (a fused encoder's towers' 3 channels in turn);
+    /// with AnyRes, [tiles, 3, h, w] (`len / (channels·h·w)` tiles). Towers whose processors give this image
+    /// different sizes cannot share one tensor: an error, not a guess.
     pub fn preprocess(
         &self,
         img: &DynamicImage,
     ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        if let Some(a) = &self.anyres {
+            return self.tiles(img, a);
+        }
         let (mut out, h, w) = self.preprocess_one(img);
         for (i, t) in self.also.iter().enumerate() {
             let (v, th, tw) = t.preprocess_one(img);
@@ -210,6 +221,63 @@ impl ImageProcessor {
             }
             out.extend(v);
         }
+        Ok((out, h, w))
+    }
+
+    /// `LlavaNextImageProcessor.get_image_patches` then each tile through the usual steps.
+    fn tiles(
+        &self,
+        img: &DynamicImage,
+        a: &AnyRes,
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        if !self.also.is_empty() {
+            return Err("AnyRes tiling with a fused encoder is not supported".into());
+        }
+        let rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        if w == 0 || h == 0 {
+            return Err(format!("the image is {w}x{h} pixels: nothing to encode"));
+        }
+        let [th, tw] = a.best_resolution(h, w);
+        // transformers' get_patch_output_size: fit inside (th, tw), the other side rounded up
+        let (sw, sh) = (tw as f64 / w as f64, th as f64 / h as f64);
+        let (nh, nw) = if sw < sh {
+            (((h as f64 * sw).ceil() as u32).min(th), tw)
+        } else {
+            (th, ((w as f64 * sh).ceil() as u32).min(tw))
+        };
+        let resized = image::imageops::resize(&rgb, nw.max(1), nh.max(1), self.filter);
+        let mut canvas = RgbImage::new(tw, th); // black, as np.pad(constant_values=0)
+        image::imageops::overlay(
+            &mut canvas,
+            &resized,
+            ((tw - nw) / 2) as i64,
+            ((th - nh) / 2) as i64,
+        );
+        let (bh, bw) = match &self.resize {
+            Some(Resize::ShortestEdge(s)) => (*s, *s),
+            Some(Resize::Exact { height, width }) => (*height, *width),
+            None => (a.tile, a.tile),
+        };
+        let mut tiles = vec![image::imageops::resize(&rgb, bw, bh, self.filter)];
+        for y in (0..th).step_by(a.tile as usize) {
+            for x in (0..tw).step_by(a.tile as usize) {
+                tiles.push(image::imageops::crop_imm(&canvas, x, y, a.tile, a.tile).to_image());
+            }
+        }
+        let mut out = vec![];
+        let mut size = None;
+        for t in tiles {
+            let (v, h, w) = self.preprocess_one(&DynamicImage::ImageRgb8(t));
+            if *size.get_or_insert((h, w)) != (h, w) {
+                return Err(format!(
+                    "AnyRes tiles preprocess to {h}x{w} and {:?}: the processor's size and crop must equal the tile",
+                    size.unwrap()
+                ));
+            }
+            out.extend(v);
+        }
+        let (h, w) = size.unwrap_or((a.tile, a.tile));
         Ok((out, h, w))
     }
 
@@ -246,7 +314,21 @@ impl ImageProcessor {
         (out, h, w)
     }
 
-    /// Loads and preprocesses image files into one batch [n, 3, h, w]; all must come out the same size.
+    /// Each image's (height, width) as stored, read from the file's header: what AnyRes tiles and counts by.
+    pub fn sizes(paths: &[impl AsRef<Path>]) -> Result<Vec<[u32; 2]>> {
+        paths
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                image::image_dimensions(p)
+                    .map(|(w, h)| [h, w])
+                    .map_err(|e| Error::file(p, format!("cannot read the image's size: {e}")))
+            })
+            .collect()
+    }
+
+    /// Loads and preprocesses image files into one batch [n, 3, h, w] (AnyRes: every image's tiles in turn);
+    /// all must come out the same size.
     pub fn batch(&self, paths: &[impl AsRef<Path>], device: &Device) -> Result<Option<Tensor<4>>> {
         if paths.is_empty() {
             return Ok(None);
@@ -270,9 +352,10 @@ impl ImageProcessor {
             all.extend(v);
         }
         let (h, w) = size.unwrap();
+        let n = all.len() / (self.channels() * (h * w) as usize);
         Ok(Some(float_tensor(
             all,
-            [paths.len(), self.channels(), h as usize, w as usize],
+            [n, self.channels(), h as usize, w as usize],
             device,
         )))
     }

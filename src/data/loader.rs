@@ -17,8 +17,11 @@ pub struct MicroBatch {
     pub ids: Vec<Vec<i64>>,
     pub attention: Vec<Vec<bool>>,
     pub labels: Vec<Vec<bool>>,
-    /// [n_images, 3, s, s] flattened, in placeholder order; `Err` names the image that failed to load.
+    /// [n_images, 3, s, s] flattened (AnyRes: [n_tiles, …], each image's tiles in turn), in placeholder order;
+    /// `Err` names the image that failed to load.
     pub pixels: Result<Option<(Vec<f32>, [usize; 4])>, String>,
+    /// Each image's original (height, width), in placeholder order.
+    pub image_sizes: Vec<[u32; 2]>,
     /// One instruction per image, in placeholder order, for a connector that reads one (empty otherwise).
     pub instructions: Vec<Vec<i64>>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
@@ -102,6 +105,7 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         attention: vec![],
         labels: vec![],
         pixels: Ok(None),
+        image_sizes: vec![],
         instructions: samples
             .iter()
             .flat_map(|s| s.instructions.iter().cloned())
@@ -125,21 +129,35 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
     }
     let paths: Vec<_> = samples.iter().flat_map(|s| s.images.iter()).collect();
     if !paths.is_empty() {
-        let decoded: Result<Vec<(Vec<f32>, u32, u32)>, String> = paths
+        let decoded: Result<Vec<((Vec<f32>, u32, u32), [u32; 2])>, String> = paths
             .par_iter()
             .map(|p| {
                 load_image(p).map_err(|e| e.to_string()).and_then(|img| {
+                    let size = [img.height(), img.width()];
                     images
                         .preprocess(&img)
+                        .map(|x| (x, size))
                         .map_err(|m| format!("{}: {m}", p.display()))
                 })
             })
             .collect();
-        mb.pixels = decoded.map(|d| {
-            let (h, w) = (d[0].1 as usize, d[0].2 as usize);
-            let n = d.len();
+        mb.pixels = decoded.and_then(|d| {
+            let (h, w) = (d[0].0.1, d[0].0.2);
+            // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
+            if let Some((p, x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
+                return Err(format!(
+                    "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in \
+                     the image processor",
+                    p.display(),
+                    x.0.1,
+                    x.0.2
+                ));
+            }
+            mb.image_sizes = d.iter().map(|x| x.1).collect();
             let c = images.channels();
-            Some((d.into_iter().flat_map(|x| x.0).collect(), [n, c, h, w]))
+            let v: Vec<f32> = d.into_iter().flat_map(|x| x.0.0).collect();
+            let n = v.len() / (c * (h * w) as usize);
+            Ok(Some((v, [n, c, h as usize, w as usize])))
         });
     }
     mb

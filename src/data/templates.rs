@@ -180,12 +180,22 @@ fn encode_with(
         ));
     }
     let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| e.to_string())?;
-    let per = tp.tokens_per_image;
+    // A model whose image token count depends on the image's size (AnyRes) reads each image's header here, so
+    // the count is fixed when the dataset is built, never found wrong at a training step.
+    let sizes = if tp.anyres.is_some() {
+        crate::data::images::ImageProcessor::sizes(&sample.images).map_err(|e| e.to_string())?
+    } else {
+        vec![]
+    };
+    let counts = tp
+        .image_counts(markers, &sizes)
+        .map_err(|e| e.to_string())?;
     let (mut out_ids, mut labels) = (vec![], vec![]);
     let mut span_tokens: Vec<Vec<i64>> = vec![vec![]; spans.len()];
     let mut found = 0;
     for (&id, &(start, _)) in ids.iter().zip(&offsets) {
         if id == tp.image_token_id {
+            let per = counts.get(found).copied().unwrap_or(0);
             found += 1;
             out_ids.extend(std::iter::repeat_n(id, per));
             labels.extend(std::iter::repeat_n(false, per));

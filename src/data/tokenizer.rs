@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, read_json, read_string};
+use crate::zoo::anyres::AnyRes;
 
 /// Files that travel with a checkpoint (copied when mitune saves a model).
 pub const ASSET_FILES: [&str; 8] = [
@@ -61,6 +62,8 @@ pub struct TextProcessor {
     pub image_token: String,
     pub image_token_id: i64,
     pub tokens_per_image: usize,
+    /// LLaVA-NeXT's AnyRes: each image's placeholder count follows from its size (set from the model's spec).
+    pub anyres: Option<AnyRes>,
     /// A connector's own tokenizer (InstructBLIP's Q-Former BERT tokenizer, `qformer_tokenizer/`).
     pub qformer: Option<tokenizers::Tokenizer>,
     dir: PathBuf,
@@ -139,6 +142,7 @@ impl TextProcessor {
             image_token,
             image_token_id,
             tokens_per_image,
+            anyres: None,
             tok,
             dir: dir.to_path_buf(),
         })
@@ -223,9 +227,51 @@ impl TextProcessor {
         text.matches(self.image_token.as_str()).count()
     }
 
+    /// Placeholders for each image, in marker order: `tokens_per_image` each, or AnyRes's count for each image's
+    /// original (height, width) in `sizes`.
+    pub fn image_counts(&self, markers: usize, sizes: &[[u32; 2]]) -> Result<Vec<usize>> {
+        let Some(a) = &self.anyres else {
+            return Ok(vec![self.tokens_per_image; markers]);
+        };
+        if sizes.len() != markers {
+            return Err(Error::input(format!(
+                "{markers} image marker(s) but {} image size(s): this model's image token count depends on each \
+                 image's size, so every marker needs its image",
+                sizes.len()
+            )));
+        }
+        Ok(sizes.iter().map(|&[h, w]| a.tokens(h, w)).collect())
+    }
+
+    /// Replaces each image token of `ids` by that image's placeholders (`counts`, in order).
+    pub fn expand(&self, ids: &[i64], counts: &[usize]) -> Vec<i64> {
+        let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+        let mut k = 0;
+        for &id in ids {
+            if id == self.image_token_id {
+                out.extend(std::iter::repeat_n(id, counts.get(k).copied().unwrap_or(0)));
+                k += 1;
+            } else {
+                out.push(id);
+            }
+        }
+        out
+    }
+
     /// Tokenizes `text`; with `add_special` the tokenizer's post-processor adds BOS etc. exactly as transformers
-    /// does for a raw prompt. Each image marker is then expanded to `tokens_per_image` placeholders.
+    /// does for a raw prompt. Each image marker is then expanded to `tokens_per_image` placeholders (a model whose
+    /// count depends on the image's size needs `encode_sized`).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
+        self.encode_sized(text, add_special, &[])
+    }
+
+    /// `encode` with each image's original (height, width), in marker order.
+    pub fn encode_sized(
+        &self,
+        text: &str,
+        add_special: bool,
+        sizes: &[[u32; 2]],
+    ) -> Result<Vec<i64>> {
         let enc = self
             .tok
             .encode(text, add_special)
@@ -242,15 +288,8 @@ impl TextProcessor {
                 ),
             ));
         }
-        let mut out = Vec::with_capacity(ids.len() + found * self.tokens_per_image);
-        for id in ids {
-            if id == self.image_token_id {
-                out.extend(std::iter::repeat_n(id, self.tokens_per_image));
-            } else {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        let counts = self.image_counts(found, sizes)?;
+        Ok(self.expand(&ids, &counts))
     }
 
     /// Renders messages `(role, content)` through the chat template. Templates that iterate typed content parts
@@ -322,8 +361,13 @@ impl TextProcessor {
     /// One user turn through the chat template with the generation prompt, tokenized without adding special tokens
     /// (the template renders BOS itself), as `apply_chat_template(..., tokenize=True)`.
     pub fn encode_chat(&self, user: &str) -> Result<Vec<i64>> {
+        self.encode_chat_sized(user, &[])
+    }
+
+    /// `encode_chat` with each image's original (height, width), in marker order.
+    pub fn encode_chat_sized(&self, user: &str, sizes: &[[u32; 2]]) -> Result<Vec<i64>> {
         let text = self.render_chat(&[("user".into(), user.into())], true)?;
-        self.encode(&text, false)
+        self.encode_sized(&text, false, sizes)
     }
 
     /// Token ids and byte offsets into `text`, without special tokens added (templates render BOS themselves).

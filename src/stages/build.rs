@@ -44,10 +44,13 @@ fn processors(
     processor: Value,
     pad_to_square: bool,
 ) -> Result<(TextProcessor, ImageProcessor, Value)> {
-    let text = TextProcessor::load(tok_dir, spec.image_token_id, spec.image_tokens())?;
+    let mut text = TextProcessor::load(tok_dir, spec.image_token_id, spec.image_tokens())?;
     let mut images =
         ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
     images.set_pad_to_square(pad_to_square);
+    // AnyRes: tiles, placeholder counts and packing read the model's one geometry
+    text.anyres = spec.anyres.clone();
+    images.anyres = spec.anyres.clone();
     Ok((text, images, processor))
 }
 
@@ -269,6 +272,7 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         projector_bias: true,
         llm,
         image_token_id,
+        anyres: None,
     };
     if let Err(msg) = spec.connector.out_tokens(&spec.features()) {
         let f = spec.features();

@@ -5,6 +5,7 @@
 use burn::module::Module;
 
 use super::build::Built;
+use crate::data::images::ImageProcessor;
 use crate::data::sources::{self, Role};
 use crate::data::templates;
 use crate::error::{Error, Result};
@@ -79,12 +80,15 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
             };
             let prompt = templates::prompt(&built.text, template, &s.messages[..last])
                 .map_err(|m| Error::input(format!("heldout task {}: {m}", task.name)))?;
-            let ids = built.text.encode(&prompt, false)?;
+            let sizes = ImageProcessor::sizes(&s.images)?;
+            let ids = built.text.encode_sized(&prompt, false, &sizes)?;
             let pixels = built.images.batch(&s.images, &device)?;
             let ins = built
                 .text
                 .instructions(s.messages[..last].iter().map(|(_, c)| c.as_str()))?;
-            let input = MmInput::single(ids, pixels).with_instructions(ins);
+            let input = MmInput::single(ids, pixels)
+                .with_instructions(ins)
+                .with_sizes(sizes);
             let g = generate(&model, input, &cfg, |_| {})?;
             // Answers are one line: a newline ends the answer (the `plain` template trains no EOS, as LLaVA's).
             let text = built.text.decode(&g.output_ids);

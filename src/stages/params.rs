@@ -15,7 +15,8 @@ pub fn part_of(path: &str) -> &'static str {
         "head"
     } else if path.starts_with("vision_tower.") {
         "encoder"
-    } else if path.starts_with("multi_modal_projector.") {
+    } else if path.starts_with("multi_modal_projector.") || path == "image_newline" {
+        // LLaVA-NeXT's end-of-row embedding learns with the projector (LLaVA-NeXT's own training unfreezes both)
         "connector"
     } else {
         "llm"

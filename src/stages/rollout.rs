@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use super::build::Built;
+use crate::data::images::ImageProcessor;
 use crate::data::preference::PromptItem;
 use crate::data::templates::{self, Encoded};
 use crate::error::{Error, Result};
@@ -123,7 +124,10 @@ pub fn encode_prompt(
     p: &PromptItem,
 ) -> std::result::Result<Vec<i64>, String> {
     let text = templates::prompt(&b.text, template, &p.history)?;
-    b.text.encode(&text, false).map_err(|e| e.to_string())
+    let sizes = ImageProcessor::sizes(&p.images).map_err(|e| e.to_string())?;
+    b.text
+        .encode_sized(&text, false, &sizes)
+        .map_err(|e| e.to_string())
 }
 
 /// Samples `group` completions of every prompt in `which` with `model` (inner device); prompt-major order.
@@ -144,6 +148,7 @@ pub fn sample(
     let mut owner = vec![];
     for (i, &p) in which.iter().enumerate() {
         let pixels = b.images.batch(&prompts[p].images, device)?;
+        let sizes = ImageProcessor::sizes(&prompts[p].images)?;
         let ins = b
             .text
             .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?;
@@ -152,6 +157,7 @@ pub fn sample(
                 instructions: ins.clone(),
                 ids: prompt_ids[p].clone(),
                 pixels: pixels.clone(),
+                sizes: sizes.clone(),
                 index: first + (i * group + k) as u64,
             });
             owner.push(p);

@@ -40,7 +40,8 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Ok(None) => None,
         Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
     };
-    let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels);
+    let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels)
+        .with_sizes(mb.image_sizes.clone());
     if !mb.instructions.is_empty()
         && let Some(Media::Images(p)) = input.media.pop()
     {

@@ -1,12 +1,15 @@
 //! LLaVA assembly (Liu et al. 2023, transformers `modeling_llava.py`): encoder → feature selection → connector →
 //! projected features scattered into the positions of the image placeholder tokens of the prompt → LLM.
-//! Each `<image>` marker has already been expanded into `tokens_per_image` placeholder ids (see `data::prompt`),
-//! so sequences have fixed length and batch like text; rows may hold 0, 1 or several images.
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+//! Each `<image>` marker has already been expanded into that image's placeholder ids (see `data::templates`), so
+//! sequences batch like text; rows may hold 0, 1 or several images. Most layouts give every image the same count;
+//! LLaVA-NeXT's AnyRes (`zoo::anyres`) gives each image a count that depends on its size, and its pixels are the
+//! tiles of all images stacked, with each image's original size alongside.
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
@@ -20,6 +23,9 @@ pub struct LlavaSpec {
     pub projector_bias: bool,
     pub llm: LlmSpec,
     pub image_token_id: i64,
+    /// LLaVA-NeXT's high-resolution tiling (`LlavaNextForConditionalGeneration`); `None` for one tile per image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anyres: Option<AnyRes>,
 }
 
 #[derive(Module, Debug)]
@@ -27,6 +33,8 @@ pub struct Llava {
     pub vision_tower: Encoder,
     pub multi_modal_projector: Connector,
     pub language_model: Llm,
+    /// AnyRes's learned end-of-row embedding [d_llm] (transformers' `model.image_newline`).
+    pub image_newline: Option<Param<Tensor<1>>>,
     #[module(skip)]
     pub spec: LlavaSpec,
 }
@@ -54,6 +62,9 @@ pub struct MmInput {
     pub attention: Vec<Vec<bool>>,
     /// At most one entry per modality, each in the order its placeholders appear (row by row).
     pub media: Vec<Media>,
+    /// Each image's original (height, width), in placeholder order: what AnyRes tiles and counts by. May be empty
+    /// for a model whose images all take one tile.
+    pub image_sizes: Vec<[u32; 2]>,
 }
 
 impl MmInput {
@@ -63,7 +74,14 @@ impl MmInput {
             ids,
             attention,
             media: pixels.map(Media::Images).into_iter().collect(),
+            image_sizes: vec![],
         }
+    }
+
+    /// The same batch with each image's original (height, width) attached.
+    pub fn with_sizes(mut self, sizes: Vec<[u32; 2]>) -> Self {
+        self.image_sizes = sizes;
+        self
     }
 
     pub fn single(ids: Vec<i64>, pixels: Option<Tensor<4>>) -> Self {
@@ -117,15 +135,36 @@ impl LlavaSpec {
         self.select.features(&self.vision)
     }
 
-    /// Image tokens per image as the LLM sees them: the connector's count (0 for a spec that fails `validate`).
+    /// Image tokens per image (per tile for AnyRes) as the LLM sees them: the connector's count (0 for a spec that
+    /// fails `validate`).
     pub fn image_tokens(&self) -> usize {
         self.connector.out_tokens(&self.features()).unwrap_or(0)
+    }
+
+    /// Image tokens for an image of original (height, width): `image_tokens()` unless AnyRes counts by size.
+    pub fn image_tokens_for(&self, h: u32, w: u32) -> usize {
+        match &self.anyres {
+            Some(a) => a.tokens(h, w),
+            None => self.image_tokens(),
+        }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.vision.validate()?;
         self.select.indices(self.vision.num_layers())?;
-        self.connector.out_tokens(&self.features())?;
+        let out = self.connector.out_tokens(&self.features())?;
+        if let Some(a) = &self.anyres {
+            a.validate()?;
+            let g = a.grid as usize;
+            if self.features().grid != Some((g, g)) || out != g * g {
+                return Err(format!(
+                    "AnyRes stitches each tile's {g}×{g} feature grid: it needs features without a CLS token \
+                     (vision_feature_select_strategy \"default\") and a connector that keeps one token per patch \
+                     (linear or mlp), but the encoder gives {:?} and the connector {out} tokens per tile",
+                    self.features().grid
+                ));
+            }
+        }
         if self.llm.num_heads % self.llm.num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -151,25 +190,52 @@ impl LlavaSpec {
                 device,
             ),
             language_model: Llm::Decoder(self.llm.init(device)),
+            // transformers' init: normal with std 1/sqrt(d)
+            image_newline: self.anyres.as_ref().map(|_| {
+                let d = self.llm.hidden_size;
+                Param::from_tensor(Tensor::random(
+                    [d],
+                    Distribution::Normal(0.0, 1.0 / (d as f64).sqrt()),
+                    device,
+                ))
+            }),
             spec: self.clone(),
         }
     }
 }
 
 impl Llava {
-    /// Checks that placeholders and images agree before any compute: every image fills exactly
-    /// `image_tokens()` consecutive placeholder positions.
-    pub fn check_images(&self, ids: &[Vec<i64>], n_images: usize) -> Result<()> {
-        let per = self.spec.image_tokens();
+    /// Checks that placeholders and images agree before any compute: every image fills exactly its count of
+    /// consecutive placeholder positions. `n_inputs`: encoder inputs (tiles for AnyRes, else images).
+    pub fn check_images(
+        &self,
+        ids: &[Vec<i64>],
+        n_inputs: usize,
+        sizes: &[[u32; 2]],
+    ) -> Result<()> {
         let found: usize = ids
             .iter()
             .flatten()
             .filter(|&&t| t == self.spec.image_token_id)
             .count();
-        if found != per * n_images {
+        let Some(a) = &self.spec.anyres else {
+            let per = self.spec.image_tokens();
+            if found != per * n_inputs {
+                return Err(Error::input(format!(
+                    "image placeholders and images do not match: {found} placeholder tokens for {n_inputs} image(s) of {per} tokens each \
+                     (each <image> marker needs exactly one image)"
+                )));
+            }
+            return Ok(());
+        };
+        let tiles: usize = sizes.iter().map(|&[h, w]| a.tiles(h, w)).sum();
+        let want: usize = sizes.iter().map(|&[h, w]| a.tokens(h, w)).sum();
+        if tiles != n_inputs || found != want {
             return Err(Error::input(format!(
-                "image placeholders and images do not match: {found} placeholder tokens for {n_images} image(s) of {per} tokens each \
-                 (each <image> marker needs exactly one image)"
+                "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} tiles for {} image(s) \
+                 whose sizes need {want} tokens and {tiles} tiles (each <image> marker needs exactly one image, expanded \
+                 by the image's own size)",
+                sizes.len()
             )));
         }
         Ok(())
@@ -178,8 +244,8 @@ impl Llava {
     /// Token embeddings with image features scattered into placeholder positions: [b, t, d].
     pub fn input_embeds(&self, input: &MmInput) -> Result<Tensor<3>> {
         let device = self.devices()[0].clone();
-        let n_images = input.images().map_or(0, |p| p.dims()[0]);
-        self.check_images(&input.ids, n_images)?;
+        let n_inputs = input.images().map_or(0, |p| p.dims()[0]);
+        self.check_images(&input.ids, n_inputs, &input.image_sizes)?;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let img = self.spec.image_token_id;
         // Placeholder ids may lie outside the vocabulary in some checkpoints: embed them as 0, they are replaced.
@@ -194,7 +260,8 @@ impl Llava {
             return Ok(embeds);
         };
         let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
-        let [n, per, d] = feats.dims();
+        let feats = self.pack(feats, &input.image_sizes); // [all image tokens, d]
+        let [_, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
         let mut k = 0;
@@ -212,13 +279,30 @@ impl Llava {
                 }
             })
             .collect();
-        let source = Tensor::cat(
-            vec![embeds.reshape([b * t, d]), feats.reshape([n * per, d])],
-            0,
-        );
+        let source = Tensor::cat(vec![embeds.reshape([b * t, d]), feats], 0);
         Ok(source
             .select(0, int_tensor(idx, [b * t], &device))
             .reshape([b, t, d]))
+    }
+
+    /// Per-input features [n, tokens, d] -> the image tokens in placeholder order [Σ tokens, d]: a reshape, or
+    /// AnyRes's packing of each image's tiles (`check_images` has matched tiles and sizes).
+    fn pack(&self, feats: Tensor<3>, sizes: &[[u32; 2]]) -> Tensor<2> {
+        let [n, per, d] = feats.dims();
+        let (Some(a), Some(nl)) = (&self.spec.anyres, &self.image_newline) else {
+            return feats.reshape([n * per, d]);
+        };
+        let mut start = 0;
+        let packed = sizes
+            .iter()
+            .map(|&[h, w]| {
+                let k = a.tiles(h, w);
+                let f = feats.clone().slice([start..start + k, 0..per, 0..d]);
+                start += k;
+                a.pack(f, h, w, nl.val())
+            })
+            .collect();
+        Tensor::cat(packed, 0)
     }
 
     /// pixels [n, c, s, s] -> projected image features [n, tokens, d_llm]

@@ -1,4 +1,5 @@
 //! The model zoo: encoders, connectors, LLMs, and their assembly into an MLLM.
+pub mod anyres;
 pub mod connectors;
 pub mod encoders;
 pub mod layers;

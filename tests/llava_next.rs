@@ -1,0 +1,375 @@
+//! LLaVA-NeXT (AnyRes high resolution) against transformers' `LlavaNextForConditionalGeneration` and
+//! `LlavaNextProcessor` (fixture from tools/make_llava_next_fixture.py: a tiny random model, photos of 3:2, 4:1,
+//! 2:7, square and 6×4 pixels): per-image tile and placeholder counts, pixel values, input_ids, logits on one image,
+//! two images of different sizes, text only and a left-padded batch, greedy ids and log-probs (library and CLI), the
+//! masked loss with the projector's and `image_newline`'s gradients, a save that reloads equal, and a LoRA fine-tune
+//! on images of several sizes in one batch that resumes exactly after a kill.
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::{Expected, expected, fixture, image, max_abs_diff};
+use mitune::checkpoint::hf::llava_spec;
+use mitune::checkpoint::{load_llava, save_llava};
+use mitune::data::images::{ImageProcessor, load_image};
+use mitune::data::tokenizer::TextProcessor;
+use mitune::generate::{GenConfig, generate};
+use mitune::zoo::layers::{float_tensor, int_tensor, to_vec};
+use mitune::zoo::mllm::MmInput;
+
+const NAME: &str = "llava_next";
+
+fn processors() -> (TextProcessor, ImageProcessor) {
+    let dir = fixture(NAME);
+    let spec = llava_spec(&dir).unwrap();
+    let mut text = TextProcessor::load(&dir, spec.image_token_id, spec.image_tokens()).unwrap();
+    text.anyres = spec.anyres.clone();
+    let mut images = ImageProcessor::load(&dir).unwrap();
+    images.anyres = spec.anyres.clone();
+    (text, images)
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// transformers' tiles of the named photos, stacked in order: [Σ tiles, 3, 32, 32].
+fn hf_pixels(e: &Expected, names: &[String], device: &Device) -> Option<Tensor<4>> {
+    if names.is_empty() {
+        return None;
+    }
+    let mut all = vec![];
+    let mut n = 0;
+    for name in names {
+        let (s, v) = e.tensor(&format!("preprocess.{name}"));
+        n += s[0];
+        all.extend(v);
+    }
+    Some(float_tensor(all, [n, 3, 32, 32], device))
+}
+
+fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
+    let m = &e.meta[case];
+    let ids: Vec<Vec<i64>> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    let mask: Vec<Vec<i64>> = serde_json::from_value(m["attention_mask"].clone()).unwrap();
+    let attention = mask
+        .iter()
+        .map(|r| r.iter().map(|&x| x == 1).collect())
+        .collect();
+    let sizes: Vec<[u32; 2]> = m
+        .get("image_sizes")
+        .map(|s| serde_json::from_value(s.clone()).unwrap())
+        .unwrap_or_default();
+    MmInput::new(ids, attention, hf_pixels(e, &strings(&m["images"]), device)).with_sizes(sizes)
+}
+
+#[test]
+fn llava_next_processing_matches_transformers() {
+    let e = expected(NAME);
+    let spec = llava_spec(&fixture(NAME)).unwrap();
+    let a = spec.anyres.clone().expect("llava_next is AnyRes");
+    assert_eq!((a.tile, a.grid), (32, 4));
+    let (text, images) = processors();
+    for (name, want) in e.meta["preprocess"].as_object().unwrap() {
+        let img = load_image(&image(name)).unwrap();
+        let [h, w] = [img.height(), img.width()];
+        assert_eq!(
+            [h as i64, w as i64],
+            [
+                want["size"][0].as_i64().unwrap(),
+                want["size"][1].as_i64().unwrap()
+            ]
+        );
+        assert_eq!(
+            a.tiles(h, w) as u64,
+            want["tiles"].as_u64().unwrap(),
+            "{name}: tiles"
+        );
+        assert_eq!(
+            spec.image_tokens_for(h, w) as u64,
+            want["tokens"].as_u64().unwrap(),
+            "{name}: placeholder count"
+        );
+        let (got, th, tw) = images.preprocess(&img).unwrap();
+        let (shape, hf) = e.tensor(&format!("preprocess.{name}"));
+        assert_eq!([th as usize, tw as usize], [shape[2], shape[3]]);
+        assert_eq!(got.len(), hf.len(), "{name}: tile count");
+        let err = max_abs_diff(&got, &hf);
+        eprintln!(
+            "{name} {h}x{w}: {} tiles, {} tokens, pixels max |Δ| {err:.3}",
+            shape[0], want["tokens"]
+        );
+        assert!(err < 0.05, "{name}: pixel values differ by {err}");
+    }
+    // input_ids: each marker expanded by its own image's size (padding stripped)
+    for case in ["image_text", "two_images", "text_only", "batch"] {
+        let m = &e.meta[case];
+        let names = strings(&m["images"]);
+        let per_row = if case == "batch" { 1 } else { names.len() };
+        for (r, prompt) in strings(&m["prompts"]).iter().enumerate() {
+            let mine: Vec<_> = names
+                .iter()
+                .skip(r * per_row)
+                .take(per_row)
+                .map(|n| image(n))
+                .collect();
+            let sizes = ImageProcessor::sizes(&mine).unwrap();
+            let ids = text.encode_sized(prompt, true, &sizes).unwrap();
+            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
+            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
+                .unwrap()
+                .into_iter()
+                .zip(&mask)
+                .filter(|(_, k)| **k == 1)
+                .map(|(x, _)| x)
+                .collect();
+            assert_eq!(ids, want, "{case} row {r}: input_ids");
+        }
+    }
+    // a marker without its image's size is an error, not a guess
+    assert!(text.encode("USER: <image> hi", true).is_err());
+}
+
+#[test]
+fn llava_next_logits_and_greedy_ids_match_transformers() {
+    let device = Device::flex();
+    let dir = fixture(NAME);
+    let e = expected(NAME);
+    let model = load_llava(&dir, &device).unwrap();
+    for case in ["image_text", "two_images", "text_only", "batch"] {
+        let input = case_input(&e, case, &device);
+        let got = to_vec(model.forward(&input).unwrap());
+        let (shape, want) = e.tensor(&format!("{case}.logits"));
+        let cols: Vec<usize> =
+            serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
+        let (t, v) = (input.ids[0].len(), shape[2]);
+        let mut err = 0f32;
+        for (b, row) in input.attention.iter().enumerate() {
+            for (k, &j) in cols.iter().enumerate() {
+                if row[j] {
+                    let o = (b * t + j) * v;
+                    let w = (b * cols.len() + k) * v;
+                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
+                }
+            }
+        }
+        eprintln!("llava_next {case}: max |Δlogit| {err:.2e}");
+        assert!(err <= 1e-4, "{case}: logits differ by {err}");
+        if case == "image_text" {
+            // image_newline reaches the logits (so the comparison above can fail on the packing)
+            let mut other = load_llava(&dir, &device).unwrap();
+            let nl = other.image_newline.take().unwrap();
+            other.image_newline = Some(nl.map(|t| t.zeros_like()));
+            let changed = to_vec(other.forward(&input).unwrap());
+            assert!(
+                max_abs_diff(&changed, &got) > 1e-3,
+                "image_newline changes nothing"
+            );
+        }
+    }
+    // the wrong size for an image is caught before any compute
+    let mut bad = case_input(&e, "image_text", &device);
+    bad.image_sizes = vec![[75, 50]];
+    assert!(model.forward(&bad).is_err());
+
+    let g = &e.meta["greedy"];
+    let ids: Vec<i64> = serde_json::from_value(g["input_ids"].clone()).unwrap();
+    let px = hf_pixels(&e, &strings(&g["images"]), &device);
+    let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
+    let out = generate(
+        &model,
+        MmInput::single(ids, px).with_sizes(vec![[32, 32]]),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    let want: Vec<i64> = serde_json::from_value(g["output_ids"].clone()).unwrap();
+    assert_eq!(out.output_ids, want, "greedy ids");
+    let lp: Vec<f64> = serde_json::from_value(g["logprobs"].clone()).unwrap();
+    for (a, b) in out.logprobs.iter().zip(&lp) {
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "log-probs {:?} vs {lp:?}",
+            out.logprobs
+        );
+    }
+    // `mitune generate --raw --json` preprocesses the photo and counts its tokens itself
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+            "--image",
+            image("astronaut_32.png").to_str().unwrap(),
+            "--raw",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let got: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(got["input_ids"], g["input_ids"]);
+    assert_eq!(got["output_ids"], g["output_ids"]);
+    for (a, b) in got["logprobs"].as_array().unwrap().iter().zip(&lp) {
+        assert!(
+            (a.as_f64().unwrap() - b).abs() <= 1e-4,
+            "CLI log-probs {got} vs {lp:?}"
+        );
+    }
+
+    // saved by mitune (LLaVA-NeXT layout), reloaded: equal logits; tools/make_llava_next_fixture.py roundtrip
+    // loads the same directory in transformers
+    let out = std::env::temp_dir().join("mitune-llava-next-saved");
+    save_llava(&model, &out, safetensors::Dtype::F32, Some(&dir)).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llava_next");
+    let back = load_llava(&out, &device).unwrap();
+    let input = case_input(&e, "two_images", &device);
+    let a = to_vec(model.forward(&input).unwrap());
+    let b = to_vec(back.forward(&input).unwrap());
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// transformers: `model(..., labels).loss` with the prompt masked, `.backward()`; the gradients of
+/// `multi_modal_projector.linear_1.weight` and `image_newline` within 1e-3 relative.
+#[test]
+fn llava_next_loss_and_gradients_match_transformers() {
+    let device = Device::flex().autodiff();
+    let e = expected(NAME);
+    let model = load_llava(&fixture(NAME), &device).unwrap();
+    let m = &e.meta["loss"];
+    let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
+    let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    let sizes: Vec<[u32; 2]> = serde_json::from_value(m["image_sizes"].clone()).unwrap();
+    let px = hf_pixels(&e, &strings(&m["images"]), &device);
+    let logits = model
+        .forward(&MmInput::single(ids, px).with_sizes(sizes))
+        .unwrap();
+    let [b, t, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
+    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
+    let weights: Vec<f32> = labels[1..]
+        .iter()
+        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
+        .collect();
+    let n: f32 = weights.iter().sum();
+    let picked = logp
+        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
+        .reshape([1, t - 1]);
+    let loss = (picked * float_tensor(weights, [1, t - 1], &device))
+        .sum()
+        .neg()
+        / n;
+    let got = to_vec(loss.clone())[0];
+    let want = m["loss"].as_f64().unwrap() as f32;
+    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    let grads = loss.backward();
+    let rel = |g: Vec<f32>, key: &str| {
+        let (_, want) = e.tensor(key);
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        max_abs_diff(&g, &want) / scale
+    };
+    let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
+        .weight
+        .val();
+    let g1 = rel(
+        to_vec(w.grad(&grads).unwrap().transpose()),
+        "loss.grad_linear_1_weight",
+    );
+    let nl = model.image_newline.as_ref().unwrap().val();
+    let g2 = rel(to_vec(nl.grad(&grads).unwrap()), "loss.grad_image_newline");
+    eprintln!(
+        "llava_next: loss {got} vs {want}; grad rel err linear_1 {g1:.2e}, image_newline {g2:.2e}"
+    );
+    assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
+}
+
+/// A LoRA instruct stage on a LLaVA-NeXT directory with images of five sizes (so every micro-batch has rows of
+/// different image token counts) runs, a killed run resumes to the same losses, and the stage's model is a
+/// LLaVA-NeXT directory again. A sample whose image tokens cannot fit max_len is reported, not truncated.
+#[test]
+fn llava_next_fine_tunes_on_mixed_sizes_and_resumes() {
+    let dir = fixture(NAME);
+    let d = common::scratch("llava-next-train");
+    let names = [
+        "chelsea_75x50.png",
+        "wide_120x30.png",
+        "tall_20x70.png",
+        "tiny_6x4.png",
+        "astronaut_32.png",
+    ];
+    let records: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("s{i}"),
+                "image": image(names[i % 5]).display().to_string(),
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": format!("Picture number {i}.")},
+                ],
+            })
+        })
+        .collect();
+    let data = d.join("mixed.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let recipe = |out: &str, max_len: usize| {
+        format!(
+            r#"name = "nx"
+seed = 3
+pipeline = ["lora"]
+output = {out:?}
+[model]
+from = {dir:?}
+[stages.lora]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
+train = ["connector"]
+max_steps = 4
+max_len = {max_len}
+log_every = 1
+save_every = 2
+"#,
+            out = d.join(out).display().to_string(),
+            dir = dir.display().to_string(),
+            data = data.display().to_string(),
+        )
+    };
+    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
+    std::fs::write(&a, recipe("runs-a", 256)).unwrap();
+    std::fs::write(&b, recipe("runs-b", 256)).unwrap();
+    let (ok, err) = common::run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let (ok, _) = common::run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "lora:3")),
+    );
+    assert!(!ok);
+    let (ok, err) = common::run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
+    let (la, lb) = (
+        common::losses(&d.join("runs-a/nx")),
+        common::losses(&d.join("runs-b/nx")),
+    );
+    assert_eq!(la.len(), 4);
+    assert_eq!(la, lb, "resumed losses differ");
+    let model = d.join("runs-a/nx/lora/model");
+    let spec = llava_spec(&model).unwrap();
+    assert!(spec.anyres.is_some());
+    load_llava(&model, &Device::flex()).unwrap();
+    // the tall photo needs 76 image tokens: with max_len 60 its samples cannot fit and are named
+    let c = d.join("c.toml");
+    std::fs::write(&c, recipe("runs-c", 60)).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", c.to_str().unwrap(), "--data"], None);
+    assert!(!ok || err.contains("image tokens"), "{err}");
+    assert!(err.contains("would cut image tokens"), "{err}");
+}
