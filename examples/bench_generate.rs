@@ -71,6 +71,7 @@ fn main() {
                             instructions: vec![],
                             ids,
                             pixels: Some(float_tensor(px, [1, 3, size, size], &device)),
+                            sizes: vec![],
                             index: r as u64,
                         }
                     })

@@ -172,6 +172,7 @@ fn main() {
             attention: vec![vec![true; seq]; p.batch],
             labels: vec![labels; p.batch],
             pixels: Ok(Some((pixels, [p.batch, 3, size, size]))),
+            image_sizes: vec![],
             instructions: vec![],
             tokens: p.batch * seq,
             supervised: p.batch * (p.text - 1),

@@ -62,6 +62,7 @@ fn prompts(c: &Case, which: &[usize], device: &Device) -> Vec<Prompt> {
             instructions: vec![],
             ids: c.rows[i].0.clone(),
             pixels: c.images.batch(&c.rows[i].1, device).unwrap(),
+            sizes: vec![],
             index: i as u64,
         })
         .collect()

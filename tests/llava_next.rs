@@ -373,3 +373,64 @@ save_every = 2
     assert!(!ok || err.contains("image tokens"), "{err}");
     assert!(err.contains("would cut image tokens"), "{err}");
 }
+
+/// The preference and RL stages and `eval` on a LLaVA-NeXT directory: DPO, then GRPO (images tiled in rollouts),
+/// then an eval stage (VQA and POPE through generation) all run; the DPO stage's model is LLaVA-NeXT again.
+#[test]
+fn llava_next_dpo_grpo_and_eval_stages_run() {
+    let dir = fixture(NAME);
+    let d = common::scratch("llava-next-pref");
+    let w = common::world(&d);
+    let p = |f: &str| w.join(f).display().to_string();
+    let recipe = format!(
+        r#"name = "nxp"
+seed = 1
+pipeline = ["dpo", "grpo", "after"]
+output = {out:?}
+[model]
+from = {dir:?}
+[stages.dpo]
+kind = "dpo"
+template = "vicuna_v1"
+data = {{ sources = [{{ format = "pairs", path = {pairs:?} }}] }}
+loss = {{ kind = "sigmoid", beta = 1.0 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.grpo]
+kind = "grpo"
+init = {{ from_stage = "dpo" }}
+template = "vicuna_v1"
+data = {{ sources = [{{ path = {prompts:?} }}] }}
+group = 2
+rewards = [{{ kind = "exact_match" }}]
+sampling = {{ temperature = 1.0, max_new_tokens = 4 }}
+batch = {{ global = 2, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-4 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.after]
+kind = "eval"
+init = {{ from_stage = "grpo" }}
+tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data = {pope:?}, hint = "Answer yes or no.", limit = 4 }}]
+"#,
+        out = d.join("runs").display().to_string(),
+        dir = dir.display().to_string(),
+        pairs = p("preference_probes_train.jsonl"),
+        prompts = p("prompts_train.jsonl"),
+        vqa = p("eval/heldout/vqa.jsonl"),
+        pope = p("eval/heldout/pope_popular.json"),
+    );
+    let r = d.join("p.toml");
+    std::fs::write(&r, recipe).unwrap();
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let losses = common::losses(&d.join("runs/nxp"));
+    assert!(losses.iter().any(|((s, _), _)| s == "dpo"), "{losses:?}");
+    assert!(losses.iter().any(|((s, _), _)| s == "grpo"), "{losses:?}");
+    let spec = llava_spec(&d.join("runs/nxp/dpo/model")).unwrap();
+    assert!(spec.anyres.is_some());
+}

@@ -212,7 +212,7 @@ pub fn load_parts(
         model = Loader::new(
             &store,
             vk,
-            &["multi_modal_projector.", "language_model."],
+            &["multi_modal_projector.", "language_model.", "image_newline"],
             device,
         )
         .load(model)?;
@@ -224,7 +224,7 @@ pub fn load_parts(
         model = Loader::new(
             &store,
             lk,
-            &["multi_modal_projector.", "vision_tower."],
+            &["multi_modal_projector.", "vision_tower.", "image_newline"],
             device,
         )
         .load(model)?;

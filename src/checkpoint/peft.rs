@@ -109,12 +109,13 @@ pub fn save(
         }
     }
     write_file(&out.join(WEIGHTS), &tensors)?;
+    static ONCE: std::sync::Once = std::sync::Once::new();
     if model.image_newline.is_some() && to_save.iter().any(|p| p == "connector") {
-        eprintln!(
+        ONCE.call_once(|| eprintln!(
             "warning: {}: PEFT carries the trained projector (modules_to_save) but not LLaVA-NeXT's image_newline, a \
              bare parameter it has no slot for; the merged model directory holds the exact trained model",
             out.display()
-        );
+        ));
     }
     let modules: Vec<String> = targets.iter().map(|t| regex::escape(&t.module)).collect();
     let to_save: Vec<String> = to_save

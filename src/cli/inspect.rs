@@ -92,11 +92,20 @@ pub fn run(dir: &Path) -> Result<()> {
         "stored dtypes: {dtypes:?} ({} tensors)",
         store.keys().count()
     );
-    println!(
-        "image tokens per image: {}  (image token id {})",
-        spec.image_tokens(),
-        spec.image_token_id
-    );
+    match &spec.anyres {
+        None => println!(
+            "image tokens per image: {}  (image token id {})",
+            spec.image_tokens(),
+            spec.image_token_id
+        ),
+        Some(x) => println!(
+            "image tokens per image: by size (AnyRes, {} px tiles, pinpoints {:?}): {} + rows × (cols + 1)  (image token id {})",
+            x.tile,
+            x.pinpoints,
+            spec.image_tokens(),
+            spec.image_token_id
+        ),
+    }
     println!("vocab size: {}", l.vocab_size);
     Ok(())
 }

@@ -81,6 +81,23 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             f.width,
             spec.image_tokens()
         );
+        if let Some(x) = &spec.anyres {
+            let t = x.tile;
+            println!(
+                "model: AnyRes tiles of {t} px over pinpoints {:?}: {} image tokens per tile, per image {} + rows × (cols + 1) \
+                 after unpadding (e.g. {t}×{t} px -> {}, {}×{} px -> {}, {}×{} px -> {})",
+                x.pinpoints,
+                spec.image_tokens(),
+                spec.image_tokens(),
+                x.tokens(t, t),
+                t,
+                2 * t,
+                x.tokens(t, 2 * t),
+                2 * t,
+                2 * t,
+                x.tokens(2 * t, 2 * t)
+            );
+        }
     }
     if !a.data {
         return Ok(());
@@ -113,6 +130,28 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             p.bad.len(),
             t.max_len
         );
+        // what the image settings cost before training: image tokens per sample
+        let mut img: Vec<usize> = p
+            .encoded
+            .iter()
+            .map(|e| {
+                e.ids
+                    .iter()
+                    .filter(|&&x| x == built.text.image_token_id)
+                    .count()
+            })
+            .filter(|&n| n > 0)
+            .collect();
+        img.sort_unstable();
+        if !img.is_empty() {
+            println!(
+                "stages.{name}: image tokens per sample with images ({}): min {}, median {}, max {}",
+                img.len(),
+                img[0],
+                img[img.len() / 2],
+                img[img.len() - 1]
+            );
+        }
     }
     Ok(())
 }

@@ -58,6 +58,16 @@ pub struct ModelSpec {
     pub encoder: Option<EncoderSpec>,
     pub connector: Option<ConnectorSpec>,
     pub llm: Option<LlmSource>,
+    /// LLaVA-NeXT's AnyRes high-resolution tiling for a composed model (a `from` directory carries its own).
+    pub anyres: Option<AnyResSpec>,
+}
+
+/// `[model.anyres]`: candidate resolutions as [height, width] pixels, multiples of the encoder's input size (the
+/// tile); each image is cut into the tiles of its best fit plus one downscaled whole-image tile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnyResSpec {
+    pub pinpoints: Vec<[u32; 2]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result, read_json};
 use crate::recipe::schema::{EncoderSpec, LlmSource, ModelSpec, Select};
+use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{EncoderFamily, FeatureSelect, VisionSpec};
 use crate::zoo::layers::act::Act;
@@ -240,6 +241,13 @@ fn llm_spec(l: &LlmSource, key: &str) -> Result<(LlmSpec, PathBuf)> {
 /// reports a connector that cannot take the encoder's features before any tensor is made.
 pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
     if let Some(dir) = &m.from {
+        if m.anyres.is_some() {
+            return Err(Error::input(format!(
+                "model.anyres: {} carries its own tiling (image_grid_pinpoints in its config.json); [model.anyres] \
+                 applies to a model composed from an encoder and an LLM",
+                dir.display()
+            )));
+        }
         return Ok((llava_spec(dir)?, dir.clone(), read_processor(dir)?));
     }
     let (Some(e), Some(l)) = (&m.encoder, &m.llm) else {
@@ -248,6 +256,12 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         ));
     };
     let (vision, processor) = encoder_spec(e, "model.encoder")?;
+    // AnyRes tiles are the encoder's input size, each giving its patch grid
+    let anyres = m.anyres.as_ref().map(|a| AnyRes {
+        pinpoints: a.pinpoints.clone(),
+        tile: vision.input_size() as u32,
+        grid: (vision.input_size() / vision.patch_size().max(1)) as u32,
+    });
     let (llm, tok_dir) = llm_spec(l, "model.llm")?;
     let probe = TextProcessor::load(&tok_dir, 0, 1)?;
     let image_token_id = probe.token_id("<image>").ok_or_else(|| {
@@ -272,7 +286,7 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         projector_bias: true,
         llm,
         image_token_id,
-        anyres: None,
+        anyres,
     };
     if let Err(msg) = spec.connector.out_tokens(&spec.features()) {
         let f = spec.features();
@@ -286,8 +300,13 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
                 .unwrap_or_default()
         )));
     }
+    let key = if m.anyres.is_some() {
+        "model.anyres"
+    } else {
+        "model"
+    };
     spec.validate()
-        .map_err(|msg| Error::input(format!("model: {msg}")))?;
+        .map_err(|msg| Error::input(format!("{key}: {msg}")))?;
     Ok((spec, tok_dir, processor))
 }
 
@@ -383,7 +402,20 @@ pub fn export(
         }
     }
     if part != Some(Part::Llm) {
-        write_json(&out.join("preprocessor_config.json"), processor)?;
+        let mut processor = processor.clone();
+        // an AnyRes model's processor is LLaVA-NeXT's, with the pinpoints the model was trained with
+        if let (Some(a), Some(p)) = (&model.spec.anyres, processor.as_object_mut()) {
+            p.insert(
+                "image_processor_type".into(),
+                "LlavaNextImageProcessor".into(),
+            );
+            p.insert(
+                "image_grid_pinpoints".into(),
+                serde_json::json!(a.pinpoints),
+            );
+            p.insert("do_pad".into(), true.into());
+        }
+        write_json(&out.join("preprocessor_config.json"), &processor)?;
     }
     Ok(())
 }
