@@ -173,6 +173,7 @@ fn main() {
             labels: vec![labels; p.batch],
             pixels: Ok(Some((pixels, [p.batch, 3, size, size]))),
             image_sizes: vec![],
+            images_per_row: vec![1; p.batch],
             instructions: vec![],
             tokens: p.batch * seq,
             supervised: p.batch * (p.text - 1),

@@ -222,6 +222,7 @@ pub fn generate_batch(
         pos.extend(0..p.ids.len() as i64);
         positions.push(pos);
         pixels.extend(p.pixels);
+        input.images_per_row.push(p.sizes.len());
         input.image_sizes.extend(p.sizes);
         instructions.extend(p.instructions);
         rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));

@@ -68,6 +68,7 @@ fn input(c: &Case) -> MmInput {
             instructions: c.instructions.clone(),
         }],
         image_sizes: vec![],
+        images_per_row: vec![],
     }
 }
 

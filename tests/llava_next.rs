@@ -3,7 +3,9 @@
 //! 2:7, square and 6×4 pixels): per-image tile and placeholder counts, pixel values, input_ids, logits on one image,
 //! two images of different sizes, text only and a left-padded batch, greedy ids and log-probs (library and CLI), the
 //! masked loss with the projector's and `image_newline`'s gradients, a save that reloads equal, and a LoRA fine-tune
-//! on images of several sizes in one batch that resumes exactly after a kill.
+//! on images of several sizes in one batch that resumes exactly after a kill. LLaVA-OneVision (the same AnyRes with
+//! `anyres_max_9` downsampling and untiled multi-image samples; SigLIP + Qwen2) against
+//! `LlavaOnevisionForConditionalGeneration` likewise.
 mod common;
 
 use burn::tensor::{Device, Tensor};
@@ -80,12 +82,12 @@ fn llava_next_processing_matches_transformers() {
             ]
         );
         assert_eq!(
-            a.tiles(h, w) as u64,
+            a.tiles(h, w, true) as u64,
             want["tiles"].as_u64().unwrap(),
             "{name}: tiles"
         );
         assert_eq!(
-            spec.image_tokens_for(h, w) as u64,
+            spec.image_tokens_for(h, w, true) as u64,
             want["tokens"].as_u64().unwrap(),
             "{name}: placeholder count"
         );
@@ -433,4 +435,291 @@ tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data =
     assert!(losses.iter().any(|((s, _), _)| s == "grpo"), "{losses:?}");
     let spec = llava_spec(&d.join("runs/nxp/dpo/model")).unwrap();
     assert!(spec.anyres.is_some());
+}
+
+const OV: &str = "llava_onevision";
+
+fn ov_input(e: &Expected, case: &str, device: &Device) -> MmInput {
+    let m = &e.meta[case];
+    let ids: Vec<Vec<i64>> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    let mask: Vec<Vec<i64>> = serde_json::from_value(m["attention_mask"].clone()).unwrap();
+    let attention = mask
+        .iter()
+        .map(|r| r.iter().map(|&x| x == 1).collect())
+        .collect();
+    let sizes: Vec<[u32; 2]> = m
+        .get("image_sizes")
+        .map(|s| serde_json::from_value(s.clone()).unwrap())
+        .unwrap_or_default();
+    let per_row: Vec<usize> = serde_json::from_value(m["images_per_row"].clone()).unwrap();
+    let names = strings(&m["images"]);
+    // a multi-image sample's tiles are its own (one padded square each); lone images' are under `preprocess`
+    let px = if names.len() > 1 && per_row.len() == 1 {
+        let (s, v) = e.tensor(&format!("{case}.pixel_values"));
+        Some(float_tensor(v, [s[0], s[1], s[2], s[3]], device))
+    } else {
+        hf_pixels(e, &names, device)
+    };
+    MmInput::new(ids, attention, px).with_rows(sizes, per_row)
+}
+
+#[test]
+fn llava_onevision_matches_transformers() {
+    let device = Device::flex();
+    let dir = fixture(OV);
+    let e = expected(OV);
+    let spec = llava_spec(&dir).unwrap();
+    let a = spec.anyres.clone().expect("llava_onevision is AnyRes");
+    assert_eq!((a.max_tiles, a.single_tile_in_multi), (Some(9), true));
+    let mut text = TextProcessor::load(&dir, spec.image_token_id, spec.image_tokens()).unwrap();
+    text.anyres = spec.anyres.clone();
+    let mut images = ImageProcessor::load(&dir).unwrap();
+    images.anyres = spec.anyres.clone();
+    for (name, want) in e.meta["preprocess"].as_object().unwrap() {
+        let img = load_image(&image(name)).unwrap();
+        let [h, w] = [img.height(), img.width()];
+        assert_eq!(
+            a.tiles(h, w, true) as u64,
+            want["tiles"].as_u64().unwrap(),
+            "{name}: tiles"
+        );
+        assert_eq!(
+            spec.image_tokens_for(h, w, true) as u64,
+            want["tokens"].as_u64().unwrap(),
+            "{name}: placeholder count"
+        );
+        let Ok((shape, hf)) = e
+            .store
+            .get(&format!("preprocess.{name}"))
+            .map(|l| (l.shape, l.values))
+        else {
+            continue;
+        };
+        let (got, _, _) = images.preprocess(&img).unwrap();
+        assert_eq!(got.len(), hf.len(), "{name}: {} tiles", shape[0]);
+        let err = max_abs_diff(&got, &hf);
+        eprintln!(
+            "onevision {name} {h}x{w}: {} tiles, {} tokens, pixels max |Δ| {err:.3}",
+            shape[0], want["tokens"]
+        );
+        assert!(err < 0.05, "{name}: pixel values differ by {err}");
+    }
+    // the two-image sample: each image one padded square (mean-colour background)
+    let two = &e.meta["two_images"];
+    let paths: Vec<_> = strings(&two["images"]).iter().map(|n| image(n)).collect();
+    let got = to_vec(images.batch(&paths, &device).unwrap().unwrap());
+    let (_, hf) = e.tensor("two_images.pixel_values");
+    assert!(max_abs_diff(&got, &hf) < 0.05, "multi-image tiles differ");
+
+    let model = load_llava(&dir, &device).unwrap();
+    for case in ["image_text", "big", "two_images", "batch"] {
+        let m = &e.meta[case];
+        // input_ids: each marker expanded by its image's size, or one tile + newline in a multi-image sample
+        let names = strings(&m["images"]);
+        let per_row: Vec<usize> = serde_json::from_value(m["images_per_row"].clone()).unwrap();
+        let mut k = 0;
+        for (r, prompt) in strings(&m["prompts"]).iter().enumerate() {
+            let mine: Vec<_> = names[k..k + per_row[r]].iter().map(|n| image(n)).collect();
+            k += per_row[r];
+            let ids = text
+                .encode_sized(prompt, true, &ImageProcessor::sizes(&mine).unwrap())
+                .unwrap();
+            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
+            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
+                .unwrap()
+                .into_iter()
+                .zip(&mask)
+                .filter(|(_, k)| **k == 1)
+                .map(|(x, _)| x)
+                .collect();
+            assert_eq!(ids, want, "{case} row {r}: input_ids");
+        }
+        let input = ov_input(&e, case, &device);
+        let got = to_vec(model.forward(&input).unwrap());
+        let (shape, want) = e.tensor(&format!("{case}.logits"));
+        let cols: Vec<usize> = serde_json::from_value(m["logit_columns"].clone()).unwrap();
+        let (t, v) = (input.ids[0].len(), shape[2]);
+        let mut err = 0f32;
+        for (b, row) in input.attention.iter().enumerate() {
+            for (k, &j) in cols.iter().enumerate() {
+                if row[j] {
+                    let o = (b * t + j) * v;
+                    let w = (b * cols.len() + k) * v;
+                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
+                }
+            }
+        }
+        eprintln!("llava_onevision {case}: max |Δlogit| {err:.2e}");
+        assert!(err <= 1e-4, "{case}: logits differ by {err}");
+    }
+    let g = &e.meta["greedy"];
+    let ids: Vec<i64> = serde_json::from_value(g["input_ids"].clone()).unwrap();
+    let px = hf_pixels(&e, &strings(&g["images"]), &device);
+    let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
+    let out = generate(
+        &model,
+        MmInput::single(ids, px).with_sizes(vec![[32, 32]]),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    let want: Vec<i64> = serde_json::from_value(g["output_ids"].clone()).unwrap();
+    assert_eq!(out.output_ids, want, "greedy ids");
+    let lp: Vec<f64> = serde_json::from_value(g["logprobs"].clone()).unwrap();
+    for (a, b) in out.logprobs.iter().zip(&lp) {
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "log-probs {:?} vs {lp:?}",
+            out.logprobs
+        );
+    }
+    // `mitune generate --raw --json` preprocesses and counts itself
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            g["prompt"].as_str().unwrap(),
+        ])
+        .args([
+            "--image",
+            image("astronaut_32.png").to_str().unwrap(),
+            "--raw",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(got["input_ids"], g["input_ids"]);
+    assert_eq!(got["output_ids"], g["output_ids"]);
+    for (a, b) in got["logprobs"].as_array().unwrap().iter().zip(&lp) {
+        assert!(
+            (a.as_f64().unwrap() - b).abs() <= 1e-4,
+            "CLI log-probs {got} vs {lp:?}"
+        );
+    }
+    // saved by mitune, reloaded: equal logits; tools/make_llava_onevision_fixture.py roundtrip loads it in
+    // transformers
+    let out = std::env::temp_dir().join("mitune-llava-ov-saved");
+    save_llava(&model, &out, safetensors::Dtype::F32, Some(&dir)).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llava_onevision");
+    assert_eq!(cfg["vision_aspect_ratio"], "anyres_max_9");
+    let back = load_llava(&out, &device).unwrap();
+    let input = ov_input(&e, "big", &device);
+    let a = to_vec(model.forward(&input).unwrap());
+    let b = to_vec(back.forward(&input).unwrap());
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// The masked loss on the large photo (its grid downsampled by anyres_max_9) and the gradients of the projector
+/// and `image_newline` through the bilinear downsampling, against transformers.
+#[test]
+fn llava_onevision_loss_and_gradients_match_transformers() {
+    let device = Device::flex().autodiff();
+    let e = expected(OV);
+    let model = load_llava(&fixture(OV), &device).unwrap();
+    let m = &e.meta["loss"];
+    let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
+    let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    let sizes: Vec<[u32; 2]> = serde_json::from_value(m["image_sizes"].clone()).unwrap();
+    let px = hf_pixels(&e, &strings(&m["images"]), &device);
+    let logits = model
+        .forward(&MmInput::single(ids, px).with_sizes(sizes))
+        .unwrap();
+    let [b, t, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
+    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
+    let weights: Vec<f32> = labels[1..]
+        .iter()
+        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
+        .collect();
+    let n: f32 = weights.iter().sum();
+    let picked = logp
+        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
+        .reshape([1, t - 1]);
+    let loss = (picked * float_tensor(weights, [1, t - 1], &device))
+        .sum()
+        .neg()
+        / n;
+    let got = to_vec(loss.clone())[0];
+    let want = m["loss"].as_f64().unwrap() as f32;
+    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    let grads = loss.backward();
+    let rel = |g: Vec<f32>, key: &str| {
+        let (_, want) = e.tensor(key);
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        max_abs_diff(&g, &want) / scale
+    };
+    let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
+        .weight
+        .val();
+    let g1 = rel(
+        to_vec(w.grad(&grads).unwrap().transpose()),
+        "loss.grad_linear_1_weight",
+    );
+    let nl = model.image_newline.as_ref().unwrap().val();
+    let g2 = rel(to_vec(nl.grad(&grads).unwrap()), "loss.grad_image_newline");
+    eprintln!(
+        "llava_onevision: loss {got} vs {want}; grad rel err linear_1 {g1:.2e}, image_newline {g2:.2e}"
+    );
+    assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
+}
+
+/// LLaVA-OneVision trains on a mix of one-image samples (tiled, downsampled when large) and two-image samples
+/// (one padded-square tile each) in the same micro-batches, and validates the mix's token counts up front.
+#[test]
+fn llava_onevision_trains_on_single_and_multi_image_samples() {
+    let dir = fixture(OV);
+    let d = common::scratch("llava-ov-train");
+    let records: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            if i % 2 == 0 {
+                serde_json::json!({"id": format!("one{i}"), "image": image(["big_128.png", "chelsea_75x50.png"][i % 4 / 2]).display().to_string(),
+                    "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]})
+            } else {
+                serde_json::json!({"id": format!("two{i}"), "images": [image("wide_120x30.png").display().to_string(), image("tiny_6x4.png").display().to_string()],
+                    "conversations": [{"from": "human", "value": "<image><image>\nCompare."}, {"from": "gpt", "value": "Both are small."}]})
+            }
+        })
+        .collect();
+    let data = d.join("mixed.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let recipe = format!(
+        r#"name = "ov"
+seed = 1
+pipeline = ["sft"]
+output = {out:?}
+[model]
+from = {dir:?}
+[stages.sft]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
+template = "chatml"
+batch = {{ global = 4, micro = 4 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+train = ["connector"]
+max_steps = 2
+max_len = 512
+log_every = 1
+"#,
+        out = d.join("runs").display().to_string(),
+        dir = dir.display().to_string(),
+        data = data.display().to_string(),
+    );
+    let r = d.join("ov.toml");
+    std::fs::write(&r, recipe).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap(), "--data"], None);
+    assert!(ok, "{err}");
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert_eq!(common::losses(&d.join("runs/ov")).len(), 2);
+    let spec = llava_spec(&d.join("runs/ov/sft/model")).unwrap();
+    assert_eq!(spec.anyres.unwrap().max_tiles, Some(9));
 }

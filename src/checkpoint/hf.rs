@@ -35,13 +35,14 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     if model_type(&v) == "instructblip" {
         return super::instructblip::spec(&v, &path);
     }
-    let next = model_type(&v) == "llava_next";
+    let next = matches!(model_type(&v), "llava_next" | "llava_onevision");
+    let onevision = model_type(&v) == "llava_onevision";
     if model_type(&v) != "llava" && !next {
         return Err(Error::key(
             &path,
             "model_type",
             format!(
-                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\" or \"instructblip\"); compose standalone encoder/LLM directories with --encoder/--llm",
+                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\", \"llava_onevision\" or \"instructblip\"); compose standalone encoder/LLM directories with --encoder/--llm",
                 model_type(&v)
             ),
         ));
@@ -106,10 +107,32 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
                 format!("expected a list of [height, width] pairs: {e}"),
             )
         })?;
+        // LLaVA-OneVision: `vision_aspect_ratio = "anyres_max_N"`, and multi-image samples are not tiled
+        let max_tiles = if onevision {
+            let r = v
+                .get("vision_aspect_ratio")
+                .and_then(|x| x.as_str())
+                .unwrap_or("anyres_max_9");
+            Some(
+                r.strip_prefix("anyres_max_")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .ok_or_else(|| {
+                        Error::key(
+                            &path,
+                            "vision_aspect_ratio",
+                            format!("{r:?}: expected \"anyres_max_N\""),
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
         Some(AnyRes {
             pinpoints,
             tile: vision.image_size() as u32,
             grid: (vision.image_size() / vision.patch_size().max(1)) as u32,
+            max_tiles,
+            single_tile_in_multi: onevision,
         })
     } else {
         None
@@ -350,9 +373,28 @@ pub fn llava_config(spec: &LlavaSpec) -> Result<serde_json::Value> {
         "dtype": "float32",
     });
     if let Some(a) = &spec.anyres {
-        cfg["architectures"] = serde_json::json!(["LlavaNextForConditionalGeneration"]);
-        cfg["model_type"] = "llava_next".into();
+        // LLaVA-OneVision is AnyRes with its two rules; a tiling transformers has no class for is an error
+        let onevision = match (a.max_tiles, a.single_tile_in_multi) {
+            (None, false) => false,
+            (Some(_), true) => true,
+            _ => {
+                return Err(Error::input(
+                    "AnyRes with only one of LLaVA-OneVision's rules (max_tiles, single_tile_in_multi) has no \
+                     transformers class: set both (LLaVA-OneVision) or neither (LLaVA-NeXT)",
+                ));
+            }
+        };
+        let (arch, mt) = if onevision {
+            ("LlavaOnevisionForConditionalGeneration", "llava_onevision")
+        } else {
+            ("LlavaNextForConditionalGeneration", "llava_next")
+        };
+        cfg["architectures"] = serde_json::json!([arch]);
+        cfg["model_type"] = mt.into();
         cfg["image_grid_pinpoints"] = serde_json::json!(a.pinpoints);
+        if let Some(n) = a.max_tiles {
+            cfg["vision_aspect_ratio"] = format!("anyres_max_{n}").into();
+        }
     }
     if let Some(t) = nonstandard_projector(&spec.connector) {
         cfg["mm_projector_type"] = t.into();

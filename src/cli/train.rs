@@ -89,13 +89,13 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
                 x.pinpoints,
                 spec.image_tokens(),
                 spec.image_tokens(),
-                x.tokens(t, t),
+                x.tokens(t, t, true),
                 t,
                 2 * t,
-                x.tokens(t, 2 * t),
+                x.tokens(t, 2 * t, true),
                 2 * t,
                 2 * t,
-                x.tokens(2 * t, 2 * t)
+                x.tokens(2 * t, 2 * t, true)
             );
         }
     }

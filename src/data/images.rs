@@ -34,7 +34,7 @@ pub struct ImageProcessor {
     /// ([3·(1 + also.len()), h, w]); all must produce the same size.
     pub also: Vec<ImageProcessor>,
     /// LLaVA-NeXT's tiling, set from the model's spec (the model, the placeholder count and the tiles read one
-    /// geometry): `preprocess` then gives `anyres.tiles(h, w)` tiles of [3, tile, tile].
+    /// geometry): `preprocess` then gives `anyres.tiles(h, w, alone)` tiles of [3, tile, tile].
     pub anyres: Option<AnyRes>,
 }
 
@@ -206,8 +206,23 @@ impl ImageProcessor {
         &self,
         img: &DynamicImage,
     ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        self.preprocess_in(img, true)
+    }
+
+    /// `preprocess` for an image that is (`alone`) or is not the only image of its sample: LLaVA-OneVision tiles
+    /// only lone images, and pads the others to a square of the mean colour (one tile).
+    pub fn preprocess_in(
+        &self,
+        img: &DynamicImage,
+        alone: bool,
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
         if let Some(a) = &self.anyres {
-            return self.tiles(img, a);
+            if a.tiled(alone) {
+                return self.tiles(img, a);
+            }
+            let mut square = self.clone();
+            square.set_pad_to_square(true);
+            return Ok(square.preprocess_one(img));
         }
         let (mut out, h, w) = self.preprocess_one(img);
         for (i, t) in self.also.iter().enumerate() {
@@ -335,10 +350,11 @@ impl ImageProcessor {
         }
         let mut all = vec![];
         let mut size = None;
+        let alone = paths.len() == 1; // one call is one sample's images
         for p in paths {
             let img = load_image(p.as_ref())?;
             let (v, h, w) = self
-                .preprocess(&img)
+                .preprocess_in(&img, alone)
                 .map_err(|m| Error::file(p.as_ref(), m))?;
             if *size.get_or_insert((h, w)) != (h, w) {
                 return Err(Error::file(

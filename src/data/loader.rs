@@ -22,6 +22,8 @@ pub struct MicroBatch {
     pub pixels: Result<Option<(Vec<f32>, [usize; 4])>, String>,
     /// Each image's original (height, width), in placeholder order.
     pub image_sizes: Vec<[u32; 2]>,
+    /// Images of each sample (row).
+    pub images_per_row: Vec<usize>,
     /// One instruction per image, in placeholder order, for a connector that reads one (empty otherwise).
     pub instructions: Vec<Vec<i64>>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
@@ -106,6 +108,7 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         labels: vec![],
         pixels: Ok(None),
         image_sizes: vec![],
+        images_per_row: samples.iter().map(|s| s.images.len()).collect(),
         instructions: samples
             .iter()
             .flat_map(|s| s.instructions.iter().cloned())
@@ -127,15 +130,19 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.labels.push(labels);
         mb.attention.push(att);
     }
-    let paths: Vec<_> = samples.iter().flat_map(|s| s.images.iter()).collect();
+    // each image with whether it is its sample's only one (LLaVA-OneVision tiles only those)
+    let paths: Vec<_> = samples
+        .iter()
+        .flat_map(|s| s.images.iter().map(move |p| (p, s.images.len() == 1)))
+        .collect();
     if !paths.is_empty() {
         let decoded: Result<Vec<((Vec<f32>, u32, u32), [u32; 2])>, String> = paths
             .par_iter()
-            .map(|p| {
+            .map(|&(p, alone)| {
                 load_image(p).map_err(|e| e.to_string()).and_then(|img| {
                     let size = [img.height(), img.width()];
                     images
-                        .preprocess(&img)
+                        .preprocess_in(&img, alone)
                         .map(|x| (x, size))
                         .map_err(|m| format!("{}: {m}", p.display()))
                 })
@@ -144,7 +151,7 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.pixels = decoded.and_then(|d| {
             let (h, w) = (d[0].0.1, d[0].0.2);
             // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
-            if let Some((p, x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
+            if let Some(((p, _), x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
                 return Err(format!(
                     "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in \
                      the image processor",

@@ -240,7 +240,9 @@ impl TextProcessor {
                 sizes.len()
             )));
         }
-        Ok(sizes.iter().map(|&[h, w]| a.tokens(h, w)).collect())
+        // one encode call is one sample: LLaVA-OneVision tiles an image only when it is the sample's only one
+        let alone = sizes.len() == 1;
+        Ok(sizes.iter().map(|&[h, w]| a.tokens(h, w, alone)).collect())
     }
 
     /// Replaces each image token of `ids` by that image's placeholders (`counts`, in order).

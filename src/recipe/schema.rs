@@ -68,6 +68,9 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct AnyResSpec {
     pub pinpoints: Vec<[u32; 2]>,
+    /// LLaVA-OneVision's `anyres_max_N`: downsample the stitched grid to about N tiles' worth of features. Makes
+    /// the model a LLaVA-OneVision, whose images that share a sample with others are one padded-square tile each.
+    pub max_tiles: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

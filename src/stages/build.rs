@@ -261,6 +261,8 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         pinpoints: a.pinpoints.clone(),
         tile: vision.input_size() as u32,
         grid: (vision.input_size() / vision.patch_size().max(1)) as u32,
+        max_tiles: a.max_tiles,
+        single_tile_in_multi: a.max_tiles.is_some(),
     });
     let (llm, tok_dir) = llm_spec(l, "model.llm")?;
     let probe = TextProcessor::load(&tok_dir, 0, 1)?;
@@ -405,10 +407,12 @@ pub fn export(
         let mut processor = processor.clone();
         // an AnyRes model's processor is LLaVA-NeXT's, with the pinpoints the model was trained with
         if let (Some(a), Some(p)) = (&model.spec.anyres, processor.as_object_mut()) {
-            p.insert(
-                "image_processor_type".into(),
-                "LlavaNextImageProcessor".into(),
-            );
+            let t = if a.single_tile_in_multi {
+                "LlavaOnevisionImageProcessor"
+            } else {
+                "LlavaNextImageProcessor"
+            };
+            p.insert("image_processor_type".into(), t.into());
             p.insert(
                 "image_grid_pinpoints".into(),
                 serde_json::json!(a.pinpoints),

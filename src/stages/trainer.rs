@@ -41,7 +41,7 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
     };
     let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels)
-        .with_sizes(mb.image_sizes.clone());
+        .with_rows(mb.image_sizes.clone(), mb.images_per_row.clone());
     if !mb.instructions.is_empty()
         && let Some(Media::Images(p)) = input.media.pop()
     {

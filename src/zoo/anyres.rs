@@ -6,11 +6,17 @@
 //! learned `image_newline` ends every row. So the number of image tokens depends on each image's size:
 //! `grid² + rows · (cols + 1)`.
 //!
+//! LLaVA-OneVision adds two rules (`modeling_llava_onevision.py`): `anyres_max_N` bilinearly downsamples an
+//! unpadded grid holding more than about N tiles' worth of features, and an image that shares its sample with other
+//! images is not tiled at all (one padded-square tile, then the newline).
+//!
 //! The geometry is plain integer/f64 arithmetic, written once here and shared by the image processor (tiles), the
 //! text processor (placeholder counts) and the model (packing), so the three cannot disagree. Float comparisons and
 //! roundings are transformers' own (`select_best_resolution`, `unpad_image`, `_get_unpadded_features`).
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+
+use super::layers::float_tensor;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnyRes {
@@ -20,6 +26,12 @@ pub struct AnyRes {
     pub tile: u32,
     /// Feature grid side of one tile (tile / patch size).
     pub grid: u32,
+    /// LLaVA-OneVision's `anyres_max_N` (`vision_aspect_ratio`): N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tiles: Option<u32>,
+    /// LLaVA-OneVision: an image that shares its sample with other images is one padded-square tile, not tiled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub single_tile_in_multi: bool,
 }
 
 /// Where the unpadded feature grid lies in the stitched one: rows `top..top + rows`, columns `left..left + cols`.
@@ -85,8 +97,16 @@ impl AnyRes {
         )
     }
 
-    /// Encoder inputs for one image: the base tile and the grid's tiles.
-    pub fn tiles(&self, h: u32, w: u32) -> usize {
+    /// Whether an image is cut into tiles; `alone`: it is the only image of its sample.
+    pub fn tiled(&self, alone: bool) -> bool {
+        alone || !self.single_tile_in_multi
+    }
+
+    /// Encoder inputs for one image: the base tile and the grid's tiles (one tile when not tiled).
+    pub fn tiles(&self, h: u32, w: u32, alone: bool) -> usize {
+        if !self.tiled(alone) {
+            return 1;
+        }
         let (r, c) = self.tile_grid(h, w);
         1 + r * c
     }
@@ -118,20 +138,51 @@ impl AnyRes {
         }
     }
 
-    /// Image tokens the LLM sees for an image of `(h, w)`: the base tile's grid, then each unpadded row + newline.
-    pub fn tokens(&self, h: u32, w: u32) -> usize {
+    /// The unpadded grid's (rows, cols) after `anyres_max_N` downsampling (transformers: `ratio > 1.1` ->
+    /// bilinear to `(int(rows // ratio), int(cols // ratio))`); `None` when kept as it is.
+    pub fn downsampled(&self, h: u32, w: u32) -> Option<(usize, usize)> {
+        let m = self.max_tiles?;
         let u = self.unpadded(h, w);
-        (self.grid * self.grid) as usize + u.rows * (u.cols + 1)
+        let g = self.grid as f64;
+        let ratio = ((u.rows * u.cols) as f64 / (m as f64 * g * g)).sqrt();
+        (ratio > 1.1).then(|| {
+            (
+                (u.rows as f64 / ratio).floor() as usize,
+                (u.cols as f64 / ratio).floor() as usize,
+            )
+        })
+    }
+
+    /// Image tokens the LLM sees for an image of `(h, w)`: the base tile's grid, then each unpadded (and maybe
+    /// downsampled) row + newline; an untiled image: its one tile + newline.
+    pub fn tokens(&self, h: u32, w: u32, alone: bool) -> usize {
+        let base = (self.grid * self.grid) as usize;
+        if !self.tiled(alone) {
+            return base + 1;
+        }
+        let u = self.unpadded(h, w);
+        let (rows, cols) = self.downsampled(h, w).unwrap_or((u.rows, u.cols));
+        base + rows * (cols + 1)
     }
 
     /// transformers' `pack_image_features` for one image: projected features of its tiles [tiles, grid², d]
-    /// (base first) -> [tokens(h, w), d].
-    pub fn pack(&self, feats: Tensor<3>, h: u32, w: u32, newline: Tensor<1>) -> Tensor<2> {
+    /// (base first) -> [tokens(h, w, alone), d].
+    pub fn pack(
+        &self,
+        feats: Tensor<3>,
+        h: u32,
+        w: u32,
+        alone: bool,
+        newline: Tensor<1>,
+    ) -> Tensor<2> {
         let [n, per, d] = feats.dims();
         let g = self.grid as usize;
+        let base = feats.clone().slice([0..1, 0..per, 0..d]).reshape([per, d]);
+        if !self.tiled(alone) {
+            return Tensor::cat(vec![base, newline.reshape([1, d])], 0);
+        }
         let (r, c) = self.tile_grid(h, w);
         debug_assert_eq!((n, per), (1 + r * c, g * g));
-        let base = feats.clone().slice([0..1, 0..per, 0..d]).reshape([per, d]);
         // [r·c, g², d] -> [r, c, g, g, d] -> [r, g, c, g, d]: row-major over the stitched (r·g) × (c·g) grid
         let grid: Tensor<3> = feats
             .slice([1..n, 0..per, 0..d])
@@ -139,11 +190,44 @@ impl AnyRes {
             .swap_dims(1, 2)
             .reshape([r * g, c * g, d]);
         let u = self.unpadded(h, w);
-        let kept = grid.slice([u.top..u.top + u.rows, u.left..u.left + u.cols, 0..d]);
-        let nl = newline.reshape([1, 1, d]).expand([u.rows, 1, d]);
-        let rows = Tensor::cat(vec![kept, nl], 1).reshape([u.rows * (u.cols + 1), d]);
-        Tensor::cat(vec![base, rows], 0)
+        let mut kept = grid.slice([u.top..u.top + u.rows, u.left..u.left + u.cols, 0..d]);
+        let (mut rows, mut cols) = (u.rows, u.cols);
+        if let Some((r2, c2)) = self.downsampled(h, w) {
+            kept = bilinear(kept, r2, c2);
+            (rows, cols) = (r2, c2);
+        }
+        let nl = newline.reshape([1, 1, d]).expand([rows, 1, d]);
+        let out = Tensor::cat(vec![kept, nl], 1).reshape([rows * (cols + 1), d]);
+        Tensor::cat(vec![base, out], 0)
     }
+}
+
+/// One axis of PyTorch's `interpolate(mode="bilinear", align_corners=False)` as a matrix [out, in]: output i reads
+/// input at `(i + 0.5)·in/out − 0.5` (clamped at 0), linearly between its two neighbours (f32, as the CPU kernel).
+fn lerp_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+    let scale = n_in as f32 / n_out as f32;
+    let mut m = vec![0f32; n_out * n_in];
+    for i in 0..n_out {
+        let src = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        let l1 = src - i0 as f32;
+        m[i * n_in + i0] += 1.0 - l1;
+        m[i * n_in + i1] += l1;
+    }
+    m
+}
+
+/// [h, w, d] -> [oh, ow, d], bilinear as above, as two matrix products (differentiable, no gather).
+fn bilinear(x: Tensor<3>, oh: usize, ow: usize) -> Tensor<3> {
+    let [h, w, d] = x.dims();
+    let device = x.device();
+    let mh: Tensor<2> = float_tensor(lerp_matrix(h, oh), [oh, h], &device);
+    let mw: Tensor<2> = float_tensor(lerp_matrix(w, ow), [ow, w], &device);
+    let y = mh.matmul(x.reshape([h, w * d])).reshape([oh, w, d]); // rows
+    let y = y.swap_dims(0, 1).reshape([w, oh * d]);
+    let y = mw.matmul(y).reshape([ow, oh, d]); // columns
+    y.swap_dims(0, 1)
 }
 
 #[cfg(test)]
@@ -156,6 +240,8 @@ mod tests {
             pinpoints: vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
             tile: 336,
             grid: 24,
+            max_tiles: None,
+            single_tile_in_multi: false,
         }
     }
 
@@ -165,7 +251,7 @@ mod tests {
         // 480×640 -> 2340 (2 × 2 tiles, 48 rows unpadded to 36), 1000×1000 -> 2928, 300×1200 -> 1890.
         let a = next();
         assert_eq!(a.best_resolution(480, 640), [672, 672]);
-        assert_eq!(a.tiles(480, 640), 5);
+        assert_eq!(a.tiles(480, 640, true), 5);
         assert_eq!(
             a.unpadded(480, 640),
             Unpadded {
@@ -175,10 +261,10 @@ mod tests {
                 cols: 48
             }
         );
-        assert_eq!(a.tokens(480, 640), 576 + 36 * 49);
-        assert_eq!(a.tokens(1000, 1000), 576 + 48 * 49);
+        assert_eq!(a.tokens(480, 640, true), 576 + 36 * 49);
+        assert_eq!(a.tokens(1000, 1000, true), 576 + 48 * 49);
         assert_eq!(a.best_resolution(300, 1200), [336, 1008]);
-        assert_eq!(a.tokens(300, 1200), 1890);
+        assert_eq!(a.tokens(300, 1200, true), 1890);
         assert!(a.validate().is_ok());
         let bad = AnyRes {
             pinpoints: vec![[300, 672]],

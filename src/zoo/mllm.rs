@@ -65,6 +65,9 @@ pub struct MmInput {
     /// Each image's original (height, width), in placeholder order: what AnyRes tiles and counts by. May be empty
     /// for a model whose images all take one tile.
     pub image_sizes: Vec<[u32; 2]>,
+    /// Images of each row (sample), in order; empty = every image is alone in its sample. LLaVA-OneVision tiles an
+    /// image only when it is alone.
+    pub images_per_row: Vec<usize>,
 }
 
 impl MmInput {
@@ -75,13 +78,33 @@ impl MmInput {
             attention,
             media: pixels.map(Media::Images).into_iter().collect(),
             image_sizes: vec![],
+            images_per_row: vec![],
         }
     }
 
-    /// The same batch with each image's original (height, width) attached.
+    /// The same one-sample input with each image's original (height, width) attached.
     pub fn with_sizes(mut self, sizes: Vec<[u32; 2]>) -> Self {
+        self.images_per_row = vec![sizes.len()];
         self.image_sizes = sizes;
         self
+    }
+
+    /// The same batch with each image's original (height, width) and each row's number of images.
+    pub fn with_rows(mut self, sizes: Vec<[u32; 2]>, images_per_row: Vec<usize>) -> Self {
+        self.image_sizes = sizes;
+        self.images_per_row = images_per_row;
+        self
+    }
+
+    /// For each image: whether it is the only image of its row.
+    pub fn alone(&self) -> Vec<bool> {
+        if self.images_per_row.is_empty() {
+            return vec![true; self.image_sizes.len()];
+        }
+        self.images_per_row
+            .iter()
+            .flat_map(|&n| std::iter::repeat_n(n == 1, n))
+            .collect()
     }
 
     pub fn single(ids: Vec<i64>, pixels: Option<Tensor<4>>) -> Self {
@@ -141,10 +164,11 @@ impl LlavaSpec {
         self.connector.out_tokens(&self.features()).unwrap_or(0)
     }
 
-    /// Image tokens for an image of original (height, width): `image_tokens()` unless AnyRes counts by size.
-    pub fn image_tokens_for(&self, h: u32, w: u32) -> usize {
+    /// Image tokens for an image of original (height, width), `alone` in its sample: `image_tokens()` unless AnyRes
+    /// counts by size.
+    pub fn image_tokens_for(&self, h: u32, w: u32, alone: bool) -> usize {
         match &self.anyres {
-            Some(a) => a.tokens(h, w),
+            Some(a) => a.tokens(h, w, alone),
             None => self.image_tokens(),
         }
     }
@@ -212,6 +236,7 @@ impl Llava {
         ids: &[Vec<i64>],
         n_inputs: usize,
         sizes: &[[u32; 2]],
+        alone: &[bool],
     ) -> Result<()> {
         let found: usize = ids
             .iter()
@@ -228,9 +253,17 @@ impl Llava {
             }
             return Ok(());
         };
-        let tiles: usize = sizes.iter().map(|&[h, w]| a.tiles(h, w)).sum();
-        let want: usize = sizes.iter().map(|&[h, w]| a.tokens(h, w)).sum();
-        if tiles != n_inputs || found != want {
+        let tiles: usize = sizes
+            .iter()
+            .zip(alone)
+            .map(|(&[h, w], &one)| a.tiles(h, w, one))
+            .sum();
+        let want: usize = sizes
+            .iter()
+            .zip(alone)
+            .map(|(&[h, w], &one)| a.tokens(h, w, one))
+            .sum();
+        if tiles != n_inputs || found != want || alone.len() != sizes.len() {
             return Err(Error::input(format!(
                 "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} tiles for {} image(s) \
                  whose sizes need {want} tokens and {tiles} tiles (each <image> marker needs exactly one image, expanded \
@@ -245,7 +278,8 @@ impl Llava {
     pub fn input_embeds(&self, input: &MmInput) -> Result<Tensor<3>> {
         let device = self.devices()[0].clone();
         let n_inputs = input.images().map_or(0, |p| p.dims()[0]);
-        self.check_images(&input.ids, n_inputs, &input.image_sizes)?;
+        let alone = input.alone();
+        self.check_images(&input.ids, n_inputs, &input.image_sizes, &alone)?;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let img = self.spec.image_token_id;
         // Placeholder ids may lie outside the vocabulary in some checkpoints: embed them as 0, they are replaced.
@@ -260,7 +294,7 @@ impl Llava {
             return Ok(embeds);
         };
         let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
-        let feats = self.pack(feats, &input.image_sizes); // [all image tokens, d]
+        let feats = self.pack(feats, &input.image_sizes, &alone); // [all image tokens, d]
         let [_, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
@@ -287,7 +321,7 @@ impl Llava {
 
     /// Per-input features [n, tokens, d] -> the image tokens in placeholder order [Σ tokens, d]: a reshape, or
     /// AnyRes's packing of each image's tiles (`check_images` has matched tiles and sizes).
-    fn pack(&self, feats: Tensor<3>, sizes: &[[u32; 2]]) -> Tensor<2> {
+    fn pack(&self, feats: Tensor<3>, sizes: &[[u32; 2]], alone: &[bool]) -> Tensor<2> {
         let [n, per, d] = feats.dims();
         let (Some(a), Some(nl)) = (&self.spec.anyres, &self.image_newline) else {
             return feats.reshape([n * per, d]);
@@ -295,11 +329,12 @@ impl Llava {
         let mut start = 0;
         let packed = sizes
             .iter()
-            .map(|&[h, w]| {
-                let k = a.tiles(h, w);
+            .zip(alone)
+            .map(|(&[h, w], &one)| {
+                let k = a.tiles(h, w, one);
                 let f = feats.clone().slice([start..start + k, 0..per, 0..d]);
                 start += k;
-                a.pack(f, h, w, nl.val())
+                a.pack(f, h, w, one, nl.val())
             })
             .collect();
         Tensor::cat(packed, 0)
