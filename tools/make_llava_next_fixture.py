@@ -71,7 +71,13 @@ def build():
                 p.normal_(0, 0.2)
         model.model.image_newline.normal_(0, 1.0)
     OUT.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(OUT, safe_serialization=True)
+    # stored bf16 (half the bytes); expected values are computed from exactly those weights, upcast to f32
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # rotary inv_freq must not round-trip through bf16
+    model.to(torch.bfloat16).save_pretrained(OUT, safe_serialization=True)
+    model.to(torch.float32)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
     improc = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                         image_grid_pinpoints=PINPOINTS)
     proc = LlavaNextProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
@@ -87,9 +93,9 @@ def build():
         enc = proc(text=prompts, images=ims, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model(**enc)
-        # logits at the columns no row holds a placeholder in (every text position after the images depends on
-        # them; keeps the fixture small); pixel values are checked per photo under `preprocess`
-        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()]
+        # logits at the last 16 columns no row holds a placeholder in (text after the images depends on them;
+        # keeps the fixture small); pixel values are checked per photo under `preprocess`
+        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()][-16:]
         tensors[f"{name}.logits"] = out.logits[:, cols].float().contiguous()
         meta[name] = {"prompts": prompts, "images": names, "padding_side": padding_side, "logit_columns": cols,
                       "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist()}

@@ -78,8 +78,12 @@ def build():
         model.model.image_newline.normal_(0, 1.0)
     OUT.mkdir(parents=True, exist_ok=True)
     # stored bf16 (half the bytes); expected values are computed from exactly those weights, upcast to f32
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # rotary inv_freq must not round-trip through bf16
     model.to(torch.bfloat16).save_pretrained(OUT, safe_serialization=True)
     model.to(torch.float32)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
     improc = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS,
                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
     proc = processor(improc, tok)
@@ -101,7 +105,7 @@ def build():
         enc = proc(text=prompts, images=ims, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model(**enc)
-        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()]
+        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()][-16:]
         tensors[f"{name}.logits"] = out.logits[:, cols].float().contiguous()
         meta[name] = {"prompts": prompts, "images": names, "images_per_row": per_row, "padding_side": padding_side,
                       "logit_columns": cols, "input_ids": enc["input_ids"].tolist(),
