@@ -49,6 +49,7 @@ fn main() {
             llm: l,
             image_token_id: vocab as i64 - 1,
             anyres: None,
+            native: None,
         };
         let n_img = spec.image_tokens();
         let size = spec.vision.input_size();

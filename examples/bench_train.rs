@@ -131,6 +131,7 @@ fn main() {
             llm,
             image_token_id: p.vocab as i64 - 1,
             anyres: None,
+            native: None,
         };
         let n_img = spec.image_tokens();
         let size = spec.vision.input_size();

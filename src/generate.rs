@@ -239,6 +239,13 @@ pub fn generate_batch(
             }
         });
     }
+    // M-RoPE (Qwen2-VL): image tokens take 3-D positions and later text continues from the image's extent, so
+    // each row's decode positions shift by its delta (transformers' `rope_deltas`)
+    let mut deltas = vec![0i64; n];
+    if let Some((p3, d)) = model.mrope_positions(&input)? {
+        positions = p3;
+        deltas = d;
+    }
     let mut cache = KvCache::default();
     let logits = model.forward_with(&input, &positions, Some(&mut cache))?;
     let vocab = logits.dims()[2];
@@ -246,7 +253,11 @@ pub fn generate_batch(
     // Rows still generating, in cache order; their key masks and next positions.
     let mut live: Vec<usize> = (0..n).collect();
     let mut valid = input.attention;
-    let mut next_pos: Vec<i64> = seen.iter().map(|s| s.len() as i64).collect();
+    let mut next_pos: Vec<i64> = seen
+        .iter()
+        .zip(&deltas)
+        .map(|(s, d)| s.len() as i64 + d)
+        .collect();
     for step in 0..cfg.max_new_tokens {
         let mut keep = vec![];
         let mut feed = vec![];

@@ -345,6 +345,7 @@ fn every_kind_saves_and_reloads_with_equal_logits() {
                 llm: presets::llm("bench-tiny", LlmFamily::Llama, 64).unwrap(),
                 image_token_id: 63,
                 anyres: None,
+                native: None,
             };
             spec.validate().unwrap();
             assert_eq!(spec.image_tokens(), want, "{kind}");

@@ -25,6 +25,20 @@ pub fn config_of(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     Ok((path, v))
 }
 
+/// A directory's image processor json: `preprocessor_config.json`, or the `image_processor` entry of a 5.x
+/// `processor_config.json`.
+pub fn read_processor(dir: &Path) -> Result<serde_json::Value> {
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        return read_json(&pre);
+    }
+    let p = dir.join("processor_config.json");
+    let v: serde_json::Value = read_json(&p)?;
+    v.get("image_processor")
+        .cloned()
+        .ok_or_else(|| Error::key(&p, "image_processor", "missing"))
+}
+
 fn model_type(v: &serde_json::Value) -> &str {
     v.get("model_type").and_then(|m| m.as_str()).unwrap_or("")
 }
@@ -35,6 +49,10 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     if model_type(&v) == "instructblip" {
         return super::instructblip::spec(&v, &path);
     }
+    if model_type(&v) == "qwen2_vl" {
+        let processor = read_processor(dir).unwrap_or(serde_json::Value::Null);
+        return super::qwen2vl::spec(&v, &path, &processor);
+    }
     let next = matches!(model_type(&v), "llava_next" | "llava_onevision");
     let onevision = model_type(&v) == "llava_onevision";
     if model_type(&v) != "llava" && !next {
@@ -42,7 +60,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
             &path,
             "model_type",
             format!(
-                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\", \"llava_onevision\" or \"instructblip\"); compose standalone encoder/LLM directories with --encoder/--llm",
+                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\", \"llava_onevision\", \"instructblip\" or \"qwen2_vl\"); compose standalone encoder/LLM directories with --encoder/--llm",
                 model_type(&v)
             ),
         ));
@@ -148,6 +166,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
         llm,
         image_token_id,
         anyres,
+        native: None,
     };
     spec.validate().map_err(|m| Error::file(&path, m))?;
     Ok(spec)
@@ -160,6 +179,8 @@ pub fn load_llava(dir: &Path, device: &Device) -> Result<Llava> {
     let model = spec.init(device);
     let keys: &dyn Fn(&str) -> Vec<String> = if super::instructblip::is_instructblip(&spec) {
         &super::instructblip::keys
+    } else if super::qwen2vl::is_qwen2vl(&spec) {
+        &super::qwen2vl::keys
     } else {
         &keys::llava
     };
@@ -213,6 +234,7 @@ pub fn compose_llava(c: &Composition, device: &Device) -> Result<Llava> {
         llm,
         image_token_id: c.image_token_id,
         anyres: None,
+        native: None,
     };
     spec.validate().map_err(Error::input)?;
     load_parts(spec.init(device), Some(c.encoder), Some(c.llm), device)
@@ -416,8 +438,11 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
         source,
     })?;
     let instructblip = super::instructblip::is_instructblip(&model.spec);
+    let qwen = super::qwen2vl::is_qwen2vl(&model.spec);
     let mut cfg = if instructblip {
         super::instructblip::config(&model.spec)
+    } else if qwen {
+        super::qwen2vl::config(&model.spec)
     } else {
         llava_config(&model.spec)?
     };
@@ -429,6 +454,8 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
     .into();
     let keys: &dyn Fn(&str) -> Vec<String> = if instructblip {
         &super::instructblip::keys
+    } else if qwen {
+        &super::qwen2vl::keys
     } else {
         &keys::llava
     };

@@ -88,6 +88,7 @@ pub fn spec(v: &Value, path: &Path) -> Result<LlavaSpec> {
         llm,
         image_token_id,
         anyres: None,
+        native: None,
     };
     spec.validate().map_err(|m| Error::file(path, m))?;
     Ok(spec)

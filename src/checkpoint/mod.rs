@@ -2,6 +2,7 @@
 //! model is composed from, tokenizer and processor files.
 pub mod hf;
 pub mod instructblip;
+pub mod qwen2vl;
 pub mod keys;
 pub mod params;
 pub mod peft;

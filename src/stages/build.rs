@@ -9,7 +9,7 @@ use crate::checkpoint::hf::{Part, config_of, llava_spec, load_parts, save_part, 
 use crate::checkpoint::{load_llava, save_llava};
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::recipe::schema::{EncoderSpec, LlmSource, ModelSpec, Select};
 use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::ConnectorSpec;
@@ -27,17 +27,7 @@ pub struct Built {
     pub processor: Value,
 }
 
-fn read_processor(dir: &Path) -> Result<Value> {
-    let pre = dir.join("preprocessor_config.json");
-    if pre.exists() {
-        return read_json(&pre);
-    }
-    let p = dir.join("processor_config.json");
-    let v: Value = read_json(&p)?;
-    v.get("image_processor")
-        .cloned()
-        .ok_or_else(|| Error::key(&p, "image_processor", "missing"))
-}
+use crate::checkpoint::hf::read_processor;
 
 fn processors(
     tok_dir: &Path,
@@ -289,6 +279,7 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
         llm,
         image_token_id,
         anyres,
+        native: None,
     };
     if let Err(msg) = spec.connector.out_tokens(&spec.features()) {
         let f = spec.features();

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::zoo::anyres::AnyRes;
+use crate::zoo::native::NativeRes;
 use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
@@ -26,6 +27,10 @@ pub struct LlavaSpec {
     /// LLaVA-NeXT's high-resolution tiling (`LlavaNextForConditionalGeneration`); `None` for one tile per image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anyres: Option<AnyRes>,
+    /// Qwen2-VL's native resolution (`Qwen2VLForConditionalGeneration`): images keep their size, tokens carry
+    /// 3-D M-RoPE positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<NativeRes>,
 }
 
 #[derive(Module, Debug)]
@@ -167,6 +172,9 @@ impl LlavaSpec {
     /// Image tokens for an image of original (height, width), `alone` in its sample: `image_tokens()` unless AnyRes
     /// counts by size.
     pub fn image_tokens_for(&self, h: u32, w: u32, alone: bool) -> usize {
+        if let Some(n) = &self.native {
+            return n.tokens(h, w).unwrap_or(0);
+        }
         match &self.anyres {
             Some(a) => a.tokens(h, w, alone),
             None => self.image_tokens(),
@@ -177,6 +185,17 @@ impl LlavaSpec {
         self.vision.validate()?;
         self.select.indices(self.vision.num_layers())?;
         let out = self.connector.out_tokens(&self.features())?;
+        if let Some(n) = &self.native {
+            n.validate()?;
+            let m = self.llm.rope.mrope_section.as_ref().map(|s| s.iter().sum::<usize>());
+            if m != Some(self.llm.head_dim / 2) {
+                return Err(format!(
+                    "text_config.rope_parameters.mrope_section {:?} must sum to head_dim / 2 = {}",
+                    self.llm.rope.mrope_section,
+                    self.llm.head_dim / 2
+                ));
+            }
+        }
         if let Some(a) = &self.anyres {
             a.validate()?;
             let g = a.grid as usize;
@@ -243,6 +262,24 @@ impl Llava {
             .flatten()
             .filter(|&&t| t == self.spec.image_token_id)
             .count();
+        if let Some(nr) = &self.spec.native {
+            let mut tokens = 0;
+            let mut patches = 0;
+            for &[h, w] in sizes {
+                let g = nr.grid(h, w).map_err(Error::input)?;
+                patches += g[0] * g[1] * g[2];
+                tokens += nr.tokens(h, w).map_err(Error::input)?;
+            }
+            if patches != n_inputs || found != tokens {
+                return Err(Error::input(format!(
+                    "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} patches for \
+                     {} image(s) whose sizes need {tokens} tokens and {patches} patches (each image marker needs \
+                     exactly one image, expanded by the image's own size)",
+                    sizes.len()
+                )));
+            }
+            return Ok(());
+        }
         let Some(a) = &self.spec.anyres else {
             let per = self.spec.image_tokens();
             if found != per * n_inputs {
@@ -293,8 +330,22 @@ impl Llava {
         let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
-        let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
-        let feats = self.pack(feats, &input.image_sizes, &alone); // [all image tokens, d]
+        let feats = if let (Some(nr), Encoder::Qwen2Vit(vit)) = (&self.spec.native, &self.vision_tower) {
+            // native resolution: every image's patches through the tower with its own grid, then the merger
+            let grids = input
+                .image_sizes
+                .iter()
+                .map(|&[h, w]| nr.grid(h, w))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(Error::input)?;
+            let f = vit.forward(pixels, &grids)?; // [patches, d_vit]
+            let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
+            let [_, t, d] = out.dims();
+            out.reshape([t, d])
+        } else {
+            let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
+            self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
+        };
         let [_, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.
@@ -363,11 +414,55 @@ impl Llava {
     }
 
     /// Full forward: logits [b, t, vocab]. Positions are 0..t for every row, as transformers' forward without
-    /// explicit `position_ids` (generation uses padding-aware positions, see `generate`).
+    /// explicit `position_ids` (generation uses padding-aware positions, see `generate`); with M-RoPE and images,
+    /// `get_rope_index`'s 3-D positions.
     pub fn forward(&self, input: &MmInput) -> Result<Tensor<3>> {
-        let t = input.ids[0].len();
-        let positions: Vec<Vec<i64>> = input.ids.iter().map(|_| (0..t as i64).collect()).collect();
+        let positions = match self.mrope_positions(input)? {
+            Some((p, _)) => p,
+            None => {
+                let t = input.ids[0].len();
+                input.ids.iter().map(|_| (0..t as i64).collect()).collect()
+            }
+        };
         self.forward_with(input, &positions, None)
+    }
+
+    /// transformers' `get_rope_index` for a batch with images (`None` without M-RoPE or without images): 3·b rows
+    /// of positions (all temporal rows, then row, then column; padding 0) and each row's delta for generation.
+    pub fn mrope_positions(&self, input: &MmInput) -> Result<Option<(Vec<Vec<i64>>, Vec<i64>)>> {
+        let Some(nr) = &self.spec.native else {
+            return Ok(None);
+        };
+        if input.image_sizes.is_empty() {
+            return Ok(None);
+        }
+        let grids = input
+            .image_sizes
+            .iter()
+            .map(|&[h, w]| nr.grid(h, w))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::input)?;
+        let mut grids = grids.into_iter();
+        let (b, t) = (input.ids.len(), input.ids[0].len());
+        let mut axes = vec![vec![0i64; t]; 3 * b];
+        let mut deltas = vec![];
+        for (r, (ids, att)) in input.ids.iter().zip(&input.attention).enumerate() {
+            let is_image: Vec<bool> = ids
+                .iter()
+                .zip(att)
+                .filter(|(_, a)| **a)
+                .map(|(&x, _)| x == self.spec.image_token_id)
+                .collect();
+            let (pos, delta) = nr.rope_index(&is_image, &mut grids).map_err(Error::input)?;
+            let cols: Vec<usize> = (0..t).filter(|&j| att[j]).collect();
+            for (a, p) in pos.iter().enumerate() {
+                for (&j, &v) in cols.iter().zip(p) {
+                    axes[a * b + r][j] = v;
+                }
+            }
+            deltas.push(delta);
+        }
+        Ok(Some((axes, deltas)))
     }
 
     pub fn forward_with(
@@ -386,8 +481,13 @@ impl Llava {
     /// Final hidden states [b, t, d] (after the LLM's last norm) with positions 0..t: what heads on top of the
     /// LLM (a reward model's score, a value head) read.
     pub fn hidden(&self, input: &MmInput) -> Result<Tensor<3>> {
-        let t = input.ids[0].len();
-        let positions: Vec<Vec<i64>> = input.ids.iter().map(|_| (0..t as i64).collect()).collect();
+        let positions = match self.mrope_positions(input)? {
+            Some((p, _)) => p,
+            None => {
+                let t = input.ids[0].len();
+                input.ids.iter().map(|_| (0..t as i64).collect()).collect()
+            }
+        };
         let x = self.input_embeds(input)?;
         Ok(self
             .language_model

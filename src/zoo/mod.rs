@@ -6,5 +6,6 @@ pub mod layers;
 pub mod llms;
 pub mod lora;
 pub mod mllm;
+pub mod native;
 pub mod path;
 pub mod presets;

@@ -60,6 +60,8 @@ pub fn vision(name: &str, family: EncoderFamily) -> Option<VisionSpec> {
         EncoderFamily::SiglipVit => encoder(name, VitFamily::Siglip).map(VisionSpec::Vit),
         // a fused encoder is built from its towers' presets
         EncoderFamily::Fused => None,
+        // Qwen2-VL's tower comes with its checkpoint (`model.from`)
+        EncoderFamily::Qwen2Vit => None,
         EncoderFamily::BlipVision => {
             let (d, f, l, h, p, s) = match name {
                 "shapes" => (64, 192, 3, 4, 16, 32),
@@ -131,6 +133,7 @@ pub fn llm(name: &str, family: LlmFamily, vocab_size: usize) -> Option<LlmSpec> 
         rms_norm_eps: 1e-6,
         act: Act::Silu,
         rope: Rope {
+            mrope_section: None,
             theta: 10000.0,
             head_dim: d / h,
             scaling: RopeScaling::Default {},

@@ -18,6 +18,7 @@
 //! Nothing else changes: recipes select it by `kind`, sweeps by `"model.connector" = [{ kind = … }]`, checkpoints
 //! save it under `multi_modal_projector.*` with its spec in config.json (`mitune_connector`), and parts, LoRA
 //! and resume see it as the part `connector`.
+pub mod merger;
 pub mod mlp;
 pub mod pixel_shuffle;
 pub mod pool;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::zoo::layers::act::Act;
 use crate::zoo::llms::LlmSpec;
+pub use merger::{Merger, MergerSpec};
 pub use mlp::Projector;
 pub use pixel_shuffle::{PixelShuffle, PixelShuffleSpec};
 pub use pool::{Pool, PoolMode, PoolSpec};
@@ -66,6 +68,8 @@ pub enum ConnectorSpec {
     Resampler(ResamplerSpec),
     /// BLIP-2 Q-Former: `queries` learnable queries, BERT layers with cross-attention to the features.
     Qformer(QFormerSpec),
+    /// Qwen2-VL's 2×2 patch merger (LayerNorm, concatenate each block, MLP).
+    Merger(MergerSpec),
 }
 fn gelu() -> Act {
     Act::Gelu
@@ -80,6 +84,7 @@ pub enum Connector {
     Pool(Pool),
     Resampler(Resampler),
     Qformer(QFormer),
+    Merger(Merger),
 }
 
 impl ConnectorSpec {
@@ -92,6 +97,7 @@ impl ConnectorSpec {
             ConnectorSpec::Pool(_) => "pool",
             ConnectorSpec::Resampler(_) => "resampler",
             ConnectorSpec::Qformer(_) => "qformer",
+            ConnectorSpec::Merger(_) => "merger",
         }
     }
 
@@ -109,6 +115,7 @@ impl ConnectorSpec {
             ConnectorSpec::Pool(s) => s.out_tokens(f),
             ConnectorSpec::Resampler(s) => s.out_tokens(f),
             ConnectorSpec::Qformer(s) => s.out_tokens(f),
+            ConnectorSpec::Merger(s) => s.out_tokens(f),
         }
     }
 
@@ -136,6 +143,7 @@ impl ConnectorSpec {
             ConnectorSpec::Pool(s) => Connector::Pool(s.init(f, llm, bias, device)),
             ConnectorSpec::Resampler(s) => Connector::Resampler(s.init(f, llm, device)),
             ConnectorSpec::Qformer(s) => Connector::Qformer(s.init(f, llm, device)),
+            ConnectorSpec::Merger(s) => Connector::Merger(s.init(f, llm, device)),
         }
     }
 
@@ -175,6 +183,7 @@ impl Connector {
             Connector::Pool(m) => m.forward(x),
             Connector::Resampler(m) => m.forward(x),
             Connector::Qformer(m) => m.forward(x),
+            Connector::Merger(m) => m.forward(x),
         }
     }
 }

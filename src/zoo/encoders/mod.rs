@@ -10,6 +10,7 @@ pub mod blip;
 pub mod config;
 pub mod dinov2;
 pub mod fused;
+pub mod qwen2vl;
 pub mod vit;
 
 use burn::module::Module;
@@ -23,6 +24,7 @@ pub use blip::{BlipSpec, BlipVision};
 pub use config::{FeatureSelect, VitFamily, VitSpec};
 pub use dinov2::{Dinov2, Dinov2Spec};
 pub use fused::{Fused, FusedSpec};
+pub use qwen2vl::{Qwen2Vit, Qwen2VitSpec};
 pub use vit::VisionTower;
 
 /// An encoder family as recipes name it (`[model.encoder] kind = "clip_vit"`).
@@ -36,6 +38,8 @@ pub enum EncoderFamily {
     BlipVision,
     /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
     Fused,
+    /// Qwen2-VL's native-resolution ViT (`Qwen2VisionTransformerPretrainedModel`).
+    Qwen2Vit,
 }
 
 /// Everything needed to build an encoder; derived from config.json or a preset.
@@ -47,6 +51,7 @@ pub enum VisionSpec {
     Dinov2(Dinov2Spec),
     Blip(BlipSpec),
     Fused(FusedSpec),
+    Qwen2Vit(Qwen2VitSpec),
 }
 
 /// The encoder module: one variant per family (transparent in module paths, see `zoo::path`).
@@ -56,6 +61,7 @@ pub enum Encoder {
     Dinov2(Dinov2),
     Blip(BlipVision),
     Fused(Fused),
+    Qwen2Vit(Qwen2Vit),
 }
 
 impl VisionSpec {
@@ -70,6 +76,9 @@ impl VisionSpec {
                 Ok(VisionSpec::Blip(BlipSpec::from_hf(v, path, prefix)?))
             }
             Some("mitune_fused") => Ok(VisionSpec::Fused(FusedSpec::from_hf(v, path, prefix)?)),
+            Some("qwen2_vl" | "qwen2_vl_vision") => {
+                Ok(VisionSpec::Qwen2Vit(Qwen2VitSpec::from_hf(v, path, prefix)?))
+            }
             _ => Ok(VisionSpec::Vit(VitSpec::from_hf(v, path, prefix)?)),
         }
     }
@@ -80,6 +89,7 @@ impl VisionSpec {
             VisionSpec::Dinov2(s) => s.to_hf(),
             VisionSpec::Blip(s) => s.to_hf(),
             VisionSpec::Fused(s) => s.to_hf(),
+            VisionSpec::Qwen2Vit(s) => s.to_hf(),
         }
     }
 
@@ -90,6 +100,7 @@ impl VisionSpec {
             VisionSpec::Dinov2(_) => EncoderFamily::Dinov2,
             VisionSpec::Blip(_) => EncoderFamily::BlipVision,
             VisionSpec::Fused(_) => EncoderFamily::Fused,
+            VisionSpec::Qwen2Vit(_) => EncoderFamily::Qwen2Vit,
         }
     }
 
@@ -101,6 +112,7 @@ impl VisionSpec {
             VisionSpec::Dinov2(s) => s.hf_architecture(),
             VisionSpec::Blip(s) => s.hf_architecture(),
             VisionSpec::Fused(_) => "MituneFusedVisionModel",
+            VisionSpec::Qwen2Vit(_) => "Qwen2VisionTransformerPretrainedModel",
         }
     }
 
@@ -145,6 +157,16 @@ impl VisionSpec {
                 "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
             }),
             EncoderFamily::Fused => unreachable!("handled above"),
+            // Qwen2VLImageProcessor: resize within a pixel budget to a multiple of patch × merge, CLIP mean/std
+            EncoderFamily::Qwen2Vit => json!({
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "do_resize": true, "resample": 3,
+                "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+                "patch_size": self.patch_size(), "temporal_patch_size": 2, "merge_size": 2,
+                "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }),
         }
     }
 
@@ -155,6 +177,7 @@ impl VisionSpec {
             VisionSpec::Dinov2(s) => s.hidden_size,
             VisionSpec::Blip(s) => s.hidden_size,
             VisionSpec::Fused(f) => f.towers.iter().map(VisionSpec::hidden_size).sum(),
+            VisionSpec::Qwen2Vit(s) => s.embed_dim,
         }
     }
     /// Layers (a fused encoder's: its shallowest tower's, the range a feature layer index must fit).
@@ -163,6 +186,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) => s.num_layers,
             VisionSpec::Dinov2(s) => s.num_layers,
             VisionSpec::Blip(s) => s.num_layers,
+            VisionSpec::Qwen2Vit(s) => s.depth,
             VisionSpec::Fused(f) => f
                 .towers
                 .iter()
@@ -183,6 +207,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) => s.patch_size,
             VisionSpec::Dinov2(s) => s.patch_size,
             VisionSpec::Blip(s) => s.patch_size,
+            VisionSpec::Qwen2Vit(s) => s.patch_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -192,6 +217,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) => s.image_size,
             VisionSpec::Dinov2(s) => s.image_size,
             VisionSpec::Blip(s) => s.image_size,
+            VisionSpec::Qwen2Vit(s) => s.patch_size * s.spatial_merge_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -201,6 +227,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) => s.input_size,
             VisionSpec::Dinov2(s) => s.input_size,
             VisionSpec::Blip(s) => s.input_size,
+            VisionSpec::Qwen2Vit(s) => s.patch_size * s.spatial_merge_size,
             VisionSpec::Fused(_) => 0,
         }
     }
@@ -217,6 +244,8 @@ impl VisionSpec {
                 }
                 return;
             }
+            // native resolution: every image keeps its own size (min/max pixels bound it)
+            VisionSpec::Qwen2Vit(_) => return,
         };
         *input = size;
         if retrain {
@@ -254,6 +283,13 @@ impl VisionSpec {
                 &mut s.num_heads,
                 &mut s.patch_size,
             ],
+            VisionSpec::Qwen2Vit(s) => [
+                &mut s.embed_dim,
+                &mut s.out_hidden_size,
+                &mut s.depth,
+                &mut s.num_heads,
+                &mut s.patch_size,
+            ],
             VisionSpec::Fused(_) => return,
         };
         for (v, slot) in [hidden, intermediate, layers, heads, patch]
@@ -275,7 +311,7 @@ impl VisionSpec {
             VisionSpec::Vit(s) => usize::from(s.has_cls()),
             VisionSpec::Dinov2(s) => 1 + s.registers,
             VisionSpec::Blip(_) => 1,
-            VisionSpec::Fused(_) => 0,
+            VisionSpec::Fused(_) | VisionSpec::Qwen2Vit(_) => 0,
         }
     }
     /// Tokens the tower outputs per image.
@@ -287,6 +323,9 @@ impl VisionSpec {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if let VisionSpec::Fused(f) = self {
             return f.validate();
+        }
+        if let VisionSpec::Qwen2Vit(s) = self {
+            return s.validate();
         }
         if self.num_layers() == 0 || self.patch_size() == 0 || self.hidden_size() == 0 {
             return Err("encoder: layers, patch size and width must be positive".into());
@@ -310,6 +349,7 @@ impl VisionSpec {
                 towers: f.towers.iter().map(|t| t.init(device)).collect(),
                 grid: self.grid(),
             }),
+            VisionSpec::Qwen2Vit(s) => Encoder::Qwen2Vit(s.init(device)),
         }
     }
 }
@@ -322,6 +362,8 @@ impl Encoder {
             Encoder::Dinov2(m) => m.hidden_states(pixels, last),
             Encoder::Blip(m) => m.hidden_states(pixels, last),
             Encoder::Fused(m) => m.hidden_states(pixels, last),
+            // needs each image's patch grid: `Qwen2Vit::forward` (Llava reads it with the sizes)
+            Encoder::Qwen2Vit(_) => vec![],
         }
     }
 
@@ -336,6 +378,11 @@ impl Encoder {
     ) -> Result<Tensor<3>> {
         if let (Encoder::Fused(m), VisionSpec::Fused(s)) = (self, spec) {
             return m.features(pixels, select, s);
+        }
+        if let Encoder::Qwen2Vit(_) = self {
+            return Err(Error::input(
+                "a Qwen2-VL vision tower reads each image's patch grid: its features come from Llava::input_embeds",
+            ));
         }
         let idx = select.indices(spec.num_layers()).map_err(Error::input)?;
         let last = idx.iter().copied().max().unwrap_or(0);
@@ -364,7 +411,7 @@ impl Encoder {
             Encoder::Vit(m) => m.post_layernorm.forward(x),
             Encoder::Dinov2(m) => m.layernorm.forward(x),
             Encoder::Blip(m) => m.post_layernorm.forward(x),
-            Encoder::Fused(_) => x,
+            Encoder::Fused(_) | Encoder::Qwen2Vit(_) => x,
         }
     }
 
@@ -375,6 +422,15 @@ impl Encoder {
             Encoder::Dinov2(m) => m.forward(pixels),
             Encoder::Blip(m) => m.forward(pixels),
             Encoder::Fused(m) => m.forward(pixels),
+            // the tower's own output for one image whose patches form a square grid (any other grid needs
+            // `Qwen2Vit::forward` with the grids; a patch count that is no square gives no tokens)
+            Encoder::Qwen2Vit(m) => {
+                let (n, device) = (pixels.dims()[0], pixels.device());
+                let side = (n as f64).sqrt() as usize;
+                m.forward(pixels, &[[1, side, side]])
+                    .map(|x| x.unsqueeze::<3>())
+                    .unwrap_or_else(|_| Tensor::zeros([1, 0, m.spec.embed_dim], &device))
+            }
         }
     }
 }

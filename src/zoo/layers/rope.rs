@@ -1,6 +1,8 @@
 //! Rotary position embeddings in HuggingFace's `rotate_half` convention (the first half of each head's dims pairs
 //! with the second half), with `rope_theta` and the rope-scaling types LLaMA-family checkpoints ship:
-//! default, linear and llama3 (transformers `modeling_rope_utils._compute_llama3_parameters`).
+//! default, linear and llama3 (transformers `modeling_rope_utils._compute_llama3_parameters`), and Qwen2-VL's
+//! multimodal RoPE (M-RoPE): three position axes (temporal, height, width), each rotating its own section of the
+//! frequencies (`mrope_section`, e.g. [16, 24, 24] of 64), so an image's tokens carry their 2-D place.
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,9 @@ pub struct Rope {
     pub theta: f64,
     pub head_dim: usize,
     pub scaling: RopeScaling,
+    /// M-RoPE: frequencies per axis (temporal, height, width), summing to head_dim / 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 impl Rope {
@@ -63,6 +68,48 @@ impl Rope {
                     .collect()
             }
         }
+    }
+
+    /// cos and sin tables for the given positions: each [b, 1, t, head_dim] (broadcast over heads). With M-RoPE,
+    /// `positions` holds 3·b rows (all temporal rows, then height, then width) or b rows (text: the three axes
+    /// equal, as transformers expands 2-D position ids).
+    pub fn tables_for(
+        &self,
+        positions: &[Vec<i64>],
+        b: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let Some(section) = &self.mrope_section else {
+            return self.tables(positions, device);
+        };
+        let axes = if positions.len() == 3 * b { 3 } else { 1 };
+        // axis of each frequency: transformers' `split(mrope_section)` chunk i reads axis i % 3
+        let axis_of: Vec<usize> = section
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i % 3, n))
+            .collect();
+        let inv = self.inv_freq();
+        let (t, d) = (positions[0].len(), self.head_dim);
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
+        for r in 0..b {
+            for j in 0..t {
+                for _half in 0..2 {
+                    for (f, inv_f) in inv.iter().enumerate() {
+                        let a_i = axis_of.get(f).copied().unwrap_or(0) % axes;
+                        let p = positions[a_i * b + r][j];
+                        let a = (p as f32) * (*inv_f as f32);
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+        (
+            float_tensor(cos, [b, 1, t, d], device),
+            float_tensor(sin, [b, 1, t, d], device),
+        )
     }
 
     /// cos and sin tables for the given positions: each [b, 1, t, head_dim] (broadcast over heads).

@@ -127,7 +127,8 @@ impl LlmSpec {
         let family = match mt.as_str() {
             "llama" => LlmFamily::Llama,
             "mistral" => LlmFamily::Mistral,
-            "qwen2" => LlmFamily::Qwen2,
+            // Qwen2-VL's text model is Qwen2 with M-RoPE (`rope_parameters.mrope_section`)
+            "qwen2" | "qwen2_vl_text" | "qwen2_5_vl_text" => LlmFamily::Qwen2,
             other => {
                 return Err(Error::key(
                     path,
@@ -160,6 +161,7 @@ impl LlmSpec {
             ),
             None => (c.rope_theta.unwrap_or(10000.0), c.rope_scaling.clone()),
         };
+        let mut mrope_section = None;
         let scaling = match scaling_v {
             None | Some(serde_json::Value::Null) => RopeScaling::Default {},
             Some(mut s) => {
@@ -170,6 +172,15 @@ impl LlmSpec {
                     }
                     // keys other types carry that don't change the frequencies
                     o.remove("partial_rotary_factor");
+                    if let Some(m) = o.remove("mrope_section") {
+                        mrope_section = Some(serde_json::from_value::<Vec<usize>>(m).map_err(|e| {
+                            Error::key(path, format!("{prefix}rope_parameters.mrope_section"), e.to_string())
+                        })?);
+                    }
+                    // Qwen2-VL 4.x configs name M-RoPE's (default) frequencies `mrope`
+                    if o.get("rope_type").and_then(|t| t.as_str()) == Some("mrope") {
+                        o.insert("rope_type".into(), "default".into());
+                    }
                 }
                 serde_json::from_value(s.clone()).map_err(|e| {
                     Error::key(path, format!("{prefix}rope_scaling"), format!("unsupported rope scaling {s} ({e}); mitune knows default, linear, llama3"))
@@ -192,6 +203,7 @@ impl LlmSpec {
                 theta,
                 head_dim,
                 scaling,
+                mrope_section,
             },
             qkv_bias: c.attention_bias.unwrap_or(family_bias),
             o_bias: c.attention_bias.unwrap_or(false) && !family_bias,
@@ -211,6 +223,9 @@ impl LlmSpec {
     pub fn to_hf(&self) -> serde_json::Value {
         let mut rope = serde_json::to_value(&self.rope.scaling).unwrap();
         rope["rope_theta"] = self.rope.theta.into();
+        if let Some(m) = &self.rope.mrope_section {
+            rope["mrope_section"] = serde_json::json!(m);
+        }
         let mut v = serde_json::json!({
             "model_type": self.family.hf_model_type(),
             "vocab_size": self.vocab_size,

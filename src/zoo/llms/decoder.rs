@@ -159,8 +159,8 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         let device = x.device();
-        let t = x.dims()[1];
-        let (cos, sin) = self.spec.rope.tables(positions, &device);
+        let [b, t, _] = x.dims();
+        let (cos, sin) = self.spec.rope.tables_for(positions, b, &device);
         let mask = attention::build_mask(key_valid, t, true, &device);
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {

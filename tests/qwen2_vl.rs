@@ -1,0 +1,174 @@
+//! Qwen2-VL (native dynamic resolution, 2-D rotary ViT, 2×2 patch merger, M-RoPE) against transformers'
+//! `Qwen2VLForConditionalGeneration` and `Qwen2VLProcessor` (fixture from tools/make_qwen2_vl_fixture.py: a tiny
+//! random model with bf16 weights, 8-px patches, a 256..4096-pixel budget): patch grids and placeholder counts per
+//! photo, pixel values, input_ids, `get_rope_index` positions and deltas, logits on one image, two images of
+//! different sizes, text only and a left-padded batch, greedy ids and log-probs, the masked loss and gradients, and
+//! a save that reloads.
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::{Expected, expected, fixture, image, max_abs_diff};
+use mitune::checkpoint::hf::llava_spec;
+use mitune::checkpoint::{load_llava, save_llava};
+use mitune::generate::{GenConfig, generate};
+use mitune::zoo::layers::{float_tensor, int_tensor, to_vec};
+use mitune::zoo::mllm::MmInput;
+
+const NAME: &str = "qwen2_vl";
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// The fixture's first-frame patches [N, 3, p, p] -> the model's [N, 3·2, p, p] (channel c·2 + frame).
+fn patches(e: &Expected, key: &str, device: &Device) -> Tensor<4> {
+    let (s, v) = e.tensor(key);
+    let (n, p) = (s[0], s[2]);
+    let mut out = Vec::with_capacity(v.len() * 2);
+    for i in 0..n {
+        for c in 0..3 {
+            let plane = &v[(i * 3 + c) * p * p..(i * 3 + c + 1) * p * p];
+            out.extend_from_slice(plane);
+            out.extend_from_slice(plane);
+        }
+    }
+    float_tensor(out, [n, 6, p, p], device)
+}
+
+fn sizes_of(e: &Expected, names: &[String]) -> Vec<[u32; 2]> {
+    names
+        .iter()
+        .map(|n| serde_json::from_value(e.meta["preprocess"][n]["size"].clone()).unwrap())
+        .collect()
+}
+
+fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
+    let m = &e.meta[case];
+    let ids: Vec<Vec<i64>> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    let mask: Vec<Vec<i64>> = serde_json::from_value(m["attention_mask"].clone()).unwrap();
+    let attention = mask.iter().map(|r| r.iter().map(|&x| x == 1).collect()).collect();
+    let names = strings(&m["images"]);
+    let px = (!names.is_empty()).then(|| patches(e, &format!("{case}.pixel_values"), device));
+    let per_row = if case == "batch" { vec![1, 1] } else { vec![names.len()] };
+    MmInput::new(ids, attention, px).with_rows(sizes_of(e, &names), per_row)
+}
+
+#[test]
+fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
+    let device = Device::flex();
+    let dir = fixture(NAME);
+    let e = expected(NAME);
+    let spec = llava_spec(&dir).unwrap();
+    let nr = spec.native.clone().expect("qwen2_vl is native resolution");
+    assert_eq!((nr.min_pixels, nr.max_pixels), (256, 4096));
+    for (name, want) in e.meta["preprocess"].as_object().unwrap() {
+        let [h, w]: [u32; 2] = serde_json::from_value(want["size"].clone()).unwrap();
+        let g: [usize; 3] = serde_json::from_value(want["grid_thw"].clone()).unwrap();
+        assert_eq!(nr.grid(h, w).unwrap(), g, "{name}: grid");
+    }
+    let model = load_llava(&dir, &device).unwrap();
+    for case in ["image_text", "two_images", "text_only", "batch"] {
+        let input = case_input(&e, case, &device);
+        if let Some(want) = e.meta[case].get("position_ids") {
+            let want: Vec<Vec<Vec<i64>>> = serde_json::from_value(want.clone()).unwrap();
+            let (got, deltas) = model.mrope_positions(&input).unwrap().unwrap();
+            let b = input.ids.len();
+            for a in 0..3 {
+                for r in 0..b {
+                    assert_eq!(got[a * b + r], want[a][r], "{case}: positions axis {a} row {r}");
+                }
+            }
+            let wd: Vec<i64> = serde_json::from_value(e.meta[case]["rope_deltas"].clone()).unwrap();
+            assert_eq!(deltas, wd, "{case}: rope deltas");
+        }
+        let got = to_vec(model.forward(&input).unwrap());
+        let (shape, want) = e.tensor(&format!("{case}.logits"));
+        let cols: Vec<usize> = serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
+        let (t, v) = (input.ids[0].len(), shape[2]);
+        let mut err = 0f32;
+        for (b, row) in input.attention.iter().enumerate() {
+            for (k, &j) in cols.iter().enumerate() {
+                if row[j] {
+                    let o = (b * t + j) * v;
+                    let w = (b * cols.len() + k) * v;
+                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
+                }
+            }
+        }
+        eprintln!("qwen2_vl {case}: max |Δlogit| {err:.2e}");
+        assert!(err <= 1e-4, "{case}: logits differ by {err}");
+    }
+    let g = &e.meta["greedy"];
+    let ids: Vec<i64> = serde_json::from_value(g["input_ids"].clone()).unwrap();
+    let names = strings(&g["images"]);
+    let px = patches(&e, "image_text.pixel_values", &device);
+    let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
+    let out = generate(&model, MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names)), &cfg, |_| {})
+        .unwrap();
+    let want: Vec<i64> = serde_json::from_value(g["output_ids"].clone()).unwrap();
+    assert_eq!(out.output_ids, want, "greedy ids");
+    let lp: Vec<f64> = serde_json::from_value(g["logprobs"].clone()).unwrap();
+    for (a, b) in out.logprobs.iter().zip(&lp) {
+        assert!((a - b).abs() <= 1e-4, "log-probs {:?} vs {lp:?}", out.logprobs);
+    }
+    // saved by mitune (Qwen2-VL layout), reloaded: equal logits; tools/make_qwen2_vl_fixture.py roundtrip loads the
+    // same directory in transformers
+    let out = std::env::temp_dir().join("mitune-qwen2-vl-saved");
+    save_llava(&model, &out, safetensors::Dtype::F32, Some(&dir)).unwrap();
+    let back = load_llava(&out, &device).unwrap();
+    let input = case_input(&e, "two_images", &device);
+    let a = to_vec(model.forward(&input).unwrap());
+    let b = to_vec(back.forward(&input).unwrap());
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let _ = image;
+}
+
+/// transformers: `model(..., labels).loss` with the prompt masked; the gradients of the merger's first linear and
+/// of the patch embedding within 1e-3 relative.
+#[test]
+fn qwen2_vl_loss_and_gradients_match_transformers() {
+    let device = Device::flex().autodiff();
+    let e = expected(NAME);
+    let model = load_llava(&fixture(NAME), &device).unwrap();
+    let m = &e.meta["loss"];
+    let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
+    let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
+    // the loss image is the batch case's second image (its 64 patches after the tiny one's 8)
+    let all = patches(&e, "batch.pixel_values", &device);
+    let [n, c, p, _] = all.dims();
+    let px = all.slice([8..n, 0..c, 0..p, 0..p]);
+    let names = strings(&m["images"]);
+    let logits = model.forward(&MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names))).unwrap();
+    let [b, t, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
+    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
+    let weights: Vec<f32> = labels[1..].iter().map(|&l| if l >= 0 { 1.0 } else { 0.0 }).collect();
+    let cnt: f32 = weights.iter().sum();
+    let picked = logp
+        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
+        .reshape([1, t - 1]);
+    let loss = (picked * float_tensor(weights, [1, t - 1], &device)).sum().neg() / cnt;
+    let got = to_vec(loss.clone())[0];
+    let want = m["loss"].as_f64().unwrap() as f32;
+    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    let grads = loss.backward();
+    let rel = |g: Vec<f32>, key: &str| {
+        let (_, want) = e.tensor(key);
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        max_abs_diff(&g, &want) / scale
+    };
+    let mitune::zoo::connectors::Connector::Merger(mg) = &model.multi_modal_projector else {
+        panic!("the connector is the merger")
+    };
+    let g = to_vec(mg.fc1.weight.val().grad(&grads).unwrap().transpose());
+    let g1 = rel(g[..32 * 128].to_vec(), "loss.grad_merger_mlp0_weight");
+    let mitune::zoo::encoders::Encoder::Qwen2Vit(vit) = &model.vision_tower else {
+        panic!("the encoder is Qwen2-VL's")
+    };
+    let g2 = rel(
+        to_vec(vit.patch_embed.proj.weight.val().grad(&grads).unwrap()),
+        "loss.grad_patch_embed",
+    );
+    eprintln!("qwen2_vl: loss {got} vs {want}; grad rel err merger fc1 {g1:.2e}, patch_embed {g2:.2e}");
+    assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
+}
