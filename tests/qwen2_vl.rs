@@ -46,10 +46,17 @@ fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
     let m = &e.meta[case];
     let ids: Vec<Vec<i64>> = serde_json::from_value(m["input_ids"].clone()).unwrap();
     let mask: Vec<Vec<i64>> = serde_json::from_value(m["attention_mask"].clone()).unwrap();
-    let attention = mask.iter().map(|r| r.iter().map(|&x| x == 1).collect()).collect();
+    let attention = mask
+        .iter()
+        .map(|r| r.iter().map(|&x| x == 1).collect())
+        .collect();
     let names = strings(&m["images"]);
     let px = (!names.is_empty()).then(|| patches(e, &format!("{case}.pixel_values"), device));
-    let per_row = if case == "batch" { vec![1, 1] } else { vec![names.len()] };
+    let per_row = if case == "batch" {
+        vec![1, 1]
+    } else {
+        vec![names.len()]
+    };
     MmInput::new(ids, attention, px).with_rows(sizes_of(e, &names), per_row)
 }
 
@@ -75,7 +82,11 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
             let b = input.ids.len();
             for a in 0..3 {
                 for r in 0..b {
-                    assert_eq!(got[a * b + r], want[a][r], "{case}: positions axis {a} row {r}");
+                    assert_eq!(
+                        got[a * b + r],
+                        want[a][r],
+                        "{case}: positions axis {a} row {r}"
+                    );
                 }
             }
             let wd: Vec<i64> = serde_json::from_value(e.meta[case]["rope_deltas"].clone()).unwrap();
@@ -83,7 +94,8 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
         }
         let got = to_vec(model.forward(&input).unwrap());
         let (shape, want) = e.tensor(&format!("{case}.logits"));
-        let cols: Vec<usize> = serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
+        let cols: Vec<usize> =
+            serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
         let (t, v) = (input.ids[0].len(), shape[2]);
         let mut err = 0f32;
         for (b, row) in input.attention.iter().enumerate() {
@@ -103,13 +115,22 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
     let names = strings(&g["images"]);
     let px = patches(&e, "image_text.pixel_values", &device);
     let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
-    let out = generate(&model, MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names)), &cfg, |_| {})
-        .unwrap();
+    let out = generate(
+        &model,
+        MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names)),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
     let want: Vec<i64> = serde_json::from_value(g["output_ids"].clone()).unwrap();
     assert_eq!(out.output_ids, want, "greedy ids");
     let lp: Vec<f64> = serde_json::from_value(g["logprobs"].clone()).unwrap();
     for (a, b) in out.logprobs.iter().zip(&lp) {
-        assert!((a - b).abs() <= 1e-4, "log-probs {:?} vs {lp:?}", out.logprobs);
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "log-probs {:?} vs {lp:?}",
+            out.logprobs
+        );
     }
     // saved by mitune (Qwen2-VL layout), reloaded: equal logits; tools/make_qwen2_vl_fixture.py roundtrip loads the
     // same directory in transformers
@@ -138,16 +159,24 @@ fn qwen2_vl_loss_and_gradients_match_transformers() {
     let [n, c, p, _] = all.dims();
     let px = all.slice([8..n, 0..c, 0..p, 0..p]);
     let names = strings(&m["images"]);
-    let logits = model.forward(&MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names))).unwrap();
+    let logits = model
+        .forward(&MmInput::single(ids, Some(px)).with_sizes(sizes_of(&e, &names)))
+        .unwrap();
     let [b, t, v] = logits.dims();
     let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
     let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
-    let weights: Vec<f32> = labels[1..].iter().map(|&l| if l >= 0 { 1.0 } else { 0.0 }).collect();
+    let weights: Vec<f32> = labels[1..]
+        .iter()
+        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
+        .collect();
     let cnt: f32 = weights.iter().sum();
     let picked = logp
         .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
         .reshape([1, t - 1]);
-    let loss = (picked * float_tensor(weights, [1, t - 1], &device)).sum().neg() / cnt;
+    let loss = (picked * float_tensor(weights, [1, t - 1], &device))
+        .sum()
+        .neg()
+        / cnt;
     let got = to_vec(loss.clone())[0];
     let want = m["loss"].as_f64().unwrap() as f32;
     assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
@@ -169,6 +198,8 @@ fn qwen2_vl_loss_and_gradients_match_transformers() {
         to_vec(vit.patch_embed.proj.weight.val().grad(&grads).unwrap()),
         "loss.grad_patch_embed",
     );
-    eprintln!("qwen2_vl: loss {got} vs {want}; grad rel err merger fc1 {g1:.2e}, patch_embed {g2:.2e}");
+    eprintln!(
+        "qwen2_vl: loss {got} vs {want}; grad rel err merger fc1 {g1:.2e}, patch_embed {g2:.2e}"
+    );
     assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
 }

@@ -2,10 +2,10 @@
 //! model is composed from, tokenizer and processor files.
 pub mod hf;
 pub mod instructblip;
-pub mod qwen2vl;
 pub mod keys;
 pub mod params;
 pub mod peft;
+pub mod qwen2vl;
 pub mod safetensors_io;
 
 pub use hf::{Composition, compose_llava, load_llava, save_llava};

@@ -23,7 +23,11 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
     let vc = v.get("vision_config").unwrap_or(&Value::Null);
     let vision = VisionSpec::from_hf(vc, path, "vision_config.")?;
     let VisionSpec::Qwen2Vit(vit) = &vision else {
-        return Err(Error::key(path, "vision_config.model_type", "a Qwen2-VL checkpoint needs its qwen2_vl vision tower"));
+        return Err(Error::key(
+            path,
+            "vision_config.model_type",
+            "a Qwen2-VL checkpoint needs its qwen2_vl vision tower",
+        ));
     };
     // 5.x nests the text model under `text_config`; 4.x hub configs keep it at the top level
     let (text, prefix) = match v.get("text_config") {
@@ -35,14 +39,21 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
                 && let Some(r) = v.get("rope_scaling")
             {
                 t["rope_parameters"] = r.clone();
-                t["rope_parameters"]["rope_theta"] = v.get("rope_theta").cloned().unwrap_or(json!(1000000.0));
+                t["rope_parameters"]["rope_theta"] =
+                    v.get("rope_theta").cloned().unwrap_or(json!(1000000.0));
             }
             (t, "")
         }
     };
-    let llm = LlmSpec::from_hf(&text, path, prefix, v.get("tie_word_embeddings").and_then(Value::as_bool))?;
+    let llm = LlmSpec::from_hf(
+        &text,
+        path,
+        prefix,
+        v.get("tie_word_embeddings").and_then(Value::as_bool),
+    )?;
     let id = |k: &str| v.get(k).and_then(Value::as_i64);
-    let image_token_id = id("image_token_id").ok_or_else(|| Error::key(path, "image_token_id", "missing"))?;
+    let image_token_id =
+        id("image_token_id").ok_or_else(|| Error::key(path, "image_token_id", "missing"))?;
     // the processor's pixel budget: 5.x `size.{shortest,longest}_edge`, 4.x `min_pixels`/`max_pixels`
     let budget = |edge: &str, old: &str, default: u64| {
         processor
@@ -63,10 +74,16 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
         video_token_id: id("video_token_id"),
     };
     let spec = LlavaSpec {
-        connector: ConnectorSpec::Merger(MergerSpec { merge: vit.spatial_merge_size }),
+        connector: ConnectorSpec::Merger(MergerSpec {
+            merge: vit.spatial_merge_size,
+        }),
         vision,
         // the last block's output, every patch (the merger normalises it)
-        select: FeatureSelect { layers: vec![-1], drop_cls: false, post_norm: false },
+        select: FeatureSelect {
+            layers: vec![-1],
+            drop_cls: false,
+            post_norm: false,
+        },
         projector_bias: true,
         llm,
         image_token_id,
@@ -89,12 +106,18 @@ pub fn keys(path: &str) -> Vec<String> {
         } else {
             rest.to_string()
         };
-        vec![format!("visual.merger.{rest}"), format!("model.visual.merger.{rest}")]
+        vec![
+            format!("visual.merger.{rest}"),
+            format!("model.visual.merger.{rest}"),
+        ]
     } else if let Some(rest) = path.strip_prefix("language_model.") {
         if rest.starts_with("lm_head.") {
             vec![rest.to_string()]
         } else {
-            vec![format!("model.{rest}"), format!("model.language_model.{rest}")]
+            vec![
+                format!("model.{rest}"),
+                format!("model.language_model.{rest}"),
+            ]
         }
     } else {
         vec![path.to_string()]

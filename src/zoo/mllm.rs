@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::zoo::anyres::AnyRes;
-use crate::zoo::native::NativeRes;
 use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::{KvCache, Llm, LlmSpec};
+use crate::zoo::native::NativeRes;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlavaSpec {
@@ -187,7 +187,12 @@ impl LlavaSpec {
         let out = self.connector.out_tokens(&self.features())?;
         if let Some(n) = &self.native {
             n.validate()?;
-            let m = self.llm.rope.mrope_section.as_ref().map(|s| s.iter().sum::<usize>());
+            let m = self
+                .llm
+                .rope
+                .mrope_section
+                .as_ref()
+                .map(|s| s.iter().sum::<usize>());
             if m != Some(self.llm.head_dim / 2) {
                 return Err(format!(
                     "text_config.rope_parameters.mrope_section {:?} must sum to head_dim / 2 = {}",
@@ -330,22 +335,23 @@ impl Llava {
         let Some(pixels) = input.images().cloned() else {
             return Ok(embeds);
         };
-        let feats = if let (Some(nr), Encoder::Qwen2Vit(vit)) = (&self.spec.native, &self.vision_tower) {
-            // native resolution: every image's patches through the tower with its own grid, then the merger
-            let grids = input
-                .image_sizes
-                .iter()
-                .map(|&[h, w]| nr.grid(h, w))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(Error::input)?;
-            let f = vit.forward(pixels, &grids)?; // [patches, d_vit]
-            let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
-            let [_, t, d] = out.dims();
-            out.reshape([t, d])
-        } else {
-            let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
-            self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
-        };
+        let feats =
+            if let (Some(nr), Encoder::Qwen2Vit(vit)) = (&self.spec.native, &self.vision_tower) {
+                // native resolution: every image's patches through the tower with its own grid, then the merger
+                let grids = input
+                    .image_sizes
+                    .iter()
+                    .map(|&[h, w]| nr.grid(h, w))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(Error::input)?;
+                let f = vit.forward(pixels, &grids)?; // [patches, d_vit]
+                let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
+                let [_, t, d] = out.dims();
+                out.reshape([t, d])
+            } else {
+                let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
+                self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
+            };
         let [_, d] = feats.dims();
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
         // embeddings and then the image features in reading order.

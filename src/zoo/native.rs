@@ -169,7 +169,10 @@ mod tests {
         assert_eq!(q.resize(1080, 1920).unwrap(), (728, 1316));
         assert_eq!(q.tokens(480, 640).unwrap(), 34 * 46 / 4);
         assert!(q.resize(10, 3000).unwrap_err().contains("aspect ratio"));
-        let bad = NativeRes { max_pixels: 100, ..q };
+        let bad = NativeRes {
+            max_pixels: 100,
+            ..q
+        };
         assert!(bad.validate().unwrap_err().contains("below min_pixels"));
     }
 }

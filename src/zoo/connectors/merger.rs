@@ -47,7 +47,9 @@ impl MergerSpec {
     pub fn init(&self, f: &Features, llm: &LlmSpec, device: &Device) -> Merger {
         let wide = f.width * self.merge * self.merge;
         Merger {
-            ln_q: LayerNormConfig::new(f.width).with_epsilon(1e-6).init(device),
+            ln_q: LayerNormConfig::new(f.width)
+                .with_epsilon(1e-6)
+                .init(device),
             fc1: LinearConfig::new(wide, wide).init(device),
             fc2: LinearConfig::new(wide, llm.hidden_size).init(device),
             merge: self.merge,

@@ -80,10 +80,13 @@ impl Qwen2VitSpec {
     pub fn from_hf(v: &Value, path: &Path, prefix: &str) -> Result<Self> {
         let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
         let need = |k: &str| {
-            get(k).ok_or_else(|| Error::key(path, format!("{prefix}{k}"), "missing or not a number"))
+            get(k)
+                .ok_or_else(|| Error::key(path, format!("{prefix}{k}"), "missing or not a number"))
         };
         let act = crate::zoo::llms::config::parse_act(
-            v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu"),
+            v.get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("quick_gelu"),
             path,
             &format!("{prefix}hidden_act"),
         )?;
@@ -113,7 +116,8 @@ impl Qwen2VitSpec {
             "embed_dim": self.embed_dim,
             "hidden_size": self.out_hidden_size,
             "hidden_act": self.act.hf_name(),
-            "mlp_ratio": self.mlp_ratio,
+            // transformers 5.x types it as an int (released configs say 4)
+            "mlp_ratio": if self.mlp_ratio.fract() == 0.0 { json!(self.mlp_ratio as u64) } else { json!(self.mlp_ratio) },
             "num_heads": self.num_heads,
             "in_channels": self.in_channels,
             "patch_size": self.patch_size,
@@ -127,7 +131,11 @@ impl Qwen2VitSpec {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.depth == 0 || self.embed_dim == 0 || self.patch_size == 0 || self.spatial_merge_size == 0 {
+        if self.depth == 0
+            || self.embed_dim == 0
+            || self.patch_size == 0
+            || self.spatial_merge_size == 0
+        {
             return Err("vision_config: depth, embed_dim, patch_size and spatial_merge_size must be positive".into());
         }
         if self.embed_dim % self.num_heads.max(1) != 0 || self.head_dim() % 4 != 0 {
@@ -176,7 +184,13 @@ impl Qwen2VitSpec {
 
     /// cos/sin [1, 1, n, head_dim] for one frame's patches of a (rows × cols) grid, in the processor's block order:
     /// `head_dim / 4` frequencies rotate by the row, as many by the column, the whole repeated for both halves.
-    fn rotary(&self, rows: usize, cols: usize, frames: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    fn rotary(
+        &self,
+        rows: usize,
+        cols: usize,
+        frames: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
         let hd = self.head_dim();
         let spatial = hd / 2;
         let inv: Vec<f32> = (0..spatial / 2)
@@ -236,7 +250,10 @@ impl VisionBlock {
         let o = attention::attend(q, k, part(2), None);
         let x = x + self.attn.proj.forward(o.swap_dims(1, 2).reshape([b, n, d]));
         let y = self.norm2.forward(x.clone());
-        x + self.mlp.fc2.forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        x + self
+            .mlp
+            .fc2
+            .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
     }
 }
 

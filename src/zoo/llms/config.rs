@@ -173,9 +173,14 @@ impl LlmSpec {
                     // keys other types carry that don't change the frequencies
                     o.remove("partial_rotary_factor");
                     if let Some(m) = o.remove("mrope_section") {
-                        mrope_section = Some(serde_json::from_value::<Vec<usize>>(m).map_err(|e| {
-                            Error::key(path, format!("{prefix}rope_parameters.mrope_section"), e.to_string())
-                        })?);
+                        mrope_section =
+                            Some(serde_json::from_value::<Vec<usize>>(m).map_err(|e| {
+                                Error::key(
+                                    path,
+                                    format!("{prefix}rope_parameters.mrope_section"),
+                                    e.to_string(),
+                                )
+                            })?);
                     }
                     // Qwen2-VL 4.x configs name M-RoPE's (default) frequencies `mrope`
                     if o.get("rope_type").and_then(|t| t.as_str()) == Some("mrope") {
