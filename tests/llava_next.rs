@@ -24,9 +24,9 @@ fn processors() -> (TextProcessor, ImageProcessor) {
     let dir = fixture(NAME);
     let spec = llava_spec(&dir).unwrap();
     let mut text = TextProcessor::load(&dir, spec.image_token_id, spec.image_tokens()).unwrap();
-    text.anyres = spec.anyres.clone();
+    text.configure(&spec);
     let mut images = ImageProcessor::load(&dir).unwrap();
-    images.anyres = spec.anyres.clone();
+    images.configure(&spec);
     (text, images)
 }
 
@@ -472,9 +472,9 @@ fn llava_onevision_matches_transformers() {
     let a = spec.anyres.clone().expect("llava_onevision is AnyRes");
     assert_eq!((a.max_tiles, a.single_tile_in_multi), (Some(9), true));
     let mut text = TextProcessor::load(&dir, spec.image_token_id, spec.image_tokens()).unwrap();
-    text.anyres = spec.anyres.clone();
+    text.configure(&spec);
     let mut images = ImageProcessor::load(&dir).unwrap();
-    images.anyres = spec.anyres.clone();
+    images.configure(&spec);
     for (name, want) in e.meta["preprocess"].as_object().unwrap() {
         let img = load_image(&image(name)).unwrap();
         let [h, w] = [img.height(), img.width()];

@@ -203,3 +203,197 @@ fn qwen2_vl_loss_and_gradients_match_transformers() {
     );
     assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
 }
+
+fn processors() -> (
+    mitune::data::tokenizer::TextProcessor,
+    mitune::data::images::ImageProcessor,
+) {
+    let dir = fixture(NAME);
+    let spec = llava_spec(&dir).unwrap();
+    let mut text = mitune::data::tokenizer::TextProcessor::load(
+        &dir,
+        spec.image_token_id,
+        spec.image_tokens(),
+    )
+    .unwrap();
+    text.configure(&spec);
+    let mut images = mitune::data::images::ImageProcessor::load(&dir).unwrap();
+    images.configure(&spec);
+    (text, images)
+}
+
+/// The processor side: pixel values of the resized patches (≤ 0.05 of `Qwen2VLImageProcessorPil`), input_ids with
+/// each image's `<|image_pad|>` run sized by its grid, the chat template (LLaVA's `<image>` marker becomes Qwen's
+/// wrapped marker), and `mitune generate --raw --json` on the fixture.
+#[test]
+fn qwen2_vl_processing_and_cli_match_transformers() {
+    let device = Device::flex();
+    let e = expected(NAME);
+    let (text, images) = processors();
+    assert_eq!(
+        text.wrapped_marker(),
+        "<|vision_start|><|image_pad|><|vision_end|>"
+    );
+    for (key, name, range) in [
+        ("image_text.pixel_values", "chelsea_75x50.png", 0..60),
+        ("batch.pixel_values", "tiny_6x4.png", 0..8),
+    ] {
+        let img = mitune::data::images::load_image(&image(name)).unwrap();
+        let (got, _, _) = images.preprocess(&img).unwrap();
+        let hf = to_vec(patches(&e, key, &device));
+        let per = 6 * 8 * 8;
+        let want = &hf[range.start * per..range.end * per];
+        assert_eq!(got.len(), want.len(), "{name}: patch count");
+        let err = max_abs_diff(&got, want);
+        eprintln!(
+            "qwen2_vl {name}: {} patches, pixels max |Δ| {err:.3}",
+            got.len() / per
+        );
+        assert!(err < 0.05, "{name}: pixel values differ by {err}");
+    }
+    for case in ["image_text", "two_images", "text_only", "batch"] {
+        let m = &e.meta[case];
+        let names = strings(&m["images"]);
+        let per_row = if case == "batch" { 1 } else { names.len() };
+        for (r, prompt) in strings(&m["prompts"]).iter().enumerate() {
+            let mine: Vec<_> = names
+                .iter()
+                .skip(r * per_row)
+                .take(per_row)
+                .map(|n| image(n))
+                .collect();
+            let sizes = mitune::data::images::ImageProcessor::sizes(&mine).unwrap();
+            let ids = text.encode_sized(prompt, false, &sizes).unwrap();
+            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
+            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
+                .unwrap()
+                .into_iter()
+                .zip(&mask)
+                .filter(|(_, k)| **k == 1)
+                .map(|(x, _)| x)
+                .collect();
+            assert_eq!(ids, want, "{case} row {r}: input_ids");
+        }
+    }
+    let chat = &e.meta["chat"];
+    let rendered = text
+        .render_chat(
+            &[("user".into(), chat["user"].as_str().unwrap().into())],
+            true,
+        )
+        .unwrap();
+    assert_eq!(rendered, chat["rendered"].as_str().unwrap());
+
+    let g = &e.meta["greedy"];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(["generate", "--model", fixture(NAME).to_str().unwrap()])
+        .args(["--prompt", chat["user"].as_str().unwrap()])
+        .args([
+            "--image",
+            image("chelsea_75x50.png").to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        got["input_ids"], g["input_ids"],
+        "chat-templated prompt ids"
+    );
+    // the photo is resampled (bicubic here and in PIL differ by ≤ 0.05 per pixel): ids equal, log-probs close
+    assert_eq!(got["output_ids"], g["output_ids"]);
+    for (a, b) in got["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["logprobs"].as_array().unwrap())
+    {
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-2,
+            "CLI log-probs {got}"
+        );
+    }
+}
+
+/// A LoRA fine-tune of the Qwen2-VL directory on LLaVA-format data (`<image>` markers, images of five sizes)
+/// through the model's own chat template runs, resumes exactly after a kill, and saves a Qwen2-VL directory; a
+/// `max_pixels` below `min_pixels` is a located error.
+#[test]
+fn qwen2_vl_fine_tunes_with_lora_and_resumes() {
+    let dir = fixture(NAME);
+    let d = common::scratch("qwen2-vl-train");
+    let names = [
+        "chelsea_75x50.png",
+        "wide_120x30.png",
+        "tall_20x70.png",
+        "tiny_6x4.png",
+        "big_128.png",
+    ];
+    let records: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("s{i}"),
+                "image": image(names[i % 5]).display().to_string(),
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": format!("Picture number {i}.")},
+                ],
+            })
+        })
+        .collect();
+    let data = d.join("mixed.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let recipe = |out: &str| {
+        format!(
+            r#"name = "qv"
+seed = 3
+pipeline = ["lora"]
+output = {out:?}
+[model]
+from = {dir:?}
+[stages.lora]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
+template = "tokenizer"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
+train = ["connector"]
+max_steps = 4
+max_len = 256
+log_every = 1
+save_every = 2
+"#,
+            out = d.join(out).display().to_string(),
+            dir = dir.display().to_string(),
+            data = data.display().to_string(),
+        )
+    };
+    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
+    std::fs::write(&a, recipe("runs-a")).unwrap();
+    std::fs::write(&b, recipe("runs-b")).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", a.to_str().unwrap(), "--data"], None);
+    assert!(ok, "{err}");
+    let (ok, err) = common::run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let (ok, _) = common::run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "lora:3")),
+    );
+    assert!(!ok);
+    let (ok, err) = common::run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
+    let (la, lb) = (
+        common::losses(&d.join("runs-a/qv")),
+        common::losses(&d.join("runs-b/qv")),
+    );
+    assert_eq!(la.len(), 4);
+    assert_eq!(la, lb, "resumed losses differ");
+    let model = d.join("runs-a/qv/lora/model");
+    assert!(llava_spec(&model).unwrap().native.is_some());
+    load_llava(&model, &Device::flex()).unwrap();
+}

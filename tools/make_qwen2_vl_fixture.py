@@ -136,7 +136,8 @@ def build():
     case("batch", [chat("Describe the photo in detail.", 1), chat("Hi!", 1)], ["tiny_6x4.png", "big_128.png"],
          padding_side="left")
     tok.padding_side = "right"
-    meta["chat"] = {"user": "<image>\nWhat is shown in this picture?", "rendered": p1}
+    # LLaVA's marker in a user string: the typed template renders it as the image part it stands for
+    meta["chat"] = {"user": "<image>What is shown in this picture?", "rendered": p1}
 
     with torch.no_grad():
         g = model.generate(**enc, max_new_tokens=8, do_sample=False, output_logits=True,

@@ -33,7 +33,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let spec = llava_spec(&a.model)?;
     let mut text = TextProcessor::load(&a.model, spec.image_token_id, spec.image_tokens())?;
-    text.anyres = spec.anyres.clone();
+    text.configure(&spec);
     // InstructBLIP's processor puts every image first and needs no markers
     let images_first = crate::checkpoint::instructblip::is_instructblip(&spec);
     // Markers vs images first: nothing is computed for a prompt that cannot run.
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
         None
     } else {
         let mut images = ImageProcessor::load(&a.model)?;
-        images.anyres = spec.anyres.clone();
+        images.configure(&spec);
         images.batch(&a.image, &device)?
     };
     let sizes = ImageProcessor::sizes(&a.image)?;

@@ -12,6 +12,8 @@ use std::path::Path;
 use crate::error::{Error, Result, read_json};
 use crate::zoo::anyres::AnyRes;
 use crate::zoo::layers::float_tensor;
+use crate::zoo::mllm::LlavaSpec;
+use crate::zoo::native::NativeRes;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resize {
@@ -36,6 +38,9 @@ pub struct ImageProcessor {
     /// LLaVA-NeXT's tiling, set from the model's spec (the model, the placeholder count and the tiles read one
     /// geometry): `preprocess` then gives `anyres.tiles(h, w, alone)` tiles of [3, tile, tile].
     pub anyres: Option<AnyRes>,
+    /// Qwen2-VL's native resolution, set from the model's spec: `preprocess` gives the image's patches in the
+    /// processor's order as [patches, 3·frames, p, p] (channel c·frames + frame).
+    pub native: Option<NativeRes>,
 }
 
 fn f32s(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
@@ -162,12 +167,23 @@ impl ImageProcessor {
             pad_to_square: false,
             also: vec![],
             anyres: None,
+            native: None,
         })
     }
 
-    /// Channels of `preprocess`'s output: 3 per tower.
+    /// Channels of `preprocess`'s output: 3 per tower (3 per frame of a native-resolution patch).
     pub fn channels(&self) -> usize {
+        if let Some(n) = &self.native {
+            return 3 * n.temporal as usize;
+        }
         3 * (1 + self.also.len())
+    }
+
+    /// Takes the model's image geometry (AnyRes tiles, native-resolution patches): the processor, the placeholder
+    /// count and the model read one.
+    pub fn configure(&mut self, spec: &LlavaSpec) {
+        self.anyres = spec.anyres.clone();
+        self.native = spec.native.clone();
     }
 
     /// LLaVA's pad-to-square for every tower.
@@ -216,6 +232,9 @@ impl ImageProcessor {
         img: &DynamicImage,
         alone: bool,
     ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        if let Some(n) = &self.native {
+            return self.patches(img, n);
+        }
         if let Some(a) = &self.anyres {
             if a.tiled(alone) {
                 return self.tiles(img, a);
@@ -296,6 +315,63 @@ impl ImageProcessor {
         Ok((out, h, w))
     }
 
+    /// `Qwen2VLImageProcessor`: smart resize (bicubic), rescale, normalize, then the patches of each merge block in
+    /// turn, each [3 channels × frames (the still image repeated) × p × p].
+    fn patches(
+        &self,
+        img: &DynamicImage,
+        n: &NativeRes,
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        let mut rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let (rh, rw) = n.resize(h, w)?;
+        if (rh, rw) != (h, w) {
+            rgb = image::imageops::resize(&rgb, rw, rh, self.filter);
+        }
+        let plane = self.normalized(&rgb); // [3, rh, rw]
+        let (p, m, t) = (n.patch as usize, n.merge as usize, n.temporal as usize);
+        let (gh, gw, rw) = (rh as usize / p, rw as usize / p, rw as usize);
+        let hw = rh as usize * rw;
+        let mut out = Vec::with_capacity(3 * t * hw);
+        for bi in 0..gh / m {
+            for bj in 0..gw / m {
+                for mi in 0..m {
+                    for mj in 0..m {
+                        let (y0, x0) = ((bi * m + mi) * p, (bj * m + mj) * p);
+                        for c in 0..3 {
+                            for _frame in 0..t {
+                                for y in y0..y0 + p {
+                                    let row = c * hw + y * rw;
+                                    out.extend_from_slice(&plane[row + x0..row + x0 + p]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((out, p as u32, p as u32))
+    }
+
+    /// Rescale and normalize an RGB image into [3, h, w] values.
+    fn normalized(&self, rgb: &RgbImage) -> Vec<f32> {
+        let (w, h) = rgb.dimensions();
+        let mut out = vec![0f32; 3 * (w * h) as usize];
+        for (x, y, p) in rgb.enumerate_pixels() {
+            for c in 0..3 {
+                let mut v = p[c] as f32;
+                if let Some(r) = self.rescale {
+                    v *= r;
+                }
+                if self.normalize {
+                    v = (v - self.mean[c]) / self.std[c];
+                }
+                out[c * (w * h) as usize + (y * w + x) as usize] = v;
+            }
+        }
+        out
+    }
+
     fn preprocess_one(&self, img: &DynamicImage) -> (Vec<f32>, u32, u32) {
         let mut rgb: RgbImage = img.to_rgb8();
         if self.pad_to_square {
@@ -313,20 +389,7 @@ impl ImageProcessor {
             rgb = image::imageops::crop_imm(&rgb, left, top, cw.min(w), ch.min(h)).to_image();
         }
         let (w, h) = rgb.dimensions();
-        let mut out = vec![0f32; 3 * (w * h) as usize];
-        for (x, y, p) in rgb.enumerate_pixels() {
-            for c in 0..3 {
-                let mut v = p[c] as f32;
-                if let Some(r) = self.rescale {
-                    v *= r;
-                }
-                if self.normalize {
-                    v = (v - self.mean[c]) / self.std[c];
-                }
-                out[c * (w * h) as usize + (y * w + x) as usize] = v;
-            }
-        }
-        (out, h, w)
+        (self.normalized(&rgb), h, w)
     }
 
     /// Each image's (height, width) as stored, read from the file's header: what AnyRes tiles and counts by.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, read_json, read_string};
 use crate::zoo::anyres::AnyRes;
+use crate::zoo::mllm::LlavaSpec;
+use crate::zoo::native::NativeRes;
 
 /// Files that travel with a checkpoint (copied when mitune saves a model).
 pub const ASSET_FILES: [&str; 8] = [
@@ -64,6 +66,11 @@ pub struct TextProcessor {
     pub tokens_per_image: usize,
     /// LLaVA-NeXT's AnyRes: each image's placeholder count follows from its size (set from the model's spec).
     pub anyres: Option<AnyRes>,
+    /// Qwen2-VL's native resolution: each image's count follows from its resized patch grid.
+    pub native: Option<NativeRes>,
+    /// Tokens that wrap every image's placeholders (`<|vision_start|>`, `<|vision_end|>`): templates without typed
+    /// content parts and raw prompts get them around each marker.
+    pub image_wrap: Option<(String, String)>,
     /// A connector's own tokenizer (InstructBLIP's Q-Former BERT tokenizer, `qformer_tokenizer/`).
     pub qformer: Option<tokenizers::Tokenizer>,
     dir: PathBuf,
@@ -143,6 +150,8 @@ impl TextProcessor {
             image_token_id,
             tokens_per_image,
             anyres: None,
+            native: None,
+            image_wrap: None,
             tok,
             dir: dir.to_path_buf(),
         })
@@ -223,13 +232,33 @@ impl TextProcessor {
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
+    /// Image markers in a prompt: the model's image token, and LLaVA's `<image>` where the model's differs (it
+    /// stands for the model's marker, see `encode_sized`).
     pub fn markers(&self, text: &str) -> usize {
-        text.matches(self.image_token.as_str()).count()
+        let own = text.matches(self.image_token.as_str()).count();
+        if self.image_token != "<image>" && self.image_wrap.is_some() {
+            own + text.matches("<image>").count()
+        } else {
+            own
+        }
     }
 
     /// Placeholders for each image, in marker order: `tokens_per_image` each, or AnyRes's count for each image's
     /// original (height, width) in `sizes`.
     pub fn image_counts(&self, markers: usize, sizes: &[[u32; 2]]) -> Result<Vec<usize>> {
+        if let Some(n) = &self.native {
+            if sizes.len() != markers {
+                return Err(Error::input(format!(
+                    "{markers} image marker(s) but {} image size(s): this model's image token count depends on each \
+                     image's size, so every marker needs its image",
+                    sizes.len()
+                )));
+            }
+            return sizes
+                .iter()
+                .map(|&[h, w]| n.tokens(h, w).map_err(Error::input))
+                .collect();
+        }
         let Some(a) = &self.anyres else {
             return Ok(vec![self.tokens_per_image; markers]);
         };
@@ -267,6 +296,25 @@ impl TextProcessor {
         self.encode_sized(text, add_special, &[])
     }
 
+    /// Takes the model's image geometry and image-wrapping tokens (what `configure` of the image processor
+    /// mirrors).
+    pub fn configure(&mut self, spec: &LlavaSpec) {
+        self.anyres = spec.anyres.clone();
+        self.native = spec.native.clone();
+        self.image_wrap = spec.native.as_ref().and_then(|n| {
+            let name = |id: Option<i64>| id.and_then(|i| self.tok.id_to_token(i as u32));
+            Some((name(n.vision_start_id)?, name(n.vision_end_id)?))
+        });
+    }
+
+    /// The image token with its wrapping tokens, as one marker stands in a prompt.
+    pub fn wrapped_marker(&self) -> String {
+        match &self.image_wrap {
+            Some((a, b)) => format!("{a}{}{b}", self.image_token),
+            None => self.image_token.clone(),
+        }
+    }
+
     /// `encode` with each image's original (height, width), in marker order.
     pub fn encode_sized(
         &self,
@@ -274,6 +322,17 @@ impl TextProcessor {
         add_special: bool,
         sizes: &[[u32; 2]],
     ) -> Result<Vec<i64>> {
+        // a raw prompt may mark images with LLaVA's `<image>`: the model's own (wrapped) marker stands for it
+        let replaced;
+        let text = if self.image_wrap.is_some()
+            && self.image_token != "<image>"
+            && text.contains("<image>")
+        {
+            replaced = text.replace("<image>", &self.wrapped_marker());
+            replaced.as_str()
+        } else {
+            text
+        };
         let enc = self
             .tok
             .encode(text, add_special)
@@ -321,6 +380,12 @@ impl TextProcessor {
         let msgs: Vec<Value> = messages
             .iter()
             .map(|(role, content)| {
+                // LLaVA's `<image>` marks the model's own image token (Qwen2-VL's `<|image_pad|>`)
+                let content = &if self.image_token != "<image>" && self.image_wrap.is_some() {
+                    content.replace("<image>", &self.image_token)
+                } else {
+                    content.clone()
+                };
                 let content = if typed {
                     let mut parts = vec![];
                     for (i, piece) in content.split(self.image_token.as_str()).enumerate() {
@@ -332,6 +397,11 @@ impl TextProcessor {
                         }
                     }
                     Value::Array(parts)
+                } else if self.image_wrap.is_some() {
+                    // a template without typed parts gets each image's wrapping tokens from here
+                    Value::String(
+                        content.replace(self.image_token.as_str(), &self.wrapped_marker()),
+                    )
                 } else {
                     Value::String(content.clone())
                 };

@@ -40,8 +40,8 @@ fn processors(
         ImageProcessor::from_hf(&processor, &tok_dir.join("preprocessor_config.json"))?;
     images.set_pad_to_square(pad_to_square);
     // AnyRes: tiles, placeholder counts and packing read the model's one geometry
-    text.anyres = spec.anyres.clone();
-    images.anyres = spec.anyres.clone();
+    text.configure(spec);
+    images.configure(spec);
     Ok((text, images, processor))
 }
 
