@@ -397,3 +397,72 @@ save_every = 2
     assert!(llava_spec(&model).unwrap().native.is_some());
     load_llava(&model, &Device::flex()).unwrap();
 }
+
+/// DPO then GRPO (rollouts generate with M-RoPE deltas) then an eval stage on the Qwen2-VL directory, with a
+/// `model.max_pixels` override: all run, and the DPO stage's model is Qwen2-VL with the overridden budget.
+#[test]
+fn qwen2_vl_dpo_grpo_and_eval_stages_run() {
+    let dir = fixture(NAME);
+    let d = common::scratch("qwen2-vl-pref");
+    let w = common::world(&d);
+    let p = |f: &str| w.join(f).display().to_string();
+    let recipe = format!(
+        r#"name = "qp"
+seed = 1
+pipeline = ["dpo", "grpo", "after"]
+output = {out:?}
+[model]
+from = {dir:?}
+max_pixels = 1024
+[stages.dpo]
+kind = "dpo"
+template = "tokenizer"
+data = {{ sources = [{{ format = "pairs", path = {pairs:?} }}] }}
+loss = {{ kind = "sigmoid", beta = 1.0 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.grpo]
+kind = "grpo"
+init = {{ from_stage = "dpo" }}
+template = "tokenizer"
+data = {{ sources = [{{ path = {prompts:?} }}] }}
+group = 2
+rewards = [{{ kind = "exact_match" }}]
+sampling = {{ temperature = 1.0, max_new_tokens = 4 }}
+batch = {{ global = 2, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-4 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.after]
+kind = "eval"
+init = {{ from_stage = "grpo" }}
+tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data = {pope:?}, hint = "Answer yes or no.", limit = 4 }}]
+"#,
+        out = d.join("runs").display().to_string(),
+        dir = dir.display().to_string(),
+        pairs = p("preference_probes_train.jsonl"),
+        prompts = p("prompts_train.jsonl"),
+        vqa = p("eval/heldout/vqa.jsonl"),
+        pope = p("eval/heldout/pope_popular.json"),
+    );
+    let r = d.join("p.toml");
+    std::fs::write(&r, recipe).unwrap();
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let losses = common::losses(&d.join("runs/qp"));
+    assert!(losses.iter().any(|((s, _), _)| s == "dpo"), "{losses:?}");
+    assert!(losses.iter().any(|((s, _), _)| s == "grpo"), "{losses:?}");
+    let spec = llava_spec(&d.join("runs/qp/dpo/model")).unwrap();
+    assert_eq!(spec.native.unwrap().max_pixels, 1024);
+    // a budget below its floor is a located error before any compute
+    let bad = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("max_pixels = 1024", "max_pixels = 100");
+    std::fs::write(&r, bad).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
+    assert!(!ok && err.contains("model.max_pixels"), "{err}");
+}

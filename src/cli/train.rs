@@ -74,13 +74,35 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     if !from_run {
         let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
         let f = spec.features();
-        println!(
-            "model: connector {} takes {} encoder tokens of width {} and gives {} image tokens per image",
-            spec.connector.kind(),
-            f.tokens,
-            f.width,
-            spec.image_tokens()
-        );
+        if spec.native.is_some() {
+            println!(
+                "model: connector {} merges each block of {} patch features of width {} into one image token",
+                spec.connector.kind(),
+                f.tokens,
+                f.width
+            );
+        } else {
+            println!(
+                "model: connector {} takes {} encoder tokens of width {} and gives {} image tokens per image",
+                spec.connector.kind(),
+                f.tokens,
+                f.width,
+                spec.image_tokens()
+            );
+        }
+        if let Some(n) = &spec.native {
+            let f = n.factor();
+            let eg = |h: u32, w: u32| n.tokens(h, w).map_or("-".to_string(), |t| t.to_string());
+            println!(
+                "model: native resolution: each image resized into {}..{} pixels, sides multiples of {f} px; {f}×{f} \
+                 pixels per image token (e.g. 448×448 px -> {}, 1080×1920 px -> {} tokens; set model.max_pixels to \
+                 bound memory)",
+                n.min_pixels,
+                n.max_pixels,
+                eg(448, 448),
+                eg(1080, 1920)
+            );
+        }
         if let Some(x) = &spec.anyres {
             let t = x.tile;
             println!(

@@ -60,6 +60,10 @@ pub struct ModelSpec {
     pub llm: Option<LlmSource>,
     /// LLaVA-NeXT's AnyRes high-resolution tiling for a composed model (a `from` directory carries its own).
     pub anyres: Option<AnyResSpec>,
+    /// Native-resolution models (Qwen2-VL): the pixel budget each image is resized into, overriding the
+    /// checkpoint processor's (the memory control: image tokens ≈ pixels / (patch · merge)²).
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
 }
 
 /// `[model.anyres]`: candidate resolutions as [height, width] pixels, multiples of the encoder's input size (the

@@ -238,7 +238,10 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
                 dir.display()
             )));
         }
-        return Ok((llava_spec(dir)?, dir.clone(), read_processor(dir)?));
+        let mut spec = llava_spec(dir)?;
+        let mut processor = read_processor(dir)?;
+        pixel_budget(m, &mut spec, &mut processor)?;
+        return Ok((spec, dir.clone(), processor));
     }
     let (Some(e), Some(l)) = (&m.encoder, &m.llm) else {
         return Err(Error::input(
@@ -293,6 +296,9 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
                 .unwrap_or_default()
         )));
     }
+    let mut spec = spec;
+    let mut processor = processor;
+    pixel_budget(m, &mut spec, &mut processor)?;
     let key = if m.anyres.is_some() {
         "model.anyres"
     } else {
@@ -303,11 +309,49 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
     Ok((spec, tok_dir, processor))
 }
 
+/// `model.min_pixels` / `model.max_pixels` over a native-resolution checkpoint's processor budget; the processor
+/// json written with stage outputs carries it.
+fn pixel_budget(m: &ModelSpec, spec: &mut LlavaSpec, processor: &mut Value) -> Result<()> {
+    if m.min_pixels.is_none() && m.max_pixels.is_none() {
+        return Ok(());
+    }
+    let Some(n) = spec.native.as_mut() else {
+        return Err(Error::input(
+            "model.min_pixels / model.max_pixels: only a native-resolution model (Qwen2-VL) resizes images into a \
+             pixel budget; remove them",
+        ));
+    };
+    if let Some(v) = m.min_pixels {
+        n.min_pixels = v;
+    }
+    if let Some(v) = m.max_pixels {
+        n.max_pixels = v;
+    }
+    n.validate()
+        .map_err(|msg| Error::input(format!("model.max_pixels / model.min_pixels: {msg}")))?;
+    if let Some(p) = processor.as_object_mut() {
+        p.insert(
+            "size".into(),
+            serde_json::json!({"shortest_edge": n.min_pixels, "longest_edge": n.max_pixels}),
+        );
+        p.insert("min_pixels".into(), n.min_pixels.into());
+        p.insert("max_pixels".into(), n.max_pixels.into());
+    }
+    Ok(())
+}
+
 /// Builds the model the recipe describes; weights load for the parts that name a directory.
 pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Built> {
     if let Some(dir) = &m.from {
         let mut b = load_dir(dir, device)?;
         b.images.set_pad_to_square(pad_to_square);
+        if m.min_pixels.is_some() || m.max_pixels.is_some() {
+            let mut spec = b.model.spec.clone();
+            pixel_budget(m, &mut spec, &mut b.processor)?;
+            b.text.configure(&spec);
+            b.images.configure(&spec);
+            b.model.spec = spec;
+        }
         return Ok(b);
     }
     let (spec, tok_dir, processor) = plan(m)?;
