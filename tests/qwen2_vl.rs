@@ -43,6 +43,11 @@ fn sizes_of(e: &Expected, names: &[String]) -> Vec<[u32; 2]> {
 }
 
 fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
+    case_input_px(e, e, case, device)
+}
+
+/// `pe`: the fixture holding the pixel values (Qwen2.5-VL's fixture shares Qwen2-VL's: same processor and photos).
+fn case_input_px(e: &Expected, pe: &Expected, case: &str, device: &Device) -> MmInput {
     let m = &e.meta[case];
     let ids: Vec<Vec<i64>> = serde_json::from_value(m["input_ids"].clone()).unwrap();
     let mask: Vec<Vec<i64>> = serde_json::from_value(m["attention_mask"].clone()).unwrap();
@@ -51,7 +56,7 @@ fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
         .map(|r| r.iter().map(|&x| x == 1).collect())
         .collect();
     let names = strings(&m["images"]);
-    let px = (!names.is_empty()).then(|| patches(e, &format!("{case}.pixel_values"), device));
+    let px = (!names.is_empty()).then(|| patches(pe, &format!("{case}.pixel_values"), device));
     let per_row = if case == "batch" {
         vec![1, 1]
     } else {
@@ -62,9 +67,20 @@ fn case_input(e: &Expected, case: &str, device: &Device) -> MmInput {
 
 #[test]
 fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
+    logits_positions_and_greedy(NAME);
+}
+
+/// Qwen2.5-VL (RMSNorm + SwiGLU ViT with window attention, RMSNorm merger): the same checks.
+#[test]
+fn qwen2_5_vl_logits_positions_and_greedy_match_transformers() {
+    logits_positions_and_greedy("qwen2_5_vl");
+}
+
+fn logits_positions_and_greedy(name: &str) {
     let device = Device::flex();
-    let dir = fixture(NAME);
-    let e = expected(NAME);
+    let dir = fixture(name);
+    let e = expected(name);
+    let pe = expected(NAME);
     let spec = llava_spec(&dir).unwrap();
     let nr = spec.native.clone().expect("qwen2_vl is native resolution");
     assert_eq!((nr.min_pixels, nr.max_pixels), (256, 4096));
@@ -75,7 +91,7 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
     }
     let model = load_llava(&dir, &device).unwrap();
     for case in ["image_text", "two_images", "text_only", "batch"] {
-        let input = case_input(&e, case, &device);
+        let input = case_input_px(&e, &pe, case, &device);
         if let Some(want) = e.meta[case].get("position_ids") {
             let want: Vec<Vec<Vec<i64>>> = serde_json::from_value(want.clone()).unwrap();
             let (got, deltas) = model.mrope_positions(&input).unwrap().unwrap();
@@ -107,13 +123,13 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
                 }
             }
         }
-        eprintln!("qwen2_vl {case}: max |Δlogit| {err:.2e}");
+        eprintln!("{name} {case}: max |Δlogit| {err:.2e}");
         assert!(err <= 1e-4, "{case}: logits differ by {err}");
     }
     let g = &e.meta["greedy"];
     let ids: Vec<i64> = serde_json::from_value(g["input_ids"].clone()).unwrap();
     let names = strings(&g["images"]);
-    let px = patches(&e, "image_text.pixel_values", &device);
+    let px = patches(&pe, "image_text.pixel_values", &device);
     let cfg = GenConfig::greedy(8, model.spec.llm.eos_token_ids.clone());
     let out = generate(
         &model,
@@ -134,10 +150,10 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
     }
     // saved by mitune (Qwen2-VL layout), reloaded: equal logits; tools/make_qwen2_vl_fixture.py roundtrip loads the
     // same directory in transformers
-    let out = std::env::temp_dir().join("mitune-qwen2-vl-saved");
+    let out = std::env::temp_dir().join(format!("mitune-{}-saved", name.replace('_', "-")));
     save_llava(&model, &out, safetensors::Dtype::F32, Some(&dir)).unwrap();
     let back = load_llava(&out, &device).unwrap();
-    let input = case_input(&e, "two_images", &device);
+    let input = case_input_px(&e, &pe, "two_images", &device);
     let a = to_vec(model.forward(&input).unwrap());
     let b = to_vec(back.forward(&input).unwrap());
     assert_eq!(max_abs_diff(&a, &b), 0.0);
@@ -148,14 +164,24 @@ fn qwen2_vl_logits_positions_and_greedy_match_transformers() {
 /// of the patch embedding within 1e-3 relative.
 #[test]
 fn qwen2_vl_loss_and_gradients_match_transformers() {
+    loss_and_gradients(NAME);
+}
+
+#[test]
+fn qwen2_5_vl_loss_and_gradients_match_transformers() {
+    loss_and_gradients("qwen2_5_vl");
+}
+
+fn loss_and_gradients(name: &str) {
     let device = Device::flex().autodiff();
-    let e = expected(NAME);
-    let model = load_llava(&fixture(NAME), &device).unwrap();
+    let e = expected(name);
+    let pe = expected(NAME);
+    let model = load_llava(&fixture(name), &device).unwrap();
     let m = &e.meta["loss"];
     let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
     let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
     // the loss image is the batch case's second image (its 64 patches after the tiny one's 8)
-    let all = patches(&e, "batch.pixel_values", &device);
+    let all = patches(&pe, "batch.pixel_values", &device);
     let [n, c, p, _] = all.dims();
     let px = all.slice([8..n, 0..c, 0..p, 0..p]);
     let names = strings(&m["images"]);
@@ -199,7 +225,7 @@ fn qwen2_vl_loss_and_gradients_match_transformers() {
         "loss.grad_patch_embed",
     );
     eprintln!(
-        "qwen2_vl: loss {got} vs {want}; grad rel err merger fc1 {g1:.2e}, patch_embed {g2:.2e}"
+        "{name}: loss {got} vs {want}; grad rel err merger fc1 {g1:.2e}, patch_embed {g2:.2e}"
     );
     assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
 }

@@ -112,7 +112,7 @@ def build():
         with torch.no_grad():
             out = model(**{k: v for k, v in enc.items()})
         image_id = ids["<|image_pad|>"]
-        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()][-16:]
+        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()][-8:]
         tensors[f"{name}.logits"] = out.logits[:, cols].float().contiguous()
         meta[name] = {"prompts": prompts, "images": names, "padding_side": padding_side, "logit_columns": cols,
                       "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist()}
@@ -120,7 +120,8 @@ def build():
             meta[name]["image_grid_thw"] = enc["image_grid_thw"].tolist()
             tensors[f"{name}.pixel_values"] = first_frame(enc["pixel_values"])
             pos, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
-                                                    enc["image_grid_thw"], None, enc["attention_mask"])
+                                                    image_grid_thw=enc["image_grid_thw"],
+                                                    attention_mask=enc["attention_mask"])
             meta[name]["position_ids"] = pos.tolist()
             meta[name]["rope_deltas"] = delta.flatten().tolist()
         return enc

@@ -49,7 +49,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     if model_type(&v) == "instructblip" {
         return super::instructblip::spec(&v, &path);
     }
-    if model_type(&v) == "qwen2_vl" {
+    if matches!(model_type(&v), "qwen2_vl" | "qwen2_5_vl") {
         let processor = read_processor(dir).unwrap_or(serde_json::Value::Null);
         return super::qwen2vl::spec(&v, &path, &processor);
     }
@@ -60,7 +60,7 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
             &path,
             "model_type",
             format!(
-                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\", \"llava_onevision\", \"instructblip\" or \"qwen2_vl\"); compose standalone encoder/LLM directories with --encoder/--llm",
+                "`{}` is not a LLaVA checkpoint (expected \"llava\", \"llava_next\", \"llava_onevision\", \"instructblip\", \"qwen2_vl\" or \"qwen2_5_vl\"); compose standalone encoder/LLM directories with --encoder/--llm",
                 model_type(&v)
             ),
         ));

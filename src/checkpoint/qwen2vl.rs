@@ -76,6 +76,7 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
     let spec = LlavaSpec {
         connector: ConnectorSpec::Merger(MergerSpec {
             merge: vit.spatial_merge_size,
+            rms_norm: vit.is_v25(),
         }),
         vision,
         // the last block's output, every patch (the merger normalises it)
@@ -126,14 +127,20 @@ pub fn keys(path: &str) -> Vec<String> {
 
 /// The config.json transformers reads for this model (5.x layout: `text_config` nested).
 pub fn config(spec: &LlavaSpec) -> Value {
+    let v25 = matches!(&spec.vision, VisionSpec::Qwen2Vit(v) if v.is_v25());
+    let (arch, mt) = if v25 {
+        ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl")
+    } else {
+        ("Qwen2VLForConditionalGeneration", "qwen2_vl")
+    };
     let mut text = spec.llm.to_hf();
-    text["model_type"] = "qwen2_vl_text".into();
+    text["model_type"] = format!("{mt}_text").into();
     let mut vision = spec.vision.to_hf();
-    vision["model_type"] = "qwen2_vl".into();
+    vision["model_type"] = mt.into();
     let n = spec.native.as_ref();
     json!({
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+        "architectures": [arch],
+        "model_type": mt,
         "vision_config": vision,
         "text_config": text,
         "image_token_id": spec.image_token_id,

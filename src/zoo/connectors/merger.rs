@@ -2,14 +2,15 @@
 //! each 2×2 block of patches (consecutive in the processor's order) concatenated into one token of 4× the width,
 //! and an MLP (`mlp.0`, exact GELU, `mlp.2`) to the LLM's width. Tokens drop by merge²; the encoder's patch order
 //! makes the block a plain reshape. In a Qwen2-VL checkpoint these tensors are `visual.merger.*`
-//! (`checkpoint::qwen2vl` maps `fc1`/`fc2` to `mlp.0`/`mlp.2`).
+//! (`checkpoint::qwen2vl` maps `fc1`/`fc2` to `mlp.0`/`mlp.2`). Qwen2.5-VL's `ln_q` is an RMSNorm (`rms_norm`).
 use burn::module::Module;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Features;
 use crate::zoo::layers::act::Act;
+use crate::zoo::layers::norm::Norm;
 use crate::zoo::llms::LlmSpec;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +19,9 @@ pub struct MergerSpec {
     /// Side of the patch block merged into one token (`spatial_merge_size`).
     #[serde(default = "two")]
     pub merge: usize,
+    /// Qwen2.5-VL: RMSNorm instead of LayerNorm before merging.
+    #[serde(default)]
+    pub rms_norm: bool,
 }
 fn two() -> usize {
     2
@@ -25,7 +29,7 @@ fn two() -> usize {
 
 #[derive(Module, Debug)]
 pub struct Merger {
-    pub ln_q: LayerNorm,
+    pub ln_q: Norm,
     pub fc1: Linear,
     pub fc2: Linear,
     #[module(skip)]
@@ -47,9 +51,7 @@ impl MergerSpec {
     pub fn init(&self, f: &Features, llm: &LlmSpec, device: &Device) -> Merger {
         let wide = f.width * self.merge * self.merge;
         Merger {
-            ln_q: LayerNormConfig::new(f.width)
-                .with_epsilon(1e-6)
-                .init(device),
+            ln_q: Norm::new(f.width, 1e-6, self.rms_norm, device),
             fc1: LinearConfig::new(wide, wide).init(device),
             fc2: LinearConfig::new(wide, llm.hidden_size).init(device),
             merge: self.merge,

@@ -76,9 +76,9 @@ impl VisionSpec {
                 Ok(VisionSpec::Blip(BlipSpec::from_hf(v, path, prefix)?))
             }
             Some("mitune_fused") => Ok(VisionSpec::Fused(FusedSpec::from_hf(v, path, prefix)?)),
-            Some("qwen2_vl" | "qwen2_vl_vision") => Ok(VisionSpec::Qwen2Vit(
-                Qwen2VitSpec::from_hf(v, path, prefix)?,
-            )),
+            Some("qwen2_vl" | "qwen2_vl_vision" | "qwen2_5_vl" | "qwen2_5_vl_vision") => Ok(
+                VisionSpec::Qwen2Vit(Qwen2VitSpec::from_hf(v, path, prefix)?),
+            ),
             _ => Ok(VisionSpec::Vit(VitSpec::from_hf(v, path, prefix)?)),
         }
     }

@@ -5,19 +5,26 @@
 //! the rotated frequencies follow the patch's row, half its column) and full attention within one image; the
 //! 2×2 patch merger that follows is the connector (`zoo::connectors::merger`).
 //!
+//! Qwen2.5-VL (`modeling_qwen2_5_vl.py`) keeps the design with RMSNorm, a SwiGLU MLP with biases, and window
+//! attention: every block but the `fullatt_block_indexes` ones attends only within windows of `window_size`
+//! pixels (window_size / merge / patch merged tokens per side), the tokens reordered window by window
+//! (transformers' `window_index`) and restored after the last block.
+//!
 //! Inputs: the processor's patches in its order (each 2×2 merge block's four patches consecutive, see
 //! `data::images`), as [patches, channels·frames, p, p] so batches stack like images, and each image's
 //! (frames, rows, cols) patch grid. Module names are transformers' (`patch_embed.proj`, `blocks.{i}.attn.qkv`, …).
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::{attention, float_tensor, rope};
+use crate::zoo::layers::mlp::GatedMlp;
+use crate::zoo::layers::norm::Norm;
+use crate::zoo::layers::{attention, float_tensor, int_tensor, rope};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2VitSpec {
@@ -33,6 +40,18 @@ pub struct Qwen2VitSpec {
     /// The LLM width the merger projects to (`vision_config.hidden_size`).
     pub out_hidden_size: usize,
     pub rope_theta: f64,
+    /// Qwen2.5-VL: the SwiGLU width (RMSNorm and window attention come with it).
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// Qwen2.5-VL: window side in pixels.
+    #[serde(default)]
+    pub window_size: Option<usize>,
+    /// Qwen2.5-VL: the blocks that attend over the whole image.
+    #[serde(default)]
+    pub fullatt_blocks: Vec<usize>,
+    /// Qwen2.5-VL: temporal position units per second of video.
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
 }
 
 #[derive(Module, Debug)]
@@ -53,17 +72,24 @@ pub struct VisionAttention {
 }
 
 #[derive(Module, Debug)]
-pub struct VisionMlp {
+pub struct PlainMlp {
     pub fc1: Linear,
     pub fc2: Linear,
     #[module(skip)]
     pub act: Act,
 }
 
+/// Qwen2-VL's fc1 → act → fc2, or Qwen2.5-VL's SwiGLU (`gate_proj`, `up_proj`, `down_proj`).
+#[derive(Module, Debug)]
+pub enum VisionMlp {
+    Plain(PlainMlp),
+    Gated(GatedMlp),
+}
+
 #[derive(Module, Debug)]
 pub struct VisionBlock {
-    pub norm1: LayerNorm,
-    pub norm2: LayerNorm,
+    pub norm1: Norm,
+    pub norm2: Norm,
     pub attn: VisionAttention,
     pub mlp: VisionMlp,
 }
@@ -83,6 +109,43 @@ impl Qwen2VitSpec {
             get(k)
                 .ok_or_else(|| Error::key(path, format!("{prefix}{k}"), "missing or not a number"))
         };
+        let theta = v
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        if matches!(
+            v.get("model_type").and_then(Value::as_str),
+            Some("qwen2_5_vl" | "qwen2_5_vl_vision")
+        ) {
+            let act = crate::zoo::llms::config::parse_act(
+                v.get("hidden_act")
+                    .and_then(Value::as_str)
+                    .unwrap_or("silu"),
+                path,
+                &format!("{prefix}hidden_act"),
+            )?;
+            return Ok(Qwen2VitSpec {
+                depth: need("depth")?,
+                embed_dim: need("hidden_size")?,
+                num_heads: need("num_heads")?,
+                mlp_ratio: 0.0,
+                patch_size: get("patch_size").unwrap_or(14),
+                temporal_patch_size: get("temporal_patch_size").unwrap_or(2),
+                spatial_merge_size: get("spatial_merge_size").unwrap_or(2),
+                in_channels: get("in_channels").or(get("in_chans")).unwrap_or(3),
+                act,
+                out_hidden_size: need("out_hidden_size")?,
+                rope_theta: theta,
+                intermediate_size: Some(need("intermediate_size")?),
+                window_size: Some(get("window_size").unwrap_or(112)),
+                fullatt_blocks: v
+                    .get("fullatt_block_indexes")
+                    .and_then(|x| serde_json::from_value(x.clone()).ok())
+                    .unwrap_or_else(|| vec![7, 15, 23, 31]),
+                tokens_per_second: v.get("tokens_per_second").and_then(Value::as_f64),
+            });
+        }
         let act = crate::zoo::llms::config::parse_act(
             v.get("hidden_act")
                 .and_then(Value::as_str)
@@ -101,15 +164,38 @@ impl Qwen2VitSpec {
             in_channels: get("in_channels").or(get("in_chans")).unwrap_or(3),
             act,
             out_hidden_size: need("hidden_size")?,
-            rope_theta: v
-                .get("rope_parameters")
-                .and_then(|r| r.get("rope_theta"))
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta: theta,
+            intermediate_size: None,
+            window_size: None,
+            fullatt_blocks: vec![],
+            tokens_per_second: None,
         })
     }
 
+    /// Qwen2.5-VL's tower (RMSNorm, SwiGLU, window attention).
+    pub fn is_v25(&self) -> bool {
+        self.window_size.is_some()
+    }
+
     pub fn to_hf(&self) -> Value {
+        if self.is_v25() {
+            return json!({
+                "model_type": "qwen2_5_vl",
+                "depth": self.depth,
+                "hidden_size": self.embed_dim,
+                "out_hidden_size": self.out_hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "hidden_act": self.act.hf_name(),
+                "num_heads": self.num_heads,
+                "in_channels": self.in_channels,
+                "patch_size": self.patch_size,
+                "spatial_merge_size": self.spatial_merge_size,
+                "temporal_patch_size": self.temporal_patch_size,
+                "window_size": self.window_size,
+                "fullatt_block_indexes": self.fullatt_blocks,
+                "tokens_per_second": self.tokens_per_second.map(|t| t as u64),
+            });
+        }
         json!({
             "model_type": "qwen2_vl",
             "depth": self.depth,
@@ -149,9 +235,17 @@ impl Qwen2VitSpec {
 
     pub fn init(&self, device: &Device) -> Qwen2Vit {
         let d = self.embed_dim;
-        let ln = || LayerNormConfig::new(d).with_epsilon(1e-6).init(device);
+        let ln = || Norm::new(d, 1e-6, self.is_v25(), device);
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         let hidden = (d as f64 * self.mlp_ratio) as usize;
+        let mlp = || match self.intermediate_size {
+            Some(f) => VisionMlp::Gated(GatedMlp::new(d, f, d, true, self.act, device)),
+            None => VisionMlp::Plain(PlainMlp {
+                fc1: lin(d, hidden),
+                fc2: lin(hidden, d),
+                act: self.act,
+            }),
+        };
         let (c, t, p) = (self.in_channels, self.temporal_patch_size, self.patch_size);
         Qwen2Vit {
             patch_embed: PatchEmbed {
@@ -171,24 +265,49 @@ impl Qwen2VitSpec {
                         qkv: lin(d, 3 * d),
                         proj: lin(d, d),
                     },
-                    mlp: VisionMlp {
-                        fc1: lin(d, hidden),
-                        fc2: lin(hidden, d),
-                        act: self.act,
-                    },
+                    mlp: mlp(),
                 })
                 .collect(),
             spec: self.clone(),
         }
     }
 
-    /// cos/sin [1, 1, n, head_dim] for one frame's patches of a (rows × cols) grid, in the processor's block order:
-    /// `head_dim / 4` frequencies rotate by the row, as many by the column, the whole repeated for both halves.
+    /// Qwen2.5-VL's window order for one frame of a (rows × cols) patch grid (transformers'
+    /// `get_vision_window_index`): the merged tokens window by window (windows row-major over the padded grid,
+    /// tokens row-major inside), and each non-empty window's token count.
+    fn windows(&self, rows: usize, cols: usize) -> (Vec<usize>, Vec<usize>) {
+        let m = self.spatial_merge_size;
+        let (lh, lw) = (rows / m, cols / m);
+        let win = (self.window_size.unwrap_or(0) / m / self.patch_size).max(1);
+        let (nh, nw) = ((lh + win - lh % win) / win, (lw + win - lw % win) / win);
+        let (mut order, mut lens) = (vec![], vec![]);
+        for wi in 0..nh {
+            for wj in 0..nw {
+                let before = order.len();
+                for i in wi * win..(wi + 1) * win {
+                    for j in wj * win..(wj + 1) * win {
+                        if i < lh && j < lw {
+                            order.push(i * lw + j);
+                        }
+                    }
+                }
+                if order.len() > before {
+                    lens.push(order.len() - before);
+                }
+            }
+        }
+        (order, lens)
+    }
+
+    /// cos/sin [1, 1, n, head_dim] for one frame's patches of a (rows × cols) grid, in the processor's block order
+    /// (or `order` of it: Qwen2.5-VL's windows): `head_dim / 4` frequencies rotate by the row, as many by the
+    /// column, the whole repeated for both halves.
     fn rotary(
         &self,
         rows: usize,
         cols: usize,
         frames: usize,
+        order: Option<&[usize]>,
         device: &Device,
     ) -> (Tensor<4>, Tensor<4>) {
         let hd = self.head_dim();
@@ -206,6 +325,9 @@ impl Qwen2VitSpec {
                     }
                 }
             }
+        }
+        if let Some(o) = order {
+            pos = o.iter().map(|&i| pos[i]).collect();
         }
         let n = pos.len() * frames;
         let (mut cos, mut sin) = (Vec::with_capacity(n * hd), Vec::with_capacity(n * hd));
@@ -230,8 +352,15 @@ impl Qwen2VitSpec {
 }
 
 impl VisionBlock {
-    /// x: [1, n, d] (one image) -> [1, n, d]
-    fn forward(&self, x: Tensor<3>, heads: usize, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<3> {
+    /// x: [1, n, d] (one image) -> [1, n, d]; `mask`: Qwen2.5-VL's windows (true = masked).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        heads: usize,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: Option<&Tensor<4, Bool>>,
+    ) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let hd = d / heads;
         let qkv = self
@@ -247,13 +376,13 @@ impl VisionBlock {
         }; // [b, heads, n, hd]
         let q = rope::apply(part(0), cos, sin);
         let k = rope::apply(part(1), cos, sin);
-        let o = attention::attend(q, k, part(2), None);
+        let o = attention::attend(q, k, part(2), mask);
         let x = x + self.attn.proj.forward(o.swap_dims(1, 2).reshape([b, n, d]));
         let y = self.norm2.forward(x.clone());
-        x + self
-            .mlp
-            .fc2
-            .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        x + match &self.mlp {
+            VisionMlp::Plain(m) => m.fc2.forward(m.act.forward(m.fc1.forward(y))),
+            VisionMlp::Gated(m) => m.forward(y),
+        }
     }
 }
 
@@ -280,13 +409,49 @@ impl Qwen2Vit {
         let mut start = 0;
         for &[frames, rows, cols] in grids {
             let per = rows * cols;
-            let (cos, sin) = s.rotary(rows, cols, 1, &device);
-            for _ in 0..frames {
-                let mut h = x.clone().slice([start..start + per, 0..d]).unsqueeze::<3>();
-                for blk in &self.blocks {
-                    h = blk.forward(h, s.num_heads, &cos, &sin);
+            // Qwen2.5-VL: patches reordered window by window (merge blocks stay whole), a block-diagonal mask
+            // over the windows, the inverse order restored at the end
+            let m2 = s.spatial_merge_size * s.spatial_merge_size;
+            let window = s.is_v25().then(|| {
+                let (blocks, lens) = s.windows(rows, cols);
+                let order: Vec<usize> = blocks.iter().flat_map(|&k| k * m2..(k + 1) * m2).collect();
+                let mut seg = Vec::with_capacity(per);
+                for (w, &l) in lens.iter().enumerate() {
+                    seg.extend(std::iter::repeat_n(w, l * m2));
                 }
-                out.push(h.reshape([per, d]));
+                let mask: Vec<bool> = (0..per * per)
+                    .map(|i| seg[i / per] != seg[i % per])
+                    .collect();
+                let mask: Tensor<4, Bool> =
+                    Tensor::from_data(TensorData::new(mask, [1, 1, per, per]), &device);
+                let mut inverse = vec![0; per];
+                for (new, &old) in order.iter().enumerate() {
+                    inverse[old] = new;
+                }
+                (order, inverse, mask)
+            });
+            let order = window.as_ref().map(|w| w.0.as_slice());
+            let (cos, sin) = s.rotary(rows, cols, 1, order, &device);
+            for _ in 0..frames {
+                let mut h = x.clone().slice([start..start + per, 0..d]);
+                if let Some((order, _, _)) = &window {
+                    let idx = order.iter().map(|&i| i as i64).collect();
+                    h = h.select(0, int_tensor(idx, [per], &device));
+                }
+                let mut h = h.unsqueeze::<3>();
+                for (i, blk) in self.blocks.iter().enumerate() {
+                    let mask = window
+                        .as_ref()
+                        .filter(|_| !s.fullatt_blocks.contains(&i))
+                        .map(|w| &w.2);
+                    h = blk.forward(h, s.num_heads, &cos, &sin, mask);
+                }
+                let mut h = h.reshape([per, d]);
+                if let Some((_, inverse, _)) = &window {
+                    let idx = inverse.iter().map(|&i| i as i64).collect();
+                    h = h.select(0, int_tensor(idx, [per], &device));
+                }
+                out.push(h);
                 start += per;
             }
         }

@@ -2,6 +2,7 @@
 pub mod act;
 pub mod attention;
 pub mod mlp;
+pub mod norm;
 pub mod patch;
 pub mod rope;
 

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Qwen2.5-VL parity fixture (run by hand; CI never needs Python):
+
+    /root/venv/bin/python tools/make_qwen2_5_vl_fixture.py build     # writes tests/fixtures/qwen2_5_vl/
+    cargo test --release --test qwen2_vl                              # (also saves /tmp/mitune-qwen2-5-vl-saved)
+    /root/venv/bin/python tools/make_qwen2_5_vl_fixture.py roundtrip /tmp/mitune-qwen2-5-vl-saved
+
+A tiny *random* `Qwen2_5_VLForConditionalGeneration`: Qwen2-VL's design with an RMSNorm + SwiGLU ViT whose blocks
+attend within 32-px windows (2 × 2 merged tokens) except the full-attention block 1, and an RMSNorm merger; Qwen2
+LLM with M-RoPE sections [2, 3, 3]; bf16 weights, and a `Qwen2VLProcessor` whose
+`Qwen2VLImageProcessorPil` resizes between 256 and 4096 pixels (factor 16). The tokenizer is the ChatML one of
+tests/fixtures/llava_siglip_qwen2 with Qwen2-VL's vision tokens added, and Qwen2-VL's chat template. Cases: one
+image, two images of different sizes, text only, a left-padded batch; M-RoPE position ids from `get_rope_index`;
+greedy generation; a masked loss with the merger's gradient.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+IMG = FIX / "images"
+OUT = FIX / "qwen2_5_vl"
+torch.manual_seed(0)
+
+TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def processor(improc, tok):
+    """Qwen2VLProcessor insists on a video processor, whose class needs torchvision (not installable for torch 2.15
+    here); images never touch it, so a placeholder stands in and the class check skips it."""
+    from transformers import Qwen2_5_VLProcessor as Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = \
+        lambda self, n, a: None if n == "video_processor" else check(self, n, a)
+    return Qwen2VLProcessor(image_processor=improc, tokenizer=tok, video_processor=object(), chat_template=TEMPLATE)
+
+
+def first_frame(pv):
+    """[patches, 3·2·p·p] -> [patches, 3, p, p]: a still image's two temporal frames are equal, so one is stored
+    (half the bytes; tests repeat it)."""
+    n, d = pv.shape
+    p = int((d // 6) ** 0.5)
+    return pv.reshape(n, 3, 2, p, p)[:, :, 0].contiguous()
+
+
+def build():
+    from transformers import AutoTokenizer
+    from transformers import Qwen2_5_VLConfig as Qwen2VLConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration as Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok = AutoTokenizer.from_pretrained(FIX / "llava_siglip_qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                          "<|video_pad|>"]})
+    tok.chat_template = TEMPLATE
+    # the base tokenizer names `<image>` its image token; Qwen2-VL's is `<|image_pad|>`
+    tok.image_token = "<|image_pad|>"
+    tok.video_token = "<|video_pad|>"
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                     "<|video_pad|>"]}
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           hidden_act="silu", window_size=32, fullatt_block_indexes=[1], tokens_per_second=2),
+        text_config=dict(vocab_size=len(tok), bos_token_id=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    model = Qwen2VLForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "visual" in n:
+                p.normal_(0, 0.2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # rotary inv_freq must not round-trip through bf16
+    model.to(torch.bfloat16).save_pretrained(OUT, safe_serialization=True)
+    model.to(torch.float32)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    improc = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": 256, "longest_edge": 4096})
+    proc = processor(improc, tok)
+    tok.save_pretrained(OUT)
+    (OUT / "chat_template.jinja").write_text(TEMPLATE)
+    (OUT / "preprocessor_config.json").write_text(json.dumps(improc.to_dict(), indent=2) + "\n")
+    names = ["chelsea_75x50.png", "astronaut_32.png", "wide_120x30.png", "tall_20x70.png", "tiny_6x4.png",
+             "big_128.png"]
+    imgs = {n: Image.open(IMG / n).convert("RGB") for n in names}
+    tensors, meta = {}, {"token_ids": ids}
+
+    def case(name, prompts, names, padding_side="right"):
+        tok.padding_side = padding_side
+        ims = [imgs[n] for n in names] or None
+        enc = proc(text=prompts, images=ims, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**{k: v for k, v in enc.items()})
+        image_id = ids["<|image_pad|>"]
+        cols = [j for j in range(enc["input_ids"].shape[1]) if not (enc["input_ids"][:, j] == image_id).any()][-8:]
+        tensors[f"{name}.logits"] = out.logits[:, cols].float().contiguous()
+        meta[name] = {"prompts": prompts, "images": names, "padding_side": padding_side, "logit_columns": cols,
+                      "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist()}
+        if ims:
+            meta[name]["image_grid_thw"] = enc["image_grid_thw"].tolist()
+            # the same processor and photos as tests/fixtures/qwen2_vl: its pixel values serve both fixtures
+            from safetensors.torch import load_file
+            same = load_file(FIX / "qwen2_vl" / "expected.safetensors")[f"{name}.pixel_values"]
+            assert torch.equal(first_frame(enc["pixel_values"]), same), name
+            pos, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+                                                    image_grid_thw=enc["image_grid_thw"],
+                                                    attention_mask=enc["attention_mask"])
+            meta[name]["position_ids"] = pos.tolist()
+            meta[name]["rope_deltas"] = delta.flatten().tolist()
+        return enc
+
+    def chat(user, n):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": user}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=False)
+    p1 = chat("What is shown in this picture?", 1)
+    enc = case("image_text", [p1], ["chelsea_75x50.png"])
+    case("two_images", [chat("Compare them.", 2)], ["wide_120x30.png", "tall_20x70.png"])
+    case("text_only", [chat("The cat sits on the mat.", 0)], [])
+    case("batch", [chat("Describe the photo in detail.", 1), chat("Hi!", 1)], ["tiny_6x4.png", "big_128.png"],
+         padding_side="left")
+    tok.padding_side = "right"
+    # LLaVA's marker in a user string: the typed template renders it as the image part it stands for
+    meta["chat"] = {"user": "<image>What is shown in this picture?", "rendered": p1}
+
+    with torch.no_grad():
+        g = model.generate(**enc, max_new_tokens=8, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    new = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    meta["greedy"] = {"prompt": p1, "images": ["chelsea_75x50.png"], "max_new_tokens": 8, "output_ids": new,
+                      "input_ids": enc["input_ids"][0].tolist(),
+                      "logprobs": [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, new)]}
+
+    b = proc(text=[p1 + "A cat.<|im_end|>"], images=[imgs["big_128.png"]], return_tensors="pt")
+    n_prompt = len(proc(text=[p1], images=[imgs["big_128.png"]])["input_ids"][0])
+    labels = b["input_ids"].clone()
+    labels[0, :n_prompt] = -100
+    model.zero_grad()
+    out = model(**b, labels=labels)
+    out.loss.backward()
+    tensors["loss.grad_merger_mlp0_weight"] = model.model.visual.merger.mlp[0].weight.grad[:32].contiguous()
+    tensors["loss.grad_patch_embed"] = model.model.visual.patch_embed.proj.weight.grad.reshape(32, -1).contiguous()
+    tensors["loss.grad_block0_gate"] = model.model.visual.blocks[0].mlp.gate_proj.weight.grad.contiguous()
+    meta["loss"] = {"input_ids": b["input_ids"][0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
+                    "images": ["big_128.png"], "image_grid_thw": b["image_grid_thw"].tolist()}
+    model.zero_grad()
+
+    meta["preprocess"] = {}
+    for n, im in imgs.items():
+        pv = improc(images=[im], return_tensors="pt")
+        meta["preprocess"][n] = {"size": list(im.size[::-1]), "grid_thw": pv["image_grid_thw"][0].tolist()}
+    save_file(tensors, OUT / "expected.safetensors")
+    (OUT / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(meta["preprocess"])
+    print("greedy", new, "deltas", meta["batch"]["rope_deltas"])
+
+
+def roundtrip(saved):
+    from transformers import AutoTokenizer
+    from transformers import Qwen2_5_VLForConditionalGeneration as Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from safetensors.torch import load_file
+    model = Qwen2VLForConditionalGeneration.from_pretrained(saved).float().eval()
+    cfgp = json.loads((OUT / "preprocessor_config.json").read_text())
+    cfgp.pop("image_processor_type", None)
+    proc = processor(Qwen2VLImageProcessorPil(**cfgp), AutoTokenizer.from_pretrained(OUT))
+    meta = json.loads((OUT / "expected.json").read_text())
+    exp = load_file(OUT / "expected.safetensors")
+    c = meta["two_images"]
+    enc = proc(text=c["prompts"], images=[Image.open(IMG / n).convert("RGB") for n in c["images"]],
+               return_tensors="pt")
+    with torch.no_grad():
+        lg = model(**enc).logits[:, c["logit_columns"]]
+    d = (lg - exp["two_images.logits"]).abs().max().item()
+    res = {"saved": str(saved), "class": type(model).__name__, "max_abs_logit_diff": d}
+    (OUT / "roundtrip_check.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(res)
+    assert d < 1e-4, d
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["roundtrip"]:
+        roundtrip(sys.argv[2])
+    else:
+        build()
