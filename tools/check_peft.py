@@ -3,6 +3,9 @@ logits as the merged model mitune wrote beside it (run by hand; CI needs no Pyth
 
     python tools/check_peft.py checkpoints/runs/llava-hf-lora/lora [--out tests/fixtures/peft_check.json]
 
+Works for every family mitune saves a PEFT adapter for (LLaVA, LLaVA-NeXT, Qwen2-VL, ...): the class comes from the
+stage's config.json through `AutoModelForImageTextToText`.
+
 STAGE/base is the unmerged model, STAGE/adapter the PEFT adapter, STAGE/model mitune's merge. transformers loads
 base, `PeftModel.from_pretrained` applies the adapter (LoRA factors + modules_to_save), and its logits on an
 image + text prompt are compared with transformers' logits of STAGE/model, and with the base's (which must differ).
@@ -15,7 +18,24 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText as LlavaForConditionalGeneration
+
+
+def inputs(cfg):
+    """An image + text prompt for the model family: LLaVA's fixed count of `<image>` placeholders and one image at
+    the tower's size, or Qwen2-VL's wrapped 2 × 2 merged tokens with their patches and grid."""
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        v = cfg.vision_config
+        grid = [1, 2 * v.spatial_merge_size, 2 * v.spatial_merge_size]
+        n = grid[1] * grid[2] // v.spatial_merge_size ** 2
+        ids = [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id] + list(range(10, 40))
+        patches = torch.randn(grid[1] * grid[2], v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+        return {"input_ids": torch.tensor([ids]), "pixel_values": patches, "image_grid_thw": torch.tensor([grid]),
+                "mm_token_type_ids": torch.tensor([[int(i == cfg.image_token_id) for i in ids]])}
+    n = cfg.image_seq_length
+    size = cfg.vision_config.image_size
+    ids = [1] + [cfg.image_token_index] * n + list(range(10, 40))
+    return {"input_ids": torch.tensor([ids]), "pixel_values": torch.randn(1, 3, size, size)}
 
 
 def main():
@@ -31,21 +51,16 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     base = LlavaForConditionalGeneration.from_pretrained(f"{a.stage}/base", dtype=torch.float32).eval()
-    cfg = base.config
-    n = cfg.image_seq_length
-    size = cfg.vision_config.image_size
-    ids = [1] + [cfg.image_token_index] * n + list(range(10, 40))
-    input_ids = torch.tensor([ids])
-    pixels = torch.randn(1, 3, size, size)
+    x = inputs(base.config)
     with torch.no_grad():
-        base_logits = base(input_ids=input_ids, pixel_values=pixels).logits
+        base_logits = base(**x).logits
     peft_model = PeftModel.from_pretrained(base, f"{a.stage}/adapter").eval()
     n_lora = sum(1 for k, _ in peft_model.named_parameters() if "lora_A" in k)
     with torch.no_grad():
-        adapted = peft_model(input_ids=input_ids, pixel_values=pixels).logits
+        adapted = peft_model(**x).logits
     merged_model = LlavaForConditionalGeneration.from_pretrained(f"{a.stage}/model", dtype=torch.float32).eval()
     with torch.no_grad():
-        merged = merged_model(input_ids=input_ids, pixel_values=pixels).logits
+        merged = merged_model(**x).logits
     result = {
         "stage": a.stage,
         "lora_modules_loaded": n_lora,
@@ -62,7 +77,7 @@ def main():
         init = LlavaForConditionalGeneration.from_pretrained(a.init, dtype=torch.float32).eval()
         on_init = PeftModel.from_pretrained(init, f"{a.stage}/adapter").eval()
         with torch.no_grad():
-            got = on_init(input_ids=input_ids, pixel_values=pixels).logits
+            got = on_init(**x).logits
         result["init"] = a.init
         result["max_abs_diff_peft_on_init_vs_mitune_merged"] = (got - merged).abs().max().item()
         ok = ok and result["max_abs_diff_peft_on_init_vs_mitune_merged"] < 1e-4

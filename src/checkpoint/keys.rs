@@ -5,6 +5,16 @@
 
 /// Keys of a `LlavaForConditionalGeneration` checkpoint.
 pub fn llava(path: &str) -> Vec<String> {
+    // Qwen2-VL's tower (`blocks`, `patch_embed`) and patch merger (`ln_q`, `fc1`, `fc2`) have module paths no other
+    // family uses: their names are Qwen2-VL's wherever a key is asked for (PEFT names, LoRA targets)
+    if path.starts_with("vision_tower.blocks.")
+        || path.starts_with("vision_tower.patch_embed.")
+        || ["ln_q.", "fc1.", "fc2."]
+            .iter()
+            .any(|p| path.starts_with(&format!("multi_modal_projector.{p}")))
+    {
+        return super::qwen2vl::keys(path);
+    }
     if path.starts_with("vision_tower.towers.") {
         // a fused encoder's towers: mitune's own layout, by module path
         vec![path.to_string(), format!("model.{path}")]

@@ -49,19 +49,25 @@ pub struct PeftConfig {
     pub task_type: Option<String>,
 }
 
-/// PEFT's module name for a fully trained part (`modules_to_save` matches by name suffix).
-fn saved_modules(part: &str) -> &'static [&'static str] {
-    match part {
-        "connector" => &["multi_modal_projector"],
-        "encoder" => &["vision_tower"],
+/// PEFT's module name for a fully trained part (`modules_to_save` matches by name suffix); `qwen`: Qwen2-VL's
+/// names (`model.visual`, its `merger`).
+fn saved_modules(part: &str, qwen: bool) -> &'static [&'static str] {
+    match (part, qwen) {
+        ("connector", false) => &["multi_modal_projector"],
+        ("connector", true) => &["merger"],
+        ("encoder", false) => &["vision_tower"],
+        ("encoder", true) => &["visual"],
         _ => &["language_model", "lm_head"],
     }
 }
 
-fn key_prefixes(part: &str) -> &'static [&'static str] {
-    match part {
-        "connector" => &["model.multi_modal_projector."],
-        "encoder" => &["model.vision_tower."],
+fn key_prefixes(part: &str, qwen: bool) -> &'static [&'static str] {
+    match (part, qwen) {
+        ("connector", false) => &["model.multi_modal_projector."],
+        ("connector", true) => &["model.visual.merger."],
+        ("encoder", false) => &["model.vision_tower."],
+        // the whole `visual` module holds the merger too: a trained encoder saves its tower's tensors
+        ("encoder", true) => &["model.visual.blocks.", "model.visual.patch_embed."],
         _ => &["model.language_model.", "lm_head."],
     }
 }
@@ -80,6 +86,7 @@ pub fn save(
         path: out.to_path_buf(),
         source,
     })?;
+    let qwen = super::qwen2vl::is_qwen2vl(&model.spec);
     let values = lora::factors(model);
     let mut tensors = vec![];
     for t in targets {
@@ -100,7 +107,7 @@ pub fn save(
     for w in Collector::collect(model, keys, safetensors::Dtype::F32) {
         if to_save
             .iter()
-            .any(|p| key_prefixes(p).iter().any(|k| w.name.starts_with(k)))
+            .any(|p| key_prefixes(p, qwen).iter().any(|k| w.name.starts_with(k)))
         {
             tensors.push(ToWrite {
                 name: format!("{PREFIX}{}", w.name),
@@ -120,7 +127,7 @@ pub fn save(
     let modules: Vec<String> = targets.iter().map(|t| regex::escape(&t.module)).collect();
     let to_save: Vec<String> = to_save
         .iter()
-        .flat_map(|p| saved_modules(p).iter().map(|s| s.to_string()))
+        .flat_map(|p| saved_modules(p, qwen).iter().map(|s| s.to_string()))
         .collect();
     let cfg = PeftConfig {
         peft_type: "LORA".into(),
