@@ -26,11 +26,11 @@ pub fn run(dir: &Path) -> Result<()> {
         model.multi_modal_projector.num_params(),
         model.language_model.num_params(),
     );
-    let arch = if crate::checkpoint::instructblip::is_instructblip(&spec) {
-        "InstructBlipForConditionalGeneration"
-    } else {
-        "LlavaForConditionalGeneration"
-    };
+    // the class transformers loads: the one config.json names (mitune writes it for every layout)
+    let arch = crate::checkpoint::hf::config_of(dir)
+        .ok()
+        .and_then(|(_, c)| c["architectures"][0].as_str().map(str::to_string))
+        .unwrap_or_else(|| "LlavaForConditionalGeneration".into());
     println!("{}  ({arch})", dir.display());
     println!(
         "├─ vision_tower          {:?} ({})  {:>12} params",
@@ -38,14 +38,25 @@ pub fn run(dir: &Path) -> Result<()> {
         v.hf_architecture(),
         vp
     );
-    println!(
-        "│    {} layers, d={}, patch={}, image={}px, {} tokens per image",
-        v.num_layers(),
-        v.hidden_size(),
-        v.patch_size(),
-        v.input_size(),
-        v.num_tokens()
-    );
+    match &spec.native {
+        Some(n) => println!(
+            "│    {} layers, d={}, patch={}, native resolution: {}..{} pixels per image, sides multiples of {} px",
+            v.num_layers(),
+            v.hidden_size(),
+            v.patch_size(),
+            n.min_pixels,
+            n.max_pixels,
+            n.factor()
+        ),
+        None => println!(
+            "│    {} layers, d={}, patch={}, image={}px, {} tokens per image",
+            v.num_layers(),
+            v.hidden_size(),
+            v.patch_size(),
+            v.input_size(),
+            v.num_tokens()
+        ),
+    }
     println!(
         "│    features: layers {:?}, {}{}",
         spec.select.layers,
@@ -92,6 +103,19 @@ pub fn run(dir: &Path) -> Result<()> {
         "stored dtypes: {dtypes:?} ({} tensors)",
         store.keys().count()
     );
+    if let Some(n) = &spec.native {
+        println!(
+            "image tokens per image: by size (native resolution: one per {f}×{f} pixels after resizing into {}..{} \
+             pixels), M-RoPE sections {:?}  (image token id {})",
+            n.min_pixels,
+            n.max_pixels,
+            spec.llm.rope.mrope_section.clone().unwrap_or_default(),
+            spec.image_token_id,
+            f = n.factor()
+        );
+        println!("vocab size: {}", l.vocab_size);
+        return Ok(());
+    }
     match &spec.anyres {
         None => println!(
             "image tokens per image: {}  (image token id {})",

@@ -169,6 +169,14 @@ mod tests {
         assert_eq!(q.resize(1080, 1920).unwrap(), (728, 1316));
         assert_eq!(q.tokens(480, 640).unwrap(), 34 * 46 / 4);
         assert!(q.resize(10, 3000).unwrap_err().contains("aspect ratio"));
+        // an image smaller than one patch block is resized up to min_pixels (as transformers does: 4×6 -> 56×84);
+        // with no floor it would round to nothing: a located error, not an empty grid (transformers fails later)
+        assert_eq!(q.grid(4, 6).unwrap(), [1, 4, 6]);
+        let tiny = NativeRes {
+            min_pixels: 0,
+            ..q.clone()
+        };
+        assert!(tiny.resize(4, 6).unwrap_err().contains("raise min_pixels"));
         let bad = NativeRes {
             max_pixels: 100,
             ..q

@@ -112,6 +112,7 @@ impl VisionSpec {
             VisionSpec::Dinov2(s) => s.hf_architecture(),
             VisionSpec::Blip(s) => s.hf_architecture(),
             VisionSpec::Fused(_) => "MituneFusedVisionModel",
+            VisionSpec::Qwen2Vit(s) if s.is_v25() => "Qwen2_5_VisionTransformerPretrainedModel",
             VisionSpec::Qwen2Vit(_) => "Qwen2VisionTransformerPretrainedModel",
         }
     }
