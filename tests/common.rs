@@ -123,3 +123,111 @@ pub fn losses(run: &std::path::Path) -> Vec<((String, u64), String)> {
     }
     m.into_iter().collect()
 }
+
+/// transformers' causal-LM loss with `labels` (-100 = not scored): mean over scored positions of
+/// -log p(label[i+1] | ..i). logits: [1, t, vocab].
+pub fn masked_loss(logits: Tensor<3>, labels: &[i64]) -> Tensor<1> {
+    use mitune::zoo::layers::int_tensor;
+    let device = logits.device();
+    let [b, t, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
+    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
+    let weights: Vec<f32> = labels[1..]
+        .iter()
+        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
+        .collect();
+    let n: f32 = weights.iter().sum();
+    let picked = logp
+        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
+        .reshape([1, t - 1]);
+    (picked * float_tensor(weights, [1, t - 1], &device))
+        .sum()
+        .neg()
+        / n
+}
+
+/// Max |got − want| relative to want's largest magnitude (how gradients are compared).
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+    max_abs_diff(got, want) / scale
+}
+
+/// Trains `recipe(out)` twice under `dir` — once straight (`runs-a`), once killed at `stage` step 3 and resumed
+/// (`runs-b`) — and returns both runs' logged losses (run `name`).
+pub fn train_kill_resume(
+    dir: &std::path::Path,
+    name: &str,
+    stage: &str,
+    recipe: impl Fn(&str) -> String,
+) -> (Vec<((String, u64), String)>, Vec<((String, u64), String)>) {
+    let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
+    std::fs::write(&a, recipe("runs-a")).unwrap();
+    std::fs::write(&b, recipe("runs-b")).unwrap();
+    let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let fault = format!("{stage}:3");
+    let (ok, _) = run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", fault.as_str())),
+    );
+    assert!(!ok, "the fault did not stop the run");
+    let (ok, err) = run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
+    (
+        losses(&dir.join("runs-a").join(name)),
+        losses(&dir.join("runs-b").join(name)),
+    )
+}
+
+/// A DPO → GRPO → eval pipeline over a model directory on the shapes `world` (2 steps each), for the
+/// model families' stage tests. `model`: the lines of the `[model]` table; `template`: the stages' template.
+pub fn pref_rl_eval_recipe(
+    name: &str,
+    out: &std::path::Path,
+    model: &str,
+    template: &str,
+    world: &std::path::Path,
+) -> String {
+    let p = |f: &str| world.join(f).display().to_string();
+    format!(
+        r#"name = "{name}"
+seed = 1
+pipeline = ["dpo", "grpo", "after"]
+output = {out:?}
+[model]
+{model}
+[stages.dpo]
+kind = "dpo"
+template = "{template}"
+data = {{ sources = [{{ format = "pairs", path = {pairs:?} }}] }}
+loss = {{ kind = "sigmoid", beta = 1.0 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.grpo]
+kind = "grpo"
+init = {{ from_stage = "dpo" }}
+template = "{template}"
+data = {{ sources = [{{ path = {prompts:?} }}] }}
+group = 2
+rewards = [{{ kind = "exact_match" }}]
+sampling = {{ temperature = 1.0, max_new_tokens = 4 }}
+batch = {{ global = 2, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-4 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+[stages.after]
+kind = "eval"
+init = {{ from_stage = "grpo" }}
+tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data = {pope:?}, hint = "Answer yes or no.", limit = 4 }}]
+"#,
+        out = out.display().to_string(),
+        pairs = p("preference_probes_train.jsonl"),
+        prompts = p("prompts_train.jsonl"),
+        vqa = p("eval/heldout/vqa.jsonl"),
+        pope = p("eval/heldout/pope_popular.json"),
+    )
+}

@@ -15,7 +15,7 @@ use mitune::checkpoint::{load_llava, save_llava};
 use mitune::data::images::{ImageProcessor, load_image};
 use mitune::data::tokenizer::TextProcessor;
 use mitune::generate::{GenConfig, generate};
-use mitune::zoo::layers::{float_tensor, int_tensor, to_vec};
+use mitune::zoo::layers::{float_tensor, to_vec};
 use mitune::zoo::mllm::MmInput;
 
 const NAME: &str = "llava_next";
@@ -253,30 +253,12 @@ fn llava_next_loss_and_gradients_match_transformers() {
     let logits = model
         .forward(&MmInput::single(ids, px).with_sizes(sizes))
         .unwrap();
-    let [b, t, v] = logits.dims();
-    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
-    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
-    let weights: Vec<f32> = labels[1..]
-        .iter()
-        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
-        .collect();
-    let n: f32 = weights.iter().sum();
-    let picked = logp
-        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
-        .reshape([1, t - 1]);
-    let loss = (picked * float_tensor(weights, [1, t - 1], &device))
-        .sum()
-        .neg()
-        / n;
+    let loss = common::masked_loss(logits, &labels);
     let got = to_vec(loss.clone())[0];
     let want = m["loss"].as_f64().unwrap() as f32;
     assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
     let grads = loss.backward();
-    let rel = |g: Vec<f32>, key: &str| {
-        let (_, want) = e.tensor(key);
-        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-        max_abs_diff(&g, &want) / scale
-    };
+    let rel = |g: Vec<f32>, key: &str| common::rel_err(&g, &e.tensor(key).1);
     let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
         .weight
         .val();
@@ -346,22 +328,7 @@ save_every = 2
             data = data.display().to_string(),
         )
     };
-    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
-    std::fs::write(&a, recipe("runs-a", 256)).unwrap();
-    std::fs::write(&b, recipe("runs-b", 256)).unwrap();
-    let (ok, err) = common::run_mitune(&["train", a.to_str().unwrap()], None);
-    assert!(ok, "{err}");
-    let (ok, _) = common::run_mitune(
-        &["train", b.to_str().unwrap()],
-        Some(("MITUNE_FAULT_ABORT_AT_STEP", "lora:3")),
-    );
-    assert!(!ok);
-    let (ok, err) = common::run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
-    assert!(ok, "{err}");
-    let (la, lb) = (
-        common::losses(&d.join("runs-a/nx")),
-        common::losses(&d.join("runs-b/nx")),
-    );
+    let (la, lb) = common::train_kill_resume(&d, "nx", "lora", |out| recipe(out, 256));
     assert_eq!(la.len(), 4);
     assert_eq!(la, lb, "resumed losses differ");
     let model = d.join("runs-a/nx/lora/model");
@@ -383,49 +350,8 @@ fn llava_next_dpo_grpo_and_eval_stages_run() {
     let dir = fixture(NAME);
     let d = common::scratch("llava-next-pref");
     let w = common::world(&d);
-    let p = |f: &str| w.join(f).display().to_string();
-    let recipe = format!(
-        r#"name = "nxp"
-seed = 1
-pipeline = ["dpo", "grpo", "after"]
-output = {out:?}
-[model]
-from = {dir:?}
-[stages.dpo]
-kind = "dpo"
-template = "vicuna_v1"
-data = {{ sources = [{{ format = "pairs", path = {pairs:?} }}] }}
-loss = {{ kind = "sigmoid", beta = 1.0 }}
-batch = {{ global = 4, micro = 2 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-max_steps = 2
-max_len = 256
-log_every = 1
-[stages.grpo]
-kind = "grpo"
-init = {{ from_stage = "dpo" }}
-template = "vicuna_v1"
-data = {{ sources = [{{ path = {prompts:?} }}] }}
-group = 2
-rewards = [{{ kind = "exact_match" }}]
-sampling = {{ temperature = 1.0, max_new_tokens = 4 }}
-batch = {{ global = 2, micro = 2 }}
-optim = {{ kind = "adamw", lr = 1e-4 }}
-max_steps = 2
-max_len = 256
-log_every = 1
-[stages.after]
-kind = "eval"
-init = {{ from_stage = "grpo" }}
-tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data = {pope:?}, hint = "Answer yes or no.", limit = 4 }}]
-"#,
-        out = d.join("runs").display().to_string(),
-        dir = dir.display().to_string(),
-        pairs = p("preference_probes_train.jsonl"),
-        prompts = p("prompts_train.jsonl"),
-        vqa = p("eval/heldout/vqa.jsonl"),
-        pope = p("eval/heldout/pope_popular.json"),
-    );
+    let model = format!("from = {:?}", dir.display().to_string());
+    let recipe = common::pref_rl_eval_recipe("nxp", &d.join("runs"), &model, "vicuna_v1", &w);
     let r = d.join("p.toml");
     std::fs::write(&r, recipe).unwrap();
     let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
@@ -633,30 +559,12 @@ fn llava_onevision_loss_and_gradients_match_transformers() {
     let logits = model
         .forward(&MmInput::single(ids, px).with_sizes(sizes))
         .unwrap();
-    let [b, t, v] = logits.dims();
-    let logp = burn::tensor::activation::log_softmax(logits.slice([0..b, 0..t - 1, 0..v]), 2);
-    let targets: Vec<i64> = labels[1..].iter().map(|&l| l.max(0)).collect();
-    let weights: Vec<f32> = labels[1..]
-        .iter()
-        .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
-        .collect();
-    let n: f32 = weights.iter().sum();
-    let picked = logp
-        .gather(2, int_tensor(targets, [1, t - 1, 1], &device))
-        .reshape([1, t - 1]);
-    let loss = (picked * float_tensor(weights, [1, t - 1], &device))
-        .sum()
-        .neg()
-        / n;
+    let loss = common::masked_loss(logits, &labels);
     let got = to_vec(loss.clone())[0];
     let want = m["loss"].as_f64().unwrap() as f32;
     assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
     let grads = loss.backward();
-    let rel = |g: Vec<f32>, key: &str| {
-        let (_, want) = e.tensor(key);
-        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-        max_abs_diff(&g, &want) / scale
-    };
+    let rel = |g: Vec<f32>, key: &str| common::rel_err(&g, &e.tensor(key).1);
     let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
         .weight
         .val();

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Qwen2-VL parity fixture (run by hand; CI never needs Python):
+"""Qwen2-VL and Qwen2.5-VL parity fixtures (run by hand; CI never needs Python):
 
-    /root/venv/bin/python tools/make_qwen2_vl_fixture.py build       # writes tests/fixtures/qwen2_vl/
-    cargo test --release --test qwen2_vl                              # (also saves /tmp/mitune-qwen2-vl-saved)
-    /root/venv/bin/python tools/make_qwen2_vl_fixture.py roundtrip /tmp/mitune-qwen2-vl-saved
+    /root/venv/bin/python tools/make_qwen2_vl_fixture.py build [--v25]   # tests/fixtures/qwen2_vl/ (qwen2_5_vl/)
+    cargo test --release --test qwen2_vl              # (also saves /tmp/mitune-qwen2-vl-saved, ...-qwen2-5-vl-saved)
+    /root/venv/bin/python tools/make_qwen2_vl_fixture.py roundtrip /tmp/mitune-qwen2-vl-saved [--v25]
 
 A tiny *random* `Qwen2VLForConditionalGeneration` (ViT with 8-px patches, temporal patch 2, 2-D rotary, 2×2 patch
 merger; Qwen2 LLM with M-RoPE sections [2, 3, 3]) with bf16 weights, and a `Qwen2VLProcessor` whose
 `Qwen2VLImageProcessorPil` resizes between 256 and 4096 pixels (factor 16). The tokenizer is the ChatML one of
-tests/fixtures/llava_siglip_qwen2 with Qwen2-VL's vision tokens added, and Qwen2-VL's chat template. Cases: one
+tests/fixtures/llava_siglip_qwen2 with Qwen2-VL's vision tokens added, and Qwen2-VL's chat template. With `--v25`: `Qwen2_5_VLForConditionalGeneration` — an RMSNorm + SwiGLU ViT whose blocks
+attend within 32-px windows (2 × 2 merged tokens) except the full-attention block 1, and an RMSNorm merger — whose
+pixel values are Qwen2-VL's (same processor and photos), so only that fixture stores them. Cases: one
 image, two images of different sizes, text only, a left-padded batch; M-RoPE position ids from `get_rope_index`;
 greedy generation; a masked loss with the merger's gradient.
 """
@@ -23,7 +25,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 IMG = FIX / "images"
-OUT = FIX / "qwen2_vl"
+V25 = "--v25" in sys.argv
+OUT = FIX / ("qwen2_5_vl" if V25 else "qwen2_vl")
 torch.manual_seed(0)
 
 TEMPLATE = (
@@ -40,7 +43,9 @@ TEMPLATE = (
 def processor(improc, tok):
     """Qwen2VLProcessor insists on a video processor, whose class needs torchvision (not installable for torch 2.15
     here); images never touch it, so a placeholder stands in and the class check skips it."""
-    from transformers import Qwen2VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    if V25:
+        Qwen2VLProcessor = Qwen2_5_VLProcessor  # noqa: N806
     from transformers.processing_utils import ProcessorMixin
     check = ProcessorMixin.check_argument_for_proper_class
     ProcessorMixin.check_argument_for_proper_class = \
@@ -58,6 +63,9 @@ def first_frame(pv):
 
 def build():
     from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if V25:
+        from transformers import Qwen2_5_VLConfig as Qwen2VLConfig  # noqa: N814
+        from transformers import Qwen2_5_VLForConditionalGeneration as Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tok = AutoTokenizer.from_pretrained(FIX / "llava_siglip_qwen2")
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -69,8 +77,12 @@ def build():
     ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                      "<|video_pad|>"]}
     cfg = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu"),
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           hidden_act="silu", window_size=32, fullatt_block_indexes=[1], tokens_per_second=2)
+        if V25 else
+        dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu"),
         text_config=dict(vocab_size=len(tok), bos_token_id=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
@@ -118,7 +130,12 @@ def build():
                       "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist()}
         if ims:
             meta[name]["image_grid_thw"] = enc["image_grid_thw"].tolist()
-            tensors[f"{name}.pixel_values"] = first_frame(enc["pixel_values"])
+            if V25:  # the same processor and photos as tests/fixtures/qwen2_vl: its pixel values serve both
+                from safetensors.torch import load_file
+                same = load_file(FIX / "qwen2_vl" / "expected.safetensors")[f"{name}.pixel_values"]
+                assert torch.equal(first_frame(enc["pixel_values"]), same), name
+            else:
+                tensors[f"{name}.pixel_values"] = first_frame(enc["pixel_values"])
             pos, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
                                                     image_grid_thw=enc["image_grid_thw"],
                                                     attention_mask=enc["attention_mask"])
@@ -157,6 +174,8 @@ def build():
     out.loss.backward()
     tensors["loss.grad_merger_mlp0_weight"] = model.model.visual.merger.mlp[0].weight.grad[:32].contiguous()
     tensors["loss.grad_patch_embed"] = model.model.visual.patch_embed.proj.weight.grad.reshape(32, -1).contiguous()
+    if V25:
+        tensors["loss.grad_block0_gate"] = model.model.visual.blocks[0].mlp.gate_proj.weight.grad.contiguous()
     meta["loss"] = {"input_ids": b["input_ids"][0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
                     "images": ["big_128.png"], "image_grid_thw": b["image_grid_thw"].tolist()}
     model.zero_grad()
@@ -165,8 +184,8 @@ def build():
     for n, im in imgs.items():
         pv = improc(images=[im], return_tensors="pt")
         meta["preprocess"][n] = {"size": list(im.size[::-1]), "grid_thw": pv["image_grid_thw"][0].tolist()}
-        assert (n != "big_128.png") or torch.equal(first_frame(pv["pixel_values"]),  # the loss case's pixels are
-                                                   tensors["batch.pixel_values"][8:])  # the batch's second image
+        assert V25 or (n != "big_128.png") or torch.equal(first_frame(pv["pixel_values"]),  # the loss case's
+                                                          tensors["batch.pixel_values"][8:])  # = the batch's 2nd
     save_file(tensors, OUT / "expected.safetensors")
     (OUT / "expected.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(meta["preprocess"])
@@ -174,9 +193,10 @@ def build():
 
 
 def roundtrip(saved):
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from safetensors.torch import load_file
+    Qwen2VLForConditionalGeneration = AutoModelForImageTextToText  # noqa: N806
     model = Qwen2VLForConditionalGeneration.from_pretrained(saved).float().eval()
     cfgp = json.loads((OUT / "preprocessor_config.json").read_text())
     cfgp.pop("image_processor_type", None)

@@ -338,13 +338,7 @@ impl Llava {
         let feats =
             if let (Some(nr), Encoder::Qwen2Vit(vit)) = (&self.spec.native, &self.vision_tower) {
                 // native resolution: every image's patches through the tower with its own grid, then the merger
-                let grids = input
-                    .image_sizes
-                    .iter()
-                    .map(|&[h, w]| nr.grid(h, w))
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(Error::input)?;
-                let f = vit.forward(pixels, &grids)?; // [patches, d_vit]
+                let f = vit.forward(pixels, &grids(nr, &input.image_sizes)?)?; // [patches, d_vit]
                 let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
                 let [_, t, d] = out.dims();
                 out.reshape([t, d])
@@ -423,14 +417,19 @@ impl Llava {
     /// explicit `position_ids` (generation uses padding-aware positions, see `generate`); with M-RoPE and images,
     /// `get_rope_index`'s 3-D positions.
     pub fn forward(&self, input: &MmInput) -> Result<Tensor<3>> {
-        let positions = match self.mrope_positions(input)? {
+        let positions = self.positions(input)?;
+        self.forward_with(input, &positions, None)
+    }
+
+    /// Positions of a whole-sequence forward: 0..t per row, or M-RoPE's 3-D positions when the batch has images.
+    fn positions(&self, input: &MmInput) -> Result<Vec<Vec<i64>>> {
+        Ok(match self.mrope_positions(input)? {
             Some((p, _)) => p,
             None => {
                 let t = input.ids[0].len();
                 input.ids.iter().map(|_| (0..t as i64).collect()).collect()
             }
-        };
-        self.forward_with(input, &positions, None)
+        })
     }
 
     /// transformers' `get_rope_index` for a batch with images (`None` without M-RoPE or without images): 3·b rows
@@ -442,13 +441,7 @@ impl Llava {
         if input.image_sizes.is_empty() {
             return Ok(None);
         }
-        let grids = input
-            .image_sizes
-            .iter()
-            .map(|&[h, w]| nr.grid(h, w))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(Error::input)?;
-        let mut grids = grids.into_iter();
+        let mut grids = grids(nr, &input.image_sizes)?.into_iter();
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let mut axes = vec![vec![0i64; t]; 3 * b];
         let mut deltas = vec![];
@@ -487,13 +480,7 @@ impl Llava {
     /// Final hidden states [b, t, d] (after the LLM's last norm) with positions 0..t: what heads on top of the
     /// LLM (a reward model's score, a value head) read.
     pub fn hidden(&self, input: &MmInput) -> Result<Tensor<3>> {
-        let positions = match self.mrope_positions(input)? {
-            Some((p, _)) => p,
-            None => {
-                let t = input.ids[0].len();
-                input.ids.iter().map(|_| (0..t as i64).collect()).collect()
-            }
-        };
+        let positions = self.positions(input)?;
         let x = self.input_embeds(input)?;
         Ok(self
             .language_model
@@ -514,4 +501,13 @@ impl Llava {
             .forward_embeds(x, positions, key_valid, Some(cache));
         self.language_model.logits(h)
     }
+}
+
+/// Each image's patch grid at native resolution, from its original (height, width).
+fn grids(nr: &NativeRes, sizes: &[[u32; 2]]) -> Result<Vec<[usize; 3]>> {
+    sizes
+        .iter()
+        .map(|&[h, w]| nr.grid(h, w))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::input)
 }
