@@ -231,3 +231,73 @@ tasks = [{{ task = "vqa", data = {vqa:?}, limit = 4 }}, {{ task = "pope", data =
         pope = p("eval/heldout/pope_popular.json"),
     )
 }
+
+/// Max |Δ| between a forward's logits `got` [b, t, v] and a fixture's `want` [b, cols.len(), v] kept at columns
+/// `cols` (the fixture stores a few text columns), over the rows' real (attended) positions.
+pub fn column_logit_err(
+    got: &[f32],
+    want: &[f32],
+    attention: &[Vec<bool>],
+    cols: &[usize],
+    v: usize,
+) -> f32 {
+    let t = attention[0].len();
+    let mut err = 0f32;
+    for (b, row) in attention.iter().enumerate() {
+        for (k, &j) in cols.iter().enumerate() {
+            if row[j] {
+                let o = (b * t + j) * v;
+                let w = (b * cols.len() + k) * v;
+                err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
+            }
+        }
+    }
+    err
+}
+
+/// A processor's padded `input_ids` row without its padding (`mask` 0).
+pub fn unpadded(ids: &serde_json::Value, mask: &serde_json::Value) -> Vec<i64> {
+    let ids: Vec<i64> = serde_json::from_value(ids.clone()).unwrap();
+    let mask: Vec<i64> = serde_json::from_value(mask.clone()).unwrap();
+    ids.into_iter()
+        .zip(&mask)
+        .filter(|(_, k)| **k == 1)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// A 4-step LoRA instruct stage (`lora`) over the model directory `model` on the LLaVA JSON `data`, writing under
+/// `out`, checkpointing every 2 steps: the model families' fine-tune-and-resume tests.
+pub fn lora_recipe(
+    name: &str,
+    out: &std::path::Path,
+    model: &std::path::Path,
+    data: &std::path::Path,
+    template: &str,
+    max_len: usize,
+) -> String {
+    format!(
+        r#"name = "{name}"
+seed = 3
+pipeline = ["lora"]
+output = {out:?}
+[model]
+from = {model:?}
+[stages.lora]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
+template = "{template}"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
+train = ["connector"]
+max_steps = 4
+max_len = {max_len}
+log_every = 1
+save_every = 2
+"#,
+        out = out.display().to_string(),
+        model = model.display().to_string(),
+        data = data.display().to_string(),
+    )
+}

@@ -116,14 +116,7 @@ fn llava_next_processing_matches_transformers() {
                 .collect();
             let sizes = ImageProcessor::sizes(&mine).unwrap();
             let ids = text.encode_sized(prompt, true, &sizes).unwrap();
-            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
-            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
-                .unwrap()
-                .into_iter()
-                .zip(&mask)
-                .filter(|(_, k)| **k == 1)
-                .map(|(x, _)| x)
-                .collect();
+            let want = common::unpadded(&m["input_ids"][r], &m["attention_mask"][r]);
             assert_eq!(ids, want, "{case} row {r}: input_ids");
         }
     }
@@ -143,17 +136,7 @@ fn llava_next_logits_and_greedy_ids_match_transformers() {
         let (shape, want) = e.tensor(&format!("{case}.logits"));
         let cols: Vec<usize> =
             serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
-        let (t, v) = (input.ids[0].len(), shape[2]);
-        let mut err = 0f32;
-        for (b, row) in input.attention.iter().enumerate() {
-            for (k, &j) in cols.iter().enumerate() {
-                if row[j] {
-                    let o = (b * t + j) * v;
-                    let w = (b * cols.len() + k) * v;
-                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
-                }
-            }
-        }
+        let err = common::column_logit_err(&got, &want, &input.attention, &cols, shape[2]);
         eprintln!("llava_next {case}: max |Δlogit| {err:.2e}");
         assert!(err <= 1e-4, "{case}: logits differ by {err}");
         if case == "image_text" {
@@ -303,30 +286,7 @@ fn llava_next_fine_tunes_on_mixed_sizes_and_resumes() {
     let data = d.join("mixed.json");
     std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
     let recipe = |out: &str, max_len: usize| {
-        format!(
-            r#"name = "nx"
-seed = 3
-pipeline = ["lora"]
-output = {out:?}
-[model]
-from = {dir:?}
-[stages.lora]
-kind = "instruct"
-data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
-template = "vicuna_v1"
-batch = {{ global = 4, micro = 2 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
-train = ["connector"]
-max_steps = 4
-max_len = {max_len}
-log_every = 1
-save_every = 2
-"#,
-            out = d.join(out).display().to_string(),
-            dir = dir.display().to_string(),
-            data = data.display().to_string(),
-        )
+        common::lora_recipe("nx", &d.join(out), &dir, &data, "vicuna_v1", max_len)
     };
     let (la, lb) = common::train_kill_resume(&d, "nx", "lora", |out| recipe(out, 256));
     assert_eq!(la.len(), 4);
@@ -450,31 +410,14 @@ fn llava_onevision_matches_transformers() {
             let ids = text
                 .encode_sized(prompt, true, &ImageProcessor::sizes(&mine).unwrap())
                 .unwrap();
-            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
-            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
-                .unwrap()
-                .into_iter()
-                .zip(&mask)
-                .filter(|(_, k)| **k == 1)
-                .map(|(x, _)| x)
-                .collect();
+            let want = common::unpadded(&m["input_ids"][r], &m["attention_mask"][r]);
             assert_eq!(ids, want, "{case} row {r}: input_ids");
         }
         let input = ov_input(&e, case, &device);
         let got = to_vec(model.forward(&input).unwrap());
         let (shape, want) = e.tensor(&format!("{case}.logits"));
         let cols: Vec<usize> = serde_json::from_value(m["logit_columns"].clone()).unwrap();
-        let (t, v) = (input.ids[0].len(), shape[2]);
-        let mut err = 0f32;
-        for (b, row) in input.attention.iter().enumerate() {
-            for (k, &j) in cols.iter().enumerate() {
-                if row[j] {
-                    let o = (b * t + j) * v;
-                    let w = (b * cols.len() + k) * v;
-                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
-                }
-            }
-        }
+        let err = common::column_logit_err(&got, &want, &input.attention, &cols, shape[2]);
         eprintln!("llava_onevision {case}: max |Δlogit| {err:.2e}");
         assert!(err <= 1e-4, "{case}: logits differ by {err}");
     }

@@ -108,17 +108,7 @@ fn logits_positions_and_greedy(name: &str) {
         let (shape, want) = e.tensor(&format!("{case}.logits"));
         let cols: Vec<usize> =
             serde_json::from_value(e.meta[case]["logit_columns"].clone()).unwrap();
-        let (t, v) = (input.ids[0].len(), shape[2]);
-        let mut err = 0f32;
-        for (b, row) in input.attention.iter().enumerate() {
-            for (k, &j) in cols.iter().enumerate() {
-                if row[j] {
-                    let o = (b * t + j) * v;
-                    let w = (b * cols.len() + k) * v;
-                    err = err.max(max_abs_diff(&got[o..o + v], &want[w..w + v]));
-                }
-            }
-        }
+        let err = common::column_logit_err(&got, &want, &input.attention, &cols, shape[2]);
         eprintln!("{name} {case}: max |Δlogit| {err:.2e}");
         assert!(err <= 1e-4, "{case}: logits differ by {err}");
     }
@@ -268,14 +258,7 @@ fn qwen2_vl_processing_and_cli_match_transformers() {
                 .collect();
             let sizes = mitune::data::images::ImageProcessor::sizes(&mine).unwrap();
             let ids = text.encode_sized(prompt, false, &sizes).unwrap();
-            let mask: Vec<i64> = serde_json::from_value(m["attention_mask"][r].clone()).unwrap();
-            let want: Vec<i64> = serde_json::from_value::<Vec<i64>>(m["input_ids"][r].clone())
-                .unwrap()
-                .into_iter()
-                .zip(&mask)
-                .filter(|(_, k)| **k == 1)
-                .map(|(x, _)| x)
-                .collect();
+            let want = common::unpadded(&m["input_ids"][r], &m["attention_mask"][r]);
             assert_eq!(ids, want, "{case} row {r}: input_ids");
         }
     }
@@ -351,32 +334,7 @@ fn qwen2_vl_fine_tunes_with_lora_and_resumes() {
         .collect();
     let data = d.join("mixed.json");
     std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
-    let recipe = |out: &str| {
-        format!(
-            r#"name = "qv"
-seed = 3
-pipeline = ["lora"]
-output = {out:?}
-[model]
-from = {dir:?}
-[stages.lora]
-kind = "instruct"
-data = {{ sources = [{{ kind = "llava_json", path = {data:?} }}] }}
-template = "tokenizer"
-batch = {{ global = 4, micro = 2 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
-train = ["connector"]
-max_steps = 4
-max_len = 256
-log_every = 1
-save_every = 2
-"#,
-            out = d.join(out).display().to_string(),
-            dir = dir.display().to_string(),
-            data = data.display().to_string(),
-        )
-    };
+    let recipe = |out: &str| common::lora_recipe("qv", &d.join(out), &dir, &data, "tokenizer", 256);
     std::fs::write(d.join("a.toml"), recipe("runs-a")).unwrap();
     let (ok, err) = common::run_mitune(
         &["validate", d.join("a.toml").to_str().unwrap(), "--data"],
