@@ -225,9 +225,14 @@ fn llava_next_logits_and_greedy_ids_match_transformers() {
 /// `multi_modal_projector.linear_1.weight` and `image_newline` within 1e-3 relative.
 #[test]
 fn llava_next_loss_and_gradients_match_transformers() {
+    anyres_loss_and_gradients(NAME);
+}
+
+/// The loss case's masked loss and the gradients of `linear_1` and `image_newline` for an AnyRes fixture.
+fn anyres_loss_and_gradients(name: &str) {
     let device = Device::flex().autodiff();
-    let e = expected(NAME);
-    let model = load_llava(&fixture(NAME), &device).unwrap();
+    let e = expected(name);
+    let model = load_llava(&fixture(name), &device).unwrap();
     let m = &e.meta["loss"];
     let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
     let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
@@ -252,7 +257,7 @@ fn llava_next_loss_and_gradients_match_transformers() {
     let nl = model.image_newline.as_ref().unwrap().val();
     let g2 = rel(to_vec(nl.grad(&grads).unwrap()), "loss.grad_image_newline");
     eprintln!(
-        "llava_next: loss {got} vs {want}; grad rel err linear_1 {g1:.2e}, image_newline {g2:.2e}"
+        "{name}: loss {got} vs {want}; grad rel err linear_1 {g1:.2e}, image_newline {g2:.2e}"
     );
     assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
 }
@@ -491,36 +496,7 @@ fn llava_onevision_matches_transformers() {
 /// and `image_newline` through the bilinear downsampling, against transformers.
 #[test]
 fn llava_onevision_loss_and_gradients_match_transformers() {
-    let device = Device::flex().autodiff();
-    let e = expected(OV);
-    let model = load_llava(&fixture(OV), &device).unwrap();
-    let m = &e.meta["loss"];
-    let labels: Vec<i64> = serde_json::from_value(m["labels"].clone()).unwrap();
-    let ids: Vec<i64> = serde_json::from_value(m["input_ids"].clone()).unwrap();
-    let sizes: Vec<[u32; 2]> = serde_json::from_value(m["image_sizes"].clone()).unwrap();
-    let px = hf_pixels(&e, &strings(&m["images"]), &device);
-    let logits = model
-        .forward(&MmInput::single(ids, px).with_sizes(sizes))
-        .unwrap();
-    let loss = common::masked_loss(logits, &labels);
-    let got = to_vec(loss.clone())[0];
-    let want = m["loss"].as_f64().unwrap() as f32;
-    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
-    let grads = loss.backward();
-    let rel = |g: Vec<f32>, key: &str| common::rel_err(&g, &e.tensor(key).1);
-    let w = model.multi_modal_projector.as_mlp().unwrap().layers[0]
-        .weight
-        .val();
-    let g1 = rel(
-        to_vec(w.grad(&grads).unwrap().transpose()),
-        "loss.grad_linear_1_weight",
-    );
-    let nl = model.image_newline.as_ref().unwrap().val();
-    let g2 = rel(to_vec(nl.grad(&grads).unwrap()), "loss.grad_image_newline");
-    eprintln!(
-        "llava_onevision: loss {got} vs {want}; grad rel err linear_1 {g1:.2e}, image_newline {g2:.2e}"
-    );
-    assert!(g1 < 1e-3 && g2 < 1e-3, "gradients differ: {g1}, {g2}");
+    anyres_loss_and_gradients(OV);
 }
 
 /// LLaVA-OneVision trains on a mix of one-image samples (tiled, downsampled when large) and two-image samples
