@@ -230,3 +230,52 @@ fn set_overrides_and_extends() {
         Some(mitune::zoo::connectors::ConnectorSpec::Linear {})
     ));
 }
+
+/// The fine-tuning recipes for the released layouts run as shipped on the tiny models the project makes (their
+/// shapes world and run directory redirected to a scratch folder; LLaVA-NeXT's two epochs cut to 3 steps), and each
+/// leaves a model directory of its family.
+#[test]
+fn finetune_recipes_run_as_shipped() {
+    for (file, family, shorten) in [
+        ("recipes/finetune/qwen2-vl-lora.toml", "qwen2_vl", None),
+        (
+            "recipes/finetune/llava-next-lora.toml",
+            "llava_next",
+            Some(("epochs = 2\n", "max_steps = 3\n")),
+        ),
+    ] {
+        let d = scratch(family);
+        let mut text = std::fs::read_to_string(root().join(file)).unwrap();
+        text = text.replace("datasets/shapes", &d.join("shapes").display().to_string());
+        text = text.replace(
+            "pipeline = [",
+            &format!(
+                "output = {:?}\npipeline = [",
+                d.join("runs").display().to_string()
+            ),
+        );
+        if let Some((a, b)) = shorten {
+            assert!(text.contains(a), "{file}: {a:?}");
+            text = text.replace(a, b);
+        }
+        let r = d.join("r.toml");
+        std::fs::write(&r, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+            .args(["train", r.to_str().unwrap()])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let runs: Vec<_> = std::fs::read_dir(d.join("runs")).unwrap().collect();
+        assert_eq!(runs.len(), 1, "{file}: one run directory");
+        let model = runs[0].as_ref().unwrap().path().join("lora/model");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model_type"], family, "{file}");
+    }
+}
