@@ -375,3 +375,42 @@ fn qwen2_vl_dpo_grpo_and_eval_stages_run() {
     let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
     assert!(!ok && err.contains("model.max_pixels"), "{err}");
 }
+
+/// A stage's own pixel budget (`stages.NAME.data.max_pixels`): `validate --data` counts image tokens with it, the
+/// stage trains with it and its model carries it; a budget below its floor names the stage's key.
+#[test]
+fn qwen2_vl_stage_pixel_budget() {
+    let dir = fixture(NAME);
+    let d = common::scratch("qwen2-vl-budget");
+    let records: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            serde_json::json!({"id": format!("s{i}"), "image": image("big_128.png").display().to_string(),
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]})
+        })
+        .collect();
+    let data = d.join("d.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let base = common::lora_recipe("qb", &d.join("runs"), &dir, &data, "tokenizer", 256);
+    let with = |max: u64| base.replace("}] }", &format!("}}], max_pixels = {max} }}"));
+    let r = d.join("r.toml");
+    // the model's budget (4096 px): a 128-px photo is 64×64 -> 16 tokens; the stage's 1024 px: 32×32 -> 4
+    std::fs::write(&r, with(1024)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(["validate", r.to_str().unwrap(), "--data"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("min 4, median 4, max 4"), "{text}");
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let spec = llava_spec(&d.join("runs/qb/lora/model")).unwrap();
+    assert_eq!(spec.native.unwrap().max_pixels, 1024);
+    std::fs::write(&r, with(100)).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
+    assert!(!ok && err.contains("stages.lora.data.max_pixels"), "{err}");
+}

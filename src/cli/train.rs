@@ -121,16 +121,43 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             );
         }
     }
+    // each stage's own pixel budget is checked here, before any data or weights
+    if !from_run {
+        let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
+        for name in &rc.pipeline {
+            if let Some(t) = rc.stages[name].train() {
+                crate::stages::build::apply_budget(
+                    t.data.min_pixels,
+                    t.data.max_pixels,
+                    &format!("stages.{name}.data"),
+                    &mut spec.clone(),
+                    &mut serde_json::Value::Null,
+                )?;
+            }
+        }
+    }
     if !a.data {
         return Ok(());
     }
     run::prepare_data(&rc)?;
     let device = crate::default_device();
-    let built = crate::stages::build::build(&rc.model, false, &device)?;
+    let mut built = crate::stages::build::build(&rc.model, false, &device)?;
+    let (base_spec, base_processor) = (built.model.spec.clone(), built.processor.clone());
     for name in &rc.pipeline {
         let Some(t) = rc.stages[name].train() else {
             continue;
         };
+        // each stage's own pixel budget over the model's (as `train` applies it)
+        built.model.spec = base_spec.clone();
+        built.processor = base_processor.clone();
+        built.text.configure(&base_spec);
+        built.images.configure(&base_spec);
+        crate::stages::build::stage_budget(
+            &mut built,
+            t.data.min_pixels,
+            t.data.max_pixels,
+            &format!("stages.{name}.data"),
+        )?;
         let template = crate::data::templates::training_source(t.template, &built.text)
             .map_err(Error::input)?;
         let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));

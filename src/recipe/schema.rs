@@ -610,6 +610,10 @@ pub struct DataSpec {
     /// LLaVA's `expand2square`: pad to a square with the processor's mean colour before resizing.
     #[serde(default)]
     pub pad_to_square: bool,
+    /// Native-resolution models (Qwen2-VL): this stage's pixel budget per image, over the model's (e.g. a
+    /// high-resolution stage after a low-resolution one).
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

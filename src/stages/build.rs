@@ -312,23 +312,35 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
 /// `model.min_pixels` / `model.max_pixels` over a native-resolution checkpoint's processor budget; the processor
 /// json written with stage outputs carries it.
 fn pixel_budget(m: &ModelSpec, spec: &mut LlavaSpec, processor: &mut Value) -> Result<()> {
-    if m.min_pixels.is_none() && m.max_pixels.is_none() {
+    apply_budget(m.min_pixels, m.max_pixels, "model", spec, processor)
+}
+
+/// Sets a native-resolution model's pixel budget (`key`: where the recipe says so, for errors); no change when
+/// neither bound is given.
+pub fn apply_budget(
+    min: Option<u64>,
+    max: Option<u64>,
+    key: &str,
+    spec: &mut LlavaSpec,
+    processor: &mut Value,
+) -> Result<()> {
+    if min.is_none() && max.is_none() {
         return Ok(());
     }
     let Some(n) = spec.native.as_mut() else {
-        return Err(Error::input(
-            "model.min_pixels / model.max_pixels: only a native-resolution model (Qwen2-VL) resizes images into a \
-             pixel budget; remove them",
-        ));
+        return Err(Error::input(format!(
+            "{key}.min_pixels / {key}.max_pixels: only a native-resolution model (Qwen2-VL) resizes images into a \
+             pixel budget; remove them"
+        )));
     };
-    if let Some(v) = m.min_pixels {
+    if let Some(v) = min {
         n.min_pixels = v;
     }
-    if let Some(v) = m.max_pixels {
+    if let Some(v) = max {
         n.max_pixels = v;
     }
     n.validate()
-        .map_err(|msg| Error::input(format!("model.max_pixels / model.min_pixels: {msg}")))?;
+        .map_err(|msg| Error::input(format!("{key}.max_pixels / {key}.min_pixels: {msg}")))?;
     if let Some(p) = processor.as_object_mut() {
         p.insert(
             "size".into(),
@@ -337,6 +349,20 @@ fn pixel_budget(m: &ModelSpec, spec: &mut LlavaSpec, processor: &mut Value) -> R
         p.insert("min_pixels".into(), n.min_pixels.into());
         p.insert("max_pixels".into(), n.max_pixels.into());
     }
+    Ok(())
+}
+
+/// A stage's own pixel budget (`stages.NAME.data.min_pixels / max_pixels`) on the built model: the model's
+/// spec (placeholder counts and grids), both processors and the processor json its outputs carry.
+pub fn stage_budget(b: &mut Built, min: Option<u64>, max: Option<u64>, key: &str) -> Result<()> {
+    if min.is_none() && max.is_none() {
+        return Ok(());
+    }
+    let mut spec = b.model.spec.clone();
+    apply_budget(min, max, key, &mut spec, &mut b.processor)?;
+    b.text.configure(&spec);
+    b.images.configure(&spec);
+    b.model.spec = spec;
     Ok(())
 }
 
