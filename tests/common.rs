@@ -301,3 +301,22 @@ save_every = 2
         data = data.display().to_string(),
     )
 }
+
+/// A LLaVA JSON of 10 one-image samples cycling through the fixture photos `names`, written to `dir/mixed.json`.
+pub fn mixed_size_data(dir: &std::path::Path, names: &[&str]) -> PathBuf {
+    let records: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("s{i}"),
+                "image": image(names[i % names.len()]).display().to_string(),
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": format!("Picture number {i}.")},
+                ],
+            })
+        })
+        .collect();
+    let data = dir.join("mixed.json");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    data
+}

@@ -276,20 +276,7 @@ fn llava_next_fine_tunes_on_mixed_sizes_and_resumes() {
         "tiny_6x4.png",
         "astronaut_32.png",
     ];
-    let records: Vec<serde_json::Value> = (0..10)
-        .map(|i| {
-            serde_json::json!({
-                "id": format!("s{i}"),
-                "image": image(names[i % 5]).display().to_string(),
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
-                    {"from": "gpt", "value": format!("Picture number {i}.")},
-                ],
-            })
-        })
-        .collect();
-    let data = d.join("mixed.json");
-    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let data = common::mixed_size_data(&d, &names);
     let recipe = |out: &str, max_len: usize| {
         common::lora_recipe("nx", &d.join(out), &dir, &data, "vicuna_v1", max_len)
     };
