@@ -320,3 +320,14 @@ pub fn mixed_size_data(dir: &std::path::Path, names: &[&str]) -> PathBuf {
     std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
     data
 }
+
+/// `mitune ARGS... --json` must succeed; its JSON line (`input_ids`, `output_ids`, `text`, `logprobs`).
+pub fn cli_json(args: &[&str]) -> serde_json::Value {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()
+}

@@ -178,26 +178,19 @@ fn llava_next_logits_and_greedy_ids_match_transformers() {
         );
     }
     // `mitune generate --raw --json` preprocesses the photo and counts its tokens itself
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args([
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt",
-            g["prompt"].as_str().unwrap(),
-            "--image",
-            image("astronaut_32.png").to_str().unwrap(),
-            "--raw",
-            "--max-new-tokens",
-            "8",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
-    let got: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let img = image("astronaut_32.png");
+    let got = common::cli_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        g["prompt"].as_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--raw",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert_eq!(got["input_ids"], g["input_ids"]);
     assert_eq!(got["output_ids"], g["output_ids"]);
     for (a, b) in got["logprobs"].as_array().unwrap().iter().zip(&lp) {
@@ -435,27 +428,19 @@ fn llava_onevision_matches_transformers() {
         );
     }
     // `mitune generate --raw --json` preprocesses and counts itself
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args([
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt",
-            g["prompt"].as_str().unwrap(),
-        ])
-        .args([
-            "--image",
-            image("astronaut_32.png").to_str().unwrap(),
-            "--raw",
-            "--max-new-tokens",
-            "8",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let img = image("astronaut_32.png");
+    let got = common::cli_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        g["prompt"].as_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--raw",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert_eq!(got["input_ids"], g["input_ids"]);
     assert_eq!(got["output_ids"], g["output_ids"]);
     for (a, b) in got["logprobs"].as_array().unwrap().iter().zip(&lp) {

@@ -272,21 +272,18 @@ fn qwen2_vl_processing_and_cli_match_transformers() {
     assert_eq!(rendered, chat["rendered"].as_str().unwrap());
 
     let g = &e.meta["greedy"];
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(["generate", "--model", fixture(NAME).to_str().unwrap()])
-        .args(["--prompt", chat["user"].as_str().unwrap()])
-        .args([
-            "--image",
-            image("chelsea_75x50.png").to_str().unwrap(),
-            "--max-new-tokens",
-            "8",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let (dir, img) = (fixture(NAME), image("chelsea_75x50.png"));
+    let got = common::cli_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        chat["user"].as_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+    ]);
     assert_eq!(
         got["input_ids"], g["input_ids"],
         "chat-templated prompt ids"

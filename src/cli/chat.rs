@@ -5,7 +5,6 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use super::generate::{Sampling, Stream};
-use crate::data::images::ImageProcessor;
 use crate::data::sources::Role;
 use crate::data::templates;
 use crate::error::{Error, Result};
@@ -96,9 +95,8 @@ pub fn run(a: Args) -> Result<()> {
         history.push((Role::User, content));
         images.append(&mut pending);
         let prompt = templates::prompt(&built.text, &template, &history).map_err(Error::input)?;
-        let sizes = ImageProcessor::sizes(&images)?;
+        let (pixels, sizes) = built.images.batch_sized(&images, &device)?;
         let ids = built.text.encode_sized(&prompt, false, &sizes)?;
-        let pixels = built.images.batch(&images, &device)?;
         if interactive {
             eprint!("assistant> ");
         }

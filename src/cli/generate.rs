@@ -49,14 +49,13 @@ pub fn run(a: Args) -> Result<()> {
     eos.extend(text.eos_token_id);
     let cfg = a.sampling.config(a.max_new_tokens, eos)?;
     let device = crate::default_device();
-    let pixels = if a.image.is_empty() {
-        None
+    let (pixels, sizes) = if a.image.is_empty() {
+        (None, vec![])
     } else {
         let mut images = ImageProcessor::load(&a.model)?;
         images.configure(&spec);
-        images.batch(&a.image, &device)?
+        images.batch_sized(&a.image, &device)?
     };
-    let sizes = ImageProcessor::sizes(&a.image)?;
     let (ids, instructions) = if images_first {
         text.encode_images_first(&a.prompt, a.image.len(), !a.raw)?
     } else if a.raw {

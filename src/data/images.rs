@@ -14,6 +14,7 @@ use crate::zoo::anyres::AnyRes;
 use crate::zoo::layers::float_tensor;
 use crate::zoo::mllm::LlavaSpec;
 use crate::zoo::native::NativeRes;
+use crate::zoo::sizing::Sizing;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resize {
@@ -35,12 +36,10 @@ pub struct ImageProcessor {
     /// The other towers of a fused encoder, each with its own preprocessing: their channels follow this one's
     /// ([3·(1 + also.len()), h, w]); all must produce the same size.
     pub also: Vec<ImageProcessor>,
-    /// LLaVA-NeXT's tiling, set from the model's spec (the model, the placeholder count and the tiles read one
-    /// geometry): `preprocess` then gives `anyres.tiles(h, w, alone)` tiles of [3, tile, tile].
-    pub anyres: Option<AnyRes>,
-    /// Qwen2-VL's native resolution, set from the model's spec: `preprocess` gives the image's patches in the
-    /// processor's order as [patches, 3·frames, p, p] (channel c·frames + frame).
-    pub native: Option<NativeRes>,
+    /// The model's sizing (the model, the placeholder count and the processor read one geometry): AnyRes gives
+    /// `tiles(h, w, alone)` tiles of [3, tile, tile]; native resolution the image's patches in the processor's
+    /// order as [patches, 3·frames, p, p] (channel c·frames + frame).
+    pub sizing: Option<Sizing>,
 }
 
 fn f32s(v: Option<&Value>, default: [f32; 3]) -> [f32; 3] {
@@ -166,14 +165,13 @@ impl ImageProcessor {
             normalize: flag("do_normalize", true),
             pad_to_square: false,
             also: vec![],
-            anyres: None,
-            native: None,
+            sizing: None,
         })
     }
 
     /// Channels of `preprocess`'s output: 3 per tower (3 per frame of a native-resolution patch).
     pub fn channels(&self) -> usize {
-        if let Some(n) = &self.native {
+        if let Some(Sizing::Native(n)) = &self.sizing {
             return 3 * n.temporal as usize;
         }
         3 * (1 + self.also.len())
@@ -182,8 +180,7 @@ impl ImageProcessor {
     /// Takes the model's image geometry (AnyRes tiles, native-resolution patches): the processor, the placeholder
     /// count and the model read one.
     pub fn configure(&mut self, spec: &LlavaSpec) {
-        self.anyres = spec.anyres.clone();
-        self.native = spec.native.clone();
+        self.sizing = spec.sizing();
     }
 
     /// LLaVA's pad-to-square for every tower.
@@ -232,16 +229,15 @@ impl ImageProcessor {
         img: &DynamicImage,
         alone: bool,
     ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
-        if let Some(n) = &self.native {
-            return self.patches(img, n);
-        }
-        if let Some(a) = &self.anyres {
-            if a.tiled(alone) {
-                return self.tiles(img, a);
+        match &self.sizing {
+            Some(Sizing::Native(n)) => return self.patches(img, n),
+            Some(Sizing::AnyRes(a)) if a.tiled(alone) => return self.tiles(img, a),
+            Some(Sizing::AnyRes(_)) => {
+                let mut square = self.clone();
+                square.set_pad_to_square(true);
+                return Ok(square.preprocess_one(img));
             }
-            let mut square = self.clone();
-            square.set_pad_to_square(true);
-            return Ok(square.preprocess_one(img));
+            None => {}
         }
         let (mut out, h, w) = self.preprocess_one(img);
         for (i, t) in self.also.iter().enumerate() {
@@ -408,14 +404,26 @@ impl ImageProcessor {
     /// Loads and preprocesses image files into one batch [n, 3, h, w] (AnyRes: every image's tiles in turn);
     /// all must come out the same size.
     pub fn batch(&self, paths: &[impl AsRef<Path>], device: &Device) -> Result<Option<Tensor<4>>> {
+        Ok(self.batch_sized(paths, device)?.0)
+    }
+
+    /// `batch`, and each image's original (height, width) from the decoded image (what a sized model needs beside
+    /// the pixels; no second read of the file).
+    pub fn batch_sized(
+        &self,
+        paths: &[impl AsRef<Path>],
+        device: &Device,
+    ) -> Result<(Option<Tensor<4>>, Vec<[u32; 2]>)> {
         if paths.is_empty() {
-            return Ok(None);
+            return Ok((None, vec![]));
         }
         let mut all = vec![];
         let mut size = None;
+        let mut sizes = vec![];
         let alone = paths.len() == 1; // one call is one sample's images
         for p in paths {
             let img = load_image(p.as_ref())?;
+            sizes.push([img.height(), img.width()]);
             let (v, h, w) = self
                 .preprocess_in(&img, alone)
                 .map_err(|m| Error::file(p.as_ref(), m))?;
@@ -432,11 +440,8 @@ impl ImageProcessor {
         }
         let (h, w) = size.unwrap();
         let n = all.len() / (self.channels() * (h * w) as usize);
-        Ok(Some(float_tensor(
-            all,
-            [n, self.channels(), h as usize, w as usize],
-            device,
-        )))
+        let pixels = float_tensor(all, [n, self.channels(), h as usize, w as usize], device);
+        Ok((Some(pixels), sizes))
     }
 }
 

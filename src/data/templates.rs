@@ -182,7 +182,7 @@ fn encode_with(
     let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| e.to_string())?;
     // A model whose image token count depends on the image's size (AnyRes) reads each image's header here, so
     // the count is fixed when the dataset is built, never found wrong at a training step.
-    let sizes = if tp.anyres.is_some() || tp.native.is_some() {
+    let sizes = if tp.sizing.is_some() {
         crate::data::images::ImageProcessor::sizes(&sample.images).map_err(|e| e.to_string())?
     } else {
         vec![]

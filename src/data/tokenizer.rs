@@ -7,9 +7,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, read_json, read_string};
-use crate::zoo::anyres::AnyRes;
 use crate::zoo::mllm::LlavaSpec;
-use crate::zoo::native::NativeRes;
+use crate::zoo::sizing::Sizing;
 
 /// Files that travel with a checkpoint (copied when mitune saves a model).
 pub const ASSET_FILES: [&str; 8] = [
@@ -64,10 +63,8 @@ pub struct TextProcessor {
     pub image_token: String,
     pub image_token_id: i64,
     pub tokens_per_image: usize,
-    /// LLaVA-NeXT's AnyRes: each image's placeholder count follows from its size (set from the model's spec).
-    pub anyres: Option<AnyRes>,
-    /// Qwen2-VL's native resolution: each image's count follows from its resized patch grid.
-    pub native: Option<NativeRes>,
+    /// Each image's placeholder count follows from its size (AnyRes, native resolution; from the model's spec).
+    pub sizing: Option<Sizing>,
     /// Tokens that wrap every image's placeholders (`<|vision_start|>`, `<|vision_end|>`): templates without typed
     /// content parts and raw prompts get them around each marker.
     pub image_wrap: Option<(String, String)>,
@@ -149,8 +146,7 @@ impl TextProcessor {
             image_token,
             image_token_id,
             tokens_per_image,
-            anyres: None,
-            native: None,
+            sizing: None,
             image_wrap: None,
             tok,
             dir: dir.to_path_buf(),
@@ -236,30 +232,17 @@ impl TextProcessor {
     /// stands for the model's marker, see `encode_sized`).
     pub fn markers(&self, text: &str) -> usize {
         let own = text.matches(self.image_token.as_str()).count();
-        if self.image_token != "<image>" && self.image_wrap.is_some() {
+        if self.aliases_llava_marker() {
             own + text.matches("<image>").count()
         } else {
             own
         }
     }
 
-    /// Placeholders for each image, in marker order: `tokens_per_image` each, or AnyRes's count for each image's
-    /// original (height, width) in `sizes`.
+    /// Placeholders for each image, in marker order: `tokens_per_image` each, or the sizing's count for each
+    /// image's original (height, width) in `sizes`.
     pub fn image_counts(&self, markers: usize, sizes: &[[u32; 2]]) -> Result<Vec<usize>> {
-        if let Some(n) = &self.native {
-            if sizes.len() != markers {
-                return Err(Error::input(format!(
-                    "{markers} image marker(s) but {} image size(s): this model's image token count depends on each \
-                     image's size, so every marker needs its image",
-                    sizes.len()
-                )));
-            }
-            return sizes
-                .iter()
-                .map(|&[h, w]| n.tokens(h, w).map_err(Error::input))
-                .collect();
-        }
-        let Some(a) = &self.anyres else {
+        let Some(s) = &self.sizing else {
             return Ok(vec![self.tokens_per_image; markers]);
         };
         if sizes.len() != markers {
@@ -271,7 +254,10 @@ impl TextProcessor {
         }
         // one encode call is one sample: LLaVA-OneVision tiles an image only when it is the sample's only one
         let alone = sizes.len() == 1;
-        Ok(sizes.iter().map(|&[h, w]| a.tokens(h, w, alone)).collect())
+        sizes
+            .iter()
+            .map(|&[h, w]| s.tokens(h, w, alone).map_err(Error::input))
+            .collect()
     }
 
     /// Replaces each image token of `ids` by that image's placeholders (`counts`, in order).
@@ -299,12 +285,16 @@ impl TextProcessor {
     /// Takes the model's image geometry and image-wrapping tokens (what `configure` of the image processor
     /// mirrors).
     pub fn configure(&mut self, spec: &LlavaSpec) {
-        self.anyres = spec.anyres.clone();
-        self.native = spec.native.clone();
+        self.sizing = spec.sizing();
         self.image_wrap = spec.native.as_ref().and_then(|n| {
             let name = |id: Option<i64>| id.and_then(|i| self.tok.id_to_token(i as u32));
             Some((name(n.vision_start_id)?, name(n.vision_end_id)?))
         });
+    }
+
+    /// Whether LLaVA's `<image>` stands for this model's own marker (Qwen2-VL's wrapped `<|image_pad|>`).
+    fn aliases_llava_marker(&self) -> bool {
+        self.image_wrap.is_some() && self.image_token != "<image>"
     }
 
     /// The image token with its wrapping tokens, as one marker stands in a prompt.
@@ -324,10 +314,7 @@ impl TextProcessor {
     ) -> Result<Vec<i64>> {
         // a raw prompt may mark images with LLaVA's `<image>`: the model's own (wrapped) marker stands for it
         let replaced;
-        let text = if self.image_wrap.is_some()
-            && self.image_token != "<image>"
-            && text.contains("<image>")
-        {
+        let text = if self.aliases_llava_marker() && text.contains("<image>") {
             replaced = text.replace("<image>", &self.wrapped_marker());
             replaced.as_str()
         } else {
@@ -381,7 +368,7 @@ impl TextProcessor {
             .iter()
             .map(|(role, content)| {
                 // LLaVA's `<image>` marks the model's own image token (Qwen2-VL's `<|image_pad|>`)
-                let content = &if self.image_token != "<image>" && self.image_wrap.is_some() {
+                let content = &if self.aliases_llava_marker() {
                     content.replace("<image>", &self.image_token)
                 } else {
                     content.clone()

@@ -284,9 +284,8 @@ pub fn run_task(
             paths.extend(it.images.iter().cloned());
             let prompt = templates::prompt(text, &opt.template, &messages)
                 .map_err(|m| Error::input(format!("{}: {}: {m}", spec.label(), it.id)))?;
-            let sizes = ImageProcessor::sizes(&paths)?;
+            let (pixels, sizes) = images.batch_sized(&paths, &device)?;
             let ids = text.encode_sized(&prompt, false, &sizes)?;
-            let pixels = images.batch(&paths, &device)?;
             prompts.push(Prompt {
                 instructions: text.instructions(messages.iter().map(|(_, c)| c.as_str()))?,
                 ids,

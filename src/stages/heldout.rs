@@ -5,7 +5,6 @@
 use burn::module::Module;
 
 use super::build::Built;
-use crate::data::images::ImageProcessor;
 use crate::data::sources::{self, Role};
 use crate::data::templates;
 use crate::error::{Error, Result};
@@ -80,9 +79,8 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
             };
             let prompt = templates::prompt(&built.text, template, &s.messages[..last])
                 .map_err(|m| Error::input(format!("heldout task {}: {m}", task.name)))?;
-            let sizes = ImageProcessor::sizes(&s.images)?;
+            let (pixels, sizes) = built.images.batch_sized(&s.images, &device)?;
             let ids = built.text.encode_sized(&prompt, false, &sizes)?;
-            let pixels = built.images.batch(&s.images, &device)?;
             let ins = built
                 .text
                 .instructions(s.messages[..last].iter().map(|(_, c)| c.as_str()))?;

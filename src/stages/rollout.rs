@@ -147,8 +147,7 @@ pub fn sample(
     let mut batch = vec![];
     let mut owner = vec![];
     for (i, &p) in which.iter().enumerate() {
-        let pixels = b.images.batch(&prompts[p].images, device)?;
-        let sizes = ImageProcessor::sizes(&prompts[p].images)?;
+        let (pixels, sizes) = b.images.batch_sized(&prompts[p].images, device)?;
         let ins = b
             .text
             .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?;

@@ -15,6 +15,7 @@ use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::{KvCache, Llm, LlmSpec};
 use crate::zoo::native::NativeRes;
+use crate::zoo::sizing::Sizing;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlavaSpec {
@@ -172,12 +173,18 @@ impl LlavaSpec {
     /// Image tokens for an image of original (height, width), `alone` in its sample: `image_tokens()` unless AnyRes
     /// counts by size.
     pub fn image_tokens_for(&self, h: u32, w: u32, alone: bool) -> usize {
-        if let Some(n) = &self.native {
-            return n.tokens(h, w).unwrap_or(0);
-        }
-        match &self.anyres {
-            Some(a) => a.tokens(h, w, alone),
+        match self.sizing() {
+            Some(s) => s.tokens(h, w, alone).unwrap_or(0),
             None => self.image_tokens(),
+        }
+    }
+
+    /// How each image's size decides its tiles or patches and its tokens (`None`: a fixed count per image).
+    pub fn sizing(&self) -> Option<Sizing> {
+        match (&self.native, &self.anyres) {
+            (Some(n), _) => Some(Sizing::Native(n.clone())),
+            (None, Some(a)) => Some(Sizing::AnyRes(a.clone())),
+            (None, None) => None,
         }
     }
 
@@ -267,25 +274,7 @@ impl Llava {
             .flatten()
             .filter(|&&t| t == self.spec.image_token_id)
             .count();
-        if let Some(nr) = &self.spec.native {
-            let mut tokens = 0;
-            let mut patches = 0;
-            for &[h, w] in sizes {
-                let g = nr.grid(h, w).map_err(Error::input)?;
-                patches += g[0] * g[1] * g[2];
-                tokens += nr.tokens(h, w).map_err(Error::input)?;
-            }
-            if patches != n_inputs || found != tokens {
-                return Err(Error::input(format!(
-                    "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} patches for \
-                     {} image(s) whose sizes need {tokens} tokens and {patches} patches (each image marker needs \
-                     exactly one image, expanded by the image's own size)",
-                    sizes.len()
-                )));
-            }
-            return Ok(());
-        }
-        let Some(a) = &self.spec.anyres else {
+        let Some(sizing) = self.spec.sizing() else {
             let per = self.spec.image_tokens();
             if found != per * n_inputs {
                 return Err(Error::input(format!(
@@ -295,21 +284,16 @@ impl Llava {
             }
             return Ok(());
         };
-        let tiles: usize = sizes
-            .iter()
-            .zip(alone)
-            .map(|(&[h, w], &one)| a.tiles(h, w, one))
-            .sum();
-        let want: usize = sizes
-            .iter()
-            .zip(alone)
-            .map(|(&[h, w], &one)| a.tokens(h, w, one))
-            .sum();
+        let (mut tiles, mut want) = (0, 0);
+        for (&[h, w], &one) in sizes.iter().zip(alone) {
+            tiles += sizing.inputs(h, w, one).map_err(Error::input)?;
+            want += sizing.tokens(h, w, one).map_err(Error::input)?;
+        }
         if tiles != n_inputs || found != want || alone.len() != sizes.len() {
             return Err(Error::input(format!(
-                "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} tiles for {} image(s) \
-                 whose sizes need {want} tokens and {tiles} tiles (each <image> marker needs exactly one image, expanded \
-                 by the image's own size)",
+                "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} encoder inputs \
+                 (tiles or patches) for {} image(s) whose sizes need {want} tokens and {tiles} inputs (each image \
+                 marker needs exactly one image, expanded by the image's own size)",
                 sizes.len()
             )));
         }

@@ -9,3 +9,4 @@ pub mod mllm;
 pub mod native;
 pub mod path;
 pub mod presets;
+pub mod sizing;
