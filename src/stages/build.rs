@@ -5,7 +5,9 @@ use burn::tensor::Device;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::hf::{Part, config_of, llava_spec, load_parts, save_part, write_json};
+use crate::checkpoint::hf::{
+    Part, config_of, llava_spec, load_parts, read_processor, save_part, write_json,
+};
 use crate::checkpoint::{load_llava, save_llava};
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
@@ -26,8 +28,6 @@ pub struct Built {
     /// The image processor's HF json (written as preprocessor_config.json on export).
     pub processor: Value,
 }
-
-use crate::checkpoint::hf::read_processor;
 
 fn processors(
     tok_dir: &Path,
