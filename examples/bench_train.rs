@@ -176,6 +176,9 @@ fn main() {
             image_sizes: vec![],
             images_per_row: vec![1; p.batch],
             instructions: vec![],
+            videos: Ok(None),
+            video_grids: vec![],
+            video_seconds: vec![],
             tokens: p.batch * seq,
             supervised: p.batch * (p.text - 1),
         };

@@ -77,6 +77,9 @@ pub struct Prompt {
     /// One instruction per image (the connector's own token ids) for a connector that reads one (InstructBLIP's
     /// Q-Former); empty otherwise.
     pub instructions: Vec<Vec<i64>>,
+    /// Clips (a native-resolution model's): each one's patches [patches, 3·temporal, p, p], grid and seconds per
+    /// temporal patch, in video-marker order.
+    pub videos: Vec<(Tensor<4>, [usize; 3], f64)>,
     /// Position of the prompt in the caller's whole list: its sampling RNG is seeded with `seed + index`.
     pub index: u64,
 }
@@ -175,12 +178,33 @@ pub fn generate(
 ) -> Result<Generated> {
     let pixels = input.images().cloned();
     let instructions = input.instructions().map(<[_]>::to_vec).unwrap_or_default();
+    let videos = match input.videos() {
+        // one tensor for all clips: split it by each clip's patch count
+        Some((p, grids, secs)) => {
+            let mut start = 0;
+            grids
+                .iter()
+                .zip(secs)
+                .map(|(&g, &s)| {
+                    let k = g[0] * g[1] * g[2];
+                    let d = p.dims();
+                    let clip = p
+                        .clone()
+                        .slice([start..start + k, 0..d[1], 0..d[2], 0..d[3]]);
+                    start += k;
+                    (clip, g, s)
+                })
+                .collect()
+        }
+        None => vec![],
+    };
     let mut ids = input.ids;
     let prompt = Prompt {
         ids: ids.swap_remove(0),
         pixels,
         sizes: input.image_sizes,
         instructions,
+        videos,
         index: 0,
     };
     let out = generate_batch(model, vec![prompt], cfg, None, |_, id| on_token(id))?;
@@ -208,6 +232,7 @@ pub fn generate_batch(
     let mut positions = vec![];
     let mut pixels = vec![];
     let mut instructions = vec![];
+    let (mut clips, mut grids, mut seconds) = (vec![], vec![], vec![]);
     let mut seen = vec![];
     let mut rngs = vec![];
     for p in prompts {
@@ -225,6 +250,11 @@ pub fn generate_batch(
         input.images_per_row.push(p.sizes.len());
         input.image_sizes.extend(p.sizes);
         instructions.extend(p.instructions);
+        for (c, g, sec) in p.videos {
+            clips.push(c);
+            grids.push(g);
+            seconds.push(sec);
+        }
         rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));
         seen.push(p.ids);
     }
@@ -239,6 +269,8 @@ pub fn generate_batch(
             }
         });
     }
+    let clips = (!clips.is_empty()).then(|| Tensor::cat(clips, 0));
+    let input = input.with_videos(clips, grids, seconds);
     // M-RoPE (Qwen2-VL): image tokens take 3-D positions and later text continues from the image's extent, so
     // each row's decode positions shift by its delta (transformers' `rope_deltas`)
     let mut deltas = vec![0i64; n];

@@ -24,10 +24,16 @@ pub struct Expected {
 }
 
 pub fn expected(name: &str) -> Expected {
+    expected_file(name, "expected")
+}
+
+/// A fixture's `STEM.json` + `STEM.safetensors` (a script's later cases kept beside `expected.*`).
+pub fn expected_file(name: &str, stem: &str) -> Expected {
     let d = fixture(name);
-    let store = WeightStore::open_files(&[d.join("expected.safetensors")]).unwrap();
+    let store = WeightStore::open_files(&[d.join(format!("{stem}.safetensors"))]).unwrap();
     let meta =
-        serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(d.join(format!("{stem}.json"))).unwrap())
+            .unwrap();
     Expected { store, meta }
 }
 
@@ -60,14 +66,29 @@ pub fn pixels(e: &Expected, key: &str, device: &Device) -> Tensor<4> {
     float_tensor(v, [s[0], s[1], s[2], s[3]], device)
 }
 
-/// Max |Δlogit| of `model` vs transformers on the fixture's image+text prompt.
+/// Logits a fixture stores (tools/make_fixtures.py): each row's last `LOGIT_TAIL` positions.
+pub const LOGIT_TAIL: usize = 16;
+
+/// [b, t, v] logits -> each row's last `keep` positions, [b, keep, v].
+pub fn logit_tail(logits: &[f32], b: usize, vocab: usize, keep: usize) -> Vec<f32> {
+    let t = logits.len() / (b * vocab);
+    (0..b)
+        .flat_map(|r| {
+            logits[(r * t + t - keep) * vocab..(r + 1) * t * vocab]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// Max |Δlogit| of `model` vs transformers on the fixture's image+text prompt (its stored last positions).
 pub fn image_text_logit_error(model: &Llava, e: &Expected, device: &Device) -> f32 {
     let px = pixels(e, "image_text.pixel_values", device);
-    let got = to_vec(
-        model
-            .forward(&MmInput::single(e.ids("image_text"), Some(px)))
-            .unwrap(),
-    );
+    let out = model
+        .forward(&MmInput::single(e.ids("image_text"), Some(px)))
+        .unwrap();
+    let vocab = out.dims()[2];
+    let got = logit_tail(&to_vec(out), 1, vocab, LOGIT_TAIL);
     max_abs_diff(&got, &e.tensor("image_text.logits").1)
 }
 

@@ -233,6 +233,7 @@ fn instructblip_fine_tunes_with_instructions_and_resumes() {
         id: "s".into(),
         source: 0,
         images: vec![fixture("images").join("astronaut_32.png")],
+        videos: vec![],
         messages: vec![
             (Role::User, "<image>\nWhat is in the image?".into()),
             (Role::Assistant, "An astronaut.".into()),

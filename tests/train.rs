@@ -98,6 +98,7 @@ fn multi_turn() -> Sample {
         id: "t".into(),
         source: 0,
         images: vec![PathBuf::from("x.png")],
+        videos: vec![],
         messages: vec![
             (Role::User, "<image>\nWhat colour is the circle?".into()),
             (Role::Assistant, "red".into()),

@@ -4,6 +4,7 @@
     /root/venv/bin/python tools/make_qwen2_vl_fixture.py build [--v25]   # tests/fixtures/qwen2_vl/ (qwen2_5_vl/)
     cargo test --release --test qwen2_vl              # (also saves /tmp/mitune-qwen2-vl-saved, ...-qwen2-5-vl-saved)
     /root/venv/bin/python tools/make_qwen2_vl_fixture.py roundtrip /tmp/mitune-qwen2-vl-saved [--v25]
+    /root/venv/bin/python tools/make_qwen2_vl_fixture.py video [--v25]   # video.json / video.safetensors beside
 
 A tiny *random* `Qwen2VLForConditionalGeneration` (ViT with 8-px patches, temporal patch 2, 2-D rotary, 2×2 patch
 merger; Qwen2 LLM with M-RoPE sections [2, 3, 3]) with bf16 weights, and a `Qwen2VLProcessor` whose
@@ -13,6 +14,14 @@ attend within 32-px windows (2 × 2 merged tokens) except the full-attention blo
 pixel values are Qwen2-VL's (same processor and photos), so only that fixture stores them. Cases: one
 image, two images of different sizes, text only, a left-padded batch; M-RoPE position ids from `get_rope_index`;
 greedy generation; a masked loss with the merger's gradient.
+
+`video` (needs torchvision, for `Qwen2VLVideoProcessor`) adds clip cases to a built fixture without touching the
+rest: a 6-frame clip panning across a photo (tests/fixtures/video/pan/, made here from chelsea_75x50.png), sized by
+the video processor's own budget (256..2048 pixels, written as video_preprocessor_config.json); cases: the clip
+alone at 2 fps, an image then the clip, and (Qwen2.5-VL, whose temporal positions follow `second_per_grid_ts`)
+the clip at 1.5 fps; `get_rope_index` positions, logits (last 4 text columns), greedy ids, the masked loss with
+gradients, and `sample_frames` indices for several clip lengths and rates. Video pixel values are stored as bf16
+and the model reads exactly those.
 """
 import json
 import sys
@@ -51,6 +60,13 @@ def processor(improc, tok):
     ProcessorMixin.check_argument_for_proper_class = \
         lambda self, n, a: None if n == "video_processor" else check(self, n, a)
     return Qwen2VLProcessor(image_processor=improc, tokenizer=tok, video_processor=object(), chat_template=TEMPLATE)
+
+
+def video_processor():
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    return Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, fps=2.0, min_frames=4,
+                                 max_frames=768, cap_pixels_per_frame=False,
+                                 size={"shortest_edge": 256, "longest_edge": 2048})
 
 
 def first_frame(pv):
@@ -192,6 +208,115 @@ def build():
     print("greedy", new, "deltas", meta["batch"]["rope_deltas"])
 
 
+CLIP = FIX / "video" / "pan"
+
+
+def make_clip():
+    """Six 56×40 crops of the photo, each 3 px further right: a short pan."""
+    src = Image.open(IMG / "chelsea_75x50.png").convert("RGB")
+    CLIP.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        src.crop((3 * i, 5, 3 * i + 56, 45)).save(CLIP / f"frame_{i + 1}.png", optimize=True)
+
+
+def video():
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.video_utils import VideoMetadata
+    from safetensors.torch import load_file
+    if not V25:
+        make_clip()
+    model = AutoModelForImageTextToText.from_pretrained(OUT).float().eval()
+    tok = AutoTokenizer.from_pretrained(OUT)
+    cfgp = json.loads((OUT / "preprocessor_config.json").read_text())
+    cfgp.pop("image_processor_type", None)
+    improc = Qwen2VLImageProcessorPil(**cfgp)
+    vp = video_processor()
+    (OUT / "video_preprocessor_config.json").write_text(vp.to_json_string())
+    cls = Qwen2_5_VLProcessor if V25 else Qwen2VLProcessor
+    proc = cls(image_processor=improc, tokenizer=tok, video_processor=vp, chat_template=TEMPLATE)
+    frames = [Image.open(CLIP / f"frame_{i + 1}.png").convert("RGB") for i in range(6)]
+    photo = Image.open(IMG / "chelsea_75x50.png").convert("RGB")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|image_pad|>", "<|video_pad|>"]}
+    tensors, meta = {}, {"clip": [f"frame_{i + 1}.png" for i in range(6)]}
+
+    def chat(parts, user):
+        content = [{"type": p} for p in parts] + [{"type": "text", "text": user}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=False)
+
+    def encode(prompt, images, fps):
+        md = [VideoMetadata(total_num_frames=len(frames), fps=fps)]
+        enc = proc(text=[prompt], images=images, videos=[frames], video_metadata=md, do_sample_frames=False,
+                   return_tensors="pt")
+        # stored as bf16 (the fixture budget): the model reads exactly the stored values
+        enc["pixel_values_videos"] = enc["pixel_values_videos"].to(torch.bfloat16).float()
+        return enc
+
+    def case(name, parts, user, images, fps):
+        prompt = chat(parts, user)
+        enc = encode(prompt, images, fps)
+        with torch.no_grad():
+            out = model(**enc)
+        ii = enc["input_ids"]
+        cols = [j for j in range(ii.shape[1]) if ii[0, j] not in ids.values()][-4:]
+        tensors[f"{name}.logits"] = out.logits[:, cols].float().contiguous()
+        kw = {"second_per_grid_ts": enc["second_per_grid_ts"]} if V25 else {}
+        pos, delta = model.model.get_rope_index(ii, enc["mm_token_type_ids"], image_grid_thw=enc.get("image_grid_thw"),
+                                                video_grid_thw=enc["video_grid_thw"],
+                                                attention_mask=enc["attention_mask"], **kw)
+        meta[name] = {"prompt": prompt, "user": user, "fps": fps, "images": ["chelsea_75x50.png"] if images else [],
+                      "input_ids": ii[0].tolist(), "logit_columns": cols,
+                      "video_grid_thw": enc["video_grid_thw"].tolist(), "position_ids": pos[:, 0].tolist(),
+                      "rope_deltas": delta.flatten().tolist()}
+        if V25:
+            meta[name]["second_per_grid_ts"] = [float(x) for x in enc["second_per_grid_ts"]]
+        pv = enc["pixel_values_videos"].to(torch.bfloat16).contiguous()
+        if V25:  # the same processor and frames as tests/fixtures/qwen2_vl: its pixel values serve both
+            assert torch.equal(pv, load_file(FIX / "qwen2_vl" / "video.safetensors")["pixel_values_videos"])
+        else:
+            tensors.setdefault("pixel_values_videos", pv)
+            assert torch.equal(pv, tensors["pixel_values_videos"]), name
+        return enc
+
+    enc = case("video", ["video"], "What happens in this clip?", None, 2.0)
+    case("image_video", ["image", "video"], "Does the clip show the photo?", [photo], 2.0)
+    if V25:  # Qwen2-VL's temporal positions do not depend on the rate: the case would repeat "video"
+        case("video_slow", ["video"], "What happens in this clip?", None, 1.5)
+    meta["chat"] = {"user": "<video>What happens in this clip?", "rendered": meta["video"]["prompt"]}
+
+    with torch.no_grad():
+        g = model.generate(**enc, max_new_tokens=8, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    new = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    meta["greedy"] = {"output_ids": new,
+                      "logprobs": [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, new)]}
+
+    p = meta["video"]["prompt"]
+    b = encode(p + "A cat looks on.<|im_end|>", None, 2.0)
+    labels = b["input_ids"].clone()
+    labels[0, :len(enc["input_ids"][0])] = -100
+    model.zero_grad()
+    out = model(**b, labels=labels)
+    out.loss.backward()
+    tensors["loss.grad_merger_mlp0_weight"] = model.model.visual.merger.mlp[0].weight.grad[:32].contiguous()
+    tensors["loss.grad_patch_embed"] = model.model.visual.patch_embed.proj.weight.grad.reshape(32, -1)[:8].contiguous()
+    meta["loss"] = {"input_ids": b["input_ids"][0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item()}
+
+    # frame sampling (`sample_frames` with a rate): clip length, recorded rate, sampling rate, max_frames
+    meta["sampling"] = []
+    for total, rate, fps, max_frames in [(6, 2.0, 2.0, 768), (30, 30.0, 2.0, 768), (9, 6.0, 2.0, 768),
+                                         (100, 10.0, 2.0, 8), (3, 2.0, 2.0, 768), (7, 3.0, 2.0, 768),
+                                         (50, 24.0, 1.0, 768), (13, 1.0, 2.0, 6)]:
+        idx = vp.sample_frames(VideoMetadata(total_num_frames=total, fps=rate), fps=fps, max_frames=max_frames)
+        meta["sampling"].append({"total": total, "frame_rate": rate, "fps": fps, "max_frames": max_frames,
+                                 "indices": [int(i) for i in idx]})
+    save_file(tensors, OUT / "video.safetensors")
+    (OUT / "video.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print({k: meta[k]["video_grid_thw"] for k in ["video", "image_video", "video_slow"] if k in meta}, "greedy", new,
+          "loss", meta["loss"]["loss"], [m["indices"] for m in meta["sampling"]])
+
+
 def roundtrip(saved):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -218,5 +343,7 @@ def roundtrip(saved):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["roundtrip"]:
         roundtrip(sys.argv[2])
+    elif sys.argv[1:2] == ["video"]:
+        video()
     else:
         build()

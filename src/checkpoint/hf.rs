@@ -39,6 +39,23 @@ pub fn read_processor(dir: &Path) -> Result<serde_json::Value> {
         .ok_or_else(|| Error::key(&p, "image_processor", "missing"))
 }
 
+/// A directory's video processor json: `video_preprocessor_config.json`, or the `video_processor` entry of a 5.x
+/// `processor_config.json`; `Null` when it has neither.
+pub fn read_video_processor(dir: &Path) -> Result<serde_json::Value> {
+    let own = dir.join("video_preprocessor_config.json");
+    if own.exists() {
+        return read_json(&own);
+    }
+    let p = dir.join("processor_config.json");
+    if p.exists() {
+        let v: serde_json::Value = read_json(&p)?;
+        if let Some(vp) = v.get("video_processor") {
+            return Ok(vp.clone());
+        }
+    }
+    Ok(serde_json::Value::Null)
+}
+
 fn model_type(v: &serde_json::Value) -> &str {
     v.get("model_type").and_then(|m| m.as_str()).unwrap_or("")
 }
@@ -51,7 +68,8 @@ pub fn llava_spec(dir: &Path) -> Result<LlavaSpec> {
     }
     if matches!(model_type(&v), "qwen2_vl" | "qwen2_5_vl") {
         let processor = read_processor(dir).unwrap_or(serde_json::Value::Null);
-        return super::qwen2vl::spec(&v, &path, &processor);
+        let video = read_video_processor(dir)?;
+        return super::qwen2vl::spec(&v, &path, &processor, &video);
     }
     let next = matches!(model_type(&v), "llava_next" | "llava_onevision");
     let onevision = model_type(&v) == "llava_onevision";

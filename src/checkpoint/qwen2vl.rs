@@ -11,15 +11,15 @@ use crate::zoo::connectors::{ConnectorSpec, MergerSpec};
 use crate::zoo::encoders::{FeatureSelect, VisionSpec};
 use crate::zoo::llms::LlmSpec;
 use crate::zoo::mllm::LlavaSpec;
-use crate::zoo::native::NativeRes;
+use crate::zoo::native::{NativeRes, VideoRes};
 
 pub fn is_qwen2vl(spec: &LlavaSpec) -> bool {
     spec.native.is_some()
 }
 
 /// The spec a `qwen2_vl` config.json describes; `processor`: the directory's image processor json (for the
-/// min/max pixel budget), `Null` for the released defaults.
-pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
+/// min/max pixel budget), `Null` for the released defaults; `video`: its video processor json, or `Null`.
+pub fn spec(v: &Value, path: &Path, processor: &Value, video: &Value) -> Result<LlavaSpec> {
     let vc = v.get("vision_config").unwrap_or(&Value::Null);
     let vision = VisionSpec::from_hf(vc, path, "vision_config.")?;
     let VisionSpec::Qwen2Vit(vit) = &vision else {
@@ -72,6 +72,7 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
         vision_start_id: id("vision_start_token_id"),
         vision_end_id: id("vision_end_token_id"),
         video_token_id: id("video_token_id"),
+        video: video_res(video, processor, vit.tokens_per_second),
     };
     let spec = LlavaSpec {
         connector: ConnectorSpec::Merger(MergerSpec {
@@ -93,6 +94,64 @@ pub fn spec(v: &Value, path: &Path, processor: &Value) -> Result<LlavaSpec> {
     };
     spec.validate().map_err(|m| Error::file(path, m))?;
     Ok(spec)
+}
+
+/// The clip settings of a checkpoint: its video processor json (`video_preprocessor_config.json`), else its image
+/// processor's budget (what transformers falls back to for a directory without one), else the video processor's
+/// defaults.
+fn video_res(video: &Value, image: &Value, tokens_per_second: Option<f64>) -> VideoRes {
+    let d = VideoRes::default();
+    let src = if video.is_object() { video } else { image };
+    let size = |edge: &str, old: &str, default: u64| {
+        src.get("size")
+            .and_then(|s| s.get(edge))
+            .or_else(|| src.get(old))
+            .and_then(Value::as_u64)
+            .unwrap_or(default)
+    };
+    let count = |k: &str, default: usize| {
+        video
+            .get(k)
+            .and_then(Value::as_u64)
+            .map_or(default, |x| x as usize)
+    };
+    VideoRes {
+        min_pixels: size("shortest_edge", "min_pixels", d.min_pixels),
+        max_pixels: size("longest_edge", "max_pixels", d.max_pixels),
+        fps: video.get("fps").and_then(Value::as_f64).unwrap_or(d.fps),
+        min_frames: count("min_frames", d.min_frames),
+        max_frames: count("max_frames", d.max_frames),
+        tokens_per_second,
+        frame_rate: None,
+    }
+}
+
+/// `video_preprocessor_config.json` for a saved model: the clip settings it was trained with, and the image
+/// processor's normalisation.
+pub fn video_processor(n: &NativeRes, image: &Value) -> Value {
+    let v = &n.video;
+    let mut out = json!({
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "size": {"shortest_edge": v.min_pixels, "longest_edge": v.max_pixels},
+        "patch_size": n.patch,
+        "temporal_patch_size": n.temporal,
+        "merge_size": n.merge,
+        "fps": v.fps,
+        "min_frames": v.min_frames,
+        "max_frames": v.max_frames,
+        "do_resize": true,
+        "resample": 3,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "do_convert_rgb": true,
+    });
+    for k in ["image_mean", "image_std", "resample", "rescale_factor"] {
+        if let Some(x) = image.get(k) {
+            out[k] = x.clone();
+        }
+    }
+    out
 }
 
 /// Keys of a Qwen2-VL checkpoint for a mitune module path (the first is what mitune writes).

@@ -110,6 +110,7 @@ pub fn run(a: Args) -> Result<()> {
                 ids,
                 pixels,
                 sizes,
+                videos: vec![],
                 index: turn,
             }],
             &cfg,

@@ -1,12 +1,17 @@
-//! `mitune generate`: prompt (+ images) -> text, streamed, or one JSON object with ids and log-probs.
+//! `mitune generate`: prompt (+ images, clips) -> text, streamed, or one JSON object with ids and log-probs.
 use std::path::PathBuf;
 
 use crate::checkpoint::hf::llava_spec;
 use crate::checkpoint::load_llava;
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
+use crate::data::video::ClipSource;
 use crate::error::{Error, Result};
 use crate::generate::{GenConfig, Prompt, cut_at_stop, generate_batch};
+use crate::recipe::schema::Budget;
+use crate::zoo::layers::float_tensor;
+use crate::zoo::mllm::LlavaSpec;
+use burn::tensor::{Device, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,6 +23,19 @@ pub struct Args {
     pub prompt: String,
     #[arg(long)]
     pub image: Vec<PathBuf>,
+    /// A clip for a video model (Qwen2-VL): a directory of its frames (PNG/JPEG, name order); each `<video>`
+    /// marker takes one --video, in order.
+    #[arg(long)]
+    pub video: Vec<PathBuf>,
+    /// Frames per second the clip directories were extracted at (default: --fps, every frame read).
+    #[arg(long)]
+    pub frame_rate: Option<f64>,
+    /// Frames sampled per second of clip (default: the checkpoint's video processor, 2).
+    #[arg(long)]
+    pub fps: Option<f64>,
+    /// At most this many frames per clip (default: the checkpoint's video processor).
+    #[arg(long)]
+    pub max_frames: Option<usize>,
     /// Use the prompt as written (no chat template); BOS is added as the tokenizer does.
     #[arg(long)]
     pub raw: bool,
@@ -31,7 +49,19 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let spec = llava_spec(&a.model)?;
+    let mut spec = llava_spec(&a.model)?;
+    let budget = Budget {
+        fps: a.fps,
+        max_frames: a.max_frames,
+        frame_rate: a.frame_rate,
+        ..Budget::default()
+    };
+    crate::stages::build::apply_budget(
+        &budget,
+        "--fps / --max-frames / --frame-rate",
+        &mut spec,
+        &mut serde_json::Value::Null,
+    )?;
     let mut text = TextProcessor::load(&a.model, spec.image_token_id, spec.image_tokens())?;
     text.configure(&spec);
     // InstructBLIP's processor puts every image first and needs no markers
@@ -45,23 +75,47 @@ pub fn run(a: Args) -> Result<()> {
             a.image.len()
         )));
     }
+    let video_markers = text.video_markers(&a.prompt);
+    if video_markers != a.video.len() {
+        return Err(Error::input(if text.video_token.is_none() {
+            "this checkpoint does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do): drop --video"
+                .to_string()
+        } else {
+            format!(
+                "the prompt has {video_markers} `<video>` marker(s) but {} --video clip(s) were given: give one clip \
+                 per marker",
+                a.video.len()
+            )
+        }));
+    }
     let mut eos = spec.llm.eos_token_ids.clone();
     eos.extend(text.eos_token_id);
     let cfg = a.sampling.config(a.max_new_tokens, eos)?;
     let device = crate::default_device();
-    let (pixels, sizes) = if a.image.is_empty() {
-        (None, vec![])
+    let (pixels, sizes, videos) = if a.image.is_empty() && a.video.is_empty() {
+        (None, vec![], vec![])
     } else {
         let mut images = ImageProcessor::load(&a.model)?;
         images.configure(&spec);
-        images.batch_sized(&a.image, &device)?
+        let (pixels, sizes) = images.batch_sized(&a.image, &device)?;
+        (pixels, sizes, clips(&a.video, &spec, &images, &device)?)
     };
+    let video_tokens: Vec<usize> = videos
+        .iter()
+        .map(|v| spec.native.as_ref().map_or(0, |n| n.grid_tokens(v.1)))
+        .collect();
     let (ids, instructions) = if images_first {
         text.encode_images_first(&a.prompt, a.image.len(), !a.raw)?
     } else if a.raw {
-        (text.encode_sized(&a.prompt, true, &sizes)?, vec![])
+        (
+            text.encode_media(&a.prompt, true, &sizes, &video_tokens)?,
+            vec![],
+        )
     } else {
-        (text.encode_chat_sized(&a.prompt, &sizes)?, vec![])
+        (
+            text.encode_chat_media(&a.prompt, &sizes, &video_tokens)?,
+            vec![],
+        )
     };
     let model = load_llava(&a.model, &device)?;
     let prompt = Prompt {
@@ -69,6 +123,7 @@ pub fn run(a: Args) -> Result<()> {
         ids: ids.clone(),
         pixels,
         sizes,
+        videos,
         index: 0,
     };
     let decode = |ids: &[i64]| text.decode(ids);
@@ -93,6 +148,33 @@ pub fn run(a: Args) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// Each clip directory sampled, decoded and patched: (patches, grid, seconds per temporal patch).
+pub fn clips(
+    dirs: &[PathBuf],
+    spec: &LlavaSpec,
+    images: &ImageProcessor,
+    device: &Device,
+) -> Result<Vec<(Tensor<4>, [usize; 3], f64)>> {
+    let Some(n) = &spec.native else {
+        return Ok(vec![]);
+    };
+    dirs.iter()
+        .map(|d| {
+            let clip = ClipSource::Dir(d.clone()).open(n)?;
+            let (v, grid) = images
+                .video_patches(&clip.decode()?)
+                .map_err(|m| Error::file(d, m))?;
+            let (c, p) = (images.channels(), n.patch as usize);
+            let k = v.len() / (c * p * p);
+            Ok((
+                float_tensor(v, [k, c, p, p], device),
+                grid,
+                clip.seconds_per_grid,
+            ))
+        })
+        .collect()
 }
 
 /// Sampling flags shared by `generate` and `chat`.

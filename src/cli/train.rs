@@ -127,8 +127,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         for name in &rc.pipeline {
             if let Some(t) = rc.stages[name].train() {
                 crate::stages::build::apply_budget(
-                    t.data.min_pixels,
-                    t.data.max_pixels,
+                    &t.data.budget(),
                     &format!("stages.{name}.data"),
                     &mut spec.clone(),
                     &mut serde_json::Value::Null,
@@ -154,8 +153,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         built.images.configure(&base_spec);
         crate::stages::build::stage_budget(
             &mut built,
-            t.data.min_pixels,
-            t.data.max_pixels,
+            &t.data.budget(),
             &format!("stages.{name}.data"),
         )?;
         let template = crate::data::templates::training_source(t.template, &built.text)
@@ -200,6 +198,35 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
                 img[img.len() / 2],
                 img[img.len() - 1]
             );
+        }
+        // and what the clip settings cost: video tokens and frames per sample
+        if let (Some((_, vid)), Some(n)) = (&built.text.video_token, &built.model.spec.native) {
+            let mut tok: Vec<(usize, usize)> = p
+                .encoded
+                .iter()
+                .filter(|e| !e.videos.is_empty())
+                .map(|e| {
+                    let t = e.ids.iter().filter(|&&x| x == *vid).count();
+                    (t, e.videos.iter().map(|c| c.frames.len()).sum())
+                })
+                .collect();
+            tok.sort_unstable();
+            if !tok.is_empty() {
+                let frames = tok.iter().map(|x| x.1).max().unwrap_or(0);
+                println!(
+                    "stages.{name}: video tokens per sample with clips ({}): min {}, median {}, max {} (at most \
+                     {frames} frames per sample; sampled at {} fps, at most {} frames per clip, each frame in \
+                     {}..{} pixels)",
+                    tok.len(),
+                    tok[0].0,
+                    tok[tok.len() / 2].0,
+                    tok[tok.len() - 1].0,
+                    n.video.fps,
+                    n.video.max_frames,
+                    n.video.min_pixels,
+                    n.video.max_pixels
+                );
+            }
         }
     }
     Ok(())

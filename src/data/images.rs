@@ -325,28 +325,42 @@ impl ImageProcessor {
             rgb = image::imageops::resize(&rgb, rw, rh, self.filter);
         }
         let plane = self.normalized(&rgb); // [3, rh, rw]
-        let (p, m, t) = (n.patch as usize, n.merge as usize, n.temporal as usize);
-        let (gh, gw, rw) = (rh as usize / p, rw as usize / p, rw as usize);
-        let hw = rh as usize * rw;
-        let mut out = Vec::with_capacity(3 * t * hw);
-        for bi in 0..gh / m {
-            for bj in 0..gw / m {
-                for mi in 0..m {
-                    for mj in 0..m {
-                        let (y0, x0) = ((bi * m + mi) * p, (bj * m + mj) * p);
-                        for c in 0..3 {
-                            for _frame in 0..t {
-                                for y in y0..y0 + p {
-                                    let row = c * hw + y * rw;
-                                    out.extend_from_slice(&plane[row + x0..row + x0 + p]);
-                                }
-                            }
-                        }
-                    }
-                }
+        Ok((patchify(&[plane], rh, rw, n), n.patch, n.patch))
+    }
+
+    /// `Qwen2VLVideoProcessor`: a clip's sampled frames (one size) resized into the video pixel budget, rescaled,
+    /// normalized, padded to whole temporal patches with the last frame, then cut as `patches` cuts an image, one
+    /// temporal patch after another: [patches, 3·temporal, p, p] values and the clip's grid (`video_grid_thw`).
+    pub fn video_patches(
+        &self,
+        frames: &[DynamicImage],
+    ) -> std::result::Result<(Vec<f32>, [usize; 3]), String> {
+        let Some(Sizing::Native(n)) = &self.sizing else {
+            return Err(
+                "this model does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do)"
+                    .into(),
+            );
+        };
+        let first = frames.first().ok_or("the clip has no frames")?;
+        let (w, h) = (first.width(), first.height());
+        let (rh, rw) = n.video_resize(h, w)?;
+        let mut planes = Vec::with_capacity(frames.len());
+        for (i, f) in frames.iter().enumerate() {
+            if (f.width(), f.height()) != (w, h) {
+                return Err(format!(
+                    "frame {i} is {}x{} pixels but the clip's first frame is {w}x{h}: a clip's frames share one size",
+                    f.width(),
+                    f.height()
+                ));
             }
+            let mut rgb = f.to_rgb8();
+            if (rh, rw) != (h, w) {
+                rgb = image::imageops::resize(&rgb, rw, rh, self.filter);
+            }
+            planes.push(self.normalized(&rgb));
         }
-        Ok((out, p as u32, p as u32))
+        let grid = n.video_grid(frames.len(), h, w)?;
+        Ok((patchify(&planes, rh, rw, n), grid))
     }
 
     /// Rescale and normalize an RGB image into [3, h, w] values.
@@ -443,6 +457,38 @@ impl ImageProcessor {
         let pixels = float_tensor(all, [n, self.channels(), h as usize, w as usize], device);
         Ok((Some(pixels), sizes))
     }
+}
+
+/// Frames [3, rh, rw] (normalized) -> patches in the Qwen2-VL processors' order: per temporal patch (the last frame
+/// repeated to fill one), per merge block, per patch of the block, [3 channels × temporal frames × p × p].
+fn patchify(frames: &[Vec<f32>], rh: u32, rw: u32, n: &NativeRes) -> Vec<f32> {
+    let (p, m, t) = (n.patch as usize, n.merge as usize, n.temporal as usize);
+    let (gh, gw, rw) = (rh as usize / p, rw as usize / p, rw as usize);
+    let hw = rh as usize * rw;
+    let gt = frames.len().div_ceil(t);
+    let mut out = Vec::with_capacity(3 * t * hw * gt);
+    let frame = |k: usize| &frames[k.min(frames.len() - 1)];
+    for ti in 0..gt {
+        for bi in 0..gh / m {
+            for bj in 0..gw / m {
+                for mi in 0..m {
+                    for mj in 0..m {
+                        let (y0, x0) = ((bi * m + mi) * p, (bj * m + mj) * p);
+                        for c in 0..3 {
+                            for f in 0..t {
+                                let plane = frame(ti * t + f);
+                                for y in y0..y0 + p {
+                                    let row = c * hw + y * rw;
+                                    out.extend_from_slice(&plane[row + x0..row + x0 + p]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// LLaVA's expand2square: centre the image on a square canvas filled with the mean colour (as 0..255 ints).

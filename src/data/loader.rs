@@ -1,7 +1,7 @@
 //! Batches: the order of an epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches
 //! an uninterrupted run would. Global batches hold one modality where possible (LLaVA's `group_by_modality_length`)
 //! and are sorted by length inside, so micro-batches carry little padding. Images are decoded and preprocessed in
-//! parallel (rayon) on a background thread a few steps ahead of compute.
+//! parallel (rayon) on a background thread a few steps ahead of compute; so are clips' frames.
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -9,7 +9,9 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use super::images::{ImageProcessor, load_image};
 use super::templates::Encoded;
+use super::video::Clip;
 use crate::recipe::schema::Mix;
+use crate::zoo::sizing::Sizing;
 
 /// One micro-batch, padded on the right (positions 0..t, as transformers' training forward).
 pub struct MicroBatch {
@@ -26,6 +28,12 @@ pub struct MicroBatch {
     pub images_per_row: Vec<usize>,
     /// One instruction per image, in placeholder order, for a connector that reads one (empty otherwise).
     pub instructions: Vec<Vec<i64>>,
+    /// Every clip's patches in turn, [patches, 3·temporal, p, p] flattened, in video-placeholder order; `Err`
+    /// names the frame that failed to load.
+    pub videos: Result<Option<(Vec<f32>, [usize; 4])>, String>,
+    /// Each clip's grid and seconds per temporal patch, in order.
+    pub video_grids: Vec<[usize; 3]>,
+    pub video_seconds: Vec<f64>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
     pub tokens: usize,
     pub supervised: usize,
@@ -115,6 +123,15 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
             .collect(),
         tokens: samples.len() * t,
         supervised: 0,
+        videos: Ok(None),
+        video_grids: samples
+            .iter()
+            .flat_map(|s| s.videos.iter().map(|c| c.grid))
+            .collect(),
+        video_seconds: samples
+            .iter()
+            .flat_map(|s| s.videos.iter().map(|c| c.seconds_per_grid))
+            .collect(),
     };
     for s in samples {
         let pad = t - s.ids.len();
@@ -165,6 +182,37 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
             let v: Vec<f32> = d.into_iter().flat_map(|x| x.0.0).collect();
             let n = v.len() / (c * (h * w) as usize);
             Ok(Some((v, [n, c, h as usize, w as usize])))
+        });
+    }
+    let clips: Vec<&Clip> = samples.iter().flat_map(|s| s.videos.iter()).collect();
+    if !clips.is_empty() {
+        let decoded: Result<Vec<Vec<f32>>, String> = clips
+            .par_iter()
+            .map(|c| {
+                let frames = c.decode().map_err(|e| e.to_string())?;
+                let (v, grid) = images
+                    .video_patches(&frames)
+                    .map_err(|m| format!("{}: {m}", c.frames[0].display()))?;
+                if grid != c.grid {
+                    return Err(format!(
+                        "{}: the clip's frames now give a {grid:?} patch grid, {:?} when the dataset was built \
+                         (were the frames changed?)",
+                        c.frames[0].display(),
+                        c.grid
+                    ));
+                }
+                Ok(v)
+            })
+            .collect();
+        mb.videos = decoded.map(|d| {
+            let v: Vec<f32> = d.concat();
+            let p = match &images.sizing {
+                Some(Sizing::Native(n)) => n.patch as usize,
+                _ => 1, // unreachable: video_patches needs native resolution
+            };
+            let c = images.channels();
+            let n = v.len() / (c * p * p);
+            Some((v, [n, c, p, p]))
         });
     }
     mb

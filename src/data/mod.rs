@@ -1,5 +1,5 @@
 //! Data: dataset readers, chat templates and loss masks, the checks run before training, batching with
-//! prefetch, image preprocessing, and the synthetic shapes world of the quickstart.
+//! prefetch, image and clip preprocessing, and the synthetic shapes world of the quickstart.
 pub mod images;
 pub mod loader;
 pub mod preference;
@@ -9,3 +9,4 @@ pub mod shapes_eval;
 pub mod sources;
 pub mod templates;
 pub mod tokenizer;
+pub mod video;

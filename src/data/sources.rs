@@ -1,4 +1,4 @@
-//! Dataset readers: each public layout becomes the same [`Sample`] (messages + image paths). Layouts follow
+//! Dataset readers: each public layout becomes the same [`Sample`] (messages + image paths + clips). Layouts follow
 //! shared/formats/: LLaVA JSON/JSONL (`conversations` of human/gpt turns, LLaVA-Pretrain uses it too), ShareGPT-style
 //! `messages` (role/content + `images`, LLaMA-Factory's mllm_demo), caption pairs, VQA pairs (turned into
 //! instructions: the survey's data adaptation), and raw text for causal-LM pre-training.
@@ -8,6 +8,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+use super::tokenizer::VIDEO_MARKER;
+use super::video::ClipSource;
 use crate::error::{Error, Result, read_string};
 use crate::recipe::schema::Source;
 
@@ -34,6 +36,8 @@ pub struct Sample {
     /// Index of the source in the stage's data spec (for mixtures and logs).
     pub source: usize,
     pub images: Vec<PathBuf>,
+    /// Clips, in `<video>` marker order (a LLaVA-Video record's `video`, a ShareGPT record's `videos`).
+    pub videos: Vec<ClipSource>,
     pub messages: Vec<(Role, String)>,
     /// Raw text for causal-LM pre-training: every token supervised, no template.
     pub raw_text: Option<String>,
@@ -98,6 +102,41 @@ fn image_list(r: &Value, base: &Path) -> std::result::Result<Vec<PathBuf>, Strin
                 .ok_or_else(|| "image paths must be strings".to_string())
         })
         .collect()
+}
+
+/// A record's clips: LLaVA-Video's `video` (one clip, or a list of clips) and ShareGPT/LLaMA-Factory's `videos` (a
+/// list of clips); a clip is a frame directory or a list of frame files.
+fn video_list(r: &Value, base: &Path) -> std::result::Result<Vec<ClipSource>, String> {
+    match (r.get("video"), r.get("videos")) {
+        (Some(Value::Null), _) | (None, None) | (None, Some(Value::Null)) => Ok(vec![]),
+        (Some(v @ Value::String(_)), _) => Ok(vec![ClipSource::from_json(v, base)?]),
+        (Some(Value::Array(a)), _) | (None, Some(Value::Array(a))) => {
+            // `video: [frame, frame, ...]` is one clip's frames; `videos: [...]` lists clips
+            if r.get("video").is_some() && a.iter().all(Value::is_string) {
+                return Ok(vec![ClipSource::from_json(&Value::Array(a.clone()), base)?]);
+            }
+            a.iter().map(|v| ClipSource::from_json(v, base)).collect()
+        }
+        _ => Err(
+            "`video`/`videos` must be a frame directory, a list of frame files or a list of clips"
+                .into(),
+        ),
+    }
+}
+
+/// LLaVA-Video's records mark their clip with `<image>`: with a clip and no image, that marker is the clip's.
+fn video_markers(
+    images: &[PathBuf],
+    videos: &[ClipSource],
+    mut msgs: Vec<(Role, String)>,
+) -> Vec<(Role, String)> {
+    let has_video_marker = msgs.iter().any(|(_, c)| c.contains(VIDEO_MARKER));
+    if images.is_empty() && !videos.is_empty() && !has_video_marker {
+        for (_, c) in &mut msgs {
+            *c = c.replace("<image>", VIDEO_MARKER);
+        }
+    }
+    msgs
 }
 
 fn str_field<'a>(r: &'a Value, key: &str) -> std::result::Result<&'a str, String> {
@@ -181,10 +220,11 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
             .unwrap_or_else(|| format!("#{i}"));
         let parsed = parse(source, r, &base, &mut rng);
         match parsed {
-            Ok((images, messages, raw_text, known)) => good.push(Sample {
+            Ok((images, videos, messages, raw_text, known)) => good.push(Sample {
                 id,
                 source: index,
                 images,
+                videos,
                 messages,
                 raw_text,
                 meta: meta(r, known),
@@ -200,6 +240,7 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
 
 type Parsed = (
     Vec<PathBuf>,
+    Vec<ClipSource>,
     Vec<(Role, String)>,
     Option<String>,
     &'static [&'static str],
@@ -221,20 +262,26 @@ fn parse(
     match source {
         Source::LlavaJson { .. } => {
             let conv = r.get("conversations").ok_or("missing `conversations`")?;
+            let (images, videos) = (image_list(r, base)?, video_list(r, base)?);
+            let msgs = video_markers(&images, &videos, turns(conv, "from", "value")?);
             Ok((
-                image_list(r, base)?,
-                turns(conv, "from", "value")?,
+                images,
+                videos,
+                msgs,
                 None,
-                &["id", "image", "images", "conversations"],
+                &["id", "image", "images", "video", "videos", "conversations"],
             ))
         }
         Source::Messages { .. } => {
             let conv = r.get("messages").ok_or("missing `messages`")?;
+            let (images, videos) = (image_list(r, base)?, video_list(r, base)?);
+            let msgs = video_markers(&images, &videos, turns(conv, "role", "content")?);
             Ok((
-                image_list(r, base)?,
-                turns(conv, "role", "content")?,
+                images,
+                videos,
+                msgs,
                 None,
-                &["id", "images", "messages"],
+                &["id", "images", "videos", "messages"],
             ))
         }
         Source::Captions { instructions, .. } => {
@@ -248,6 +295,7 @@ fn parse(
             let msgs = vec![(Role::User, q), (Role::Assistant, caption.to_string())];
             Ok((
                 image_list(r, base)?,
+                vec![],
                 msgs,
                 None,
                 &["id", "image", "caption"],
@@ -260,12 +308,14 @@ fn parse(
             let msgs = vec![(Role::User, q), (Role::Assistant, a.to_string())];
             Ok((
                 image_list(r, base)?,
+                vec![],
                 msgs,
                 None,
                 &["id", "image", "question", "answer"],
             ))
         }
         Source::Text { .. } => Ok((
+            vec![],
             vec![],
             vec![],
             Some(str_field(r, "text")?.to_string()),

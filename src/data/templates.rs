@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 use super::sources::{Role, Sample};
 use super::tokenizer::TextProcessor;
+use super::video::Clip;
 use crate::recipe::schema::Template;
+use crate::zoo::sizing::Sizing;
 
 pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
@@ -60,6 +62,8 @@ pub struct Encoded {
     /// [t] true where the token is a training target.
     pub labels: Vec<bool>,
     pub images: Vec<PathBuf>,
+    /// Clips, in video-marker order: frames sampled and grids fixed when the dataset was built.
+    pub videos: Vec<Clip>,
     /// One instruction per image (the connector's own token ids: the text of the turn that holds the image,
     /// markers removed) when the model's connector reads one (InstructBLIP); empty otherwise.
     pub instructions: Vec<Vec<i64>>,
@@ -179,6 +183,29 @@ fn encode_with(
             sample.images.len()
         ));
     }
+    let video_markers = tp.video_markers(&text);
+    if video_markers != sample.videos.len() {
+        return Err(if tp.video_token.is_none() && !sample.videos.is_empty() {
+            "the sample has a video but this model does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do)"
+                .to_string()
+        } else {
+            format!(
+                "{video_markers} `<video>` marker(s) after templating but {} clip(s)",
+                sample.videos.len()
+            )
+        });
+    }
+    // Each clip's frames are sampled and its grid fixed here (directory listing and one frame header), so its
+    // placeholder count is known before training.
+    let clips: Vec<Clip> = match &tp.sizing {
+        Some(Sizing::Native(n)) => sample
+            .videos
+            .iter()
+            .map(|v| v.open(n))
+            .collect::<crate::error::Result<_>>()
+            .map_err(|e| e.to_string())?,
+        _ => vec![],
+    };
     let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| e.to_string())?;
     // A model whose image token count depends on the image's size (AnyRes) reads each image's header here, so
     // the count is fixed when the dataset is built, never found wrong at a training step.
@@ -190,13 +217,21 @@ fn encode_with(
     let counts = tp
         .image_counts(markers, &sizes)
         .map_err(|e| e.to_string())?;
+    let video_id = tp.video_token.as_ref().map(|v| v.1);
     let (mut out_ids, mut labels) = (vec![], vec![]);
     let mut span_tokens: Vec<Vec<i64>> = vec![vec![]; spans.len()];
-    let mut found = 0;
+    let (mut found, mut found_videos) = (0, 0);
     for (&id, &(start, _)) in ids.iter().zip(&offsets) {
         if id == tp.image_token_id {
             let per = counts.get(found).copied().unwrap_or(0);
             found += 1;
+            out_ids.extend(std::iter::repeat_n(id, per));
+            labels.extend(std::iter::repeat_n(false, per));
+            continue;
+        }
+        if Some(id) == video_id {
+            let per = clips.get(found_videos).map_or(0, |c| tp_tokens(tp, c.grid));
+            found_videos += 1;
             out_ids.extend(std::iter::repeat_n(id, per));
             labels.extend(std::iter::repeat_n(false, per));
             continue;
@@ -214,6 +249,11 @@ fn encode_with(
             tp.image_token
         ));
     }
+    if found_videos != video_markers {
+        return Err(format!(
+            "{video_markers} video marker(s) but the tokenizer produced {found_videos} video token(s): the marker must be a special token"
+        ));
+    }
     // The supervised tokens of each turn must decode back to that turn's text (catches template/tokenizer
     // disagreement before it silently trains on the wrong tokens).
     for (k, toks) in span_tokens.iter().enumerate() {
@@ -227,11 +267,19 @@ fn encode_with(
         }
     }
     if out_ids.len() > max_len {
-        if let Some(last_image) = out_ids.iter().rposition(|&t| t == tp.image_token_id)
-            && last_image >= max_len
+        if let Some(last) = out_ids
+            .iter()
+            .rposition(|&t| t == tp.image_token_id || Some(t) == video_id)
+            && last >= max_len
         {
+            let (what, knob) = if out_ids[last] == tp.image_token_id {
+                ("image", "max_pixels")
+            } else {
+                ("video", "max_frames / video_max_pixels")
+            };
             return Err(format!(
-                "{} tokens after image expansion: truncating to max_len {max_len} would cut image tokens; raise max_len or drop the sample",
+                "{} tokens after image expansion: truncating to max_len {max_len} would cut {what} tokens; raise \
+                 max_len, lower {knob}, or drop the sample",
                 out_ids.len()
             ));
         }
@@ -251,6 +299,15 @@ fn encode_with(
         ids: out_ids,
         labels,
         images: sample.images.clone(),
+        videos: clips,
         instructions,
     })
+}
+
+/// Placeholders of a clip's grid.
+fn tp_tokens(tp: &TextProcessor, grid: [usize; 3]) -> usize {
+    match &tp.sizing {
+        Some(Sizing::Native(n)) => n.grid_tokens(grid),
+        _ => 0,
+    }
 }

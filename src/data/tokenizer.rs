@@ -11,7 +11,7 @@ use crate::zoo::mllm::LlavaSpec;
 use crate::zoo::sizing::Sizing;
 
 /// Files that travel with a checkpoint (copied when mitune saves a model).
-pub const ASSET_FILES: [&str; 8] = [
+pub const ASSET_FILES: [&str; 9] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -19,6 +19,7 @@ pub const ASSET_FILES: [&str; 8] = [
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "video_preprocessor_config.json",
     "generation_config.json",
 ];
 
@@ -68,9 +69,43 @@ pub struct TextProcessor {
     /// Tokens that wrap every image's placeholders (`<|vision_start|>`, `<|vision_end|>`): templates without typed
     /// content parts and raw prompts get them around each marker.
     pub image_wrap: Option<(String, String)>,
+    /// The video placeholder (`<|video_pad|>`) and its id, for a model that reads clips; `<video>` in a prompt or
+    /// a dataset stands for it.
+    pub video_token: Option<(String, i64)>,
     /// A connector's own tokenizer (InstructBLIP's Q-Former BERT tokenizer, `qformer_tokenizer/`).
     pub qformer: Option<tokenizers::Tokenizer>,
     dir: PathBuf,
+}
+
+/// The marker of a clip in datasets and prompts (LLaMA-Factory's `videos` column, LLaVA-Video's `video` field).
+pub const VIDEO_MARKER: &str = "<video>";
+
+/// A message's content as typed parts: text, `{"type": "image"}` at each image token, `{"type": "video"}` at each
+/// video token, in order (as llava-hf and Qwen templates iterate them).
+fn typed_parts(content: &str, image: &str, video: Option<&str>) -> Vec<Value> {
+    let mut parts = vec![];
+    let mut rest = content;
+    loop {
+        let next_image = rest.find(image).map(|i| (i, image, "image"));
+        let next_video = video
+            .filter(|v| !v.is_empty())
+            .and_then(|v| rest.find(v).map(|i| (i, v, "video")));
+        let next = match (next_image, next_video) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        let Some((at, token, kind)) = next else {
+            if !rest.is_empty() {
+                parts.push(serde_json::json!({"type": "text", "text": rest}));
+            }
+            return parts;
+        };
+        if at > 0 {
+            parts.push(serde_json::json!({"type": "text", "text": &rest[..at]}));
+        }
+        parts.push(serde_json::json!({"type": kind}));
+        rest = &rest[at + token.len()..];
+    }
 }
 
 fn token_str(v: Option<&Value>) -> Option<String> {
@@ -148,6 +183,7 @@ impl TextProcessor {
             tokens_per_image,
             sizing: None,
             image_wrap: None,
+            video_token: None,
             tok,
             dir: dir.to_path_buf(),
         })
@@ -286,10 +322,56 @@ impl TextProcessor {
     /// mirrors).
     pub fn configure(&mut self, spec: &LlavaSpec) {
         self.sizing = spec.sizing();
-        self.image_wrap = spec.native.as_ref().and_then(|n| {
-            let name = |id: Option<i64>| id.and_then(|i| self.tok.id_to_token(i as u32));
-            Some((name(n.vision_start_id)?, name(n.vision_end_id)?))
-        });
+        let name = |id: Option<i64>| id.and_then(|i| self.tok.id_to_token(i as u32));
+        self.image_wrap = spec
+            .native
+            .as_ref()
+            .and_then(|n| Some((name(n.vision_start_id)?, name(n.vision_end_id)?)));
+        self.video_token = spec
+            .native
+            .as_ref()
+            .and_then(|n| Some((name(n.video_token_id)?, n.video_token_id?)));
+    }
+
+    /// Video markers in a prompt: the model's video token and `<video>` (0 for a model without one).
+    pub fn video_markers(&self, text: &str) -> usize {
+        match &self.video_token {
+            Some((v, _)) => text.matches(v.as_str()).count() + text.matches(VIDEO_MARKER).count(),
+            None => 0,
+        }
+    }
+
+    /// `<video>` (LLaMA-Factory's and LLaVA-Video's marker) written as the model's own video token.
+    fn own_video_marker(&self, text: &str) -> String {
+        match &self.video_token {
+            Some((v, _)) => text.replace(VIDEO_MARKER, v),
+            None => text.to_string(),
+        }
+    }
+
+    /// Replaces each video token of `ids` by that clip's placeholders (`counts`, in order).
+    pub fn expand_videos(&self, ids: Vec<i64>, counts: &[usize]) -> Result<Vec<i64>> {
+        let Some((_, vid)) = &self.video_token else {
+            return Ok(ids);
+        };
+        let found = ids.iter().filter(|&&i| i == *vid).count();
+        if found != counts.len() {
+            return Err(Error::input(format!(
+                "{found} video marker(s) but {} clip(s): each `<video>` needs exactly one clip",
+                counts.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+        let mut k = 0;
+        for id in ids {
+            if id == *vid {
+                out.extend(std::iter::repeat_n(id, counts[k]));
+                k += 1;
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether LLaVA's `<image>` stands for this model's own marker (Qwen2-VL's wrapped `<|image_pad|>`).
@@ -299,10 +381,27 @@ impl TextProcessor {
 
     /// The image token with its wrapping tokens, as one marker stands in a prompt.
     pub fn wrapped_marker(&self) -> String {
+        self.wrapped(&self.image_token)
+    }
+
+    fn wrapped(&self, token: &str) -> String {
         match &self.image_wrap {
-            Some((a, b)) => format!("{a}{}{b}", self.image_token),
-            None => self.image_token.clone(),
+            Some((a, b)) => format!("{a}{token}{b}"),
+            None => token.to_string(),
         }
+    }
+
+    /// A raw prompt's LLaVA `<image>` and `<video>` markers as the model's own wrapped tokens.
+    fn own_markers(&self, text: &str) -> String {
+        let mut text = if self.aliases_llava_marker() {
+            text.replace("<image>", &self.wrapped_marker())
+        } else {
+            text.to_string()
+        };
+        if let Some((v, _)) = &self.video_token {
+            text = text.replace(VIDEO_MARKER, &self.wrapped(v));
+        }
+        text
     }
 
     /// `encode` with each image's original (height, width), in marker order.
@@ -312,14 +411,21 @@ impl TextProcessor {
         add_special: bool,
         sizes: &[[u32; 2]],
     ) -> Result<Vec<i64>> {
-        // a raw prompt may mark images with LLaVA's `<image>`: the model's own (wrapped) marker stands for it
-        let replaced;
-        let text = if self.aliases_llava_marker() && text.contains("<image>") {
-            replaced = text.replace("<image>", &self.wrapped_marker());
-            replaced.as_str()
-        } else {
-            text
-        };
+        self.encode_media(text, add_special, sizes, &[])
+    }
+
+    /// `encode_sized` with each clip's token count (its grid's), in video-marker order.
+    pub fn encode_media(
+        &self,
+        text: &str,
+        add_special: bool,
+        sizes: &[[u32; 2]],
+        video_tokens: &[usize],
+    ) -> Result<Vec<i64>> {
+        // a raw prompt may mark images with LLaVA's `<image>` and clips with `<video>`: the model's own (wrapped)
+        // markers stand for them
+        let replaced = self.own_markers(text);
+        let text = replaced.as_str();
         let enc = self
             .tok
             .encode(text, add_special)
@@ -337,7 +443,7 @@ impl TextProcessor {
             ));
         }
         let counts = self.image_counts(found, sizes)?;
-        Ok(self.expand(&ids, &counts))
+        self.expand_videos(self.expand(&ids, &counts), video_tokens)
     }
 
     /// Renders messages `(role, content)` through the chat template. Templates that iterate typed content parts
@@ -367,28 +473,23 @@ impl TextProcessor {
         let msgs: Vec<Value> = messages
             .iter()
             .map(|(role, content)| {
-                // LLaVA's `<image>` marks the model's own image token (Qwen2-VL's `<|image_pad|>`)
-                let content = &if self.aliases_llava_marker() {
+                // LLaVA's `<image>` marks the model's own image token (Qwen2-VL's `<|image_pad|>`), `<video>`
+                // its video token
+                let content = &self.own_video_marker(&if self.aliases_llava_marker() {
                     content.replace("<image>", &self.image_token)
                 } else {
                     content.clone()
-                };
+                });
+                let video = self.video_token.as_ref().map(|(v, _)| v.as_str());
                 let content = if typed {
-                    let mut parts = vec![];
-                    for (i, piece) in content.split(self.image_token.as_str()).enumerate() {
-                        if i > 0 {
-                            parts.push(serde_json::json!({"type": "image"}));
-                        }
-                        if !piece.is_empty() {
-                            parts.push(serde_json::json!({"type": "text", "text": piece}));
-                        }
-                    }
-                    Value::Array(parts)
+                    Value::Array(typed_parts(content, &self.image_token, video))
                 } else if self.image_wrap.is_some() {
                     // a template without typed parts gets each image's wrapping tokens from here
-                    Value::String(
-                        content.replace(self.image_token.as_str(), &self.wrapped_marker()),
-                    )
+                    let mut c = content.replace(self.image_token.as_str(), &self.wrapped_marker());
+                    if let Some(v) = video {
+                        c = c.replace(v, &self.wrapped(v));
+                    }
+                    Value::String(c)
                 } else {
                     Value::String(content.clone())
                 };
@@ -425,8 +526,18 @@ impl TextProcessor {
 
     /// `encode_chat` with each image's original (height, width), in marker order.
     pub fn encode_chat_sized(&self, user: &str, sizes: &[[u32; 2]]) -> Result<Vec<i64>> {
+        self.encode_chat_media(user, sizes, &[])
+    }
+
+    /// `encode_chat_sized` with each clip's token count, in video-marker order.
+    pub fn encode_chat_media(
+        &self,
+        user: &str,
+        sizes: &[[u32; 2]],
+        video_tokens: &[usize],
+    ) -> Result<Vec<i64>> {
         let text = self.render_chat(&[("user".into(), user.into())], true)?;
-        self.encode_sized(&text, false, sizes)
+        self.encode_media(&text, false, sizes, video_tokens)
     }
 
     /// Token ids and byte offsets into `text`, without special tokens added (templates render BOS themselves).

@@ -291,6 +291,7 @@ pub fn run_task(
                 ids,
                 pixels,
                 sizes,
+                videos: vec![],
                 index: index as u64,
             });
         }

@@ -64,6 +64,14 @@ pub struct ModelSpec {
     /// checkpoint processor's (the memory control: image tokens ≈ pixels / (patch · merge)²).
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// Video models (Qwen2-VL): each clip frame's pixel budget (the video processor's, smaller than images').
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+    /// Frames sampled per second of a clip, and at most this many per clip (the memory control for video).
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+    /// The rate a clip directory's frames were extracted at (default: `fps`, every frame read).
+    pub frame_rate: Option<f64>,
 }
 
 /// `[model.anyres]`: candidate resolutions as [height, width] pixels, multiples of the encoder's input size (the
@@ -614,6 +622,61 @@ pub struct DataSpec {
     /// high-resolution stage after a low-resolution one).
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// Video models (Qwen2-VL): each clip frame's pixel budget (the video processor's, smaller than images').
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+    /// Frames sampled per second of a clip, and at most this many per clip (the memory control for video).
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+    /// The rate a clip directory's frames were extracted at (default: `fps`, every frame read).
+    pub frame_rate: Option<f64>,
+}
+
+/// A native-resolution model's image and clip budget as a recipe sets it (`model.*` or `stages.NAME.data.*`);
+/// `None` keeps what the checkpoint says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Budget {
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+    pub frame_rate: Option<f64>,
+}
+
+impl Budget {
+    pub fn is_empty(&self) -> bool {
+        *self == Budget::default()
+    }
+}
+
+impl ModelSpec {
+    pub fn budget(&self) -> Budget {
+        Budget {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            video_min_pixels: self.video_min_pixels,
+            video_max_pixels: self.video_max_pixels,
+            fps: self.fps,
+            max_frames: self.max_frames,
+            frame_rate: self.frame_rate,
+        }
+    }
+}
+
+impl DataSpec {
+    pub fn budget(&self) -> Budget {
+        Budget {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            video_min_pixels: self.video_min_pixels,
+            video_max_pixels: self.video_max_pixels,
+            fps: self.fps,
+            max_frames: self.max_frames,
+            frame_rate: self.frame_rate,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use crate::checkpoint::{load_llava, save_llava};
 use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{EncoderSpec, LlmSource, ModelSpec, Select};
+use crate::recipe::schema::{Budget, EncoderSpec, LlmSource, ModelSpec, Select};
 use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{EncoderFamily, FeatureSelect, VisionSpec};
@@ -309,36 +309,56 @@ pub fn plan(m: &ModelSpec) -> Result<(LlavaSpec, PathBuf, Value)> {
     Ok((spec, tok_dir, processor))
 }
 
-/// `model.min_pixels` / `model.max_pixels` over a native-resolution checkpoint's processor budget; the processor
-/// json written with stage outputs carries it.
+/// `model.min_pixels` / `model.max_pixels` (and the clip settings) over a native-resolution checkpoint's; the
+/// processor json written with stage outputs carries them.
 fn pixel_budget(m: &ModelSpec, spec: &mut LlavaSpec, processor: &mut Value) -> Result<()> {
-    apply_budget(m.min_pixels, m.max_pixels, "model", spec, processor)
+    apply_budget(&m.budget(), "model", spec, processor)
 }
 
-/// Sets a native-resolution model's pixel budget (`key`: where the recipe says so, for errors); no change when
-/// neither bound is given.
+/// Sets a native-resolution model's image pixel budget and clip settings (`key`: where the recipe says so, for
+/// errors); no change when the recipe sets none.
 pub fn apply_budget(
-    min: Option<u64>,
-    max: Option<u64>,
+    b: &Budget,
     key: &str,
     spec: &mut LlavaSpec,
     processor: &mut Value,
 ) -> Result<()> {
-    if min.is_none() && max.is_none() {
+    if b.is_empty() {
         return Ok(());
     }
     let Some(n) = spec.native.as_mut() else {
         return Err(Error::input(format!(
-            "{key}.min_pixels / {key}.max_pixels: only a native-resolution model (Qwen2-VL) resizes images into a \
-             pixel budget; remove them"
+            "{key}: min_pixels / max_pixels / video_min_pixels / video_max_pixels / fps / max_frames / frame_rate: \
+             only a native-resolution model (Qwen2-VL) resizes images and samples clips by them; remove them"
         )));
     };
-    if let Some(v) = min {
+    if let Some(v) = b.min_pixels {
         n.min_pixels = v;
     }
-    if let Some(v) = max {
+    if let Some(v) = b.max_pixels {
         n.max_pixels = v;
     }
+    let video = &mut n.video;
+    if let Some(v) = b.video_min_pixels {
+        video.min_pixels = v;
+    }
+    if let Some(v) = b.video_max_pixels {
+        video.max_pixels = v;
+    }
+    if let Some(v) = b.fps {
+        video.fps = v;
+    }
+    if let Some(v) = b.max_frames {
+        video.max_frames = v;
+        // a cap below the processor's floor lowers the floor too: the user asked for at most this many
+        video.min_frames = video.min_frames.min(v);
+    }
+    if b.frame_rate.is_some() {
+        video.frame_rate = b.frame_rate;
+    }
+    n.video
+        .validate()
+        .map_err(|msg| Error::input(format!("{key}.{msg}")))?;
     n.validate()
         .map_err(|msg| Error::input(format!("{key}.max_pixels / {key}.min_pixels: {msg}")))?;
     if let Some(p) = processor.as_object_mut() {
@@ -352,14 +372,15 @@ pub fn apply_budget(
     Ok(())
 }
 
-/// A stage's own pixel budget (`stages.NAME.data.min_pixels / max_pixels`) on the built model: the model's
-/// spec (placeholder counts and grids), both processors and the processor json its outputs carry.
-pub fn stage_budget(b: &mut Built, min: Option<u64>, max: Option<u64>, key: &str) -> Result<()> {
-    if min.is_none() && max.is_none() {
+/// A stage's own budget (`stages.NAME.data.min_pixels / max_pixels / fps / max_frames / ...`) on the built
+/// model: the model's spec (placeholder counts and grids), both processors and the processor json its outputs
+/// carry.
+pub fn stage_budget(b: &mut Built, budget: &Budget, key: &str) -> Result<()> {
+    if budget.is_empty() {
         return Ok(());
     }
     let mut spec = b.model.spec.clone();
-    apply_budget(min, max, key, &mut spec, &mut b.processor)?;
+    apply_budget(budget, key, &mut spec, &mut b.processor)?;
     b.text.configure(&spec);
     b.images.configure(&spec);
     b.model.spec = spec;
@@ -371,7 +392,7 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
     if let Some(dir) = &m.from {
         let mut b = load_dir(dir, device)?;
         b.images.set_pad_to_square(pad_to_square);
-        if m.min_pixels.is_some() || m.max_pixels.is_some() {
+        if !m.budget().is_empty() {
             let mut spec = b.model.spec.clone();
             pixel_budget(m, &mut spec, &mut b.processor)?;
             b.text.configure(&spec);
@@ -481,6 +502,12 @@ pub fn export(
             p.insert("do_pad".into(), true.into());
         }
         write_json(&out.join("preprocessor_config.json"), &processor)?;
+        if let Some(n) = &model.spec.native {
+            write_json(
+                &out.join("video_preprocessor_config.json"),
+                &crate::checkpoint::qwen2vl::video_processor(n, &processor),
+            )?;
+        }
     }
     Ok(())
 }

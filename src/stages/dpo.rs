@@ -39,6 +39,7 @@ fn sample(p: &Pair, response: &str) -> Sample {
         id: p.id.clone(),
         source: 0,
         images: p.images.clone(),
+        videos: vec![],
         messages,
         raw_text: None,
         meta: serde_json::Value::Null,

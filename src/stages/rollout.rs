@@ -157,6 +157,7 @@ pub fn sample(
                 ids: prompt_ids[p].clone(),
                 pixels: pixels.clone(),
                 sizes: sizes.clone(),
+                videos: vec![],
                 index: first + (i * group + k) as u64,
             });
             owner.push(p);
@@ -179,6 +180,7 @@ pub fn sample(
                 ids,
                 labels,
                 images: prompts[p].images.clone(),
+                videos: vec![],
                 instructions: b
                     .text
                     .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?,

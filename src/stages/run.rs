@@ -232,12 +232,7 @@ pub fn train(
             None => init_model(rc, &run, i, t.init.as_ref(), &mut current, device)?,
         };
         built.images.set_pad_to_square(t.data.pad_to_square);
-        build::stage_budget(
-            &mut built,
-            t.data.min_pixels,
-            t.data.max_pixels,
-            &format!("stages.{name}.data"),
-        )?;
+        build::stage_budget(&mut built, &t.data.budget(), &format!("stages.{name}.data"))?;
         if i == 0
             && let Some(s) = heldout_row(
                 rc,

@@ -40,6 +40,11 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Ok(None) => None,
         Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
     };
+    let videos = match &mb.videos {
+        Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
+        Ok(None) => None,
+        Err(e) => return Err(Error::input(format!("video frame failed to load: {e}"))),
+    };
     let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels)
         .with_rows(mb.image_sizes.clone(), mb.images_per_row.clone());
     if !mb.instructions.is_empty()
@@ -50,7 +55,7 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
             instructions: mb.instructions.clone(),
         });
     }
-    Ok(input)
+    Ok(input.with_videos(videos, mb.video_grids.clone(), mb.video_seconds.clone()))
 }
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).

@@ -14,7 +14,7 @@ use crate::zoo::connectors::{Connector, ConnectorSpec, Features};
 use crate::zoo::encoders::{Encoder, FeatureSelect, VisionSpec};
 use crate::zoo::layers::int_tensor;
 use crate::zoo::llms::{KvCache, Llm, LlmSpec};
-use crate::zoo::native::NativeRes;
+use crate::zoo::native::{Kind, NativeRes};
 use crate::zoo::sizing::Sizing;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +57,14 @@ pub enum Media {
     InstructedImages {
         pixels: Tensor<4>,
         instructions: Vec<Vec<i64>>,
+    },
+    /// Clips for a native-resolution model (Qwen2-VL): every clip's patches in turn, [patches, 3·temporal, p, p]
+    /// (as `pixel_values_videos`), each clip's patch grid (frames / temporal, rows, cols) and the seconds one
+    /// temporal patch spans (`second_per_grid_ts`); each clip fills its grid's tokens of `video_token_id`.
+    Videos {
+        pixels: Tensor<4>,
+        grids: Vec<[usize; 3]>,
+        seconds_per_grid: Vec<f64>,
     },
 }
 
@@ -134,26 +142,54 @@ impl MmInput {
                         instructions: instructions.clone(),
                     }
                 }
+                v @ Media::Videos { .. } => v,
             })
             .collect();
         self
     }
 
+    /// The same batch with clips (`Media::Videos`); no change when there are none.
+    pub fn with_videos(
+        mut self,
+        pixels: Option<Tensor<4>>,
+        grids: Vec<[usize; 3]>,
+        seconds_per_grid: Vec<f64>,
+    ) -> Self {
+        if let Some(pixels) = pixels {
+            self.media.push(Media::Videos {
+                pixels,
+                grids,
+                seconds_per_grid,
+            });
+        }
+        self
+    }
+
     /// The images of the batch, [n, c, s, s], if any.
     pub fn images(&self) -> Option<&Tensor<4>> {
-        self.media
-            .iter()
-            .map(|m| match m {
-                Media::Images(p) | Media::InstructedImages { pixels: p, .. } => p,
-            })
-            .next()
+        self.media.iter().find_map(|m| match m {
+            Media::Images(p) | Media::InstructedImages { pixels: p, .. } => Some(p),
+            Media::Videos { .. } => None,
+        })
+    }
+
+    /// The clips of the batch: patches, grids and seconds per temporal patch.
+    pub fn videos(&self) -> Option<(&Tensor<4>, &[[usize; 3]], &[f64])> {
+        self.media.iter().find_map(|m| match m {
+            Media::Videos {
+                pixels,
+                grids,
+                seconds_per_grid,
+            } => Some((pixels, grids.as_slice(), seconds_per_grid.as_slice())),
+            _ => None,
+        })
     }
 
     /// Each image's instruction, when the media carry them.
     pub fn instructions(&self) -> Option<&[Vec<i64>]> {
         self.media.iter().find_map(|m| match m {
             Media::InstructedImages { instructions, .. } => Some(instructions.as_slice()),
-            Media::Images(_) => None,
+            _ => None,
         })
     }
 }
@@ -300,40 +336,85 @@ impl Llava {
         Ok(())
     }
 
-    /// Token embeddings with image features scattered into placeholder positions: [b, t, d].
+    /// The video placeholder id, for a model that reads clips.
+    fn video_token(&self) -> Option<i64> {
+        self.spec.native.as_ref().and_then(|n| n.video_token_id)
+    }
+
+    /// Checks that video placeholders and clips agree before any compute: each clip fills exactly its grid's
+    /// tokens, and its patches are all there.
+    pub fn check_videos(&self, ids: &[Vec<i64>], input: &MmInput) -> Result<()> {
+        let found = match self.video_token() {
+            Some(v) => ids.iter().flatten().filter(|&&t| t == v).count(),
+            None => 0,
+        };
+        let Some((pixels, grids, seconds)) = input.videos() else {
+            if found > 0 {
+                return Err(Error::input(format!(
+                    "{found} video placeholder tokens but no video: each video marker needs its clip"
+                )));
+            }
+            return Ok(());
+        };
+        let Some(nr) = &self.spec.native else {
+            return Err(Error::input(
+                "this model does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do): remove the clips",
+            ));
+        };
+        let want: usize = grids.iter().map(|&g| nr.grid_tokens(g)).sum();
+        let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if found != want || pixels.dims()[0] != patches || seconds.len() != grids.len() {
+            return Err(Error::input(format!(
+                "video placeholders and clips do not match: {found} placeholder tokens and {} patches for {}                  clip(s) whose grids {grids:?} need {want} tokens and {patches} patches (each video marker needs                  exactly one clip, expanded by its frames and frame size)",
+                pixels.dims()[0],
+                grids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Token embeddings with image and video features scattered into placeholder positions: [b, t, d].
     pub fn input_embeds(&self, input: &MmInput) -> Result<Tensor<3>> {
         let device = self.devices()[0].clone();
         let n_inputs = input.images().map_or(0, |p| p.dims()[0]);
         let alone = input.alone();
         self.check_images(&input.ids, n_inputs, &input.image_sizes, &alone)?;
+        self.check_videos(&input.ids, input)?;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let img = self.spec.image_token_id;
+        let vid = self.video_token().unwrap_or(img);
         // Placeholder ids may lie outside the vocabulary in some checkpoints: embed them as 0, they are replaced.
         let flat: Vec<i64> = input
             .ids
             .iter()
             .flatten()
-            .map(|&x| if x == img { 0 } else { x })
+            .map(|&x| if x == img || x == vid { 0 } else { x })
             .collect();
         let embeds = self.language_model.embed(int_tensor(flat, [b, t], &device));
-        let Some(pixels) = input.images().cloned() else {
-            return Ok(embeds);
+        let image_feats = match input.images().cloned() {
+            None => None,
+            Some(pixels) => Some(
+                if let (Some(nr), Encoder::Qwen2Vit(_)) = (&self.spec.native, &self.vision_tower) {
+                    // native resolution: every image's patches through the tower with its own grid
+                    self.native_features(pixels, &grids(nr, &input.image_sizes)?)?
+                } else {
+                    let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
+                    self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
+                },
+            ),
         };
-        let feats =
-            if let (Some(nr), Encoder::Qwen2Vit(vit)) = (&self.spec.native, &self.vision_tower) {
-                // native resolution: every image's patches through the tower with its own grid, then the merger
-                let f = vit.forward(pixels, &grids(nr, &input.image_sizes)?)?; // [patches, d_vit]
-                let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
-                let [_, t, d] = out.dims();
-                out.reshape([t, d])
-            } else {
-                let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
-                self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
-            };
-        let [_, d] = feats.dims();
+        let video_feats = match input.videos() {
+            Some((pixels, grids, _)) => Some(self.native_features(pixels.clone(), grids)?),
+            None => None,
+        };
+        if image_feats.is_none() && video_feats.is_none() {
+            return Ok(embeds);
+        }
+        let d = embeds.dims()[2];
+        let n_img = image_feats.as_ref().map_or(0, |f| f.dims()[0]);
         // masked_scatter as a gather: row i of the output is source[idx[i]], where source stacks the text
-        // embeddings and then the image features in reading order.
-        let mut k = 0;
+        // embeddings, the image features and the video features, each in reading order.
+        let (mut ki, mut kv) = (0, 0);
         let idx: Vec<i64> = input
             .ids
             .iter()
@@ -341,17 +422,37 @@ impl Llava {
             .enumerate()
             .map(|(i, &x)| {
                 if x == img {
-                    k += 1;
-                    (b * t + k - 1) as i64
+                    ki += 1;
+                    (b * t + ki - 1) as i64
+                } else if x == vid {
+                    kv += 1;
+                    (b * t + n_img + kv - 1) as i64
                 } else {
                     i as i64
                 }
             })
             .collect();
-        let source = Tensor::cat(vec![embeds.reshape([b * t, d]), feats], 0);
+        let mut parts = vec![embeds.reshape([b * t, d])];
+        parts.extend(image_feats);
+        parts.extend(video_feats);
+        let source = Tensor::cat(parts, 0);
         Ok(source
             .select(0, int_tensor(idx, [b * t], &device))
             .reshape([b, t, d]))
+    }
+
+    /// Native-resolution patches [patches, 3·temporal, p, p] of images or clips with their grids -> their tokens
+    /// [Σ tokens, d_llm] (the tower, then the merger).
+    fn native_features(&self, pixels: Tensor<4>, grids: &[[usize; 3]]) -> Result<Tensor<2>> {
+        let Encoder::Qwen2Vit(vit) = &self.vision_tower else {
+            return Err(Error::input(
+                "native-resolution patches need a Qwen2-VL vision tower",
+            ));
+        };
+        let f = vit.forward(pixels, grids)?; // [patches, d_vit]
+        let out = self.multi_modal_projector.forward(f.unsqueeze::<3>()); // [1, tokens, d]
+        let [_, t, d] = out.dims();
+        Ok(out.reshape([t, d]))
     }
 
     /// Per-input features [n, tokens, d] -> the image tokens in placeholder order [Σ tokens, d]: a reshape, or
@@ -416,27 +517,48 @@ impl Llava {
         })
     }
 
-    /// transformers' `get_rope_index` for a batch with images (`None` without M-RoPE or without images): 3·b rows
+    /// transformers' `get_rope_index` for a batch with images or clips (`None` without M-RoPE or without them): 3·b rows
     /// of positions (all temporal rows, then row, then column; padding 0) and each row's delta for generation.
     pub fn mrope_positions(&self, input: &MmInput) -> Result<Option<(Vec<Vec<i64>>, Vec<i64>)>> {
         let Some(nr) = &self.spec.native else {
             return Ok(None);
         };
-        if input.image_sizes.is_empty() {
+        let videos = input.videos();
+        if input.image_sizes.is_empty() && videos.is_none() {
             return Ok(None);
         }
         let mut grids = grids(nr, &input.image_sizes)?.into_iter();
+        let mut clips = videos
+            .map(|(_, g, s)| {
+                g.iter()
+                    .zip(s)
+                    .map(|(&g, &s)| (g, nr.time_interval(s)))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+            .into_iter();
+        let vid = nr.video_token_id;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let mut axes = vec![vec![0i64; t]; 3 * b];
         let mut deltas = vec![];
         for (r, (ids, att)) in input.ids.iter().zip(&input.attention).enumerate() {
-            let is_image: Vec<bool> = ids
+            let kinds: Vec<Kind> = ids
                 .iter()
                 .zip(att)
                 .filter(|(_, a)| **a)
-                .map(|(&x, _)| x == self.spec.image_token_id)
+                .map(|(&x, _)| {
+                    if x == self.spec.image_token_id {
+                        Kind::Image
+                    } else if Some(x) == vid {
+                        Kind::Video
+                    } else {
+                        Kind::Text
+                    }
+                })
                 .collect();
-            let (pos, delta) = nr.rope_index(&is_image, &mut grids).map_err(Error::input)?;
+            let (pos, delta) = nr
+                .rope_index(&kinds, &mut grids, &mut clips)
+                .map_err(Error::input)?;
             let cols: Vec<usize> = (0..t).filter(|&j| att[j]).collect();
             for (a, p) in pos.iter().enumerate() {
                 for (&j, &v) in cols.iter().zip(p) {

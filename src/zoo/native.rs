@@ -4,6 +4,11 @@
 //! becomes one LLM token. Its tokens carry 3-D positions (temporal, row, column) for the LLM's M-RoPE; the text
 //! after an image continues from the image's start + max(rows, cols).
 //!
+//! A video is its sampled frames (`VideoRes::sample`, transformers' `Qwen2VLVideoProcessor.sample_frames`) resized
+//! with the video processor's own (smaller) budget, cut into temporal patches of `temporal` frames (the last frame
+//! repeated to fill one); its tokens' temporal positions step by one per temporal patch (Qwen2-VL), or by the
+//! seconds each patch spans × `tokens_per_second` (Qwen2.5-VL's absolute time alignment, `second_per_grid_ts`).
+//!
 //! As for AnyRes, the geometry is written once and shared by the image processor, the placeholder count and the
 //! model's positions.
 use serde::{Deserialize, Serialize};
@@ -24,6 +29,122 @@ pub struct NativeRes {
     pub vision_end_id: Option<i64>,
     #[serde(default)]
     pub video_token_id: Option<i64>,
+    /// How clips are sampled and sized (the checkpoint's video processor, or transformers' defaults).
+    #[serde(default)]
+    pub video: VideoRes,
+}
+
+/// Video sampling and sizing: `Qwen2VLVideoProcessor`'s settings (`video_preprocessor_config.json`) and Qwen2.5-VL's
+/// `vision_config.tokens_per_second`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VideoRes {
+    /// Per-frame pixel budget (the video processor's `size.shortest_edge` / `longest_edge`).
+    pub min_pixels: u64,
+    pub max_pixels: u64,
+    /// Frames sampled per second of the clip, kept within [min_frames, max_frames].
+    pub fps: f64,
+    pub min_frames: usize,
+    pub max_frames: usize,
+    /// Qwen2.5-VL: temporal M-RoPE positions advance by this many per second of video; `None` (Qwen2-VL): by one
+    /// per temporal patch.
+    pub tokens_per_second: Option<f64>,
+    /// The rate a clip's frames were recorded or extracted at (a data setting, `stages.NAME.data.frame_rate`);
+    /// `None`: `fps`, so every frame is read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_rate: Option<f64>,
+}
+
+impl Default for VideoRes {
+    /// transformers' `Qwen2VLVideoProcessor` defaults.
+    fn default() -> Self {
+        VideoRes {
+            min_pixels: 128 * 28 * 28,
+            max_pixels: 28 * 28 * 768,
+            fps: 2.0,
+            min_frames: 4,
+            max_frames: 768,
+            tokens_per_second: None,
+            frame_rate: None,
+        }
+    }
+}
+
+/// A clip's frames as the model reads them: which of the source's frames, at what rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// Indices into the source's frames, in order.
+    pub indices: Vec<usize>,
+    /// Frames per second of the sampled clip (transformers' `VideoMetadata.sampled_fps`).
+    pub fps: f64,
+}
+
+impl VideoRes {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_pixels < self.min_pixels {
+            return Err(format!(
+                "video_max_pixels: {} is below video_min_pixels {}: raise video_max_pixels or lower video_min_pixels",
+                self.max_pixels, self.min_pixels
+            ));
+        }
+        if !(self.fps > 0.0 && self.fps.is_finite()) {
+            return Err(format!(
+                "fps: {} must be a positive number of frames per second",
+                self.fps
+            ));
+        }
+        if let Some(r) = self.frame_rate
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(format!(
+                "frame_rate: {r} must be a positive number of frames per second"
+            ));
+        }
+        if self.max_frames == 0 || self.max_frames < self.min_frames {
+            return Err(format!(
+                "max_frames: {} must be positive and at least the video processor's min_frames {}",
+                self.max_frames, self.min_frames
+            ));
+        }
+        Ok(())
+    }
+
+    /// `Qwen2VLVideoProcessor.sample_frames` with `fps`: of `total` frames recorded at `frame_rate` per second,
+    /// `total / frame_rate × fps` frames, clamped to [min_frames, max_frames] and to the clip, rounded down to
+    /// whole temporal patches, spread evenly. A clip shorter than one temporal patch keeps all its frames (the
+    /// last is repeated to fill the patch, as the processor pads).
+    pub fn sample(
+        &self,
+        total: usize,
+        frame_rate: f64,
+        temporal: usize,
+    ) -> Result<Sampled, String> {
+        if total == 0 {
+            return Err("the clip has no frames".into());
+        }
+        if !(frame_rate > 0.0 && frame_rate.is_finite()) {
+            return Err(format!(
+                "frame_rate {frame_rate} must be a positive number of frames per second"
+            ));
+        }
+        let tp = temporal.max(1) as f64;
+        let max = (self.max_frames.min(total) as f64 / tp).floor() * tp;
+        let want = total as f64 / frame_rate * self.fps;
+        let n = (want.max(self.min_frames as f64).min(max).min(total as f64) / tp).floor() * tp;
+        let indices: Vec<usize> = if n < 1.0 {
+            (0..total).collect()
+        } else {
+            // torch.arange(0, total, total / n).int(): the count is ceil(total / step), each value rounded
+            // through f32 then truncated
+            let step = total as f64 / n;
+            let count = (total as f64 / step).ceil() as usize;
+            (0..count)
+                .map(|i| (i as f64 * step) as f32 as usize)
+                .collect()
+        };
+        let fps = indices.len() as f64 / total as f64 * frame_rate;
+        Ok(Sampled { indices, fps })
+    }
 }
 
 impl NativeRes {
@@ -41,6 +162,7 @@ impl NativeRes {
                 self.max_pixels, self.min_pixels
             ));
         }
+        self.video.validate()?;
         let f = self.factor() as u64;
         if self.max_pixels < f * f {
             return Err(format!(
@@ -89,51 +211,102 @@ impl NativeRes {
 
     /// LLM tokens for the image: patches / merge².
     pub fn tokens(&self, h: u32, w: u32) -> Result<usize, String> {
-        let g = self.grid(h, w)?;
-        Ok(g[0] * g[1] * g[2] / (self.merge * self.merge) as usize)
+        Ok(self.grid_tokens(self.grid(h, w)?))
     }
 
-    /// `get_rope_index` for one row: `is_image[i]` for each real (unpadded) token, `grids` the row's images in
-    /// order. Returns the (temporal, row, column) position of every token and the delta generation adds to later
-    /// text positions (max position + 1 − tokens).
+    /// LLM tokens of a patch grid (image or video).
+    pub fn grid_tokens(&self, g: [usize; 3]) -> usize {
+        g[0] * g[1] * g[2] / (self.merge * self.merge) as usize
+    }
+
+    /// A clip's frame size after the video processor's resize (its own pixel budget).
+    pub fn video_resize(&self, h: u32, w: u32) -> Result<(u32, u32), String> {
+        NativeRes {
+            min_pixels: self.video.min_pixels,
+            max_pixels: self.video.max_pixels,
+            ..self.clone()
+        }
+        .resize(h, w)
+    }
+
+    /// A clip's patch grid (`video_grid_thw`): `frames` sampled frames of original (height, width), padded to
+    /// whole temporal patches.
+    pub fn video_grid(&self, frames: usize, h: u32, w: u32) -> Result<[usize; 3], String> {
+        if frames == 0 {
+            return Err("the clip has no frames".into());
+        }
+        let (rh, rw) = self.video_resize(h, w)?;
+        let t = frames.div_ceil(self.temporal as usize);
+        Ok([t, (rh / self.patch) as usize, (rw / self.patch) as usize])
+    }
+
+    /// Temporal M-RoPE step per temporal patch of a video whose patches span `seconds_per_grid` seconds each:
+    /// Qwen2.5-VL's `tokens_per_second × second_per_grid_t`, Qwen2-VL's 1.
+    pub fn time_interval(&self, seconds_per_grid: f64) -> f32 {
+        match self.video.tokens_per_second {
+            Some(tps) => (tps as f32) * (seconds_per_grid as f32),
+            None => 1.0,
+        }
+    }
+
+    /// `get_rope_index` for one row: `kinds[i]` for each real (unpadded) token (text, image or video
+    /// placeholder), `images` the row's image grids and `videos` its video grids with each one's temporal step
+    /// (`time_interval`), in order. Returns the (temporal, row, column) position of every token and the delta
+    /// generation adds to later text positions (max position + 1 − tokens).
     pub fn rope_index(
         &self,
-        is_image: &[bool],
-        grids: &mut impl Iterator<Item = [usize; 3]>,
+        kinds: &[Kind],
+        images: &mut impl Iterator<Item = [usize; 3]>,
+        videos: &mut impl Iterator<Item = ([usize; 3], f32)>,
     ) -> Result<([Vec<i64>; 3], i64), String> {
         let mut pos: [Vec<i64>; 3] = Default::default();
         let mut current = 0i64;
         let mut i = 0;
         let m = self.merge as usize;
-        while i < is_image.len() {
+        while i < kinds.len() {
             let start = i;
-            while i < is_image.len() && is_image[i] == is_image[start] {
+            while i < kinds.len() && kinds[i] == kinds[start] {
                 i += 1;
             }
-            if !is_image[start] {
-                for k in 0..(i - start) as i64 {
-                    for axis in &mut pos {
-                        axis.push(current + k);
+            let ([t, gh, gw], step) = match kinds[start] {
+                Kind::Text => {
+                    for k in 0..(i - start) as i64 {
+                        for axis in &mut pos {
+                            axis.push(current + k);
+                        }
                     }
+                    current += (i - start) as i64;
+                    continue;
                 }
-                current += (i - start) as i64;
-                continue;
-            }
-            let [t, gh, gw] = grids
-                .next()
-                .ok_or("more runs of image placeholders than images")?;
+                Kind::Image => (
+                    images
+                        .next()
+                        .ok_or("more runs of image placeholders than images")?,
+                    1.0,
+                ),
+                Kind::Video => videos
+                    .next()
+                    .ok_or("more runs of video placeholders than videos")?,
+            };
             let (lh, lw) = (gh / m, gw / m);
             if t * lh * lw != i - start {
                 return Err(format!(
-                    "{} consecutive image placeholders but the image's {t}×{gh}×{gw} patch grid gives {} tokens",
+                    "{} consecutive {} placeholders but its {t}×{gh}×{gw} patch grid gives {} tokens",
                     i - start,
+                    if kinds[start] == Kind::Video {
+                        "video"
+                    } else {
+                        "image"
+                    },
                     t * lh * lw
                 ));
             }
             for ti in 0..t {
+                // (arange(t) * time_interval).long(), in f32 as torch computes it
+                let tp = (ti as f32 * step) as i64;
                 for hi in 0..lh {
                     for wi in 0..lw {
-                        pos[0].push(current + ti as i64);
+                        pos[0].push(current + tp);
                         pos[1].push(current + hi as i64);
                         pos[2].push(current + wi as i64);
                     }
@@ -142,9 +315,17 @@ impl NativeRes {
             current += gh.max(gw) as i64 / m as i64;
         }
         let max = pos.iter().flatten().copied().max().unwrap_or(-1);
-        let delta = max + 1 - is_image.len() as i64;
+        let delta = max + 1 - kinds.len() as i64;
         Ok((pos, delta))
     }
+}
+
+/// What a prompt token is, for M-RoPE (transformers' `mm_token_type_ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Image,
+    Video,
 }
 
 #[cfg(test)]
@@ -163,6 +344,7 @@ mod tests {
             vision_start_id: None,
             vision_end_id: None,
             video_token_id: None,
+            video: VideoRes::default(),
         };
         // smart_resize(480, 640) = (476, 644); (1080, 1920) is over budget -> (728, 1316)
         assert_eq!(q.resize(480, 640).unwrap(), (476, 644));
