@@ -175,6 +175,7 @@ fn main() {
             pixels: Ok(Some((pixels, [p.batch, 3, size, size]))),
             image_sizes: vec![],
             images_per_row: vec![1; p.batch],
+            image_grids: vec![],
             instructions: vec![],
             videos: Ok(None),
             video_grids: vec![],

@@ -398,3 +398,54 @@ fn qwen2_vl_stage_pixel_budget() {
     let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
     assert!(!ok && err.contains("stages.lora.data.max_pixels"), "{err}");
 }
+
+/// One source's own pixel budget inside a stage (`sources = [{ ..., max_pixels = 1024 }, { ... }]`): its images
+/// count 4 tokens while the other source's count 16 under the model's budget; batches mixing both train (each
+/// image patched at its own source's grid); a bad source budget names the source's key.
+#[test]
+fn qwen2_vl_source_pixel_budget() {
+    let dir = fixture(NAME);
+    let d = common::scratch("qwen2-vl-source-budget");
+    let records: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            serde_json::json!({"id": format!("s{i}"), "image": image("big_128.png").display().to_string(),
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]})
+        })
+        .collect();
+    let (a, b) = (d.join("a.json"), d.join("b.json"));
+    std::fs::write(&a, serde_json::to_string(&records).unwrap()).unwrap();
+    std::fs::write(&b, serde_json::to_string(&records).unwrap()).unwrap();
+    let base = common::lora_recipe("qs", &d.join("runs"), &dir, &a, "tokenizer", 256);
+    let with = |max: u64| {
+        base.replace(
+            &format!("path = {:?} }}]", a.display().to_string()),
+            &format!(
+                "path = {:?}, max_pixels = {max} }}, {{ kind = \"llava_json\", path = {:?} }}]",
+                a.display().to_string(),
+                b.display().to_string()
+            ),
+        )
+    };
+    let r = d.join("r.toml");
+    std::fs::write(&r, with(1024)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(["validate", r.to_str().unwrap(), "--data"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("(8): min 4, median 16, max 16"), "{text}");
+    let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert_eq!(common::losses(&d.join("runs/qs")).len(), 4);
+    std::fs::write(&r, with(100)).unwrap();
+    let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("stages.lora.data.sources[0].max_pixels"),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@
 
     /root/venv/bin/python tools/make_qwen2_vl_fixture.py build [--v25]   # tests/fixtures/qwen2_vl/ (qwen2_5_vl/)
     cargo test --release --test qwen2_vl              # (also saves /tmp/mitune-qwen2-vl-saved, ...-qwen2-5-vl-saved)
-    /root/venv/bin/python tools/make_qwen2_vl_fixture.py roundtrip /tmp/mitune-qwen2-vl-saved [--v25]
+    /root/venv/bin/python tools/make_qwen2_vl_fixture.py roundtrip /tmp/mitune-qwen2-vl-saved [EXPORTED] [--v25]
     /root/venv/bin/python tools/make_qwen2_vl_fixture.py video [--v25]   # video.json / video.safetensors beside
 
 A tiny *random* `Qwen2VLForConditionalGeneration` (ViT with 8-px patches, temporal patch 2, 2-D rotary, 2×2 patch
@@ -317,9 +317,13 @@ def video():
           "loss", meta["loss"]["loss"], [m["indices"] for m in meta["sampling"]])
 
 
-def roundtrip(saved):
+def roundtrip(saved, exported=None):
+    """`saved`: a mitune-saved model directory: transformers loads it and gives the fixture's logits (image and clip
+    cases). `exported` (optional): a directory a mitune training stage wrote; its video_preprocessor_config.json (made
+    from the model's clip settings) loads as a `Qwen2VLVideoProcessor` that patches the clip as the fixture's."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     from safetensors.torch import load_file
     Qwen2VLForConditionalGeneration = AutoModelForImageTextToText  # noqa: N806
     model = Qwen2VLForConditionalGeneration.from_pretrained(saved).float().eval()
@@ -335,14 +339,35 @@ def roundtrip(saved):
         lg = model(**enc).logits[:, c["logit_columns"]]
     d = (lg - exp["two_images.logits"]).abs().max().item()
     res = {"saved": str(saved), "class": type(model).__name__, "max_abs_logit_diff": d}
+    # the clip case: the fixture's token ids and (bf16) clip patches through the reloaded model
+    vm = json.loads((OUT / "video.json").read_text())
+    ve = load_file(OUT / "video.safetensors")
+    pv = load_file(FIX / "qwen2_vl" / "video.safetensors")["pixel_values_videos"].float()
+    c = vm["video"]
+    kw = {"second_per_grid_ts": torch.tensor(c["second_per_grid_ts"])} if V25 else {}
+    ii = torch.tensor([c["input_ids"]])
+    types = (ii == model.config.video_token_id).int() * 2
+    with torch.no_grad():
+        lg = model(input_ids=ii, mm_token_type_ids=types, pixel_values_videos=pv,
+                   video_grid_thw=torch.tensor(c["video_grid_thw"]), **kw).logits[:, c["logit_columns"]]
+    res["video_max_abs_logit_diff"] = (lg - ve["video.logits"]).abs().max().item()
+    if exported:
+        vp = Qwen2VLVideoProcessor.from_pretrained(exported)
+        frames = [Image.open(FIX / "video" / "pan" / f).convert("RGB") for f in vm["clip"]]
+        out = vp(videos=[frames], do_sample_frames=False, return_tensors="pt")
+        res["exported"] = str(exported)
+        res["exported_video_processor"] = {k: getattr(vp, k) for k in ["fps", "min_frames", "max_frames"]}
+        res["exported_video_processor"]["size"] = dict(vp.size)
+        res["exported_clip_pixel_diff"] = (out["pixel_values_videos"].to(torch.bfloat16).float() - pv).abs().max().item()
+        assert res["exported_clip_pixel_diff"] == 0.0, res
     (OUT / "roundtrip_check.json").write_text(json.dumps(res, indent=1) + "\n")
     print(res)
-    assert d < 1e-4, d
+    assert d < 1e-4 and res["video_max_abs_logit_diff"] < 1e-4, res
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["roundtrip"]:
-        roundtrip(sys.argv[2])
+        roundtrip(sys.argv[2], next((a for a in sys.argv[3:] if not a.startswith("--")), None))
     elif sys.argv[1:2] == ["video"]:
         video()
     else:

@@ -122,6 +122,11 @@ fn video_res(video: &Value, image: &Value, tokens_per_second: Option<f64>) -> Vi
         min_frames: count("min_frames", d.min_frames),
         max_frames: count("max_frames", d.max_frames),
         tokens_per_second,
+        cap_pixels_per_frame: video
+            .get("cap_pixels_per_frame")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        max_video_tokens: count("max_video_tokens", d.max_video_tokens),
         frame_rate: None,
     }
 }
@@ -139,6 +144,8 @@ pub fn video_processor(n: &NativeRes, image: &Value) -> Value {
         "fps": v.fps,
         "min_frames": v.min_frames,
         "max_frames": v.max_frames,
+        "cap_pixels_per_frame": v.cap_pixels_per_frame,
+        "max_video_tokens": v.max_video_tokens,
         "do_resize": true,
         "resample": 3,
         "do_rescale": true,

@@ -126,12 +126,20 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
         for name in &rc.pipeline {
             if let Some(t) = rc.stages[name].train() {
-                crate::stages::build::apply_budget(
-                    &t.data.budget(),
-                    &format!("stages.{name}.data"),
-                    &mut spec.clone(),
-                    &mut serde_json::Value::Null,
-                )?;
+                let key = format!("stages.{name}.data");
+                let mut stage = spec.clone();
+                let null = &mut serde_json::Value::Null;
+                crate::stages::build::apply_budget(&t.data.budget(), &key, &mut stage, null)?;
+                // and each source's own budget over the stage's
+                for (i, src) in t.data.sources.iter().enumerate() {
+                    let key = format!("{key}.sources[{i}]");
+                    crate::stages::build::apply_budget(
+                        &src.budget(),
+                        &key,
+                        &mut stage.clone(),
+                        null,
+                    )?;
+                }
             }
         }
     }

@@ -318,9 +318,32 @@ impl ImageProcessor {
         img: &DynamicImage,
         n: &NativeRes,
     ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        let (rh, rw) = n.resize(img.height(), img.width())?;
+        self.patches_at(img, n, rh, rw)
+    }
+
+    /// `patches` at a grid fixed beforehand (by the image's data source's own pixel budget).
+    pub fn patches_for(
+        &self,
+        img: &DynamicImage,
+        grid: [usize; 3],
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
+        let Some(Sizing::Native(n)) = &self.sizing else {
+            return Err("a patch grid was given for a model without native resolution".into());
+        };
+        let p = n.patch as usize;
+        self.patches_at(img, n, (grid[1] * p) as u32, (grid[2] * p) as u32)
+    }
+
+    fn patches_at(
+        &self,
+        img: &DynamicImage,
+        n: &NativeRes,
+        rh: u32,
+        rw: u32,
+    ) -> std::result::Result<(Vec<f32>, u32, u32), String> {
         let mut rgb = img.to_rgb8();
         let (w, h) = rgb.dimensions();
-        let (rh, rw) = n.resize(h, w)?;
         if (rh, rw) != (h, w) {
             rgb = image::imageops::resize(&rgb, rw, rh, self.filter);
         }
@@ -343,7 +366,7 @@ impl ImageProcessor {
         };
         let first = frames.first().ok_or("the clip has no frames")?;
         let (w, h) = (first.width(), first.height());
-        let (rh, rw) = n.video_resize(h, w)?;
+        let (rh, rw) = n.video_resize(frames.len(), h, w)?;
         let mut planes = Vec::with_capacity(frames.len());
         for (i, f) in frames.iter().enumerate() {
             if (f.width(), f.height()) != (w, h) {

@@ -26,6 +26,8 @@ pub struct MicroBatch {
     pub image_sizes: Vec<[u32; 2]>,
     /// Images of each sample (row).
     pub images_per_row: Vec<usize>,
+    /// Native resolution: each image's patch grid as its source's budget fixed it (empty otherwise).
+    pub image_grids: Vec<[usize; 3]>,
     /// One instruction per image, in placeholder order, for a connector that reads one (empty otherwise).
     pub instructions: Vec<Vec<i64>>,
     /// Every clip's patches in turn, [patches, 3·temporal, p, p] flattened, in video-placeholder order; `Err`
@@ -117,6 +119,10 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         pixels: Ok(None),
         image_sizes: vec![],
         images_per_row: samples.iter().map(|s| s.images.len()).collect(),
+        image_grids: samples
+            .iter()
+            .flat_map(|s| s.image_grids.iter().copied())
+            .collect(),
         instructions: samples
             .iter()
             .flat_map(|s| s.instructions.iter().cloned())
@@ -147,28 +153,36 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.labels.push(labels);
         mb.attention.push(att);
     }
-    // each image with whether it is its sample's only one (LLaVA-OneVision tiles only those)
+    // each image with whether it is its sample's only one (LLaVA-OneVision tiles only those) and, at native
+    // resolution, the grid its source's budget fixed
     let paths: Vec<_> = samples
         .iter()
-        .flat_map(|s| s.images.iter().map(move |p| (p, s.images.len() == 1)))
+        .flat_map(|s| {
+            s.images
+                .iter()
+                .enumerate()
+                .map(move |(k, p)| (p, s.images.len() == 1, s.image_grids.get(k).copied()))
+        })
         .collect();
     if !paths.is_empty() {
         let decoded: Result<Vec<((Vec<f32>, u32, u32), [u32; 2])>, String> = paths
             .par_iter()
-            .map(|&(p, alone)| {
+            .map(|&(p, alone, grid)| {
                 load_image(p).map_err(|e| e.to_string()).and_then(|img| {
                     let size = [img.height(), img.width()];
-                    images
-                        .preprocess_in(&img, alone)
-                        .map(|x| (x, size))
-                        .map_err(|m| format!("{}: {m}", p.display()))
+                    match grid {
+                        Some(g) => images.patches_for(&img, g),
+                        None => images.preprocess_in(&img, alone),
+                    }
+                    .map(|x| (x, size))
+                    .map_err(|m| format!("{}: {m}", p.display()))
                 })
             })
             .collect();
         mb.pixels = decoded.and_then(|d| {
             let (h, w) = (d[0].0.1, d[0].0.2);
             // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
-            if let Some(((p, _), x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
+            if let Some(((p, _, _), x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
                 return Err(format!(
                     "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in \
                      the image processor",

@@ -11,7 +11,8 @@ use super::sources::{self, Bad, Sample};
 use super::templates::{self, Encoded};
 use super::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{DataSpec, OnBad, Source};
+use crate::recipe::schema::{Budget, DataSpec, OnBad, Source};
+use crate::zoo::sizing::Sizing;
 
 pub struct Prepared {
     pub samples: Vec<Sample>,
@@ -32,6 +33,29 @@ pub fn weight(s: &Source) -> f64 {
     }
 }
 
+/// The text processor a source with its own budget encodes with (`None`: the stage's).
+fn source_processor(
+    tp: &TextProcessor,
+    budget: &Budget,
+    key: &str,
+) -> Result<Option<TextProcessor>> {
+    if budget.is_empty() {
+        return Ok(None);
+    }
+    let Some(Sizing::Native(n)) = &tp.sizing else {
+        return Err(Error::input(format!(
+            "{key}: min_pixels / max_pixels / video_min_pixels / video_max_pixels / fps / max_frames / frame_rate: \
+             only a native-resolution model (Qwen2-VL) resizes images and samples clips by them; remove them"
+        )));
+    };
+    let n = n
+        .with_budget(budget)
+        .map_err(|msg| Error::input(format!("{key}.{msg}")))?;
+    let mut own = tp.clone();
+    own.sizing = Some(Sizing::Native(n));
+    Ok(Some(own))
+}
+
 /// How many decoded images to try before training (all paths are checked for existence).
 const DECODE_CHECK: usize = 64;
 
@@ -49,11 +73,18 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let mut samples = vec![];
     let mut bad = vec![];
+    // each source counts its images' and clips' tokens under its own budget, when it sets one
+    let mut tps = vec![];
     for (i, s) in spec.sources.iter().enumerate() {
         let (good, b) = sources::load(s, i, seed)
             .map_err(|e| Error::input(format!("{key}.sources[{i}]: {e}")))?;
         samples.extend(good);
         bad.extend(b);
+        tps.push(source_processor(
+            tp,
+            &s.budget(),
+            &format!("{key}.sources[{i}]"),
+        )?);
     }
     let results: Vec<std::result::Result<Encoded, String>> = samples
         .par_iter()
@@ -62,6 +93,7 @@ pub fn prepare(
             if let Some(missing) = s.images.iter().find(|p| !p.is_file()) {
                 return Err(format!("image {} does not exist", missing.display()));
             }
+            let tp = tps[s.source].as_ref().unwrap_or(tp);
             templates::encode(tp, template, s, i, max_len)
         })
         .collect();

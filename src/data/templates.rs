@@ -62,6 +62,9 @@ pub struct Encoded {
     /// [t] true where the token is a training target.
     pub labels: Vec<bool>,
     pub images: Vec<PathBuf>,
+    /// Native resolution: each image's patch grid under its source's pixel budget, fixed when the dataset was
+    /// built (empty for other layouts).
+    pub image_grids: Vec<[usize; 3]>,
     /// Clips, in video-marker order: frames sampled and grids fixed when the dataset was built.
     pub videos: Vec<Clip>,
     /// One instruction per image (the connector's own token ids: the text of the turn that holds the image,
@@ -217,6 +220,13 @@ fn encode_with(
     let counts = tp
         .image_counts(markers, &sizes)
         .map_err(|e| e.to_string())?;
+    let image_grids = match &tp.sizing {
+        Some(Sizing::Native(n)) => sizes
+            .iter()
+            .map(|&[h, w]| n.grid(h, w))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        _ => vec![],
+    };
     let video_id = tp.video_token.as_ref().map(|v| v.1);
     let (mut out_ids, mut labels) = (vec![], vec![]);
     let mut span_tokens: Vec<Vec<i64>> = vec![vec![]; spans.len()];
@@ -299,6 +309,7 @@ fn encode_with(
         ids: out_ids,
         labels,
         images: sample.images.clone(),
+        image_grids,
         videos: clips,
         instructions,
     })

@@ -700,6 +700,15 @@ pub enum Source {
         #[serde(default = "one")]
         weight: f64,
         cap: Option<usize>,
+        /// This source's own pixel budget and clip settings (native-resolution models), over the stage's: e.g.
+        /// documents at a high `max_pixels` beside photos at a low one, in one stage.
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+        video_min_pixels: Option<u64>,
+        video_max_pixels: Option<u64>,
+        fps: Option<f64>,
+        max_frames: Option<usize>,
+        frame_rate: Option<f64>,
     },
     /// ShareGPT-style `messages` of role/content with an `images` list.
     Messages {
@@ -708,6 +717,13 @@ pub enum Source {
         #[serde(default = "one")]
         weight: f64,
         cap: Option<usize>,
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+        video_min_pixels: Option<u64>,
+        video_max_pixels: Option<u64>,
+        fps: Option<f64>,
+        max_frames: Option<usize>,
+        frame_rate: Option<f64>,
     },
     /// Plain caption pairs `{image, caption}`; an instruction is sampled from `instructions` per sample.
     Captions {
@@ -718,6 +734,13 @@ pub enum Source {
         #[serde(default = "one")]
         weight: f64,
         cap: Option<usize>,
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+        video_min_pixels: Option<u64>,
+        video_max_pixels: Option<u64>,
+        fps: Option<f64>,
+        max_frames: Option<usize>,
+        frame_rate: Option<f64>,
     },
     /// VQA pairs `{image, question, answer}` turned into instructions, with a short-answer hint.
     Vqa {
@@ -728,6 +751,13 @@ pub enum Source {
         #[serde(default = "one")]
         weight: f64,
         cap: Option<usize>,
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+        video_min_pixels: Option<u64>,
+        video_max_pixels: Option<u64>,
+        fps: Option<f64>,
+        max_frames: Option<usize>,
+        frame_rate: Option<f64>,
     },
     /// Raw text `{"text": …}` per JSONL line: every token is supervised (causal LM).
     Text {
@@ -739,6 +769,63 @@ pub enum Source {
 }
 fn hint() -> String {
     "Answer with a single word.".into()
+}
+
+impl Source {
+    /// The source's own budget (empty for a text source or when it sets none).
+    pub fn budget(&self) -> Budget {
+        match self {
+            Source::LlavaJson {
+                min_pixels,
+                max_pixels,
+                video_min_pixels,
+                video_max_pixels,
+                fps,
+                max_frames,
+                frame_rate,
+                ..
+            }
+            | Source::Messages {
+                min_pixels,
+                max_pixels,
+                video_min_pixels,
+                video_max_pixels,
+                fps,
+                max_frames,
+                frame_rate,
+                ..
+            }
+            | Source::Captions {
+                min_pixels,
+                max_pixels,
+                video_min_pixels,
+                video_max_pixels,
+                fps,
+                max_frames,
+                frame_rate,
+                ..
+            }
+            | Source::Vqa {
+                min_pixels,
+                max_pixels,
+                video_min_pixels,
+                video_max_pixels,
+                fps,
+                max_frames,
+                frame_rate,
+                ..
+            } => Budget {
+                min_pixels: *min_pixels,
+                max_pixels: *max_pixels,
+                video_min_pixels: *video_min_pixels,
+                video_max_pixels: *video_max_pixels,
+                fps: *fps,
+                max_frames: *max_frames,
+                frame_rate: *frame_rate,
+            },
+            Source::Text { .. } => Budget::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -332,35 +332,9 @@ pub fn apply_budget(
              only a native-resolution model (Qwen2-VL) resizes images and samples clips by them; remove them"
         )));
     };
-    if let Some(v) = b.min_pixels {
-        n.min_pixels = v;
-    }
-    if let Some(v) = b.max_pixels {
-        n.max_pixels = v;
-    }
-    let video = &mut n.video;
-    if let Some(v) = b.video_min_pixels {
-        video.min_pixels = v;
-    }
-    if let Some(v) = b.video_max_pixels {
-        video.max_pixels = v;
-    }
-    if let Some(v) = b.fps {
-        video.fps = v;
-    }
-    if let Some(v) = b.max_frames {
-        video.max_frames = v;
-        // a cap below the processor's floor lowers the floor too: the user asked for at most this many
-        video.min_frames = video.min_frames.min(v);
-    }
-    if b.frame_rate.is_some() {
-        video.frame_rate = b.frame_rate;
-    }
-    n.video
-        .validate()
+    *n = n
+        .with_budget(b)
         .map_err(|msg| Error::input(format!("{key}.{msg}")))?;
-    n.validate()
-        .map_err(|msg| Error::input(format!("{key}.max_pixels / {key}.min_pixels: {msg}")))?;
     if let Some(p) = processor.as_object_mut() {
         p.insert(
             "size".into(),

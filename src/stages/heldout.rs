@@ -57,6 +57,13 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
             images: task.images.clone(),
             weight: 1.0,
             cap: Some(h.limit),
+            min_pixels: None,
+            max_pixels: None,
+            video_min_pixels: None,
+            video_max_pixels: None,
+            fps: None,
+            max_frames: None,
+            frame_rate: None,
         };
         let (samples, bad) = sources::load(&src, 0, 0)?;
         if let Some(b) = bad.first() {

@@ -180,6 +180,7 @@ pub fn sample(
                 ids,
                 labels,
                 images: prompts[p].images.clone(),
+                image_grids: vec![],
                 videos: vec![],
                 instructions: b
                     .text

@@ -46,7 +46,8 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
         Err(e) => return Err(Error::input(format!("video frame failed to load: {e}"))),
     };
     let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels)
-        .with_rows(mb.image_sizes.clone(), mb.images_per_row.clone());
+        .with_rows(mb.image_sizes.clone(), mb.images_per_row.clone())
+        .with_grids(mb.image_grids.clone());
     if !mb.instructions.is_empty()
         && let Some(Media::Images(p)) = input.media.pop()
     {

@@ -82,6 +82,9 @@ pub struct MmInput {
     /// Images of each row (sample), in order; empty = every image is alone in its sample. LLaVA-OneVision tiles an
     /// image only when it is alone.
     pub images_per_row: Vec<usize>,
+    /// Native resolution: each image's patch grid as its data source's pixel budget fixed it when the dataset was
+    /// built (a per-source budget); empty = from each size under the model's budget.
+    pub image_grids: Vec<[usize; 3]>,
 }
 
 impl MmInput {
@@ -93,7 +96,14 @@ impl MmInput {
             media: pixels.map(Media::Images).into_iter().collect(),
             image_sizes: vec![],
             images_per_row: vec![],
+            image_grids: vec![],
         }
+    }
+
+    /// The same batch with each image's native-resolution patch grid fixed (see `image_grids`).
+    pub fn with_grids(mut self, grids: Vec<[usize; 3]>) -> Self {
+        self.image_grids = grids;
+        self
     }
 
     /// The same one-sample input with each image's original (height, width) attached.
@@ -336,6 +346,40 @@ impl Llava {
         Ok(())
     }
 
+    /// Each image's native-resolution grid: as the input fixed it, else from its size under the model's budget.
+    fn image_grids(&self, nr: &NativeRes, input: &MmInput) -> Result<Vec<[usize; 3]>> {
+        if input.image_grids.is_empty() {
+            grids(nr, &input.image_sizes)
+        } else {
+            Ok(input.image_grids.clone())
+        }
+    }
+
+    /// `check_images` for images whose native-resolution grids were fixed with the data: each fills its grid's
+    /// tokens, and its patches are all there.
+    fn check_grids(&self, ids: &[Vec<i64>], n_inputs: usize, grids: &[[usize; 3]]) -> Result<()> {
+        let Some(nr) = &self.spec.native else {
+            return Err(Error::input(
+                "patch grids were given for a model without native resolution",
+            ));
+        };
+        let found = ids
+            .iter()
+            .flatten()
+            .filter(|&&t| t == self.spec.image_token_id)
+            .count();
+        let want: usize = grids.iter().map(|&g| nr.grid_tokens(g)).sum();
+        let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if found != want || patches != n_inputs {
+            return Err(Error::input(format!(
+                "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} patches for \
+                 {} image(s) whose grids need {want} tokens and {patches} patches",
+                grids.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// The video placeholder id, for a model that reads clips.
     fn video_token(&self) -> Option<i64> {
         self.spec.native.as_ref().and_then(|n| n.video_token_id)
@@ -378,7 +422,11 @@ impl Llava {
         let device = self.devices()[0].clone();
         let n_inputs = input.images().map_or(0, |p| p.dims()[0]);
         let alone = input.alone();
-        self.check_images(&input.ids, n_inputs, &input.image_sizes, &alone)?;
+        if input.image_grids.is_empty() {
+            self.check_images(&input.ids, n_inputs, &input.image_sizes, &alone)?;
+        } else {
+            self.check_grids(&input.ids, n_inputs, &input.image_grids)?;
+        }
         self.check_videos(&input.ids, input)?;
         let (b, t) = (input.ids.len(), input.ids[0].len());
         let img = self.spec.image_token_id;
@@ -396,7 +444,7 @@ impl Llava {
             Some(pixels) => Some(
                 if let (Some(nr), Encoder::Qwen2Vit(_)) = (&self.spec.native, &self.vision_tower) {
                     // native resolution: every image's patches through the tower with its own grid
-                    self.native_features(pixels, &grids(nr, &input.image_sizes)?)?
+                    self.native_features(pixels, &self.image_grids(nr, input)?)?
                 } else {
                     let feats = self.image_features(pixels, input.instructions())?; // [n, tokens, d]
                     self.pack(feats, &input.image_sizes, &alone) // [all image tokens, d]
@@ -524,10 +572,10 @@ impl Llava {
             return Ok(None);
         };
         let videos = input.videos();
-        if input.image_sizes.is_empty() && videos.is_none() {
+        if input.image_sizes.is_empty() && input.image_grids.is_empty() && videos.is_none() {
             return Ok(None);
         }
-        let mut grids = grids(nr, &input.image_sizes)?.into_iter();
+        let mut grids = self.image_grids(nr, input)?.into_iter();
         let mut clips = videos
             .map(|(_, g, s)| {
                 g.iter()

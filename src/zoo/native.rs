@@ -13,6 +13,8 @@
 //! model's positions.
 use serde::{Deserialize, Serialize};
 
+use crate::recipe::schema::Budget;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NativeRes {
     pub patch: u32,
@@ -49,6 +51,10 @@ pub struct VideoRes {
     /// Qwen2.5-VL: temporal M-RoPE positions advance by this many per second of video; `None` (Qwen2-VL): by one
     /// per temporal patch.
     pub tokens_per_second: Option<f64>,
+    /// transformers' `cap_pixels_per_frame`: each frame also gets at most an even share of `max_video_tokens`
+    /// tokens' worth of pixels (qwen-vl-utils' total bound), floored at 1.05 × min_pixels.
+    pub cap_pixels_per_frame: bool,
+    pub max_video_tokens: usize,
     /// The rate a clip's frames were recorded or extracted at (a data setting, `stages.NAME.data.frame_rate`);
     /// `None`: `fps`, so every frame is read.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +71,8 @@ impl Default for VideoRes {
             min_frames: 4,
             max_frames: 768,
             tokens_per_second: None,
+            cap_pixels_per_frame: false,
+            max_video_tokens: 128000,
             frame_rate: None,
         }
     }
@@ -173,6 +181,40 @@ impl NativeRes {
         Ok(())
     }
 
+    /// The geometry under a recipe's budget (`model.*`, `stages.NAME.data.*` or one source's keys): each key set
+    /// replaces the checkpoint's. Errors name the key (relative to where the budget was written).
+    pub fn with_budget(&self, b: &Budget) -> Result<NativeRes, String> {
+        let mut n = self.clone();
+        if let Some(v) = b.min_pixels {
+            n.min_pixels = v;
+        }
+        if let Some(v) = b.max_pixels {
+            n.max_pixels = v;
+        }
+        let video = &mut n.video;
+        if let Some(v) = b.video_min_pixels {
+            video.min_pixels = v;
+        }
+        if let Some(v) = b.video_max_pixels {
+            video.max_pixels = v;
+        }
+        if let Some(v) = b.fps {
+            video.fps = v;
+        }
+        if let Some(v) = b.max_frames {
+            video.max_frames = v;
+            // a cap below the processor's floor lowers the floor too: the user asked for at most this many
+            video.min_frames = video.min_frames.min(v);
+        }
+        if b.frame_rate.is_some() {
+            video.frame_rate = b.frame_rate;
+        }
+        n.video.validate()?;
+        n.validate()
+            .map_err(|msg| format!("max_pixels / min_pixels: {msg}"))?;
+        Ok(n)
+    }
+
     /// transformers' `smart_resize`: (height, width) multiples of patch × merge, aspect kept, pixels within bounds.
     pub fn resize(&self, h: u32, w: u32) -> Result<(u32, u32), String> {
         if h == 0 || w == 0 {
@@ -219,11 +261,19 @@ impl NativeRes {
         g[0] * g[1] * g[2] / (self.merge * self.merge) as usize
     }
 
-    /// A clip's frame size after the video processor's resize (its own pixel budget).
-    pub fn video_resize(&self, h: u32, w: u32) -> Result<(u32, u32), String> {
+    /// The frame size of a clip of `frames` frames after the video processor's resize (its own pixel budget).
+    pub fn video_resize(&self, frames: usize, h: u32, w: u32) -> Result<(u32, u32), String> {
+        let v = &self.video;
+        let mut max = v.max_pixels;
+        if v.cap_pixels_per_frame && frames > 0 {
+            let f = self.factor() as u64;
+            let total = (v.max_video_tokens as f64 * (f * f) as f64 * 0.9) as u64;
+            let share = total * self.temporal as u64 / frames as u64;
+            max = max.min(share).max((v.min_pixels as f64 * 1.05) as u64);
+        }
         NativeRes {
-            min_pixels: self.video.min_pixels,
-            max_pixels: self.video.max_pixels,
+            min_pixels: v.min_pixels,
+            max_pixels: max,
             ..self.clone()
         }
         .resize(h, w)
@@ -235,7 +285,7 @@ impl NativeRes {
         if frames == 0 {
             return Err("the clip has no frames".into());
         }
-        let (rh, rw) = self.video_resize(h, w)?;
+        let (rh, rw) = self.video_resize(frames, h, w)?;
         let t = frames.div_ceil(self.temporal as usize);
         Ok([t, (rh / self.patch) as usize, (rw / self.patch) as usize])
     }
@@ -364,5 +414,33 @@ mod tests {
             ..q
         };
         assert!(bad.validate().unwrap_err().contains("below min_pixels"));
+    }
+
+    #[test]
+    fn capped_clip_frames_match_transformers() {
+        // Qwen2VLVideoProcessor(patch 8, merge 2, 256..2048 px, cap_pixels_per_frame, max_video_tokens 10) on six
+        // 56×40 frames: video_grid_thw [[3, 2, 4]] (without the cap [[3, 4, 8]])
+        let mut q = NativeRes {
+            patch: 8,
+            merge: 2,
+            temporal: 2,
+            min_pixels: 256,
+            max_pixels: 4096,
+            vision_start_id: None,
+            vision_end_id: None,
+            video_token_id: None,
+            video: VideoRes {
+                min_pixels: 256,
+                max_pixels: 2048,
+                ..VideoRes::default()
+            },
+        };
+        assert_eq!(q.video_grid(6, 40, 56).unwrap(), [3, 4, 8]);
+        q.video.cap_pixels_per_frame = true;
+        q.video.max_video_tokens = 10;
+        assert_eq!(q.video_grid(6, 40, 56).unwrap(), [3, 2, 4]);
+        // a one-frame clip fills one temporal patch
+        assert_eq!(q.video.sample(1, 2.0, 2).unwrap().indices, vec![0]);
+        assert!(q.video.sample(0, 2.0, 2).is_err());
     }
 }
