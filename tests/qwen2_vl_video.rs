@@ -346,3 +346,66 @@ fn qwen2_vl_fine_tunes_on_clips() {
     let (ok, err) = common::run_mitune(&["validate", r.to_str().unwrap()], None);
     assert!(!ok && err.contains("stages.lora.data.max_frames"), "{err}");
 }
+
+/// `mitune chat --video DIR` answers as `generate` does for the same user turn; `/video` of an empty directory is
+/// reported and the conversation goes on.
+#[test]
+fn qwen2_vl_chat_with_a_clip() {
+    use std::io::Write;
+    let dir = fixture("qwen2_vl");
+    let d = common::scratch("qwen2-vl-chat-video");
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let clip = clip_dir().display().to_string();
+    let want = common::cli_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "<video>\nWhat happens?",
+        "--video",
+        &clip,
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.5",
+        "--seed",
+        "7",
+    ]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(["chat", "--model", dir.to_str().unwrap(), "--video", &clip])
+        .args([
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.5",
+            "--seed",
+            "7",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    write!(
+        child.stdin.take().unwrap(),
+        "/video {}\nWhat happens?\n",
+        empty.display()
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("has no frames"), "{stderr}");
+    // sampled (the random model's greedy answer is blank lines): the same seed draws the same tokens
+    let text = want["text"].as_str().unwrap();
+    assert!(!text.trim().is_empty(), "{want}");
+    assert_eq!(
+        stdout.trim_end_matches('\n'),
+        text.trim_end_matches('\n'),
+        "{stderr}"
+    );
+}

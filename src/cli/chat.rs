@@ -1,6 +1,7 @@
 //! `mitune chat --model DIR [--image PATH]`: a terminal conversation through the model's chat template, the
 //! answer streamed as it is generated. Lines starting with `/` are commands: `/image PATH` attaches an image to
-//! the next message, `/reset` forgets the conversation, `/quit` (or end of input) leaves.
+//! the next message, `/video DIR` a clip (a directory of frames; video models), `/reset` forgets the conversation,
+//! `/quit` (or end of input) leaves.
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
@@ -19,6 +20,9 @@ pub struct Args {
     /// An image for the first message (more with `/image PATH`).
     #[arg(long)]
     pub image: Vec<PathBuf>,
+    /// A clip (a directory of frames) for the first message, for a video model (Qwen2-VL); more with `/video DIR`.
+    #[arg(long)]
+    pub video: Vec<PathBuf>,
     /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one.
     #[arg(long, value_enum, default_value = "tokenizer")]
     pub template: Template,
@@ -28,7 +32,7 @@ pub struct Args {
     pub sampling: Sampling,
 }
 
-const HELP: &str = "commands: /image PATH (attach to the next message), /reset, /quit";
+const HELP: &str = "commands: /image PATH (attach to the next message), /video DIR (a clip's frames), /reset, /quit";
 
 pub fn run(a: Args) -> Result<()> {
     let device = crate::default_device();
@@ -48,6 +52,13 @@ pub fn run(a: Args) -> Result<()> {
     let mut history: Vec<(Role, String)> = vec![];
     let mut images: Vec<PathBuf> = vec![];
     let mut pending: Vec<PathBuf> = a.image.clone();
+    let mut clips: Vec<PathBuf> = vec![];
+    let mut pending_clips: Vec<PathBuf> = a.video.clone();
+    if !pending_clips.is_empty() && built.text.video_token.is_none() {
+        return Err(Error::input(
+            "this checkpoint does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do): drop --video",
+        ));
+    }
     let mut turn = 0u64;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -70,6 +81,8 @@ pub fn run(a: Args) -> Result<()> {
                     history.clear();
                     images.clear();
                     pending.clear();
+                    clips.clear();
+                    pending_clips.clear();
                     eprintln!("(conversation cleared)");
                 }
                 "image" if !arg.trim().is_empty() => {
@@ -83,6 +96,21 @@ pub fn run(a: Args) -> Result<()> {
                         Err(e) => eprintln!("error: {e}"),
                     }
                 }
+                "video" if !arg.trim().is_empty() => {
+                    let p = PathBuf::from(arg.trim());
+                    // list its frames now, so a bad directory is reported before the message that uses it
+                    match (
+                        &built.text.video_token,
+                        crate::data::video::ClipSource::Dir(p.clone()).frames(),
+                    ) {
+                        (None, _) => eprintln!("error: this checkpoint does not read videos"),
+                        (_, Err(e)) => eprintln!("error: {e}"),
+                        (_, Ok(f)) => {
+                            pending_clips.push(p);
+                            eprintln!("(clip of {} frames attached to your next message)", f.len());
+                        }
+                    }
+                }
                 _ => eprintln!("{HELP}"),
             }
             continue;
@@ -91,12 +119,29 @@ pub fn run(a: Args) -> Result<()> {
         for _ in &pending {
             content.push_str("<image>\n");
         }
+        for _ in &pending_clips {
+            content.push_str(crate::data::tokenizer::VIDEO_MARKER);
+            content.push('\n');
+        }
         content.push_str(line);
         history.push((Role::User, content));
         images.append(&mut pending);
+        clips.append(&mut pending_clips);
         let prompt = templates::prompt(&built.text, &template, &history).map_err(Error::input)?;
         let (pixels, sizes) = built.images.batch_sized(&images, &device)?;
-        let ids = built.text.encode_sized(&prompt, false, &sizes)?;
+        let videos = super::generate::clips(&clips, &built.model.spec, &built.images, &device)?;
+        let tokens: Vec<usize> = videos
+            .iter()
+            .map(|v| {
+                built
+                    .model
+                    .spec
+                    .native
+                    .as_ref()
+                    .map_or(0, |n| n.grid_tokens(v.1))
+            })
+            .collect();
+        let ids = built.text.encode_media(&prompt, false, &sizes, &tokens)?;
         if interactive {
             eprint!("assistant> ");
         }
@@ -110,7 +155,7 @@ pub fn run(a: Args) -> Result<()> {
                 ids,
                 pixels,
                 sizes,
-                videos: vec![],
+                videos,
                 index: turn,
             }],
             &cfg,
