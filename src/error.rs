@@ -42,6 +42,29 @@ impl Error {
     }
 }
 
+/// Writes through a temporary file beside `path` and a rename, so a reader (or a run killed mid-write) never sees
+/// half a file; errors name the file. The one atomic writer: JSON, reports, caches and lists go through it.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `write_atomic` of pretty JSON.
+pub fn write_json_atomic(path: &std::path::Path, v: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
+    write_atomic(path, text.as_bytes())
+}
+
 /// Reads a file, naming it in the error.
 pub fn read(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| Error::Io {

@@ -152,12 +152,13 @@ fn bad_pairs_are_named() {
         .map(|b| format!("{}: {}", b.id, b.reason))
         .collect();
     assert_eq!(reasons.len(), 4, "{reasons:?}");
+    // each names its file, line and id
     assert!(
-        reasons[0].starts_with("same: chosen and rejected are the same"),
+        reasons[0].ends_with("p.jsonl:1 (same): chosen and rejected are the same text"),
         "{reasons:?}"
     );
     assert!(
-        reasons[1].starts_with("empty: an empty response"),
+        reasons[1].contains("p.jsonl:2 (empty): an empty response"),
         "{reasons:?}"
     );
     assert!(reasons[2].contains("b.png does not exist"), "{reasons:?}");

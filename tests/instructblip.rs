@@ -232,6 +232,7 @@ fn instructblip_fine_tunes_with_instructions_and_resumes() {
     .unwrap();
     let sample = Sample {
         id: "s".into(),
+        origin: "s".into(),
         source: 0,
         images: vec![fixture("images").join("astronaut_32.png")],
         videos: vec![],

@@ -96,6 +96,7 @@ fn load(path: &Path) -> mitune::recipe::schema::Recipe {
 fn multi_turn() -> Sample {
     Sample {
         id: "t".into(),
+        origin: "t".into(),
         source: 0,
         images: vec![PathBuf::from("x.png")],
         videos: vec![],
@@ -162,7 +163,8 @@ fn loss_mask_per_template_decodes_to_the_answers() {
     assert_eq!(tp.decode(&e.supervised_ids()).trim(), "red");
     // Truncation that would cut image tokens is refused, not silently applied.
     let err = templates::encode(tp, &src, &s, 0, 10).unwrap_err();
-    assert!(err.contains("cut image tokens"), "{err}");
+    assert!(err.reason.contains("cut image tokens"), "{err}");
+    assert_eq!(err.kind, mitune::data::contract::Kind::TooLong);
 }
 
 fn values(model: &Llava) -> Vec<(String, Vec<f32>)> {
@@ -208,9 +210,18 @@ fn accumulation_averages_like_one_big_batch() {
     let (d, rc, built, device) = setup("accum");
     let t = rc.stages["instruct"].train().unwrap();
     let src = templates::source(t.template, &built.text).unwrap();
-    let data =
-        mitune::data::prepare::prepare(&t.data, &built.text, &src, 384, 0, OnBad::Fail, &d, "data")
-            .unwrap();
+    let data = mitune::data::prepare::prepare(
+        &t.data,
+        &built.text,
+        &src,
+        384,
+        0,
+        OnBad::Fail,
+        &d,
+        "skipped.jsonl",
+        "data",
+    )
+    .unwrap();
     let eight: Vec<_> = data.encoded.iter().take(8).collect();
     let pad = built.text.pad_id();
     let model = &built.model;

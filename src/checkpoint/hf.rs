@@ -361,13 +361,7 @@ pub fn save_part(model: &Llava, part: Part, out: &Path, dtype: Dtype) -> Result<
 
 /// Writes pretty JSON through a temporary file and a rename (a kill never leaves half a file).
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::error::write_json_atomic(path, v)
 }
 
 /// LLaVA's `mm_projector_type` names: `linear`, `mlp<N>x_<act>`.

@@ -166,7 +166,8 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         )?;
         let template = crate::data::templates::training_source(t.template, &built.text)
             .map_err(Error::input)?;
-        let dir = std::env::temp_dir().join(format!("mitune-validate-{}", std::process::id()));
+        // every bad sample is listed beside the run's outputs (nothing else of the run is written)
+        let dir = rc.output.join(&rc.name).join("validate");
         let p = crate::data::prepare::prepare(
             &t.data,
             &built.text,
@@ -175,6 +176,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             rc.seed,
             t.on_bad_sample,
             &dir,
+            &format!("{name}-bad.jsonl"),
             &format!("stages.{name}.data"),
         )?;
         let sup: usize = p.encoded.iter().map(|e| e.supervised()).sum();

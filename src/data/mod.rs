@@ -1,5 +1,6 @@
 //! Data: dataset readers, chat templates and loss masks, the checks run before training, batching with
 //! prefetch, image and clip preprocessing, and the synthetic shapes world of the quickstart.
+pub mod contract;
 pub mod images;
 pub mod loader;
 pub mod preference;

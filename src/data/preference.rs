@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-use super::sources::{Bad, Role};
+use super::contract::{Bad, Kind};
+use super::sources::Role;
 use crate::error::{Error, Result, read_string};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,7 +369,11 @@ pub fn load_pairs(
         });
         match parsed {
             Ok(ps) => good.extend(ps),
-            Err(reason) => bad.push(Bad { id, reason }),
+            Err(reason) => bad.push(Bad::new(
+                format!("{}:{i} ({id})", path.display()),
+                Kind::Record,
+                reason,
+            )),
         }
     }
     Ok((good, bad))
@@ -395,9 +400,6 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
                 answer = answer.or(history.pop().map(|t| t.1));
             }
             place_images(&mut history, images.len())?;
-            if let Some(p) = images.iter().find(|p| !p.exists()) {
-                return Err(format!("image {} does not exist", p.display()));
-            }
             Ok(PromptItem {
                 id: id.clone(),
                 images,
@@ -405,9 +407,17 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
                 answer,
             })
         })();
+        let at = format!("{}:{i} ({id})", path.display());
         match item {
-            Ok(p) => good.push(p),
-            Err(reason) => bad.push(Bad { id, reason }),
+            Ok(p) => match p.images.iter().find(|f| !f.is_file()) {
+                Some(f) => bad.push(Bad::new(
+                    at,
+                    Kind::MissingMedia,
+                    format!("image {} does not exist", f.display()),
+                )),
+                None => good.push(p),
+            },
+            Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
         }
     }
     Ok((good, bad))

@@ -492,19 +492,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
     move |source| Error::Io { path, source }
 }
 
-/// Writes through a temp file + rename, so a reader (or an interrupted run) never sees half a file.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
+pub(crate) use crate::error::write_atomic;
 
 pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
-    write_atomic(path, text.as_bytes())
+    crate::error::write_json_atomic(path, v)
 }
 
 /// Trains the byte-level BPE. The trainer sums word counts (order-free), numbers the byte alphabet in sorted

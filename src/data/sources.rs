@@ -33,6 +33,8 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub id: String,
+    /// Where the record is, for reports: `file:index (id)`.
+    pub origin: String,
     /// Index of the source in the stage's data spec (for mixtures and logs).
     pub source: usize,
     pub images: Vec<PathBuf>,
@@ -45,11 +47,8 @@ pub struct Sample {
     pub meta: Value,
 }
 
-#[derive(Debug, Clone)]
-pub struct Bad {
-    pub id: String,
-    pub reason: String,
-}
+pub use super::contract::Bad;
+use super::contract::Kind;
 
 /// Caption instructions sampled per sample (LLaVA-Pretrain's brief-description pool, abridged).
 pub const CAPTION_POOL: [&str; 6] = [
@@ -220,22 +219,65 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
             .unwrap_or_else(|| format!("#{i}"));
         let parsed = parse(source, r, &base, &mut rng);
         match parsed {
-            Ok((images, videos, messages, raw_text, known)) => good.push(Sample {
-                id,
-                source: index,
-                images,
-                videos,
-                messages,
-                raw_text,
-                meta: meta(r, known),
-            }),
-            Err(reason) => bad.push(Bad {
-                id: format!("{}:{} ({id})", path.display(), i),
+            Ok((images, videos, messages, raw_text, known)) => {
+                let origin = format!("{}:{} ({id})", path.display(), i);
+                if let Some(p) = images
+                    .iter()
+                    .map(PathBuf::as_path)
+                    .chain(videos.iter().map(|v| v.path()))
+                    .find(|p| escapes(&base, p))
+                {
+                    bad.push(Bad::new(
+                        origin,
+                        Kind::OutsideRoot,
+                        format!(
+                            "{} leads outside the image folder {} (`..`)",
+                            p.display(),
+                            base.display()
+                        ),
+                    ));
+                    continue;
+                }
+                good.push(Sample {
+                    id,
+                    origin,
+                    source: index,
+                    images,
+                    videos,
+                    messages,
+                    raw_text,
+                    meta: meta(r, known),
+                })
+            }
+            Err(reason) => bad.push(Bad::new(
+                format!("{}:{} ({id})", path.display(), i),
+                Kind::Record,
                 reason,
-            }),
+            )),
         }
     }
     Ok((good, bad))
+}
+
+/// Whether a record's relative media path, joined to the source's folder, climbs out of it with `..` (an absolute
+/// path in the record is the user's explicit choice and is not checked).
+fn escapes(base: &Path, joined: &Path) -> bool {
+    use std::path::Component;
+    let Ok(rel) = joined.strip_prefix(base) else {
+        return false; // absolute in the record
+    };
+    let mut depth = 0i64;
+    for c in rel.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
 }
 
 type Parsed = (

@@ -8,6 +8,7 @@
 //! decoding the supervised tokens back to the assistant text.
 use std::path::PathBuf;
 
+use super::contract::{Kind, Reject};
 use super::sources::{Role, Sample};
 use super::tokenizer::TextProcessor;
 use super::video::Clip;
@@ -112,7 +113,7 @@ pub fn encode(
     sample: &Sample,
     index: usize,
     max_len: usize,
-) -> std::result::Result<Encoded, String> {
+) -> std::result::Result<Encoded, Reject> {
     encode_with(tp, src, sample, index, max_len, false)
 }
 
@@ -124,7 +125,7 @@ pub fn encode_last(
     sample: &Sample,
     index: usize,
     max_len: usize,
-) -> std::result::Result<Encoded, String> {
+) -> std::result::Result<Encoded, Reject> {
     encode_with(tp, src, sample, index, max_len, true)
 }
 
@@ -135,7 +136,9 @@ fn encode_with(
     index: usize,
     max_len: usize,
     last_only: bool,
-) -> std::result::Result<Encoded, String> {
+) -> std::result::Result<Encoded, Reject> {
+    let tpl = |reason: String| Reject::new(Kind::Template, reason);
+    let markers_err = |reason: String| Reject::new(Kind::Markers, reason);
     let (text, spans, answers) = if let Some(raw) = &sample.raw_text {
         // Causal LM: BOS + text + EOS, all supervised.
         let bos = tp.bos_token.clone().unwrap_or_default();
@@ -150,8 +153,18 @@ fn encode_with(
         let msgs = pairs(&sample.messages, &tp.image_token);
         let render = |m: &[(String, String)], gen_prompt: bool| {
             tp.render_template(src, m, gen_prompt)
-                .map_err(|e| e.to_string())
+                .map_err(|e| tpl(e.to_string()))
         };
+        // checked on the raw record, before a template could collapse or drop a marker
+        let (images, videos) = raw_markers(tp, &sample.messages);
+        if images != sample.images.len() || videos != sample.videos.len() {
+            return Err(markers_err(format!(
+                "the record has {images} image marker(s) for {} image(s) and {videos} video marker(s) for {} \
+                 clip(s)",
+                sample.images.len(),
+                sample.videos.len()
+            )));
+        }
         let full = render(&msgs, false)?;
         let mut spans = vec![];
         let mut answers = vec![];
@@ -161,16 +174,27 @@ fn encode_with(
             }
             let before = render(&msgs[..i], true)?;
             let upto = render(&msgs[..=i], false)?;
-            if !upto.starts_with(&before) || !full.starts_with(&upto) {
-                return Err(format!(
-                    "the template does not render turn {i} as a prefix-stable span (render(messages[..{i}], add_generation_prompt) is not a prefix of the rendered conversation); the loss mask cannot be derived"
+            if content.trim().is_empty() {
+                return Err(Reject::new(
+                    Kind::EmptyAnswer,
+                    format!(
+                        "assistant turn {i} is empty: it would teach the model to stop at once"
+                    ),
                 ));
+            }
+            if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                return Err(tpl(format!(
+                    "the template does not render turn {i} as a prefix-stable span (render(messages[..{i}], add_generation_prompt) is not a prefix of the rendered conversation); the loss mask cannot be derived"
+                )));
             }
             spans.push((before.len(), upto.len()));
             answers.push(content.clone());
         }
         if spans.is_empty() {
-            return Err("no assistant turn: nothing to learn from".into());
+            return Err(Reject::new(
+                Kind::Record,
+                "no assistant turn: nothing to learn from",
+            ));
         }
         if last_only {
             spans.drain(..spans.len() - 1);
@@ -180,22 +204,25 @@ fn encode_with(
     };
     let markers = tp.markers(&text);
     if markers != sample.images.len() {
-        return Err(format!(
-            "{} `<image>` marker(s) after templating but {} image(s)",
+        return Err(markers_err(format!(
+            "{} `<image>` marker(s) after templating but {} image(s) (the template dropped or repeated a marker)",
             markers,
             sample.images.len()
-        ));
+        )));
     }
     let video_markers = tp.video_markers(&text);
     if video_markers != sample.videos.len() {
         return Err(if tp.video_token.is_none() && !sample.videos.is_empty() {
-            "the sample has a video but this model does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do)"
-                .to_string()
+            Reject::new(
+                Kind::Media,
+                "the sample has a video but this model does not read videos (only Qwen2-VL / Qwen2.5-VL \
+                 checkpoints do)",
+            )
         } else {
-            format!(
+            markers_err(format!(
                 "{video_markers} `<video>` marker(s) after templating but {} clip(s)",
                 sample.videos.len()
-            )
+            ))
         });
     }
     // Each clip's frames are sampled and its grid fixed here (directory listing and one frame header), so its
@@ -206,25 +233,27 @@ fn encode_with(
             .iter()
             .map(|v| v.open(n))
             .collect::<crate::error::Result<_>>()
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| Reject::new(Kind::Media, e.to_string()))?,
         _ => vec![],
     };
-    let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| e.to_string())?;
+    let (ids, offsets) = tp.encode_offsets(&text).map_err(|e| tpl(e.to_string()))?;
     // A model whose image token count depends on the image's size (AnyRes) reads each image's header here, so
     // the count is fixed when the dataset is built, never found wrong at a training step.
     let sizes = if tp.sizing.is_some() {
-        crate::data::images::ImageProcessor::sizes(&sample.images).map_err(|e| e.to_string())?
+        crate::data::images::ImageProcessor::sizes(&sample.images)
+            .map_err(|e| Reject::new(Kind::UnreadableMedia, e.to_string()))?
     } else {
         vec![]
     };
     let counts = tp
         .image_counts(markers, &sizes)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Reject::new(Kind::Media, e.to_string()))?;
     let image_grids = match &tp.sizing {
         Some(Sizing::Native(n)) => sizes
             .iter()
             .map(|&[h, w]| n.grid(h, w))
-            .collect::<std::result::Result<Vec<_>, _>>()?,
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Reject::new(Kind::Media, e))?,
         _ => vec![],
     };
     let video_id = tp.video_token.as_ref().map(|v| v.1);
@@ -254,26 +283,26 @@ fn encode_with(
         labels.push(span.is_some());
     }
     if found != markers {
-        return Err(format!(
+        return Err(tpl(format!(
             "{markers} `{}` marker(s) but the tokenizer produced {found} image token(s): the marker must be a special token",
             tp.image_token
-        ));
+        )));
     }
     if found_videos != video_markers {
-        return Err(format!(
+        return Err(tpl(format!(
             "{video_markers} video marker(s) but the tokenizer produced {found_videos} video token(s): the marker must be a special token"
-        ));
+        )));
     }
     // The supervised tokens of each turn must decode back to that turn's text (catches template/tokenizer
     // disagreement before it silently trains on the wrong tokens).
     for (k, toks) in span_tokens.iter().enumerate() {
         let got = tp.decode(toks);
         if got.trim() != answers[k].trim() {
-            return Err(format!(
+            return Err(tpl(format!(
                 "assistant turn {k}: the supervised tokens decode to {:?}, not the answer {:?} (template and tokenizer disagree)",
                 got.trim(),
                 answers[k].trim()
-            ));
+            )));
         }
     }
     if out_ids.len() > max_len {
@@ -287,10 +316,13 @@ fn encode_with(
             } else {
                 ("video", "max_frames / video_max_pixels")
             };
-            return Err(format!(
-                "{} tokens after image expansion: truncating to max_len {max_len} would cut {what} tokens; raise \
-                 max_len, lower {knob}, or drop the sample",
-                out_ids.len()
+            return Err(Reject::new(
+                Kind::TooLong,
+                format!(
+                    "{} tokens after image expansion: truncating to max_len {max_len} would cut {what} tokens; \
+                     raise max_len, lower {knob}, or drop the sample",
+                    out_ids.len()
+                ),
             ));
         }
         out_ids.truncate(max_len);
@@ -298,12 +330,15 @@ fn encode_with(
     }
     // Position 0 is never a target (nothing predicts it).
     if labels.iter().skip(1).all(|l| !l) {
-        return Err(format!("no supervised token left within max_len {max_len}"));
+        return Err(Reject::new(
+            Kind::TooLong,
+            format!("no supervised token left within max_len {max_len}"),
+        ));
     }
     // InstructBLIP's Q-Former reads the instruction each image comes with: the turn holding its marker
     let instructions = tp
         .instructions(sample.messages.iter().map(|(_, c)| c.as_str()))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| tpl(e.to_string()))?;
     Ok(Encoded {
         index,
         ids: out_ids,
@@ -313,6 +348,24 @@ fn encode_with(
         videos: clips,
         instructions,
     })
+}
+
+/// Image and video markers in a record's messages as written: LLaVA's `<image>` and the model's own image token,
+/// `<video>` and the model's own video token.
+fn raw_markers(tp: &TextProcessor, messages: &[(Role, String)]) -> (usize, usize) {
+    let mut images = 0;
+    let mut videos = 0;
+    for (_, c) in messages {
+        images += c.matches("<image>").count();
+        if tp.image_token != "<image>" {
+            images += c.matches(tp.image_token.as_str()).count();
+        }
+        videos += c.matches(super::tokenizer::VIDEO_MARKER).count();
+        if let Some((v, _)) = &tp.video_token {
+            videos += c.matches(v.as_str()).count();
+        }
+    }
+    (images, videos)
 }
 
 /// Placeholders of a clip's grid.

@@ -45,8 +45,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     write(&tmp)?;
-    let sp = tmp.join("state.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(state).unwrap()).map_err(io(&sp))?;
+    crate::error::write_json_atomic(&tmp.join("state.json"), state)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }

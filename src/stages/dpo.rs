@@ -19,6 +19,7 @@ use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Batches};
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, loss, schedule};
+use crate::data::contract::{self, Bad};
 use crate::data::loader::micro_batch;
 use crate::data::preference::{Pair, load_pairs};
 use crate::data::sources::{Role, Sample};
@@ -37,6 +38,7 @@ fn sample(p: &Pair, response: &str) -> Sample {
     messages.push((Role::Assistant, response.to_string()));
     Sample {
         id: p.id.clone(),
+        origin: p.id.clone(),
         source: 0,
         images: p.images.clone(),
         videos: vec![],
@@ -61,43 +63,24 @@ pub fn load_encode(
     let mut bad = vec![];
     for s in &data.sources {
         let (mut pairs, b) = load_pairs(s.format, &s.path, s.images.as_deref())?;
-        bad.extend(b.into_iter().map(|b| (s.path.clone(), b.id, b.reason)));
+        bad.extend(b);
         if let Some(c) = s.cap {
             pairs.truncate(c);
         }
-        for p in pairs {
+        for (k, p) in pairs.into_iter().enumerate() {
             let i = out.len();
             let enc = |r: &str| templates::encode_last(text, template, &sample(&p, r), i, max_len);
             match (enc(&p.chosen), enc(&p.rejected)) {
                 (Ok(c), Ok(r)) => out.push((c, r)),
-                (Err(e), _) | (_, Err(e)) => bad.push((s.path.clone(), p.id.clone(), e)),
+                (Err(e), _) | (_, Err(e)) => bad.push(Bad::new(
+                    format!("{}:{k} ({})", s.path.display(), p.id),
+                    e.kind,
+                    e.reason,
+                )),
             }
         }
     }
-    if let Some((path, id, reason)) = bad.first() {
-        if on_bad == OnBad::Fail {
-            return Err(Error::file(
-                path,
-                format!(
-                    "{key}: pair {id}: {reason} ({} bad pair(s) in all; fix them or set on_bad_sample = \"skip\")",
-                    bad.len()
-                ),
-            ));
-        }
-        let lines: String = bad
-            .iter()
-            .map(|(p, id, r)| {
-                serde_json::json!({"source": p, "id": id, "reason": r}).to_string() + "\n"
-            })
-            .collect();
-        let f = dir.join("skipped.jsonl");
-        std::fs::write(&f, lines).map_err(|source| Error::Io { path: f, source })?;
-        eprintln!(
-            "{key}: skipped {} bad pair(s) (listed in {})",
-            bad.len(),
-            dir.join("skipped.jsonl").display()
-        );
-    }
+    contract::settle(&bad, on_bad, &dir.join("skipped.jsonl"), key, "pair")?;
     if out.is_empty() {
         return Err(Error::input(format!("{key}: no usable pair")));
     }
@@ -332,13 +315,7 @@ pub fn run(
                     train: reference_table(&r, &pairs, &start, spec.batch.micro, &inner)?,
                     heldout: reference_table(&r, &heldout, &start, spec.batch.micro, &inner)?,
                 };
-                let tmp = f.with_extension("json.tmp");
-                std::fs::write(&tmp, serde_json::to_string(&c).unwrap())
-                    .and_then(|_| std::fs::rename(&tmp, &f))
-                    .map_err(|source| Error::Io {
-                        path: f.clone(),
-                        source,
-                    })?;
+                crate::error::write_json_atomic(&f, &c)?;
                 eprintln!(
                     "[{}] reference log-probs of {} pairs cached in {:.1}s",
                     ctx.name,

@@ -57,10 +57,6 @@ pub fn run(
         path: dir.to_path_buf(),
         source,
     })?;
-    let p = dir.join("eval.json");
-    let tmp = dir.join("eval.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&reports).unwrap())
-        .and_then(|_| std::fs::rename(&tmp, &p))
-        .map_err(|source| Error::Io { path: p, source })?;
+    crate::error::write_json_atomic(&dir.join("eval.json"), &reports)?;
     Ok(reports)
 }

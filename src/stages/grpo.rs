@@ -23,6 +23,7 @@ use super::rollout::{self, RewardSpec, Rollout};
 use super::steps::{self, Batches};
 use super::trainer::{StageRun, to_input};
 use super::{checkpoints, loss, schedule};
+use crate::data::contract;
 use crate::data::loader::micro_batch;
 use crate::data::preference::{PromptItem, load_prompts};
 use crate::data::templates::{self, Encoded};
@@ -46,35 +47,24 @@ pub fn group_advantages(rewards: &[f64], g: usize) -> Vec<f64> {
 }
 
 /// Loads prompts and applies the bad-sample policy.
-pub fn load_data(data: &PromptData, on_bad: OnBad, key: &str) -> Result<Vec<PromptItem>> {
+/// `list`: where every bad prompt is written (JSONL).
+pub fn load_data(
+    data: &PromptData,
+    on_bad: OnBad,
+    list: &Path,
+    key: &str,
+) -> Result<Vec<PromptItem>> {
     let mut out = vec![];
+    let mut bad = vec![];
     for s in &data.sources {
-        let (mut p, bad) = load_prompts(&s.path, s.images.as_deref())?;
-        if let (OnBad::Fail, Some(b)) = (on_bad, bad.first()) {
-            return Err(Error::file(
-                &s.path,
-                format!(
-                    "{key}: prompt {}: {} ({} bad in all; fix them or set on_bad_sample = \"skip\")",
-                    b.id,
-                    b.reason,
-                    bad.len()
-                ),
-            ));
-        }
-        if !bad.is_empty() {
-            eprintln!(
-                "{key}: skipped {} bad prompt(s) of {}, first {}: {}",
-                bad.len(),
-                s.path.display(),
-                bad[0].id,
-                bad[0].reason
-            );
-        }
+        let (mut p, b) = load_prompts(&s.path, s.images.as_deref())?;
+        bad.extend(b);
         if let Some(c) = s.cap {
             p.truncate(c);
         }
         out.extend(p);
     }
+    contract::settle(&bad, on_bad, list, key, "prompt")?;
     if out.is_empty() {
         return Err(Error::input(format!("{key}: no usable prompt")));
     }
@@ -282,9 +272,20 @@ impl RlSetup {
         let key = format!("stages.{name}");
         let template = templates::training_source(spec.template, &start.text)
             .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
-        let prompts = load_data(&spec.data, spec.on_bad_sample, &format!("{key}.data"))?;
+        let dir = run_dir.join(name);
+        let prompts = load_data(
+            &spec.data,
+            spec.on_bad_sample,
+            &dir.join("skipped.jsonl"),
+            &format!("{key}.data"),
+        )?;
         let held = match &spec.heldout {
-            Some(h) => load_data(h, spec.on_bad_sample, &format!("{key}.heldout"))?,
+            Some(h) => load_data(
+                h,
+                spec.on_bad_sample,
+                &dir.join("skipped-heldout.jsonl"),
+                &format!("{key}.heldout"),
+            )?,
             None => vec![],
         };
         let prompt_ids: Vec<Vec<i64>> = prompts

@@ -132,7 +132,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let seed = spec.seed.unwrap_or(ctx.seed);
     let template = crate::data::templates::training_source(spec.template, &built.text)
         .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
-    let prep = |data: &crate::recipe::schema::DataSpec, key: &str| {
+    // each split lists its own bad samples (the held-out split's never overwrite the training split's)
+    let prep = |data: &crate::recipe::schema::DataSpec, list: &str, key: &str| {
         prepare::prepare(
             data,
             &built.text,
@@ -141,13 +142,22 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             seed,
             spec.on_bad_sample,
             &ctx.dir,
+            list,
             key,
         )
     };
-    let data = prep(&spec.data, &format!("stages.{}.data", ctx.name))?;
+    let data = prep(
+        &spec.data,
+        "skipped.jsonl",
+        &format!("stages.{}.data", ctx.name),
+    )?;
     let eval_data = match &spec.eval {
         Some(e) => {
-            let mut d = prep(&e.data, &format!("stages.{}.eval.data", ctx.name))?;
+            let mut d = prep(
+                &e.data,
+                "skipped-eval.jsonl",
+                &format!("stages.{}.eval.data", ctx.name),
+            )?;
             d.encoded.truncate(e.max_samples);
             Some((e.every, d))
         }
