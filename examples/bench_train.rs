@@ -180,6 +180,7 @@ fn main() {
             videos: Ok(None),
             video_grids: vec![],
             video_seconds: vec![],
+            dropped: vec![],
             tokens: p.batch * seq,
             supervised: p.batch * (p.text - 1),
         };

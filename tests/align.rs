@@ -154,11 +154,11 @@ fn bad_pairs_are_named() {
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     // each names its file, line and id
     assert!(
-        reasons[0].ends_with("p.jsonl:1 (same): chosen and rejected are the same text"),
+        reasons[0].ends_with("p.jsonl:2 (same): chosen and rejected are the same text"),
         "{reasons:?}"
     );
     assert!(
-        reasons[1].contains("p.jsonl:2 (empty): an empty response"),
+        reasons[1].contains("p.jsonl:3 (empty): an empty response"),
         "{reasons:?}"
     );
     assert!(reasons[2].contains("b.png does not exist"), "{reasons:?}");

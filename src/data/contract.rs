@@ -165,3 +165,33 @@ pub fn settle(bad: &[Bad], policy: OnBad, list: &Path, key: &str, what: &str) ->
         }
     }
 }
+
+/// `settle` for samples found bad during training (a media file changed on disk since the checks): `fail` stops the
+/// run naming them (the last checkpoint stays the resume point), `skip` appends them to `list` and goes on.
+pub fn settle_late(bad: &[Bad], policy: OnBad, list: &Path, key: &str) -> Result<()> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let s = summary(bad, "sample");
+    if policy == OnBad::Fail {
+        return Err(Error::input(format!(
+            "{key}: {s}\n  fix or remove the files and resume (--resume), or set on_bad_sample = \"skip\""
+        )));
+    }
+    use std::io::Write;
+    let lines: String = bad
+        .iter()
+        .map(|b| serde_json::to_string(b).unwrap_or_default() + "\n")
+        .collect();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)
+        .and_then(|mut f| f.write_all(lines.as_bytes()))
+        .map_err(|source| Error::Io {
+            path: list.to_path_buf(),
+            source,
+        })?;
+    eprintln!("{key}: skipping {s}\n  listed in {}", list.display());
+    Ok(())
+}

@@ -9,7 +9,6 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use super::images::{ImageProcessor, load_image};
 use super::templates::Encoded;
-use super::video::Clip;
 use crate::recipe::schema::Mix;
 use crate::zoo::sizing::Sizing;
 
@@ -36,6 +35,8 @@ pub struct MicroBatch {
     /// Each clip's grid and seconds per temporal patch, in order.
     pub video_grids: Vec<[usize; 3]>,
     pub video_seconds: Vec<f64>,
+    /// Samples left out because their media failed to decode: (index of the encoded sample, reason).
+    pub dropped: Vec<(usize, String)>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
     pub tokens: usize,
     pub supervised: usize,
@@ -109,8 +110,64 @@ impl Order {
     }
 }
 
-/// Pads rows and loads the images of one micro-batch.
+/// One sample's decoded media: each image's values with its preprocessed (h, w) and original (h, w), each
+/// clip's patches.
+struct Decoded {
+    images: Vec<(Vec<f32>, u32, u32, [u32; 2])>,
+    clips: Vec<Vec<f32>>,
+}
+
+/// Decodes and preprocesses one sample's images and clips; the error names the file.
+fn decode(s: &Encoded, images: &ImageProcessor) -> Result<Decoded, String> {
+    // LLaVA-OneVision tiles an image only when it is its sample's only one; at native resolution each image takes
+    // the grid its source's budget fixed
+    let alone = s.images.len() == 1;
+    let mut out = Decoded {
+        images: vec![],
+        clips: vec![],
+    };
+    for (k, p) in s.images.iter().enumerate() {
+        let img = load_image(p).map_err(|e| e.to_string())?;
+        let size = [img.height(), img.width()];
+        let (v, h, w) = match s.image_grids.get(k) {
+            Some(&g) => images.patches_for(&img, g),
+            None => images.preprocess_in(&img, alone),
+        }
+        .map_err(|m| format!("{}: {m}", p.display()))?;
+        out.images.push((v, h, w, size));
+    }
+    for c in &s.videos {
+        let frames = c.decode().map_err(|e| e.to_string())?;
+        let (v, grid) = images
+            .video_patches(&frames)
+            .map_err(|m| format!("{}: {m}", c.frames[0].display()))?;
+        if grid != c.grid {
+            return Err(format!(
+                "{}: the clip's frames now give a {grid:?} patch grid, {:?} when the dataset was built (were the \
+                 frames changed?)",
+                c.frames[0].display(),
+                c.grid
+            ));
+        }
+        out.clips.push(v);
+    }
+    Ok(out)
+}
+
+/// Pads rows and loads the images and clips of one micro-batch. A sample whose media no longer decode (a file
+/// changed on disk since the dataset's checks) is left out and listed in `dropped`; the stage's policy decides.
 pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -> MicroBatch {
+    let decoded: Vec<Result<Decoded, String>> =
+        samples.par_iter().map(|s| decode(s, images)).collect();
+    let mut dropped = vec![];
+    let mut kept: Vec<(&Encoded, Decoded)> = vec![];
+    for (s, d) in samples.iter().zip(decoded) {
+        match d {
+            Ok(d) => kept.push((s, d)),
+            Err(e) => dropped.push((s.index, e)),
+        }
+    }
+    let samples: Vec<&Encoded> = kept.iter().map(|k| k.0).collect();
     let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut mb = MicroBatch {
         ids: vec![],
@@ -138,8 +195,9 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
             .iter()
             .flat_map(|s| s.videos.iter().map(|c| c.seconds_per_grid))
             .collect(),
+        dropped,
     };
-    for s in samples {
+    for s in &samples {
         let pad = t - s.ids.len();
         let mut ids = s.ids.clone();
         ids.extend(std::iter::repeat_n(pad_id, pad));
@@ -153,81 +211,41 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.labels.push(labels);
         mb.attention.push(att);
     }
-    // each image with whether it is its sample's only one (LLaVA-OneVision tiles only those) and, at native
-    // resolution, the grid its source's budget fixed
-    let paths: Vec<_> = samples
+    let imgs: Vec<(&std::path::Path, &(Vec<f32>, u32, u32, [u32; 2]))> = kept
         .iter()
-        .flat_map(|s| {
-            s.images
-                .iter()
-                .enumerate()
-                .map(move |(k, p)| (p, s.images.len() == 1, s.image_grids.get(k).copied()))
-        })
+        .flat_map(|(s, d)| s.images.iter().map(|p| p.as_path()).zip(&d.images))
         .collect();
-    if !paths.is_empty() {
-        let decoded: Result<Vec<((Vec<f32>, u32, u32), [u32; 2])>, String> = paths
-            .par_iter()
-            .map(|&(p, alone, grid)| {
-                load_image(p).map_err(|e| e.to_string()).and_then(|img| {
-                    let size = [img.height(), img.width()];
-                    match grid {
-                        Some(g) => images.patches_for(&img, g),
-                        None => images.preprocess_in(&img, alone),
-                    }
-                    .map(|x| (x, size))
-                    .map_err(|m| format!("{}: {m}", p.display()))
-                })
-            })
-            .collect();
-        mb.pixels = decoded.and_then(|d| {
-            let (h, w) = (d[0].0.1, d[0].0.2);
-            // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
-            if let Some(((p, _, _), x)) = paths.iter().zip(&d).find(|(_, x)| (x.0.1, x.0.2) != (h, w)) {
-                return Err(format!(
-                    "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in \
-                     the image processor",
-                    p.display(),
-                    x.0.1,
-                    x.0.2
-                ));
-            }
-            mb.image_sizes = d.iter().map(|x| x.1).collect();
+    if let Some((_, first)) = imgs.first() {
+        let (h, w) = (first.1, first.2);
+        // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
+        if let Some((p, x)) = imgs.iter().find(|(_, x)| (x.1, x.2) != (h, w)) {
+            mb.pixels = Err(format!(
+                "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in the \
+                 image processor",
+                p.display(),
+                x.1,
+                x.2
+            ));
+        } else {
+            mb.image_sizes = imgs.iter().map(|x| x.1.3).collect();
             let c = images.channels();
-            let v: Vec<f32> = d.into_iter().flat_map(|x| x.0.0).collect();
+            let v: Vec<f32> = imgs.iter().flat_map(|x| x.1.0.iter().copied()).collect();
             let n = v.len() / (c * (h * w) as usize);
-            Ok(Some((v, [n, c, h as usize, w as usize])))
-        });
+            mb.pixels = Ok(Some((v, [n, c, h as usize, w as usize])));
+        }
     }
-    let clips: Vec<&Clip> = samples.iter().flat_map(|s| s.videos.iter()).collect();
+    let clips: Vec<f32> = kept
+        .iter()
+        .flat_map(|(_, d)| d.clips.iter().flatten().copied())
+        .collect();
     if !clips.is_empty() {
-        let decoded: Result<Vec<Vec<f32>>, String> = clips
-            .par_iter()
-            .map(|c| {
-                let frames = c.decode().map_err(|e| e.to_string())?;
-                let (v, grid) = images
-                    .video_patches(&frames)
-                    .map_err(|m| format!("{}: {m}", c.frames[0].display()))?;
-                if grid != c.grid {
-                    return Err(format!(
-                        "{}: the clip's frames now give a {grid:?} patch grid, {:?} when the dataset was built \
-                         (were the frames changed?)",
-                        c.frames[0].display(),
-                        c.grid
-                    ));
-                }
-                Ok(v)
-            })
-            .collect();
-        mb.videos = decoded.map(|d| {
-            let v: Vec<f32> = d.concat();
-            let p = match &images.sizing {
-                Some(Sizing::Native(n)) => n.patch as usize,
-                _ => 1, // unreachable: video_patches needs native resolution
-            };
-            let c = images.channels();
-            let n = v.len() / (c * p * p);
-            Some((v, [n, c, p, p]))
-        });
+        let p = match &images.sizing {
+            Some(Sizing::Native(n)) => n.patch as usize,
+            _ => 1, // unreachable: video_patches needs native resolution
+        };
+        let c = images.channels();
+        let n = clips.len() / (c * p * p);
+        mb.videos = Ok(Some((clips, [n, c, p, p])));
     }
     mb
 }

@@ -20,8 +20,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use super::contract::{Bad, Kind};
-use super::sources::Role;
-use crate::error::{Error, Result, read_string};
+use super::sources::{Role, read_records};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,24 +51,6 @@ pub struct PromptItem {
     pub images: Vec<PathBuf>,
     pub history: Vec<(Role, String)>,
     pub answer: Option<String>,
-}
-
-fn records(path: &Path) -> Result<Vec<Value>> {
-    let text = read_string(path)?;
-    match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Array(a)) => Ok(a),
-        Ok(v @ Value::Object(_)) if !text.trim_end().contains('\n') => Ok(vec![v]),
-        Ok(_) => Err(Error::file(path, "expected a JSON array or JSON lines")),
-        Err(_) => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| Error::file(path, format!("line {}: invalid JSON: {e}", i + 1)))
-            })
-            .collect(),
-    }
 }
 
 fn s<'a>(r: &'a Value, k: &str) -> Option<&'a str> {
@@ -333,7 +315,18 @@ pub fn load_pairs(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
     let (mut good, mut bad) = (vec![], vec![]);
-    for (i, r) in records(path)?.iter().enumerate() {
+    for (i, rec) in read_records(path)?.iter().enumerate() {
+        let r = match &rec.value {
+            Ok(r) => r,
+            Err(reason) => {
+                bad.push(Bad::new(
+                    format!("{}{}", path.display(), rec.at),
+                    Kind::Record,
+                    reason.clone(),
+                ));
+                continue;
+            }
+        };
         let id = id_of(r, i);
         let parsed = parse(fmt, r, &base).and_then(|ps| {
             let n = ps.len();
@@ -370,7 +363,7 @@ pub fn load_pairs(
         match parsed {
             Ok(ps) => good.extend(ps),
             Err(reason) => bad.push(Bad::new(
-                format!("{}:{i} ({id})", path.display()),
+                format!("{}{} ({id})", path.display(), rec.at),
                 Kind::Record,
                 reason,
             )),
@@ -385,7 +378,18 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
         .map(Path::to_path_buf)
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
     let (mut good, mut bad) = (vec![], vec![]);
-    for (i, r) in records(path)?.iter().enumerate() {
+    for (i, rec) in read_records(path)?.iter().enumerate() {
+        let r = match &rec.value {
+            Ok(r) => r,
+            Err(reason) => {
+                bad.push(Bad::new(
+                    format!("{}{}", path.display(), rec.at),
+                    Kind::Record,
+                    reason.clone(),
+                ));
+                continue;
+            }
+        };
         let id = id_of(r, i);
         let item = (|| -> std::result::Result<PromptItem, String> {
             let images = image_paths(r, &base)?;
@@ -407,7 +411,7 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
                 answer,
             })
         })();
-        let at = format!("{}:{i} ({id})", path.display());
+        let at = format!("{}{} ({id})", path.display(), rec.at);
         match item {
             Ok(p) => match p.images.iter().find(|f| !f.is_file()) {
                 Some(f) => bad.push(Bad::new(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::tokenizer::VIDEO_MARKER;
 use super::video::ClipSource;
-use crate::error::{Error, Result, read_string};
+use crate::error::{Error, Result};
 use crate::recipe::schema::Source;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,28 +60,57 @@ pub const CAPTION_POOL: [&str; 6] = [
     "Share a concise interpretation of the image provided.",
 ];
 
-fn records(path: &Path) -> Result<Vec<Value>> {
-    let text = read_string(path)?;
+/// One record of a dataset file: where it is (`:LINE` of JSON lines, `[INDEX]` of a JSON array) and its value, or
+/// why that record alone cannot be read.
+pub struct Record {
+    pub at: String,
+    pub value: std::result::Result<Value, String>,
+}
+
+/// Reads a dataset file: a JSON array, or JSON lines (`.jsonl`, or any file that is not one JSON value). A UTF-8
+/// byte-order mark is skipped. A broken line (invalid JSON, bytes that are not UTF-8) is that record's problem,
+/// not the file's; a JSON array that does not parse is the file's (its records cannot be told apart).
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let bytes = crate::error::read(path)?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-    if jsonl {
-        let mut out = vec![];
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            out.push(
-                serde_json::from_str(line)
-                    .map_err(|e| Error::file(path, format!("line {}: invalid JSON: {e}", i + 1)))?,
-            );
-        }
-        Ok(out)
-    } else {
-        match serde_json::from_str(&text) {
-            Ok(Value::Array(a)) => Ok(a),
+    if !jsonl && first == Some(b'[') {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let at = e.valid_up_to();
+            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            Error::file(
+                path,
+                format!("not UTF-8 text (line {line}, byte {at}): re-encode the file as UTF-8"),
+            )
+        })?;
+        return match serde_json::from_str(text) {
+            Ok(Value::Array(a)) => Ok(a
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| Record {
+                    at: format!("[{i}]"),
+                    value: Ok(v),
+                })
+                .collect()),
             Ok(_) => Err(Error::file(path, "expected a JSON array of records")),
             Err(e) => Err(Error::file(path, format!("invalid JSON: {e}"))),
-        }
+        };
     }
+    let mut out = vec![];
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value = std::str::from_utf8(line)
+            .map_err(|e| format!("not UTF-8 text (byte {} of the line)", e.valid_up_to()))
+            .and_then(|l| serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")));
+        out.push(Record {
+            at: format!(":{}", i + 1),
+            value,
+        });
+    }
+    Ok(out)
 }
 
 fn image_list(r: &Value, base: &Path) -> std::result::Result<Vec<PathBuf>, String> {
@@ -179,6 +208,19 @@ fn turns(
             .get(text_key)
             .and_then(|v| v.as_str())
             .ok_or_else(|| format!("turn {i}: missing string `{text_key}`"))?;
+        // after an optional system turn, user and assistant alternate, the user first
+        let expected = match out.last().map(|(r, _)| *r) {
+            None | Some(Role::System) | Some(Role::Assistant) => Role::User,
+            Some(Role::User) => Role::Assistant,
+        };
+        if role != expected && !(role == Role::System && out.is_empty()) {
+            return Err(format!(
+                "turn {i} is `{}` where a `{}` turn belongs: turns start with the user (after an optional \
+                 system turn) and alternate user / assistant",
+                role.as_str(),
+                expected.as_str()
+            ));
+        }
         out.push((role, text.to_string()));
     }
     Ok(out)
@@ -202,13 +244,24 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
         Source::Text { path, cap, .. } => (path, None, *cap),
     };
     let base = images.unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
-    let mut recs = records(path)?;
+    let mut recs = read_records(path)?;
     if let Some(c) = cap {
         recs.truncate(c);
     }
     let mut rng = StdRng::seed_from_u64(rng_seed ^ (index as u64).wrapping_mul(0x9E37_79B9));
     let (mut good, mut bad) = (vec![], vec![]);
-    for (i, r) in recs.iter().enumerate() {
+    for rec in &recs {
+        let r = match &rec.value {
+            Ok(r) => r,
+            Err(reason) => {
+                bad.push(Bad::new(
+                    format!("{}{}", path.display(), rec.at),
+                    Kind::Record,
+                    reason.clone(),
+                ));
+                continue;
+            }
+        };
         let id = r
             .get("id")
             .map(|v| {
@@ -216,11 +269,11 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
                     .map(str::to_string)
                     .unwrap_or_else(|| v.to_string())
             })
-            .unwrap_or_else(|| format!("#{i}"));
+            .unwrap_or_else(|| rec.at.clone());
         let parsed = parse(source, r, &base, &mut rng);
         match parsed {
             Ok((images, videos, messages, raw_text, known)) => {
-                let origin = format!("{}:{} ({id})", path.display(), i);
+                let origin = format!("{}{} ({id})", path.display(), rec.at);
                 if let Some(p) = images
                     .iter()
                     .map(PathBuf::as_path)
@@ -250,7 +303,7 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
                 })
             }
             Err(reason) => bad.push(Bad::new(
-                format!("{}:{} ({id})", path.display(), i),
+                format!("{}{} ({id})", path.display(), rec.at),
                 Kind::Record,
                 reason,
             )),

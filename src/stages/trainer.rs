@@ -16,6 +16,7 @@ use super::optim::Groups;
 use super::{checkpoints, steps};
 use super::{loss, schedule};
 use crate::checkpoint::peft;
+use crate::data::contract::{self, Bad, Kind};
 use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
@@ -34,7 +35,15 @@ pub struct StageRun<'a> {
     pub metrics: &'a mut Metrics,
 }
 
+/// The model's input for a micro-batch; a sample left out for media that failed to decode is an error here (the
+/// stages whose rows come in pairs or groups cannot drop one: the trainer applies `on_bad_sample` before this).
 pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
+    if let Some((_, why)) = mb.dropped.first() {
+        return Err(Error::input(format!(
+            "{} sample(s) of this batch failed to load (changed on disk since the dataset's checks?): {why}",
+            mb.dropped.len()
+        )));
+    }
     let pixels = match &mb.pixels {
         Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
         Ok(None) => None,
@@ -235,6 +244,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         groups.n_all
     );
 
+    // a sample whose media fail to decode mid-run (changed on disk since the checks) follows the stage's policy
+    let origins: Vec<String> = data.samples.iter().map(|s| s.origin.clone()).collect();
     let rx = loader::prefetch(
         order,
         Arc::new(data.encoded),
@@ -253,8 +264,30 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let mut last_good: Option<PathBuf> = resume.clone();
     let clock = Instant::now();
     let mut tokens_since = 0usize;
-    for (step, micros) in rx {
+    for (step, mut micros) in rx {
         let t0 = Instant::now();
+        for mb in &mut micros {
+            let dropped = std::mem::take(&mut mb.dropped);
+            let bad: Vec<Bad> = dropped
+                .into_iter()
+                .map(|(i, why)| {
+                    let at = origins
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| format!("sample {i}"));
+                    Bad::new(at, Kind::UnreadableMedia, why)
+                })
+                .collect();
+            if !bad.is_empty() {
+                contract::settle_late(
+                    &bad,
+                    spec.on_bad_sample,
+                    &ctx.dir.join("skipped.jsonl"),
+                    &format!("stages.{} step {}", ctx.name, step + 1),
+                )?;
+            }
+        }
+        micros.retain(|mb| !mb.ids.is_empty());
         let f = schedule::factor(&spec.schedule, step, total);
         let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
         let mut acc = GradientsAccumulator::<Llava>::new();
