@@ -127,6 +127,20 @@ pub fn run_mitune(args: &[&str], env: Option<(&str, &str)>) -> (bool, String) {
     )
 }
 
+/// `mitune validate RECIPE --data` must succeed: its (stdout, stderr).
+pub fn validate_data(recipe: &std::path::Path) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+        .args(["validate", recipe.to_str().unwrap(), "--data"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
+}
+
 /// (stage, step) -> loss as written in a run's metrics.jsonl (the last line wins: a resumed step overwrites the
 /// killed run's).
 pub fn losses(run: &std::path::Path) -> Vec<((String, u64), String)> {

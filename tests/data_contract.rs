@@ -151,15 +151,7 @@ fn every_bad_sample_is_reported_at_once_and_valid_ones_train() {
     let (valid, bad) = nasty(&d);
     let r = d.join("r.toml");
     std::fs::write(&r, recipe(&d, "skip")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(["validate", r.to_str().unwrap(), "--data"])
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) = common::validate_data(&r);
     assert!(
         stdout.contains(&format!(
             "{} samples ok, {} skipped",

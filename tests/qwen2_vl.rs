@@ -379,16 +379,7 @@ fn qwen2_vl_stage_pixel_budget() {
     let r = d.join("r.toml");
     // the model's budget (4096 px): a 128-px photo is 64×64 -> 16 tokens; the stage's 1024 px: 32×32 -> 4
     std::fs::write(&r, with(1024)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(["validate", r.to_str().unwrap(), "--data"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, _) = common::validate_data(&r);
     assert!(text.contains("min 4, median 4, max 4"), "{text}");
     let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
     assert!(ok, "{err}");
@@ -428,16 +419,7 @@ fn qwen2_vl_source_pixel_budget() {
     };
     let r = d.join("r.toml");
     std::fs::write(&r, with(1024)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(["validate", r.to_str().unwrap(), "--data"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, _) = common::validate_data(&r);
     assert!(text.contains("(8): min 4, median 16, max 16"), "{text}");
     let (ok, err) = common::run_mitune(&["train", r.to_str().unwrap()], None);
     assert!(ok, "{err}");

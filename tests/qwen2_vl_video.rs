@@ -304,16 +304,7 @@ fn qwen2_vl_fine_tunes_on_clips() {
     let r = d.join("r.toml");
     // 4 frames of 6 (max_frames = 4): 2 temporal patches of 4×8 patches -> 16 tokens per clip
     std::fs::write(&r, with("max_frames = 4")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
-        .args(["validate", r.to_str().unwrap(), "--data"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, _) = common::validate_data(&r);
     assert!(
         text.contains("video tokens per sample with clips (6): min 16, median 16, max 16"),
         "{text}"

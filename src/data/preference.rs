@@ -316,16 +316,8 @@ pub fn load_pairs(
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
     let (mut good, mut bad) = (vec![], vec![]);
     for (i, rec) in read_records(path)?.iter().enumerate() {
-        let r = match &rec.value {
-            Ok(r) => r,
-            Err(reason) => {
-                bad.push(Bad::new(
-                    format!("{}{}", path.display(), rec.at),
-                    Kind::Record,
-                    reason.clone(),
-                ));
-                continue;
-            }
+        let Some(r) = rec.value_or_bad(path, &mut bad) else {
+            continue;
         };
         let id = id_of(r, i);
         let parsed = parse(fmt, r, &base).and_then(|ps| {
@@ -379,16 +371,8 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
     let (mut good, mut bad) = (vec![], vec![]);
     for (i, rec) in read_records(path)?.iter().enumerate() {
-        let r = match &rec.value {
-            Ok(r) => r,
-            Err(reason) => {
-                bad.push(Bad::new(
-                    format!("{}{}", path.display(), rec.at),
-                    Kind::Record,
-                    reason.clone(),
-                ));
-                continue;
-            }
+        let Some(r) = rec.value_or_bad(path, &mut bad) else {
+            continue;
         };
         let id = id_of(r, i);
         let item = (|| -> std::result::Result<PromptItem, String> {

@@ -67,6 +67,23 @@ pub struct Record {
     pub value: std::result::Result<Value, String>,
 }
 
+impl Record {
+    /// The record's value; a record that cannot be read becomes a bad sample named by `path` and its position.
+    pub fn value_or_bad(&self, path: &Path, bad: &mut Vec<Bad>) -> Option<&Value> {
+        match &self.value {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                bad.push(Bad::new(
+                    format!("{}{}", path.display(), self.at),
+                    Kind::Record,
+                    reason.clone(),
+                ));
+                None
+            }
+        }
+    }
+}
+
 /// Reads a dataset file: a JSON array, or JSON lines (`.jsonl`, or any file that is not one JSON value). A UTF-8
 /// byte-order mark is skipped. A broken line (invalid JSON, bytes that are not UTF-8) is that record's problem,
 /// not the file's; a JSON array that does not parse is the file's (its records cannot be told apart).
@@ -251,16 +268,8 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
     let mut rng = StdRng::seed_from_u64(rng_seed ^ (index as u64).wrapping_mul(0x9E37_79B9));
     let (mut good, mut bad) = (vec![], vec![]);
     for rec in &recs {
-        let r = match &rec.value {
-            Ok(r) => r,
-            Err(reason) => {
-                bad.push(Bad::new(
-                    format!("{}{}", path.display(), rec.at),
-                    Kind::Record,
-                    reason.clone(),
-                ));
-                continue;
-            }
+        let Some(r) = rec.value_or_bad(path, &mut bad) else {
+            continue;
         };
         let id = r
             .get("id")
