@@ -438,13 +438,10 @@ log_every = 1
     }
 }
 
-#[test]
-fn ppo_with_a_reward_model_logs_rlhf_metrics() {
-    let d = scratch("ppo");
-    let w = world(&d);
-    let r = d.join("r.toml");
+/// align → reward model → PPO on the shapes world `w`, runs under `out`.
+fn ppo_recipe(w: &Path, out: &Path) -> String {
     let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
-    let text = recipe(&w, &d.join("runs"), "frozen", "")
+    recipe(w, out, "frozen", "")
         .replace(
             "pipeline = [\"align\", \"dpo\"]",
             "pipeline = [\"align\", \"rm\", \"rl\"]",
@@ -476,7 +473,15 @@ log_every = 1
 "#,
             tr = p("prompts_train.jsonl"),
             he = p("prompts_heldout.jsonl"),
-        );
+        )
+}
+
+#[test]
+fn ppo_with_a_reward_model_logs_rlhf_metrics() {
+    let d = scratch("ppo");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let text = ppo_recipe(&w, &d.join("runs"));
     std::fs::write(&r, &text).unwrap();
     let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
     assert!(ok, "{err}");
@@ -514,4 +519,42 @@ log_every = 1
         !ok && err.contains("stages.rl.lam") && err.contains("stages.rl.group"),
         "{err}"
     );
+}
+
+/// Every stage kind stops on a non-finite loss before its optimizer touches the weights (a NaN injected into step
+/// 2's loss): the run fails naming the stage and step, and the stage saves no model.
+#[test]
+fn every_stage_kind_stops_on_a_non_finite_loss() {
+    let d = scratch("nan");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let grpo = ppo_recipe(&w, &d.join("runs"))
+        .replace("kind = \"ppo\"", "kind = \"grpo\"")
+        .replace("lam = 0.9\n", "")
+        .replace("group = 1", "group = 2");
+    for (stage, kind, text) in [
+        ("align", "align", recipe(&w, &d.join("runs"), "frozen", "")),
+        ("dpo", "dpo", recipe(&w, &d.join("runs"), "frozen", "")),
+        ("rm", "reward", ppo_recipe(&w, &d.join("runs"))),
+        ("rl", "ppo", ppo_recipe(&w, &d.join("runs"))),
+        ("rl", "grpo", grpo),
+    ] {
+        let _ = std::fs::remove_dir_all(d.join("runs"));
+        std::fs::write(&r, &text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
+            .args(["train", r.to_str().unwrap()])
+            .env("MITUNE_FAULT_NAN_AT_STEP", format!("{stage}:2"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{kind}: {err}");
+        assert!(
+            err.contains(&format!("stages.{stage}")) && err.contains("loss is NaN at step 2"),
+            "{kind}: {err}"
+        );
+        assert!(
+            !d.join("runs/tiny-dpo").join(stage).join("model").exists(),
+            "{kind}"
+        );
+    }
 }

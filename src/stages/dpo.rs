@@ -395,8 +395,9 @@ pub fn run(
             let g = GradientsParams::from_grads(total_l.backward(), &model);
             acc.accumulate(&model, g);
         }
+        let step_loss = steps::poison(ctx.name, step + 1, step_loss);
         if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step));
+            return Err(steps::non_finite(&key, step_loss, step + 1));
         }
         let norm;
         (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);

@@ -469,6 +469,7 @@ pub fn run(
         let mut norm = 0.0;
         for _ in 0..spec.updates {
             let mut acc = GradientsAccumulator::<Llava>::new();
+            let mut update_loss = 0.0;
             for (k, chunk) in rows.chunks(per).enumerate() {
                 let span = k * per..k * per + chunk.len();
                 let l = micro_loss(
@@ -483,13 +484,16 @@ pub fn run(
                     &mut stats,
                 )?
                 .div_scalar(rows.len() as f64);
-                step_loss += l.clone().into_scalar::<f32>() as f64 / spec.updates as f64;
+                update_loss += l.clone().into_scalar::<f32>() as f64;
                 acc.accumulate(&model, GradientsParams::from_grads(l.backward(), &model));
             }
+            // each update is checked before it touches the weights
+            let update_loss = steps::poison(ctx.name, step + 1, update_loss);
+            if !update_loss.is_finite() {
+                return Err(steps::non_finite(&key, update_loss, step + 1));
+            }
+            step_loss += update_loss / spec.updates as f64;
             (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
-        }
-        if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step));
         }
         let done = step + 1;
         steps::fault_point(ctx.name, done);

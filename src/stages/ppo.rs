@@ -263,6 +263,7 @@ pub fn run(
             (0.0, 0.0, 0.0, 0.0, 0.0);
         for _ in 0..spec.updates {
             let mut acc = GradientsAccumulator::<PolicyValue>::new();
+            let mut update_loss = 0.0;
             for (c, chunk) in rows.chunks(per).enumerate() {
                 let span = c * per..c * per + chunk.len();
                 let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
@@ -294,7 +295,7 @@ pub fn run(
                 let l = (per_tok * mask.clone())
                     .sum()
                     .div_scalar(n_tok.max(1) as f64);
-                step_loss += l.clone().into_scalar::<f32>() as f64 / spec.updates as f64;
+                update_loss += l.clone().into_scalar::<f32>() as f64;
                 let (rv, mv) = (to_vec(ratio), to_vec(mask.clone()));
                 clipped += rv
                     .iter()
@@ -312,10 +313,13 @@ pub fn run(
                 }
                 acc.accumulate(&pv, GradientsParams::from_grads(l.backward(), &pv));
             }
+            // each update is checked before it touches the weights
+            let update_loss = steps::poison(ctx.name, step + 1, update_loss);
+            if !update_loss.is_finite() {
+                return Err(steps::non_finite(&key, update_loss, step + 1));
+            }
+            step_loss += update_loss / spec.updates as f64;
             (pv, norm) = groups.step(pv, acc.grads(), spec.clip_grad_norm, f);
-        }
-        if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step));
         }
         let done = step + 1;
         steps::fault_point(ctx.name, done);

@@ -221,8 +221,9 @@ pub fn run(
             step_loss += total_l.clone().into_scalar::<f32>() as f64;
             acc.accumulate(&rm, GradientsParams::from_grads(total_l.backward(), &rm));
         }
+        let step_loss = steps::poison(ctx.name, step + 1, step_loss);
         if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step));
+            return Err(steps::non_finite(&key, step_loss, step + 1));
         }
         let norm;
         (rm, norm) = groups.step(rm, acc.grads(), spec.clip_grad_norm, f);

@@ -94,6 +94,16 @@ pub fn checkpoint<M: Module>(
 }
 
 /// The stop for a non-finite loss: nothing saved, the way out named.
+/// Test hook: `MITUNE_FAULT_NAN_AT_STEP=STAGE:N` turns step N's loss into NaN, so a test sees every stage kind stop
+/// on a non-finite loss before its optimizer touches the weights.
+pub fn poison(stage: &str, done: usize, loss: f64) -> f64 {
+    if std::env::var("MITUNE_FAULT_NAN_AT_STEP").ok() == Some(format!("{stage}:{done}")) {
+        f64::NAN
+    } else {
+        loss
+    }
+}
+
 pub fn non_finite(key: &str, loss: f64, step: usize) -> Error {
     Error::input(format!(
         "{key}: loss is {loss} at step {step}; stopped without saving. Lower the learning rate (or beta), or check this step's data."

@@ -301,10 +301,12 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             let g = GradientsParams::from_grads(l.backward(), &model);
             acc.accumulate(&model, g);
         }
+        let loss_val = steps::poison(ctx.name, step + 1, loss_val);
         if !loss_val.is_finite() {
             return Err(Error::input(format!(
-                "stages.{}: loss is {loss_val} at step {step} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate or check the data of this step.",
+                "stages.{}: loss is {loss_val} at step {} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate or check the data of this step.",
                 ctx.name,
+                step + 1,
                 lr * f,
                 last_good
                     .map(|p| p.display().to_string())
