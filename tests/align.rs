@@ -558,3 +558,27 @@ fn every_stage_kind_stops_on_a_non_finite_loss() {
         );
     }
 }
+
+/// `validate --data` reads preference pairs and RL prompts through the same contract as instruction data: counts
+/// what is usable, and a broken pair line stops it naming the file and line.
+#[test]
+fn validate_data_covers_pairs_and_prompts() {
+    let d = scratch("validate-pref");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    std::fs::write(&r, ppo_recipe(&w, &d.join("runs"))).unwrap();
+    let (stdout, _) = common::validate_data(&r);
+    assert!(stdout.contains("stages.rm: 32 pairs ok"), "{stdout}");
+    assert!(stdout.contains("stages.rl: 8 prompts ok"), "{stdout}");
+    let pairs = w.join("preference_train.jsonl");
+    let mut text = std::fs::read_to_string(&pairs).unwrap();
+    let line = text.lines().count() + 1;
+    text.push_str("{\"id\": \"cut\", \"prompt\": \n");
+    std::fs::write(&pairs, text).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap(), "--data"]);
+    assert!(
+        !ok && err.contains(&format!("preference_train.jsonl:{line}"))
+            && err.contains("1 × record"),
+        "{err}"
+    );
+}

@@ -304,3 +304,34 @@ fn lora_stage_saves_peft_merges_and_resumes_exactly() {
     );
     assert!(!ok && err.contains("adapter.dropout"), "{err}");
 }
+
+/// A stage's own `seed` decides its adapters' initialisation as well as its data order: the same stage seed under
+/// two recipe seeds trains to the same losses; another stage seed to other losses.
+#[test]
+fn a_stage_seed_reaches_the_adapters_initialisation() {
+    let d = scratch("stage-seed");
+    let data = common::mixed_size_data(&d, &["astronaut_32.png", "coffee_32.png"]);
+    let model = common::fixture("llava_clip_llama");
+    let run = |top: u64, stage: u64, out: &str| {
+        let text = common::lora_recipe("s", &d.join(out), &model, &data, "vicuna_v1", 512)
+            .replace("seed = 3\n", &format!("seed = {top}\n"))
+            .replace(
+                "max_steps = 4\n",
+                &format!("max_steps = 3\nseed = {stage}\n"),
+            );
+        let r = d.join(format!("{out}.toml"));
+        std::fs::write(&r, text).unwrap();
+        let (ok, err) = run_mitune(&["train", r.to_str().unwrap()], None);
+        assert!(ok, "{err}");
+        losses(&d.join(out).join("s"))
+    };
+    let a = run(3, 11, "a");
+    let b = run(4, 11, "b");
+    let c = run(3, 12, "c");
+    assert_eq!(a.len(), 3);
+    assert_eq!(
+        a, b,
+        "the recipe's seed leaked into a stage with its own seed"
+    );
+    assert_ne!(a, c, "the stage's seed changed nothing");
+}

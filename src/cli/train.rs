@@ -3,6 +3,7 @@ use clap::Args as ClapArgs;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
+use crate::recipe::schema::StageSpec;
 use crate::stages::run::{self, Existing};
 
 #[derive(ClapArgs)]
@@ -151,6 +152,57 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let mut built = crate::stages::build::build(&rc.model, false, &device)?;
     let (base_spec, base_processor) = (built.model.spec.clone(), built.processor.clone());
     for name in &rc.pipeline {
+        let dir = rc.output.join(&rc.name).join("validate");
+        let template =
+            |t| crate::data::templates::training_source(t, &built.text).map_err(Error::input);
+        // preference pairs and RL prompts go through the same contract as instruction data
+        match &rc.stages[name] {
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => {
+                let pairs = crate::stages::dpo::load_encode(
+                    &p.data,
+                    &built.text,
+                    &template(p.template)?,
+                    p.max_len,
+                    p.on_bad_sample,
+                    &dir.join(name),
+                    &format!("stages.{name}.data"),
+                )?;
+                let longest = pairs
+                    .iter()
+                    .map(|(c, r)| c.ids.len().max(r.ids.len()))
+                    .max()
+                    .unwrap_or(0);
+                println!(
+                    "stages.{name}: {} pairs ok, longest {longest}/{} tokens",
+                    pairs.len(),
+                    p.max_len
+                );
+            }
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => {
+                let list = |f: &str| dir.join(name).join(f);
+                let prompts = crate::stages::grpo::load_data(
+                    &r.data,
+                    r.on_bad_sample,
+                    &list("skipped.jsonl"),
+                    &format!("stages.{name}.data"),
+                )?;
+                let held = match &r.heldout {
+                    Some(h) => crate::stages::grpo::load_data(
+                        h,
+                        r.on_bad_sample,
+                        &list("skipped-heldout.jsonl"),
+                        &format!("stages.{name}.heldout"),
+                    )?
+                    .len(),
+                    None => 0,
+                };
+                println!(
+                    "stages.{name}: {} prompts ok, {held} held-out prompts",
+                    prompts.len()
+                );
+            }
+            _ => {}
+        }
         let Some(t) = rc.stages[name].train() else {
             continue;
         };

@@ -178,6 +178,15 @@ impl StageSpec {
             StageSpec::Ppo(_) => "ppo",
         }
     }
+    /// The stage's own seed (`stages.NAME.seed`), when it sets one.
+    pub fn seed(&self) -> Option<u64> {
+        match self {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t.seed,
+            StageSpec::Eval(e) => e.seed,
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => p.seed,
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => r.seed,
+        }
+    }
     /// The align/instruct/pretrain settings; None for the other kinds.
     pub fn train(&self) -> Option<&TrainStage> {
         match self {

@@ -129,9 +129,11 @@ pub fn train(
     for (i, name) in rc.pipeline.iter().enumerate() {
         let spec = &rc.stages[name];
         let dir = run.join(name);
-        // Each stage draws fresh weights (adapters, heads) from its own seed, so a stage gives the same result
-        // whether the stages before it ran in this process, were resumed, or were reused by a sweep.
-        device.seed(stage_seed(rc.seed, i));
+        // Each stage draws fresh weights (adapters, heads) from its own seed (`stages.NAME.seed`, else one derived
+        // from the recipe's), so a stage gives the same result whether the stages before it ran in this process,
+        // were resumed, or were reused by a sweep, and a stage's seed changes its initialisation, not only its
+        // data order.
+        device.seed(spec.seed().unwrap_or_else(|| stage_seed(rc.seed, i)));
         if let StageSpec::Eval(e) = spec {
             let reports = if super::eval::is_done(&dir) {
                 eprintln!(
