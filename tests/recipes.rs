@@ -185,6 +185,21 @@ fn located_errors() {
         e.contains("stages.instruct.init.from_stage") && e.contains("r.toml:23:"),
         "{e}"
     );
+    // What a stage trains and at which rates is checked before it starts: a bad regex, an unknown part_lr key.
+    let e = one_error(load_edited(
+        "trained",
+        |s| {
+            s.replace("lr = 2e-5", "lr = 2e-5, part_lr = { conector = 1e-4 }")
+                + "train = [\"re:llm.(layers\"]\n"
+        },
+        &[],
+    ));
+    assert!(
+        e.contains("stages.instruct.optim.part_lr.conector")
+            && e.contains("stages.instruct.train")
+            && e.contains("not a valid regex"),
+        "{e}"
+    );
     // Several problems are all reported at once.
     let errs = load_edited(
         "many",

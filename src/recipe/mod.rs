@@ -291,6 +291,16 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 )),
             }
         }
+        // what the stage trains and at which rates: checked here, not when the stage starts
+        let (train, optim) = match stage {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
+                (t.train.as_deref(), Some(&t.optim))
+            }
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => (p.train.as_deref(), Some(&p.optim)),
+            StageSpec::Grpo(g) | StageSpec::Ppo(g) => (g.train.as_deref(), Some(&g.optim)),
+            StageSpec::Eval(_) => (None, None),
+        };
+        check_trained(train, optim, &key, r, errs);
         let t = match stage {
             StageSpec::Eval(e) => {
                 check_eval(e, &key, r, &exists, errs);
@@ -382,17 +392,6 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 ));
             }
         }
-        if let Some(train) = &t.train {
-            for p in train {
-                if !p.starts_with("re:") && !["encoder", "connector", "llm"].contains(&p.as_str()) {
-                    errs.push(problem(
-                        r,
-                        &format!("{key}.train"),
-                        format!("{p:?}: use encoder, connector, llm or re:<regex>"),
-                    ));
-                }
-            }
-        }
         if let Some(a) = &t.adapter {
             check_adapter(a, t.train.as_deref(), &key, r, errs);
         }
@@ -466,6 +465,47 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
 }
 
 /// What can be said of an adapter without the model (its targets are matched against the model at `train`).
+/// `train` entries are parts or valid `re:<regex>`; `optim.part_lr` keys are parts.
+fn check_trained(
+    train: Option<&[String]>,
+    optim: Option<&schema::Optim>,
+    key: &str,
+    r: &Resolved,
+    errs: &mut Vec<Problem>,
+) {
+    const PARTS: [&str; 4] = ["encoder", "connector", "llm", "head"];
+    for p in train.unwrap_or_default() {
+        match p.strip_prefix("re:") {
+            Some(re) => {
+                if let Err(e) = regex::Regex::new(re) {
+                    errs.push(problem(
+                        r,
+                        &format!("{key}.train"),
+                        format!("{p:?} is not a valid regex: {e}"),
+                    ));
+                }
+            }
+            None if !PARTS.contains(&p.as_str()) => errs.push(problem(
+                r,
+                &format!("{key}.train"),
+                format!("{p:?}: use encoder, connector, llm, head or re:<regex>"),
+            )),
+            None => {}
+        }
+    }
+    if let Some(schema::Optim::Adamw { part_lr, .. }) = optim {
+        for k in part_lr.keys() {
+            if !PARTS.contains(&k.as_str()) {
+                errs.push(problem(
+                    r,
+                    &format!("{key}.optim.part_lr.{k}"),
+                    "not a part (encoder, connector, llm, head)",
+                ));
+            }
+        }
+    }
+}
+
 fn check_adapter(
     a: &schema::Adapter,
     train: Option<&[String]>,
