@@ -127,6 +127,34 @@ pub fn run_mitune(args: &[&str], env: Option<(&str, &str)>) -> (bool, String) {
     )
 }
 
+/// A Qwen2-VL model's loss and its gradients against a fixture: (loss, rel. error of the merger's first linear
+/// [first 32 rows, as `loss.grad_merger_mlp0_weight`], rel. error of the patch embedding [first `rows` rows of
+/// `loss.grad_patch_embed`]). `logits` [1, t, v] from `model` on an autodiff device.
+pub fn qwen_loss_and_grads(
+    model: &Llava,
+    logits: Tensor<3>,
+    labels: &[i64],
+    e: &Expected,
+    rows: usize,
+) -> (f32, f32, f32) {
+    let loss = masked_loss(logits, labels);
+    let got = to_vec(loss.clone())[0];
+    let grads = loss.backward();
+    let rel = |g: Vec<f32>, key: &str| rel_err(&g, &e.tensor(key).1);
+    let mitune::zoo::connectors::Connector::Merger(mg) = &model.multi_modal_projector else {
+        panic!("the connector is the merger")
+    };
+    let g = to_vec(mg.fc1.weight.val().grad(&grads).unwrap().transpose());
+    let g1 = rel(g[..32 * 128].to_vec(), "loss.grad_merger_mlp0_weight");
+    let mitune::zoo::encoders::Encoder::Qwen2Vit(vit) = &model.vision_tower else {
+        panic!("the encoder is Qwen2-VL's")
+    };
+    let pg = to_vec(vit.patch_embed.proj.weight.val().grad(&grads).unwrap());
+    let per = pg.len() / vit.patch_embed.proj.weight.dims()[0];
+    let g2 = rel(pg[..rows * per].to_vec(), "loss.grad_patch_embed");
+    (got, g1, g2)
+}
+
 /// `mitune validate RECIPE --data` must succeed: its (stdout, stderr).
 pub fn validate_data(recipe: &std::path::Path) -> (String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mitune"))
