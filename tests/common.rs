@@ -127,6 +127,22 @@ pub fn run_mitune(args: &[&str], env: Option<(&str, &str)>) -> (bool, String) {
     )
 }
 
+/// A Qwen2-VL fixture's still-image patches, stored as their first frame [N, 3, p, p] -> the model's
+/// [N, 3·2, p, p] (channel c·2 + frame; a still image's two temporal frames are equal).
+pub fn qwen_still_patches(e: &Expected, key: &str, device: &Device) -> Tensor<4> {
+    let (s, v) = e.tensor(key);
+    let (n, p) = (s[0], s[2]);
+    let mut out = Vec::with_capacity(v.len() * 2);
+    for i in 0..n {
+        for c in 0..3 {
+            let plane = &v[(i * 3 + c) * p * p..(i * 3 + c + 1) * p * p];
+            out.extend_from_slice(plane);
+            out.extend_from_slice(plane);
+        }
+    }
+    float_tensor(out, [n, 6, p, p], device)
+}
+
 /// A Qwen2-VL model's loss and its gradients against a fixture: (loss, rel. error of the merger's first linear
 /// [first 32 rows, as `loss.grad_merger_mlp0_weight`], rel. error of the patch embedding [first `rows` rows of
 /// `loss.grad_patch_embed`]). `logits` [1, t, v] from `model` on an autodiff device.

@@ -11,7 +11,7 @@ use common::{Expected, expected, fixture, image, max_abs_diff};
 use mitune::checkpoint::hf::llava_spec;
 use mitune::checkpoint::{load_llava, save_llava};
 use mitune::generate::{GenConfig, generate};
-use mitune::zoo::layers::{float_tensor, to_vec};
+use mitune::zoo::layers::to_vec;
 use mitune::zoo::mllm::MmInput;
 
 const NAME: &str = "qwen2_vl";
@@ -20,19 +20,9 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-/// The fixture's first-frame patches [N, 3, p, p] -> the model's [N, 3·2, p, p] (channel c·2 + frame).
+/// The fixture's first-frame patches as the model reads them.
 fn patches(e: &Expected, key: &str, device: &Device) -> Tensor<4> {
-    let (s, v) = e.tensor(key);
-    let (n, p) = (s[0], s[2]);
-    let mut out = Vec::with_capacity(v.len() * 2);
-    for i in 0..n {
-        for c in 0..3 {
-            let plane = &v[(i * 3 + c) * p * p..(i * 3 + c + 1) * p * p];
-            out.extend_from_slice(plane);
-            out.extend_from_slice(plane);
-        }
-    }
-    float_tensor(out, [n, 6, p, p], device)
+    common::qwen_still_patches(e, key, device)
 }
 
 fn sizes_of(e: &Expected, names: &[String]) -> Vec<[u32; 2]> {

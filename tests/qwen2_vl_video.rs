@@ -31,20 +31,9 @@ fn clip_pixels(pe: &Expected, device: &Device) -> Tensor<4> {
     float_tensor(v, [s[0], 6, 8, 8], device)
 }
 
-/// The photo of the image cases: Qwen2-VL's `image_text` pixel values (first frame stored, repeated here).
+/// The photo of the image cases: Qwen2-VL's `image_text` pixel values.
 fn photo_pixels(device: &Device) -> Tensor<4> {
-    let e = expected("qwen2_vl");
-    let (s, v) = e.tensor("image_text.pixel_values");
-    let (n, p) = (s[0], s[2]);
-    let mut out = Vec::with_capacity(v.len() * 2);
-    for i in 0..n {
-        for c in 0..3 {
-            let plane = &v[(i * 3 + c) * p * p..(i * 3 + c + 1) * p * p];
-            out.extend_from_slice(plane);
-            out.extend_from_slice(plane);
-        }
-    }
-    float_tensor(out, [n, 6, p, p], device)
+    common::qwen_still_patches(&expected("qwen2_vl"), "image_text.pixel_values", device)
 }
 
 fn seconds(e: &Expected, case: &str) -> Vec<f64> {
