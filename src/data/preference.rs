@@ -15,7 +15,6 @@
 //!   `images`).
 //!
 //! Prompts-only records (`{id, image, prompt, answer?}`) for PPO/GRPO are read by `prompts`.
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -23,16 +22,7 @@ use super::contract::{Bad, Kind};
 use super::sources::{Role, read_records};
 use crate::error::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PairFormat {
-    Pairs,
-    LlavaRlhf,
-    RlhfV,
-    Vlfeedback,
-    Llamafactory,
-    Trl,
-}
+pub use crate::recipe::schema::PairFormat;
 
 #[derive(Debug, Clone)]
 pub struct Pair {

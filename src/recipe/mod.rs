@@ -595,7 +595,7 @@ fn check_rl(
     exists: &dyn Fn(&Path) -> bool,
     errs: &mut Vec<Problem>,
 ) {
-    use crate::stages::rollout::RewardSpec;
+    use schema::RewardSpec;
     let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
     if g.group == 0 {
         bad("group", "must be at least 1".into());

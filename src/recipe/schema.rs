@@ -234,7 +234,7 @@ pub struct PrefStage {
     pub heldout: Option<PrefData>,
     pub template: Template,
     /// DPO only; default `{ kind = "sigmoid", beta = 0.1 }`.
-    pub loss: Option<crate::stages::pref_loss::PrefLoss>,
+    pub loss: Option<PrefLoss>,
     /// DPO only; default `frozen`.
     pub reference: Option<Reference>,
     /// In pairs: `global` pairs per optimizer step, `micro` pairs per forward (each forward holds 2×micro rows).
@@ -274,7 +274,7 @@ pub struct RlStage {
     #[serde(default = "four")]
     pub group: usize,
     /// Weighted reward terms: rules (`exact_match`, `yes_no`, `format`) and/or a reward model (`model`).
-    pub rewards: Vec<crate::stages::rollout::RewardSpec>,
+    pub rewards: Vec<RewardSpec>,
     /// β of the per-token KL penalty to the reference (k3 estimator); 0 = none (and no reference model).
     #[serde(default = "kl_beta")]
     pub kl_beta: f64,
@@ -291,7 +291,7 @@ pub struct RlStage {
     /// PPO: weight of the value loss (default 0.1).
     pub vf_coef: Option<f64>,
     #[serde(default)]
-    pub sampling: crate::stages::rollout::Sampling,
+    pub sampling: Sampling,
     /// In prompts: `global` prompts per rollout batch, `micro` prompts per forward (each with `group` rows).
     pub batch: Batch,
     pub optim: Optim,
@@ -361,7 +361,7 @@ pub struct PrefData {
 #[serde(deny_unknown_fields)]
 pub struct PrefSource {
     /// `pairs` (mitune JSONL), `llava_rlhf`, `rlhf_v`, `vlfeedback`, `llamafactory`, `trl`.
-    pub format: crate::data::preference::PairFormat,
+    pub format: PairFormat,
     pub path: PathBuf,
     pub images: Option<PathBuf>,
     /// Use at most this many pairs of the source.
@@ -876,4 +876,123 @@ pub struct HeldoutTask {
     pub name: String,
     pub path: PathBuf,
     pub images: Option<PathBuf>,
+}
+
+// Schema types the stages read (their behaviour lives beside the code that runs them).
+
+/// A preference dataset's layout (shared/formats/).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairFormat {
+    Pairs,
+    LlavaRlhf,
+    RlhfV,
+    Vlfeedback,
+    Llamafactory,
+    Trl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PrefLoss {
+    Sigmoid {
+        #[serde(default = "dpo_beta")]
+        beta: f64,
+        #[serde(default)]
+        label_smoothing: f64,
+    },
+    Robust {
+        #[serde(default = "dpo_beta")]
+        beta: f64,
+        label_smoothing: f64,
+    },
+    Ipo {
+        #[serde(default = "dpo_beta")]
+        beta: f64,
+    },
+    Hinge {
+        #[serde(default = "dpo_beta")]
+        beta: f64,
+    },
+    Simpo {
+        #[serde(default = "simpo_beta")]
+        beta: f64,
+        /// Target reward margin γ.
+        #[serde(default = "simpo_gamma")]
+        gamma: f64,
+    },
+    Orpo {
+        /// Weight λ of the odds-ratio term.
+        #[serde(default = "dpo_beta")]
+        lambda: f64,
+    },
+}
+fn dpo_beta() -> f64 {
+    0.1
+}
+fn simpo_beta() -> f64 {
+    2.0
+}
+fn simpo_gamma() -> f64 {
+    1.0
+}
+
+/// How completions are sampled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "thirty_two_usize")]
+    pub max_new_tokens: usize,
+}
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 32,
+        }
+    }
+}
+
+/// A reward term; a stage's reward is the weighted sum of its terms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// 1 when the answer (first line) equals the prompt's reference after VQA normalisation.
+    ExactMatch {
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+    /// 1 when the answer's yes/no (POPE's rule) agrees with a yes/no reference.
+    YesNo {
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+    /// 1 when the whole completion matches the regex.
+    Format {
+        pattern: String,
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+    /// The score of a reward model (a `kind = "reward"` stage of this pipeline, or its saved directory).
+    Model {
+        from_stage: Option<String>,
+        path: Option<PathBuf>,
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+fn thirty_two_usize() -> usize {
+    32
 }

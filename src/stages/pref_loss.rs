@@ -13,52 +13,8 @@
 //! Implicit rewards for logging: β(pc − rc) and β(pr − rr) (SimPO / ORPO: β·p̄ / λ·p̄).
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, relu};
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PrefLoss {
-    Sigmoid {
-        #[serde(default = "beta")]
-        beta: f64,
-        #[serde(default)]
-        label_smoothing: f64,
-    },
-    Robust {
-        #[serde(default = "beta")]
-        beta: f64,
-        label_smoothing: f64,
-    },
-    Ipo {
-        #[serde(default = "beta")]
-        beta: f64,
-    },
-    Hinge {
-        #[serde(default = "beta")]
-        beta: f64,
-    },
-    Simpo {
-        #[serde(default = "simpo_beta")]
-        beta: f64,
-        /// Target reward margin γ.
-        #[serde(default = "simpo_gamma")]
-        gamma: f64,
-    },
-    Orpo {
-        /// Weight λ of the odds-ratio term.
-        #[serde(default = "beta")]
-        lambda: f64,
-    },
-}
-fn beta() -> f64 {
-    0.1
-}
-fn simpo_beta() -> f64 {
-    2.0
-}
-fn simpo_gamma() -> f64 {
-    1.0
-}
+pub use crate::recipe::schema::PrefLoss;
 
 impl Default for PrefLoss {
     fn default() -> Self {

@@ -4,8 +4,6 @@
 //! rule rewards a recipe can name.
 use burn::tensor::Device;
 use regex::Regex;
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 use super::build::Built;
 use crate::data::images::ImageProcessor;
@@ -16,64 +14,7 @@ use crate::eval::metrics;
 use crate::generate::{GenConfig, Prompt, generate_batch};
 use crate::zoo::mllm::Llava;
 
-/// How completions are sampled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sampling {
-    #[serde(default = "one")]
-    pub temperature: f64,
-    #[serde(default = "one")]
-    pub top_p: f64,
-    #[serde(default)]
-    pub top_k: usize,
-    #[serde(default = "thirty_two")]
-    pub max_new_tokens: usize,
-}
-fn one() -> f64 {
-    1.0
-}
-fn thirty_two() -> usize {
-    32
-}
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            max_new_tokens: 32,
-        }
-    }
-}
-
-/// A reward term; a stage's reward is the weighted sum of its terms.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RewardSpec {
-    /// 1 when the answer (first line) equals the prompt's reference after VQA normalisation.
-    ExactMatch {
-        #[serde(default = "one")]
-        weight: f64,
-    },
-    /// 1 when the answer's yes/no (POPE's rule) agrees with a yes/no reference.
-    YesNo {
-        #[serde(default = "one")]
-        weight: f64,
-    },
-    /// 1 when the whole completion matches the regex.
-    Format {
-        pattern: String,
-        #[serde(default = "one")]
-        weight: f64,
-    },
-    /// The score of a reward model (a `kind = "reward"` stage of this pipeline, or its saved directory).
-    Model {
-        from_stage: Option<String>,
-        path: Option<PathBuf>,
-        #[serde(default = "one")]
-        weight: f64,
-    },
-}
+pub use crate::recipe::schema::{RewardSpec, Sampling};
 
 impl RewardSpec {
     pub fn weight(&self) -> f64 {
