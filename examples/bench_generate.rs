@@ -73,7 +73,7 @@ fn main() {
                             ids,
                             pixels: Some(float_tensor(px, [1, 3, size, size], &device)),
                             sizes: vec![],
-                            videos: vec![],
+                            videos: None,
                             index: r as u64,
                         }
                     })

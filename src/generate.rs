@@ -69,6 +69,14 @@ impl GenConfig {
 }
 
 /// One prompt: token ids (image placeholders expanded) and this row's images [n, c, s, s].
+/// A prompt's clips: all their patches [patches, 3·temporal, p, p] in turn, each clip's grid and the seconds one
+/// of its temporal patches spans.
+pub struct Clips {
+    pub pixels: Tensor<4>,
+    pub grids: Vec<[usize; 3]>,
+    pub seconds: Vec<f64>,
+}
+
 pub struct Prompt {
     pub ids: Vec<i64>,
     pub pixels: Option<Tensor<4>>,
@@ -77,9 +85,8 @@ pub struct Prompt {
     /// One instruction per image (the connector's own token ids) for a connector that reads one (InstructBLIP's
     /// Q-Former); empty otherwise.
     pub instructions: Vec<Vec<i64>>,
-    /// Clips (a native-resolution model's): each one's patches [patches, 3·temporal, p, p], grid and seconds per
-    /// temporal patch, in video-marker order.
-    pub videos: Vec<(Tensor<4>, [usize; 3], f64)>,
+    /// Clips (a native-resolution model's), in video-marker order.
+    pub videos: Option<Clips>,
     /// Position of the prompt in the caller's whole list: its sampling RNG is seeded with `seed + index`.
     pub index: u64,
 }
@@ -178,26 +185,11 @@ pub fn generate(
 ) -> Result<Generated> {
     let pixels = input.images().cloned();
     let instructions = input.instructions().map(<[_]>::to_vec).unwrap_or_default();
-    let videos = match input.videos() {
-        // one tensor for all clips: split it by each clip's patch count
-        Some((p, grids, secs)) => {
-            let mut start = 0;
-            grids
-                .iter()
-                .zip(secs)
-                .map(|(&g, &s)| {
-                    let k = g[0] * g[1] * g[2];
-                    let d = p.dims();
-                    let clip = p
-                        .clone()
-                        .slice([start..start + k, 0..d[1], 0..d[2], 0..d[3]]);
-                    start += k;
-                    (clip, g, s)
-                })
-                .collect()
-        }
-        None => vec![],
-    };
+    let videos = input.videos().map(|(pixels, grids, seconds)| Clips {
+        pixels: pixels.clone(),
+        grids: grids.to_vec(),
+        seconds: seconds.to_vec(),
+    });
     let mut ids = input.ids;
     let prompt = Prompt {
         ids: ids.swap_remove(0),
@@ -250,10 +242,10 @@ pub fn generate_batch(
         input.images_per_row.push(p.sizes.len());
         input.image_sizes.extend(p.sizes);
         instructions.extend(p.instructions);
-        for (c, g, sec) in p.videos {
-            clips.push(c);
-            grids.push(g);
-            seconds.push(sec);
+        if let Some(c) = p.videos {
+            clips.push(c.pixels);
+            grids.extend(c.grids);
+            seconds.extend(c.seconds);
         }
         rngs.push(StdRng::seed_from_u64(cfg.seed.wrapping_add(p.index)));
         seen.push(p.ids);

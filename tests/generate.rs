@@ -63,7 +63,7 @@ fn prompts(c: &Case, which: &[usize], device: &Device) -> Vec<Prompt> {
             ids: c.rows[i].0.clone(),
             pixels: c.images.batch(&c.rows[i].1, device).unwrap(),
             sizes: vec![],
-            videos: vec![],
+            videos: None,
             index: i as u64,
         })
         .collect()

@@ -130,17 +130,7 @@ pub fn run(a: Args) -> Result<()> {
         let prompt = templates::prompt(&built.text, &template, &history).map_err(Error::input)?;
         let (pixels, sizes) = built.images.batch_sized(&images, &device)?;
         let videos = super::generate::clips(&clips, &built.model.spec, &built.images, &device)?;
-        let tokens: Vec<usize> = videos
-            .iter()
-            .map(|v| {
-                built
-                    .model
-                    .spec
-                    .native
-                    .as_ref()
-                    .map_or(0, |n| n.grid_tokens(v.1))
-            })
-            .collect();
+        let tokens = super::generate::clip_tokens(&videos, &built.model.spec);
         let ids = built.text.encode_media(&prompt, false, &sizes, &tokens)?;
         if interactive {
             eprint!("assistant> ");

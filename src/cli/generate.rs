@@ -7,11 +7,11 @@ use crate::data::images::ImageProcessor;
 use crate::data::tokenizer::TextProcessor;
 use crate::data::video::ClipSource;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, Prompt, cut_at_stop, generate_batch};
+use crate::generate::{Clips, GenConfig, Prompt, cut_at_stop, generate_batch};
 use crate::recipe::schema::Budget;
 use crate::zoo::layers::float_tensor;
 use crate::zoo::mllm::LlavaSpec;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -93,17 +93,14 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = a.sampling.config(a.max_new_tokens, eos)?;
     let device = crate::default_device();
     let (pixels, sizes, videos) = if a.image.is_empty() && a.video.is_empty() {
-        (None, vec![], vec![])
+        (None, vec![], None)
     } else {
         let mut images = ImageProcessor::load(&a.model)?;
         images.configure(&spec);
         let (pixels, sizes) = images.batch_sized(&a.image, &device)?;
         (pixels, sizes, clips(&a.video, &spec, &images, &device)?)
     };
-    let video_tokens: Vec<usize> = videos
-        .iter()
-        .map(|v| spec.native.as_ref().map_or(0, |n| n.grid_tokens(v.1)))
-        .collect();
+    let video_tokens = clip_tokens(&videos, &spec);
     let (ids, instructions) = if images_first {
         text.encode_images_first(&a.prompt, a.image.len(), !a.raw)?
     } else if a.raw {
@@ -150,31 +147,41 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Each clip directory sampled, decoded and patched: (patches, grid, seconds per temporal patch).
+/// The clip directories sampled, decoded and patched into one batch of clips (`None`: no clips).
 pub fn clips(
     dirs: &[PathBuf],
     spec: &LlavaSpec,
     images: &ImageProcessor,
     device: &Device,
-) -> Result<Vec<(Tensor<4>, [usize; 3], f64)>> {
-    let Some(n) = &spec.native else {
-        return Ok(vec![]);
+) -> Result<Option<Clips>> {
+    let Some(n) = spec.native.as_ref().filter(|_| !dirs.is_empty()) else {
+        return Ok(None);
     };
-    dirs.iter()
-        .map(|d| {
-            let clip = ClipSource::Dir(d.clone()).open(n)?;
-            let (v, grid) = images
-                .video_patches(&clip.decode()?)
-                .map_err(|m| Error::file(d, m))?;
-            let (c, p) = (images.channels(), n.patch as usize);
-            let k = v.len() / (c * p * p);
-            Ok((
-                float_tensor(v, [k, c, p, p], device),
-                grid,
-                clip.seconds_per_grid,
-            ))
-        })
-        .collect()
+    let (mut values, mut grids, mut seconds) = (vec![], vec![], vec![]);
+    for d in dirs {
+        let clip = ClipSource::Dir(d.clone()).open(n)?;
+        let (v, grid) = images
+            .video_patches(&clip.decode()?)
+            .map_err(|m| Error::file(d, m))?;
+        values.extend(v);
+        grids.push(grid);
+        seconds.push(clip.seconds_per_grid);
+    }
+    let (c, p) = (images.channels(), n.patch as usize);
+    let k = values.len() / (c * p * p);
+    Ok(Some(Clips {
+        pixels: float_tensor(values, [k, c, p, p], device),
+        grids,
+        seconds,
+    }))
+}
+
+/// Placeholders of each clip (its grid's tokens), in order.
+pub fn clip_tokens(clips: &Option<Clips>, spec: &LlavaSpec) -> Vec<usize> {
+    match (clips, &spec.native) {
+        (Some(c), Some(n)) => c.grids.iter().map(|&g| n.grid_tokens(g)).collect(),
+        _ => vec![],
+    }
 }
 
 /// Sampling flags shared by `generate` and `chat`.

@@ -211,33 +211,44 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
         mb.labels.push(labels);
         mb.attention.push(att);
     }
-    let imgs: Vec<(&std::path::Path, &(Vec<f32>, u32, u32, [u32; 2]))> = kept
+    // the decoded values move into the batch (no copy): images first checked for one preprocessed size
+    let first = kept
         .iter()
-        .flat_map(|(s, d)| s.images.iter().map(|p| p.as_path()).zip(&d.images))
-        .collect();
-    if let Some((_, first)) = imgs.first() {
-        let (h, w) = (first.1, first.2);
-        // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
-        if let Some((p, x)) = imgs.iter().find(|(_, x)| (x.1, x.2) != (h, w)) {
-            mb.pixels = Err(format!(
-                "{}: preprocesses to {}x{}, other images of the batch to {h}x{w}; set a fixed crop/resize in the \
-                 image processor",
-                p.display(),
-                x.1,
-                x.2
-            ));
-        } else {
-            mb.image_sizes = imgs.iter().map(|x| x.1.3).collect();
-            let c = images.channels();
-            let v: Vec<f32> = imgs.iter().flat_map(|x| x.1.0.iter().copied()).collect();
-            let n = v.len() / (c * (h * w) as usize);
-            mb.pixels = Ok(Some((v, [n, c, h as usize, w as usize])));
+        .flat_map(|(_, d)| d.images.first())
+        .next()
+        .map(|x| (x.1, x.2));
+    let odd = kept.iter().find_map(|(s, d)| {
+        s.images
+            .iter()
+            .zip(&d.images)
+            .find(|(_, x)| Some((x.1, x.2)) != first)
+            .map(|(p, x)| (p.clone(), x.1, x.2))
+    });
+    let (mut values, mut clips) = (vec![], vec![]);
+    for (_, d) in kept {
+        for (v, _, _, size) in d.images {
+            values.extend(v);
+            mb.image_sizes.push(size);
+        }
+        for c in d.clips {
+            clips.extend(c);
         }
     }
-    let clips: Vec<f32> = kept
-        .iter()
-        .flat_map(|(_, d)| d.clips.iter().flatten().copied())
-        .collect();
+    if let Some((h, w)) = first {
+        // one tensor holds the batch: a size that differs is a located error, not a panic in TensorData
+        mb.pixels = match odd {
+            Some((p, oh, ow)) => Err(format!(
+                "{}: preprocesses to {oh}x{ow}, other images of the batch to {h}x{w}; set a fixed crop/resize in \
+                 the image processor",
+                p.display()
+            )),
+            None => {
+                let c = images.channels();
+                let n = values.len() / (c * (h * w) as usize);
+                Ok(Some((values, [n, c, h as usize, w as usize])))
+            }
+        };
+    }
     if !clips.is_empty() {
         let p = match &images.sizing {
             Some(Sizing::Native(n)) => n.patch as usize,

@@ -65,10 +65,7 @@ fn source_processor(
         return Ok(None);
     }
     let Some(Sizing::Native(n)) = &tp.sizing else {
-        return Err(Error::input(format!(
-            "{key}: min_pixels / max_pixels / video_min_pixels / video_max_pixels / fps / max_frames / frame_rate: \
-             only a native-resolution model (Qwen2-VL) resizes images and samples clips by them; remove them"
-        )));
+        return Err(Error::input(crate::zoo::native::budget_needs_native(key)));
     };
     let n = n
         .with_budget(budget)

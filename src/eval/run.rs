@@ -291,7 +291,7 @@ pub fn run_task(
                 ids,
                 pixels,
                 sizes,
-                videos: vec![],
+                videos: None,
                 index: index as u64,
             });
         }

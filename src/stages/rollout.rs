@@ -98,7 +98,7 @@ pub fn sample(
                 ids: prompt_ids[p].clone(),
                 pixels: pixels.clone(),
                 sizes: sizes.clone(),
-                videos: vec![],
+                videos: None,
                 index: first + (i * group + k) as u64,
             });
             owner.push(p);

@@ -355,29 +355,16 @@ impl Llava {
         }
     }
 
-    /// `check_images` for images whose native-resolution grids were fixed with the data: each fills its grid's
-    /// tokens, and its patches are all there.
+    /// `check_images` for images whose native-resolution grids were fixed with the data.
     fn check_grids(&self, ids: &[Vec<i64>], n_inputs: usize, grids: &[[usize; 3]]) -> Result<()> {
-        let Some(nr) = &self.spec.native else {
-            return Err(Error::input(
-                "patch grids were given for a model without native resolution",
-            ));
-        };
-        let found = ids
-            .iter()
-            .flatten()
-            .filter(|&&t| t == self.spec.image_token_id)
-            .count();
-        let want: usize = grids.iter().map(|&g| nr.grid_tokens(g)).sum();
-        let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        if found != want || patches != n_inputs {
-            return Err(Error::input(format!(
-                "image placeholders and images do not match: {found} placeholder tokens and {n_inputs} patches for \
-                 {} image(s) whose grids need {want} tokens and {patches} patches",
-                grids.len()
-            )));
-        }
-        Ok(())
+        check_native(
+            &self.spec,
+            ids,
+            self.spec.image_token_id,
+            grids,
+            n_inputs,
+            "image",
+        )
     }
 
     /// The video placeholder id, for a model that reads clips.
@@ -400,21 +387,20 @@ impl Llava {
             }
             return Ok(());
         };
-        let Some(nr) = &self.spec.native else {
+        if self.spec.native.is_none() {
             return Err(Error::input(
                 "this model does not read videos (only Qwen2-VL / Qwen2.5-VL checkpoints do): remove the clips",
             ));
-        };
-        let want: usize = grids.iter().map(|&g| nr.grid_tokens(g)).sum();
-        let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        if found != want || pixels.dims()[0] != patches || seconds.len() != grids.len() {
+        }
+        if seconds.len() != grids.len() {
             return Err(Error::input(format!(
-                "video placeholders and clips do not match: {found} placeholder tokens and {} patches for {}                  clip(s) whose grids {grids:?} need {want} tokens and {patches} patches (each video marker needs                  exactly one clip, expanded by its frames and frame size)",
-                pixels.dims()[0],
-                grids.len()
+                "{} clip grids but {} seconds per temporal patch: give one per clip",
+                grids.len(),
+                seconds.len()
             )));
         }
-        Ok(())
+        let video = self.video_token().unwrap_or(self.spec.image_token_id);
+        check_native(&self.spec, ids, video, grids, pixels.dims()[0], "video")
     }
 
     /// Token embeddings with image and video features scattered into placeholder positions: [b, t, d].
@@ -655,6 +641,35 @@ impl Llava {
             .forward_embeds(x, positions, key_valid, Some(cache));
         self.language_model.logits(h)
     }
+}
+
+/// Placeholders of `token` and native-resolution patches agree with the grids of the images or clips (`what`) they
+/// stand for: each fills its grid's tokens (patches / merge²), and its patches are all there.
+fn check_native(
+    spec: &LlavaSpec,
+    ids: &[Vec<i64>],
+    token: i64,
+    grids: &[[usize; 3]],
+    n_patches: usize,
+    what: &str,
+) -> Result<()> {
+    let Some(nr) = &spec.native else {
+        return Err(Error::input(format!(
+            "{what} patch grids were given for a model without native resolution"
+        )));
+    };
+    let found = ids.iter().flatten().filter(|&&t| t == token).count();
+    let want: usize = grids.iter().map(|&g| nr.grid_tokens(g)).sum();
+    let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+    if found != want || patches != n_patches {
+        return Err(Error::input(format!(
+            "{what} placeholders and {what}s do not match: {found} placeholder tokens and {n_patches} patches for {} \
+             {what}(s) whose grids {grids:?} need {want} tokens and {patches} patches (each {what} marker needs \
+             exactly one {what}, expanded by its own size)",
+            grids.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Each image's patch grid at native resolution, from its original (height, width).

@@ -370,6 +370,14 @@ impl NativeRes {
     }
 }
 
+/// The error for budget keys (`key`: where the recipe sets them) on a model that has no native resolution.
+pub fn budget_needs_native(key: &str) -> String {
+    format!(
+        "{key}: min_pixels / max_pixels / video_min_pixels / video_max_pixels / fps / max_frames / frame_rate: only \
+         a native-resolution model (Qwen2-VL) resizes images and samples clips by them; remove them"
+    )
+}
+
 /// What a prompt token is, for M-RoPE (transformers' `mm_token_type_ids`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
