@@ -77,6 +77,21 @@ pub struct TextProcessor {
     dir: PathBuf,
 }
 
+/// Each `token` of `ids` repeated as many times as its entry of `counts`, in order (0 past the end).
+fn expand_token(ids: &[i64], token: i64, counts: &[usize]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+    let mut k = 0;
+    for &id in ids {
+        if id == token {
+            out.extend(std::iter::repeat_n(id, counts.get(k).copied().unwrap_or(0)));
+            k += 1;
+        } else {
+            out.push(id);
+        }
+    }
+    out
+}
+
 /// The marker of a clip in datasets and prompts (LLaMA-Factory's `videos` column, LLaVA-Video's `video` field).
 pub const VIDEO_MARKER: &str = "<video>";
 
@@ -298,17 +313,7 @@ impl TextProcessor {
 
     /// Replaces each image token of `ids` by that image's placeholders (`counts`, in order).
     pub fn expand(&self, ids: &[i64], counts: &[usize]) -> Vec<i64> {
-        let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
-        let mut k = 0;
-        for &id in ids {
-            if id == self.image_token_id {
-                out.extend(std::iter::repeat_n(id, counts.get(k).copied().unwrap_or(0)));
-                k += 1;
-            } else {
-                out.push(id);
-            }
-        }
-        out
+        expand_token(ids, self.image_token_id, counts)
     }
 
     /// Tokenizes `text`; with `add_special` the tokenizer's post-processor adds BOS etc. exactly as transformers
@@ -361,17 +366,7 @@ impl TextProcessor {
                 counts.len()
             )));
         }
-        let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
-        let mut k = 0;
-        for id in ids {
-            if id == *vid {
-                out.extend(std::iter::repeat_n(id, counts[k]));
-                k += 1;
-            } else {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        Ok(expand_token(&ids, *vid, counts))
     }
 
     /// Whether LLaVA's `<image>` stands for this model's own marker (Qwen2-VL's wrapped `<|image_pad|>`).
