@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source} (check the path)")]
+    #[error("{path}: {source} ({})", io_hint(.source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -44,6 +44,26 @@ impl Error {
 
 /// Writes through a temporary file beside `path` and a rename, so a reader (or a run killed mid-write) never sees
 /// half a file; errors name the file. The one atomic writer: JSON, reports, caches and lists go through it.
+/// What to do about an I/O error, by its kind.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::StorageFull | K::QuotaExceeded => {
+            "the disk is full: free space or set `output` to a larger disk, then run again with --resume"
+        }
+        K::FileTooLarge => {
+            "the file outgrew the filesystem's or the process's size limit (`ulimit -f`): raise it or set `output` elsewhere"
+        }
+        K::ReadOnlyFilesystem => {
+            "the filesystem is read-only: set `output` to a writable directory"
+        }
+        K::PermissionDenied => {
+            "permission denied: check the owner and mode of the directory, or set `output` elsewhere"
+        }
+        _ => "check the path",
+    }
+}
+
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");

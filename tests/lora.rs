@@ -220,8 +220,8 @@ fn lora_stage_saves_peft_merges_and_resumes_exactly() {
     let (la, lb) = (losses(&run), losses(&d.join("runs-b/lora")));
     assert_eq!(
         la.len(),
-        7,
-        "align logs its last step, instruct all 6: {la:?}"
+        8,
+        "align logs its first and last steps, instruct all 6: {la:?}"
     );
     assert_eq!(
         la, lb,

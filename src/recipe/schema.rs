@@ -208,6 +208,30 @@ impl StageSpec {
     pub fn trains(&self) -> bool {
         !matches!(self, StageSpec::Eval(_))
     }
+    /// The settings every training kind shares, as the step engine reads them (None for `eval`).
+    pub fn steps(&self) -> Option<Steps<'_>> {
+        macro_rules! view {
+            ($s:expr) => {
+                Steps {
+                    train: $s.train.as_deref(),
+                    template: $s.template,
+                    optim: &$s.optim,
+                    schedule: &$s.schedule,
+                    clip_grad_norm: $s.clip_grad_norm,
+                    seed: $s.seed,
+                    log_every: $s.log_every,
+                    save_every: $s.save_every,
+                    keep_last: $s.keep_last,
+                }
+            };
+        }
+        match self {
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(view!(t)),
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(view!(p)),
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(view!(r)),
+            StageSpec::Eval(_) => None,
+        }
+    }
     /// The chat template the stage trains with (None for stages that do not train).
     pub fn template(&self) -> Option<Template> {
         match self {
@@ -219,6 +243,21 @@ impl StageSpec {
             StageSpec::Eval(_) => None,
         }
     }
+}
+
+/// What every training stage kind sets the same way: the step engine's view of a stage (`StageSpec::steps`).
+#[derive(Debug, Clone, Copy)]
+pub struct Steps<'a> {
+    /// `train = [...]` when set (each kind has its own default).
+    pub train: Option<&'a [String]>,
+    pub template: Template,
+    pub optim: &'a Optim,
+    pub schedule: &'a Schedule,
+    pub clip_grad_norm: f64,
+    pub seed: Option<u64>,
+    pub log_every: usize,
+    pub save_every: usize,
+    pub keep_last: usize,
 }
 
 /// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen

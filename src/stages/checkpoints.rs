@@ -44,8 +44,14 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write(&tmp)?;
-    crate::error::write_json_atomic(&tmp.join("state.json"), state)?;
+    // a failed write (disk full, quota, read-only) leaves the last good checkpoint as it was and frees the space
+    // the partial one took
+    if let Err(e) =
+        write(&tmp).and_then(|_| crate::error::write_json_atomic(&tmp.join("state.json"), state))
+    {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
@@ -81,7 +87,7 @@ pub fn read_state(ck: &Path) -> Result<TrainState> {
 
 pub fn mark_done(stage_dir: &Path, steps: usize) -> Result<()> {
     let p = stage_dir.join("done.json");
-    std::fs::write(&p, serde_json::json!({ "steps": steps }).to_string()).map_err(io(&p))
+    crate::error::write_json_atomic(&p, &serde_json::json!({ "steps": steps }))
 }
 
 pub fn is_done(stage_dir: &Path) -> bool {

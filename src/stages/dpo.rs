@@ -13,12 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::build::{Built, export};
-use super::log::Progress;
-use super::optim::Groups;
+use super::loss;
 use super::pref_loss::{PairLogps, PrefLoss, losses};
-use super::steps::{self, Batches};
+use super::steps::{Batches, Engine};
 use super::trainer::{StageRun, to_input};
-use super::{checkpoints, loss, schedule};
 use crate::data::contract::{self, Bad};
 use crate::data::loader::micro_batch;
 use crate::data::preference::{Pair, load_pairs};
@@ -171,10 +169,11 @@ impl Sums {
             self.logp_r += pr[k] as f64;
         }
     }
-    fn json(&self, stage: &str, step: usize) -> serde_json::Value {
+    /// The logged means since the last line (the engine adds stage, step, lr, grad_norm).
+    fn json(&self) -> serde_json::Value {
         let n = self.n.max(1) as f64;
         serde_json::json!({
-            "stage": stage, "step": step, "loss": self.loss / n,
+            "loss": self.loss / n,
             "rewards/chosen": self.chosen / n, "rewards/rejected": self.rejected / n,
             "rewards/margins": (self.chosen - self.rejected) / n,
             "rewards/accuracies": self.correct as f64 / n,
@@ -224,33 +223,23 @@ fn pair_losses(
     Ok((l, c, r, pc, pr))
 }
 
-/// What the preference stages (dpo, reward) start from: the template, encoded train and held-out pairs, batches.
+/// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.
 pub struct PrefSetup {
-    pub template: String,
     pub pairs: Vec<EncPair>,
     pub heldout: Vec<EncPair>,
     pub batches: Batches,
 }
 
-pub fn setup(
-    name: &str,
-    dir: &Path,
-    spec: &PrefStage,
-    start: &Built,
-    seed: u64,
-) -> Result<PrefSetup> {
-    let key = format!("stages.{name}");
-    let template = templates::training_source(spec.template, &start.text)
-        .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+pub fn setup(eng: &Engine, spec: &PrefStage, start: &Built) -> Result<PrefSetup> {
     let load = |d: &PrefData, k: &str| {
         load_encode(
             d,
             &start.text,
-            &template,
+            &eng.template,
             spec.max_len,
             spec.on_bad_sample,
-            dir,
-            &format!("{key}.{k}"),
+            &eng.dir,
+            &format!("{}.{k}", eng.key),
         )
     };
     let pairs = load(&spec.data, "data")?;
@@ -259,10 +248,10 @@ pub fn setup(
         None => vec![],
     };
     let batches = Batches::new(
-        &key,
+        &eng.key,
         "pairs",
         spec.batch.global,
-        seed,
+        eng.seed,
         pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
         pairs
             .iter()
@@ -272,7 +261,6 @@ pub fn setup(
         spec.max_steps,
     )?;
     Ok(PrefSetup {
-        template,
         pairs,
         heldout,
         batches,
@@ -286,17 +274,15 @@ pub fn run(
     start: Built,
     resume: Option<PathBuf>,
 ) -> Result<Built> {
-    let seed = spec.seed.unwrap_or(ctx.seed);
+    let mut eng = Engine::new(ctx, &start.text)?;
     let loss_kind = spec.loss.unwrap_or_default();
-    let key = format!("stages.{}", ctx.name);
     let PrefSetup {
-        template,
         pairs,
         heldout,
         mut batches,
-    } = setup(ctx.name, &ctx.dir, spec, &start, seed)?;
+    } = setup(&eng, spec, &start)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
-    let device = ctx.device;
+    let device = eng.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();
     let reference = match (
@@ -306,7 +292,7 @@ pub fn run(
         (false, _) => RefModel::None,
         (true, Reference::Frozen) => RefModel::Frozen(start.model.valid()),
         (true, Reference::Cached) => {
-            let f = ctx.dir.join("reference_logps.json");
+            let f = eng.dir.join("reference_logps.json");
             let cache = if f.exists() {
                 read_json(&f)?
             } else {
@@ -318,7 +304,7 @@ pub fn run(
                 crate::error::write_json_atomic(&f, &c)?;
                 eprintln!(
                     "[{}] reference log-probs of {} pairs cached in {:.1}s",
-                    ctx.name,
+                    eng.name,
                     pairs.len() + heldout.len(),
                     t_ref.elapsed().as_secs_f64()
                 );
@@ -338,44 +324,27 @@ pub fn run(
         _ => (&[], &[]),
     };
 
-    let train = spec
-        .train
-        .clone()
-        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
-    let mut groups = Groups::new(&spec.optim, ctx.name)?;
-    let lr = groups.lr();
-    let (mut model, first) = steps::policy(
-        &start.model,
-        resume.as_deref(),
-        &mut groups,
-        &train,
-        ctx.name,
-        total,
-        device,
-    )?;
-    eprintln!(
-        "[{}] dpo ({:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
-        ctx.name,
-        loss_kind,
-        if loss_kind.needs_reference() {
-            Some(spec.reference.unwrap_or_default())
-        } else {
-            None
-        },
+    let train = eng.train(&["connector", "llm"]);
+    let policy = match &resume {
+        Some(ck) => super::build::load_dir(ck, device)?.model,
+        None => start.model.clone(),
+    };
+    let what = format!(
+        "dpo ({loss_kind:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch",
+        loss_kind
+            .needs_reference()
+            .then(|| spec.reference.unwrap_or_default()),
         pairs.len(),
-        train.join(", "),
-        groups.n_train,
-        groups.n_all
     );
+    let mut model = eng.start(policy, total, resume.as_deref(), &train, &what)?;
+    let template = eng.template.clone();
     let save = |m: &Llava, out: &Path| {
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
-    let mut progress = Progress::new(ctx.name, first, total);
     let mut sums = Sums::default();
-    for step in first..total {
-        let t0 = Instant::now();
+    for step in eng.range() {
+        eng.begin(step);
         let batch = batches.at(step);
-        let f = schedule::factor(&spec.schedule, step, total);
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut step_loss = 0.0;
         for chunk in batch.chunks(spec.batch.micro) {
@@ -395,36 +364,18 @@ pub fn run(
             let g = GradientsParams::from_grads(total_l.backward(), &model);
             acc.accumulate(&model, g);
         }
-        let step_loss = steps::poison(ctx.name, step + 1, step_loss);
-        if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step + 1));
-        }
         let norm;
-        (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
-        let done = step + 1;
-        steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, None);
-        if done % spec.log_every == 0 || done == total || done == first + 1 {
-            let mut line = sums.json(ctx.name, done);
-            line["lr"] = (lr * f).into();
-            line["grad_norm"] = norm.into();
-            line["step_s"] = t0.elapsed().as_secs_f64().into();
-            ctx.metrics.write(line)?;
-            sums = Sums::default();
-        }
-        if done % spec.save_every == 0 && done < total {
-            steps::checkpoint(
-                &ctx.dir,
-                &model,
-                &groups,
-                done,
-                total,
-                spec.keep_last,
-                |tmp| save(&model, tmp),
-            )?;
-        }
+        (model, norm) = eng.update(model, step, step_loss, acc.grads())?;
+        eng.end(
+            &model,
+            step,
+            step_loss,
+            norm,
+            None,
+            || std::mem::take(&mut sums).json(),
+            |tmp| save(&model, tmp),
+        )?;
     }
-    progress.finish();
     if !heldout.is_empty() {
         let valid = model.valid();
         let mut s = Sums::default();
@@ -441,17 +392,17 @@ pub fn run(
                 &to_vec(pr),
             );
         }
-        let mut line = s.json(ctx.name, total);
+        let mut line = s.json();
+        line["stage"] = eng.name.into();
+        line["step"] = total.into();
         line["heldout"] = true.into();
-        eprintln!(
-            "[{}] held-out pairs: accuracy {:.1}%, margin {:.3}",
-            ctx.name,
+        eng.note(&format!(
+            "held-out pairs: accuracy {:.1}%, margin {:.3}",
             100.0 * s.correct as f64 / s.n.max(1) as f64,
             (s.chosen - s.rejected) / s.n.max(1) as f64
-        );
-        ctx.metrics.write(line)?;
+        ));
+        eng.metrics.write(line)?;
     }
-    save(&model, &ctx.dir.join("model"))?;
-    checkpoints::mark_done(&ctx.dir, total)?;
+    eng.finish(|dir| save(&model, &dir.join("model")))?;
     Ok(Built { model, ..start })
 }

@@ -13,20 +13,17 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::build::{Built, export};
-use super::log::Progress;
-use super::optim::Groups;
+use super::loss;
 use super::reward::{self, RewardModel};
 use super::rollout::{self, RewardSpec, Rollout};
-use super::steps::{self, Batches};
+use super::steps::{Batches, Engine};
 use super::trainer::{StageRun, to_input};
-use super::{checkpoints, loss, schedule};
 use crate::data::contract;
 use crate::data::loader::micro_batch;
 use crate::data::preference::{PromptItem, load_prompts};
-use crate::data::templates::{self, Encoded};
+use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
 use crate::generate::GenConfig;
 use crate::recipe::schema::{OnBad, PromptData, RlStage};
@@ -261,18 +258,17 @@ pub struct RlSetup {
 }
 
 impl RlSetup {
+    /// Reads the stage's prompts with the engine's template and seed; `run_dir` holds the reward models'
+    /// stages.
     pub fn new(
-        name: &str,
+        eng: &Engine,
         spec: &RlStage,
         start: &Built,
-        seed: u64,
         run_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
-        let key = format!("stages.{name}");
-        let template = templates::training_source(spec.template, &start.text)
-            .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
-        let dir = run_dir.join(name);
+        let (key, dir, seed) = (&eng.key, &eng.dir, eng.seed);
+        let template = eng.template.clone();
         let prompts = load_data(
             &spec.data,
             spec.on_bad_sample,
@@ -308,7 +304,7 @@ impl RlSetup {
             )));
         }
         let batches = Batches::new(
-            &key,
+            key,
             "prompts",
             spec.batch.global,
             seed,
@@ -374,7 +370,7 @@ impl RlSetup {
     /// Logs the mean greedy rule reward on the held-out prompts (`when` = before / after).
     pub fn heldout(
         &self,
-        ctx: &mut StageRun,
+        eng: &mut Engine,
         model: &Llava,
         start: &Built,
         step: usize,
@@ -393,60 +389,45 @@ impl RlSetup {
             self.cfg.max_new_tokens,
             device,
         )?;
-        eprintln!("[{}] held-out reward {when}: {h:.3}", ctx.name);
-        ctx.metrics
-            .write(serde_json::json!({"stage": ctx.name, "step": step, "heldout_reward": h}))
+        eng.note(&format!("held-out reward {when}: {h:.3}"));
+        eng.metrics
+            .write(serde_json::json!({"stage": eng.name, "step": step, "heldout_reward": h}))
     }
 }
 
 pub fn run(
-    mut ctx: StageRun,
+    ctx: StageRun,
     spec: &RlStage,
     start: Built,
     resume: Option<PathBuf>,
     run_dir: &Path,
 ) -> Result<Built> {
-    let key = format!("stages.{}", ctx.name);
-    let seed = spec.seed.unwrap_or(ctx.seed);
-    let device = ctx.device;
+    let mut eng = Engine::new(ctx, &start.text)?;
+    let device = eng.device;
     let inner = device.clone().inner();
-    let mut rl = RlSetup::new(ctx.name, spec, &start, seed, run_dir, &inner)?;
+    let mut rl = RlSetup::new(&eng, spec, &start, run_dir, &inner)?;
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
-    let template = rl.template.clone();
+    let template = eng.template.clone();
     let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
-    let train = spec
-        .train
-        .clone()
-        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
-    let mut groups = Groups::new(&spec.optim, ctx.name)?;
-    let lr = groups.lr();
-    let (mut model, first) = steps::policy(
-        &start.model,
-        resume.as_deref(),
-        &mut groups,
-        &train,
-        ctx.name,
-        total,
-        device,
-    )?;
-    eprintln!(
-        "[{}] grpo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
-        ctx.name,
+    let train = eng.train(&["connector", "llm"]);
+    let policy = match &resume {
+        Some(ck) => super::build::load_dir(ck, device)?.model,
+        None => start.model.clone(),
+    };
+    let what = format!(
+        "grpo: {} prompts x {} completions, {per_epoch} steps/epoch",
         rl.prompts.len(),
-        spec.group,
-        train.join(", "),
-        groups.n_train,
-        groups.n_all
+        spec.group
     );
-    if first == 0 {
-        rl.heldout(&mut ctx, &model.valid(), &start, 0, "before", &inner)?;
+    let mut model = eng.start(policy, total, resume.as_deref(), &train, &what)?;
+    if eng.first == 0 {
+        rl.heldout(&mut eng, &model.valid(), &start, 0, "before", &inner)?;
     }
     let save = |m: &Llava, out: &Path| {
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
-    let mut progress = Progress::new(ctx.name, first, total);
-    for step in first..total {
-        let t0 = Instant::now();
+    for step in eng.range() {
+        eng.begin(step);
         // rollouts from the current policy
         let sampler = model.valid();
         let (rolls, r) = rl.rollouts(step, spec, &sampler, &start, &inner)?;
@@ -463,7 +444,6 @@ pub fn run(
                 refs.extend(token_logps_of(rm, chunk, &start, &inner)?);
             }
         }
-        let f = schedule::factor(&spec.schedule, step, total);
         let mut stats = Stats::default();
         let mut step_loss = 0.0;
         let mut norm = 0.0;
@@ -488,43 +468,31 @@ pub fn run(
                 acc.accumulate(&model, GradientsParams::from_grads(l.backward(), &model));
             }
             // each update is checked before it touches the weights
-            let update_loss = steps::poison(ctx.name, step + 1, update_loss);
-            if !update_loss.is_finite() {
-                return Err(steps::non_finite(&key, update_loss, step + 1));
-            }
+            (model, norm) = eng.update(model, step, update_loss, acc.grads())?;
             step_loss += update_loss / spec.updates as f64;
-            (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
         }
-        let done = step + 1;
-        steps::fault_point(ctx.name, done);
         let mean = r.iter().sum::<f64>() / r.len() as f64;
-        progress.update(done, step_loss, lr * f, None);
-        if done % spec.log_every == 0 || done == total || done == first + 1 {
-            let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / r.len() as f64).sqrt();
-            let toks = stats.tokens.max(1.0);
-            ctx.metrics.write(serde_json::json!({
-                "stage": ctx.name, "step": done, "loss": step_loss, "reward": mean, "reward_std": std,
-                "kl": stats.kl / toks, "clip_fraction": stats.clipped / toks, "entropy": stats.entropy / toks,
-                "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
-                "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
-            }))?;
-        }
-        if done % spec.save_every == 0 && done < total {
-            steps::checkpoint(
-                &ctx.dir,
-                &model,
-                &groups,
-                done,
-                total,
-                spec.keep_last,
-                |tmp| save(&model, tmp),
-            )?;
-        }
+        eng.end(
+            &model,
+            step,
+            step_loss,
+            norm,
+            None,
+            || {
+                let std =
+                    (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / r.len() as f64).sqrt();
+                let toks = stats.tokens.max(1.0);
+                serde_json::json!({
+                    "loss": step_loss, "reward": mean, "reward_std": std,
+                    "kl": stats.kl / toks, "clip_fraction": stats.clipped / toks, "entropy": stats.entropy / toks,
+                    "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
+                })
+            },
+            |tmp| save(&model, tmp),
+        )?;
     }
-    progress.finish();
-    rl.heldout(&mut ctx, &model.valid(), &start, total, "after", &inner)?;
-    save(&model, &ctx.dir.join("model"))?;
-    checkpoints::mark_done(&ctx.dir, total)?;
+    rl.heldout(&mut eng, &model.valid(), &start, total, "after", &inner)?;
+    eng.finish(|dir| save(&model, &dir.join("model")))?;
     Ok(Built { model, ..start })
 }
 

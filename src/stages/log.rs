@@ -16,6 +16,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn open(path: &Path) -> Result<Self> {
+        drop_torn_line(path)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -46,6 +47,27 @@ impl Metrics {
                 source,
             })
     }
+}
+
+/// A run killed in the middle of writing a line leaves it torn; the resumed run's lines would be glued to it.
+/// The torn tail is cut back to the last complete line (that step is logged again when it reruns).
+fn drop_torn_line(path: &Path) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(()); // a new run
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    f.set_len(keep as u64).map_err(io)
 }
 
 pub struct Progress {

@@ -10,16 +10,12 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::build::{self, Built, export};
 use super::grpo::RlSetup;
-use super::log::Progress;
-use super::optim::Groups;
-use super::steps;
-
+use super::loss;
+use super::steps::Engine;
 use super::trainer::{StageRun, to_input};
-use super::{checkpoints, loss, schedule};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
 use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
@@ -125,57 +121,43 @@ fn load_value(pv: &mut PolicyValue, dir: &Path, device: &Device) -> Result<()> {
 }
 
 pub fn run(
-    mut ctx: StageRun,
+    ctx: StageRun,
     spec: &RlStage,
     start: Built,
     resume: Option<PathBuf>,
     run_dir: &Path,
 ) -> Result<Built> {
-    let key = format!("stages.{}", ctx.name);
-    let seed = spec.seed.unwrap_or(ctx.seed);
-    let device = ctx.device;
+    let mut eng = Engine::new(ctx, &start.text)?;
+    let device = eng.device;
     let inner = device.clone().inner();
     let (gamma, lam, vf_coef) = (
         spec.gamma.unwrap_or(1.0),
         spec.lam.unwrap_or(0.95),
         spec.vf_coef.unwrap_or(0.1),
     );
-    let mut rl = RlSetup::new(ctx.name, spec, &start, seed, run_dir, &inner)?;
+    let mut rl = RlSetup::new(&eng, spec, &start, run_dir, &inner)?;
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
-    let template = rl.template.clone();
+    let template = eng.template.clone();
     let reference = start.model.valid();
-    let mut train = spec
-        .train
-        .clone()
-        .unwrap_or_else(|| vec!["connector".into(), "llm".into()]);
+    let mut train = eng.train(&["connector", "llm"]);
     train.push("head".into());
-    let mut groups = Groups::new(&spec.optim, ctx.name)?;
-    let lr = groups.lr();
-    let mut pv = PolicyValue::new(start.model.clone(), device);
-    let mut first = 0;
-    if let Some(ck) = &resume {
-        pv.llava = build::load_dir(ck, device)?.model;
-        load_value(&mut pv, ck, device)?;
-        (pv, first) = groups.resume(pv, ck)?;
-        eprintln!(
-            "[{}] resuming at step {first}/{total} from {}",
-            ctx.name,
-            ck.display()
-        );
-    }
-    pv = groups.select(pv, &train, ctx.name)?;
-    eprintln!(
-        "[{}] ppo: {} prompts x {} completions, {per_epoch} steps/epoch, {total} steps, {} epochs per batch; training {} ({} of {} params)",
-        ctx.name,
+    let pv = match &resume {
+        Some(ck) => {
+            let mut pv = PolicyValue::new(build::load_dir(ck, device)?.model, device);
+            load_value(&mut pv, ck, device)?;
+            pv
+        }
+        None => PolicyValue::new(start.model.clone(), device),
+    };
+    let what = format!(
+        "ppo: {} prompts x {} completions, {} epochs per batch, {per_epoch} steps/epoch",
         rl.prompts.len(),
         spec.group,
         spec.updates,
-        train.join(", "),
-        groups.n_train,
-        groups.n_all
     );
-    if first == 0 {
-        rl.heldout(&mut ctx, &pv.llava.valid(), &start, 0, "before", &inner)?;
+    let mut pv = eng.start(pv, total, resume.as_deref(), &train, &what)?;
+    if eng.first == 0 {
+        rl.heldout(&mut eng, &pv.llava.valid(), &start, 0, "before", &inner)?;
     }
     let save = |m: &PolicyValue, out: &Path| -> Result<()> {
         export(
@@ -188,10 +170,9 @@ pub fn run(
         )?;
         save_value(m, out)
     };
-    let mut progress = Progress::new(ctx.name, first, total);
     let per = spec.batch.micro * spec.group;
-    for step in first..total {
-        let t0 = Instant::now();
+    for step in eng.range() {
+        eng.begin(step);
         let frozen = pv.valid();
         let (rolls, scores) = rl.rollouts(step, spec, &frozen.llava, &start, &inner)?;
         let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
@@ -258,7 +239,6 @@ pub fn run(
                 }
             }
         }
-        let f = schedule::factor(&spec.schedule, step, total);
         let (mut clipped, mut ent_sum, mut vf_sum, mut step_loss, mut norm) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
         for _ in 0..spec.updates {
@@ -314,37 +294,30 @@ pub fn run(
                 acc.accumulate(&pv, GradientsParams::from_grads(l.backward(), &pv));
             }
             // each update is checked before it touches the weights
-            let update_loss = steps::poison(ctx.name, step + 1, update_loss);
-            if !update_loss.is_finite() {
-                return Err(steps::non_finite(&key, update_loss, step + 1));
-            }
+            (pv, norm) = eng.update(pv, step, update_loss, acc.grads())?;
             step_loss += update_loss / spec.updates as f64;
-            (pv, norm) = groups.step(pv, acc.grads(), spec.clip_grad_norm, f);
         }
-        let done = step + 1;
-        steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, None);
-        if done % spec.log_every == 0 || done == total || done == first + 1 {
-            let tok = (n_tok * spec.updates).max(1) as f64;
-            ctx.metrics.write(serde_json::json!({
-                "stage": ctx.name, "step": done, "loss": step_loss,
-                "reward": scores.iter().sum::<f64>() / scores.len() as f64,
-                "kl": kl_sum / n_tok.max(1) as f64, "entropy": ent_sum / tok, "clip_fraction": clipped / tok,
-                "value_loss": vf_sum / tok,
-                "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
-                "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
-            }))?;
-        }
-        if done % spec.save_every == 0 && done < total {
-            steps::checkpoint(&ctx.dir, &pv, &groups, done, total, spec.keep_last, |tmp| {
-                save(&pv, tmp)
-            })?;
-        }
+        eng.end(
+            &pv,
+            step,
+            step_loss,
+            norm,
+            None,
+            || {
+                let tok = (n_tok * spec.updates).max(1) as f64;
+                serde_json::json!({
+                    "loss": step_loss,
+                    "reward": scores.iter().sum::<f64>() / scores.len() as f64,
+                    "kl": kl_sum / n_tok.max(1) as f64, "entropy": ent_sum / tok, "clip_fraction": clipped / tok,
+                    "value_loss": vf_sum / tok,
+                    "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
+                })
+            },
+            |tmp| save(&pv, tmp),
+        )?;
     }
-    progress.finish();
-    rl.heldout(&mut ctx, &pv.llava.valid(), &start, total, "after", &inner)?;
-    save(&pv, &ctx.dir.join("model"))?;
-    checkpoints::mark_done(&ctx.dir, total)?;
+    rl.heldout(&mut eng, &pv.llava.valid(), &start, total, "after", &inner)?;
+    eng.finish(|dir| save(&pv, &dir.join("model")))?;
     Ok(Built {
         model: pv.llava,
         ..start

@@ -9,16 +9,12 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::build::{self, Built, export};
 use super::dpo::{PrefSetup, setup};
-use super::log::Progress;
-use super::optim::Groups;
 use super::pref_loss::bradley_terry;
-use super::steps;
+use super::steps::Engine;
 use super::trainer::{StageRun, to_input};
-use super::{checkpoints, schedule};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
 use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
@@ -160,51 +156,31 @@ pub fn run(
     start: Built,
     resume: Option<PathBuf>,
 ) -> Result<Built> {
-    let seed = spec.seed.unwrap_or(ctx.seed);
-    let device = ctx.device;
-    let key = format!("stages.{}", ctx.name);
+    let mut eng = Engine::new(ctx, &start.text)?;
+    let device = eng.device;
     let PrefSetup {
-        template,
         pairs,
         heldout,
         mut batches,
-    } = setup(ctx.name, &ctx.dir, spec, &start, seed)?;
+    } = setup(&eng, spec, &start)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
-    let train = spec
-        .train
-        .clone()
-        .unwrap_or_else(|| vec!["connector".into(), "llm".into(), "head".into()]);
-    let mut groups = Groups::new(&spec.optim, ctx.name)?;
-    let lr = groups.lr();
-    let (mut rm, mut first) = match &resume {
-        Some(ck) => {
-            let (rm, _) = load(ck, device)?;
-            let (rm, step) = groups.resume(rm, ck)?;
-            eprintln!(
-                "[{}] resuming at step {step}/{total} from {}",
-                ctx.name,
-                ck.display()
-            );
-            (rm, step)
-        }
-        None => (RewardModel::new(start.model.clone(), device), 0),
+    let train = eng.train(&["connector", "llm", "head"]);
+    let rm = match &resume {
+        Some(ck) => load(ck, device)?.0,
+        None => RewardModel::new(start.model.clone(), device),
     };
-    rm = groups.select(rm, &train, ctx.name)?;
-    eprintln!(
-        "[{}] reward: {} pairs, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
-        ctx.name,
-        pairs.len(),
-        train.join(", "),
-        groups.n_train,
-        groups.n_all
-    );
-    let mut progress = Progress::new(ctx.name, first, total);
+    let mut rm = eng.start(
+        rm,
+        total,
+        resume.as_deref(),
+        &train,
+        &format!("reward: {} pairs, {per_epoch} steps/epoch", pairs.len()),
+    )?;
+    let template = eng.template.clone();
     let (mut n, mut ok, mut lsum, mut msum) = (0usize, 0usize, 0.0f64, 0.0f64);
-    while first < total {
-        let step = first;
-        let t0 = Instant::now();
+    for step in eng.range() {
+        eng.begin(step);
         let batch = batches.at(step);
-        let f = schedule::factor(&spec.schedule, step, total);
         let mut acc = GradientsAccumulator::<RewardModel>::new();
         let mut step_loss = 0.0;
         for chunk in batch.chunks(spec.batch.micro) {
@@ -221,31 +197,25 @@ pub fn run(
             step_loss += total_l.clone().into_scalar::<f32>() as f64;
             acc.accumulate(&rm, GradientsParams::from_grads(total_l.backward(), &rm));
         }
-        let step_loss = steps::poison(ctx.name, step + 1, step_loss);
-        if !step_loss.is_finite() {
-            return Err(steps::non_finite(&key, step_loss, step + 1));
-        }
         let norm;
-        (rm, norm) = groups.step(rm, acc.grads(), spec.clip_grad_norm, f);
-        first += 1;
-        let done = first;
-        steps::fault_point(ctx.name, done);
-        progress.update(done, step_loss, lr * f, None);
-        if done % spec.log_every == 0 || done == total {
-            let k = n.max(1) as f64;
-            ctx.metrics.write(serde_json::json!({
-                "stage": ctx.name, "step": done, "loss": lsum / k, "accuracy": ok as f64 / k,
-                "margin": msum / k, "lr": lr * f, "grad_norm": norm, "step_s": t0.elapsed().as_secs_f64(),
-            }))?;
-            (n, ok, lsum, msum) = (0, 0, 0.0, 0.0);
-        }
-        if done % spec.save_every == 0 && done < total {
-            steps::checkpoint(&ctx.dir, &rm, &groups, done, total, spec.keep_last, |tmp| {
-                rm.save(&start.text, &start.processor, &template, tmp)
-            })?;
-        }
+        (rm, norm) = eng.update(rm, step, step_loss, acc.grads())?;
+        eng.end(
+            &rm,
+            step,
+            step_loss,
+            norm,
+            None,
+            || {
+                let k = n.max(1) as f64;
+                let line = serde_json::json!({
+                    "loss": lsum / k, "accuracy": ok as f64 / k, "margin": msum / k,
+                });
+                (n, ok, lsum, msum) = (0, 0, 0.0, 0.0);
+                line
+            },
+            |tmp| rm.save(&start.text, &start.processor, &template, tmp),
+        )?;
     }
-    progress.finish();
     if !heldout.is_empty() {
         let valid = rm.valid();
         let (n, ok, margin) = accuracy(
@@ -256,23 +226,16 @@ pub fn run(
             &device.clone().inner(),
         )?;
         let a = ok as f64 / n.max(1) as f64;
-        eprintln!(
-            "[{}] held-out pairs: accuracy {:.1}% ({ok}/{n}), margin {:.3}",
-            ctx.name,
+        eng.note(&format!(
+            "held-out pairs: accuracy {:.1}% ({ok}/{n}), margin {:.3}",
             100.0 * a,
             margin / n.max(1) as f64
-        );
-        ctx.metrics.write(serde_json::json!({
-            "stage": ctx.name, "step": total, "heldout": true, "accuracy": a, "margin": margin / n.max(1) as f64, "n": n,
+        ));
+        eng.metrics.write(serde_json::json!({
+            "stage": eng.name, "step": total, "heldout": true, "accuracy": a, "margin": margin / n.max(1) as f64, "n": n,
         }))?;
     }
-    rm.save(
-        &start.text,
-        &start.processor,
-        &template,
-        &ctx.dir.join("model"),
-    )?;
-    checkpoints::mark_done(&ctx.dir, total)?;
+    eng.finish(|dir| rm.save(&start.text, &start.processor, &template, &dir.join("model")))?;
     Ok(Built {
         model: rm.llava,
         ..start

@@ -84,7 +84,7 @@ fn heldout_row(
     for s in &scores {
         metrics.write(serde_json::json!({"stage": label, "heldout": s.task, "accuracy": s.accuracy(), "n": s.n}))?;
     }
-    std::fs::write(file, serde_json::to_string_pretty(&scores).unwrap()).map_err(io(file))?;
+    crate::error::write_json_atomic(file, &scores)?;
     Ok(Some(scores))
 }
 
@@ -118,7 +118,7 @@ pub fn train(
             ));
         }
     }
-    std::fs::write(run.join("recipe.toml"), resolved_toml).map_err(io(&run))?;
+    crate::error::write_atomic(&run.join("recipe.toml"), resolved_toml.as_bytes())?;
     let mut metrics = Metrics::open(&run.join("metrics.jsonl"))?;
     // Fresh components initialize from the recipe's seed, so two runs of a recipe start from the same weights.
     device.seed(rc.seed);
@@ -161,7 +161,7 @@ pub fn train(
                 continue;
             }
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            std::fs::write(dir.join("recipe.toml"), resolved_toml).map_err(io(&dir))?;
+            crate::error::write_atomic(&dir.join("recipe.toml"), resolved_toml.as_bytes())?;
             let resume = if existing == Existing::Resume {
                 checkpoints::list(&dir).pop()
             } else {
@@ -220,7 +220,7 @@ pub fn train(
             continue;
         }
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        std::fs::write(dir.join("recipe.toml"), resolved_toml).map_err(io(&dir))?;
+        crate::error::write_atomic(&dir.join("recipe.toml"), resolved_toml.as_bytes())?;
         let resume = if existing == Existing::Resume {
             checkpoints::list(&dir).pop()
         } else {
@@ -281,11 +281,7 @@ pub fn train(
         "eval": evals.iter().map(|(k, rs)| serde_json::json!({"stage": k, "tasks": rs.iter().map(|r| serde_json::json!({"name": r.name, "task": r.task, "split": r.split, "n": r.n, "shots": r.shots, "cot": r.cot, "metrics": r.metrics, "categories": r.categories})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "heldout": table.iter().map(|(k, s)| serde_json::json!({"after": k, "scores": s.iter().map(|x| serde_json::json!({"task": x.task, "accuracy": x.accuracy(), "n": x.n})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
-    std::fs::write(
-        run.join("summary.json"),
-        serde_json::to_string_pretty(&summary).unwrap(),
-    )
-    .map_err(io(&run))?;
+    crate::error::write_json_atomic(&run.join("summary.json"), &summary)?;
     eprintln!("run saved in {}", run.display());
     Ok(run)
 }

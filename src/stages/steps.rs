@@ -1,14 +1,20 @@
-//! Step bookkeeping shared by the stages that run their own loops (dpo, reward, grpo, ppo): which items make the
-//! global batch of a step (a pure function of seed and epoch, so a resumed run sees the same batches), the fault
-//! point the resume tests kill at, and run-state checkpoints.
+//! The step engine every training stage runs its loop through (`Engine`), and which items make the global batch
+//! of a step for the stages that batch their own items (`Batches`: a pure function of seed and epoch, so a resumed
+//! run sees the same batches).
 use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::Device;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use super::checkpoints;
+use super::log::{Metrics, Progress};
 use super::optim::{self, Groups};
+use super::trainer::StageRun;
+use super::{checkpoints, schedule};
 use crate::data::loader::Order;
+use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::Mix;
+use crate::recipe::schema::{Mix, Steps};
 
 pub struct Batches {
     order: Order,
@@ -64,39 +70,22 @@ impl Batches {
     }
 }
 
-/// Dies abruptly (no unwinding, no cleanup, as SIGKILL would) when `MITUNE_FAULT_ABORT_AT_STEP` names this stage
-/// and step: the resume tests' kill.
-pub fn fault_point(stage: &str, done: usize) {
-    if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(format!("{stage}:{done}")) {
+/// Dies abruptly (no unwinding, no cleanup, as SIGKILL would) when `MITUNE_FAULT_ABORT_AT_STEP` names this
+/// point: `STAGE:N` after step N's update, `STAGE:N:checkpoint` in the middle of writing step N's checkpoint
+/// (model written, state not yet): the resume tests' kills.
+pub fn fault_point(stage: &str, done: usize, at: Option<&str>) {
+    let want = match at {
+        Some(a) => format!("{stage}:{done}:{a}"),
+        None => format!("{stage}:{done}"),
+    };
+    if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(want) {
         std::process::abort();
     }
 }
 
-/// Writes a run-state checkpoint: `write` saves the model into the folder, then the optimizer moments and state.
-pub fn checkpoint<M: Module>(
-    stage_dir: &Path,
-    model: &M,
-    groups: &Groups,
-    done: usize,
-    total: usize,
-    keep_last: usize,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<PathBuf> {
-    checkpoints::save(
-        stage_dir,
-        &optim::state(model, done, total),
-        |tmp| {
-            write(tmp)?;
-            groups.save(tmp)
-        },
-        keep_last,
-    )
-}
-
-/// The stop for a non-finite loss: nothing saved, the way out named.
 /// Test hook: `MITUNE_FAULT_NAN_AT_STEP=STAGE:N` turns step N's loss into NaN, so a test sees every stage kind stop
 /// on a non-finite loss before its optimizer touches the weights.
-pub fn poison(stage: &str, done: usize, loss: f64) -> f64 {
+fn poison(stage: &str, done: usize, loss: f64) -> f64 {
     if std::env::var("MITUNE_FAULT_NAN_AT_STEP").ok() == Some(format!("{stage}:{done}")) {
         f64::NAN
     } else {
@@ -104,33 +93,226 @@ pub fn poison(stage: &str, done: usize, loss: f64) -> f64 {
     }
 }
 
-pub fn non_finite(key: &str, loss: f64, step: usize) -> Error {
-    Error::input(format!(
-        "{key}: loss is {loss} at step {step}; stopped without saving. Lower the learning rate (or beta), or check this step's data."
-    ))
+/// The one step engine of every training stage (align, instruct, pretrain, dpo, reward, grpo, ppo). It owns what
+/// must not differ between them: the prologue (the stage's data seed, its template, optimizer groups, resume of
+/// parameter ids and moments, which parameters learn) and the tail of each step (non-finite check *before* the
+/// update, the fault point, progress, the metrics line, checkpoint) and the end (final model, done marker).
+/// Each stage file keeps its own loss and micro-batch loop in view and calls it:
+///
+/// ```text
+/// let mut eng = Engine::new(ctx, steps, &text)?;          // seed, template, groups
+/// ... read data with eng.seed / eng.template, count steps ...
+/// model = eng.start(model, total, resume, &train, what)?;  // resume ids + moments, freeze, one line
+/// for step in eng.range() {
+///     eng.begin(step);
+///     ... forward, backward, accumulate ...
+///     (model, norm) = eng.update(model, step, loss, grads)?;   // once per optimizer update
+///     eng.end(&model, step, loss, norm, tok_s, || line, |tmp| save(&model, tmp))?;
+/// }
+/// eng.finish(|dir| save(&model, &dir.join("model")))?;
+/// ```
+pub struct Engine<'a> {
+    pub name: &'a str,
+    /// `stages.NAME`, how errors name the stage.
+    pub key: String,
+    pub dir: PathBuf,
+    pub device: &'a Device,
+    pub metrics: &'a mut Metrics,
+    /// The stage's data seed (`stages.NAME.seed`, else the recipe's); the device seed is set by the runner.
+    pub seed: u64,
+    /// The chat template's source the stage trains with.
+    pub template: String,
+    pub groups: Groups,
+    pub first: usize,
+    pub total: usize,
+    s: Steps<'a>,
+    progress: Option<Progress>,
+    last_good: Option<PathBuf>,
+    t0: Instant,
+    factor: f64,
 }
 
-/// The LLaVA policy a stage trains: the starting model, or on resume the checkpoint's weights and optimizer
-/// moments; frozen outside `train`. Returns the model and the first step to run.
-#[allow(clippy::too_many_arguments)]
-pub fn policy(
-    start: &crate::zoo::mllm::Llava,
-    resume: Option<&Path>,
-    groups: &mut Groups,
-    train: &[String],
-    stage: &str,
-    total: usize,
-    device: &burn::tensor::Device,
-) -> Result<(crate::zoo::mllm::Llava, usize)> {
-    let mut model = start.clone();
-    let mut first = 0;
-    if let Some(ck) = resume {
-        model = super::build::load_dir(ck, device)?.model;
-        (model, first) = groups.resume(model, ck)?;
-        eprintln!(
-            "[{stage}] resuming at step {first}/{total} from {}",
-            ck.display()
-        );
+impl<'a> Engine<'a> {
+    /// The first half of the prologue, before the stage reads its data (which needs seed and template).
+    pub fn new(ctx: StageRun<'a>, text: &TextProcessor) -> Result<Self> {
+        let s = ctx
+            .spec
+            .steps()
+            .ok_or_else(|| Error::input(format!("stages.{}: not a training stage", ctx.name)))?;
+        let key = format!("stages.{}", ctx.name);
+        let template = crate::data::templates::training_source(s.template, text)
+            .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+        Ok(Engine {
+            name: ctx.name,
+            groups: Groups::new(s.optim, ctx.name)?,
+            key,
+            dir: ctx.dir,
+            device: ctx.device,
+            metrics: ctx.metrics,
+            seed: s.seed.unwrap_or(ctx.seed),
+            template,
+            first: 0,
+            total: 0,
+            s,
+            progress: None,
+            last_good: None,
+            t0: Instant::now(),
+            factor: 1.0,
+        })
     }
-    Ok((groups.select(model, train, stage)?, first))
+
+    /// The parts that learn: the recipe's `train`, else the stage kind's default.
+    pub fn train(&self, default: &[&str]) -> Vec<String> {
+        match self.s.train {
+            Some(t) => t.to_vec(),
+            None => default.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// The second half, once the data fixed `total`: `model` holds the weights to start from (the checkpoint's on
+    /// resume, loaded by the stage, which knows its own extra files); restores parameter ids and optimizer moments
+    /// from `resume`, freezes all but `train`, prints the stage's line (`what` says what it trains on).
+    pub fn start<M: Module>(
+        &mut self,
+        model: M,
+        total: usize,
+        resume: Option<&Path>,
+        train: &[String],
+        what: &str,
+    ) -> Result<M> {
+        self.total = total;
+        let mut model = model;
+        if let Some(ck) = resume {
+            (model, self.first) = self.groups.resume(model, ck)?;
+            eprintln!(
+                "[{}] resuming at step {}/{total} from {}",
+                self.name,
+                self.first,
+                ck.display()
+            );
+            self.last_good = Some(ck.to_path_buf());
+        }
+        let model = self.groups.select(model, train, self.name)?;
+        eprintln!(
+            "[{}] {what}, {total} steps; training {} ({} of {} params)",
+            self.name,
+            train.join(", "),
+            self.groups.n_train,
+            self.groups.n_all
+        );
+        self.progress = Some(Progress::new(self.name, self.first, total));
+        Ok(model)
+    }
+
+    /// The steps left to run.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.total
+    }
+
+    /// Starts step `step` (0-based): its clock and learning-rate factor; returns the learning rate.
+    pub fn begin(&mut self, step: usize) -> f64 {
+        self.t0 = Instant::now();
+        self.factor = schedule::factor(self.s.schedule, step, self.total);
+        self.groups.lr() * self.factor
+    }
+
+    /// One optimizer update of step `step` with `loss` (the value the gradients came from): refused before it
+    /// touches the weights when the loss is not finite. Returns the model and the gradient norm before clipping.
+    pub fn update<M: Module>(
+        &mut self,
+        model: M,
+        step: usize,
+        loss: f64,
+        grads: GradientsParams,
+    ) -> Result<(M, f64)> {
+        let loss = poison(self.name, step + 1, loss);
+        if !loss.is_finite() {
+            return Err(Error::input(format!(
+                "{}: loss is {loss} at step {} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate (or beta), or check this step's data.",
+                self.key,
+                step + 1,
+                self.groups.lr() * self.factor,
+                self.last_good
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none (the stage's start)".into())
+            )));
+        }
+        Ok(self
+            .groups
+            .step(model, grads, self.s.clip_grad_norm, self.factor))
+    }
+
+    /// The tail of step `step`: the fault point, progress, the metrics line when due (the stage's `line` plus
+    /// stage, step, lr, grad_norm, step_s; due every `log_every` steps, at step 1 and at the last), and a
+    /// checkpoint every `save_every` steps (`write` saves the model's files into the folder it is given).
+    #[allow(clippy::too_many_arguments)]
+    pub fn end<M: Module>(
+        &mut self,
+        model: &M,
+        step: usize,
+        loss: f64,
+        norm: f64,
+        tok_s: Option<f64>,
+        line: impl FnOnce() -> serde_json::Value,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        let done = step + 1;
+        fault_point(self.name, done, None);
+        let lr = self.groups.lr() * self.factor;
+        if let Some(p) = &mut self.progress {
+            p.update(done, loss, lr, tok_s);
+        }
+        if done % self.s.log_every == 0 || done == self.total || done == 1 {
+            let mut l = line();
+            l["stage"] = self.name.into();
+            l["step"] = done.into();
+            l["lr"] = lr.into();
+            l["grad_norm"] = norm.into();
+            l["step_s"] = self.t0.elapsed().as_secs_f64().into();
+            self.metrics.write(l)?;
+        }
+        if done % self.s.save_every == 0 && done < self.total {
+            let last = self.last_good.clone();
+            let dir = checkpoints::save(
+                &self.dir,
+                &optim::state(model, done, self.total),
+                |tmp| {
+                    write(tmp)?;
+                    fault_point(self.name, done, Some("checkpoint"));
+                    self.groups.save(tmp)
+                },
+                self.s.keep_last,
+            )
+            .map_err(|e| {
+                Error::input(format!(
+                    "{}: the checkpoint of step {done} was not written: {e}. The last good checkpoint is {}; `--resume` continues from it.",
+                    self.key,
+                    last.map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none (the stage restarts)".into())
+                ))
+            })?;
+            self.last_good = Some(dir);
+        }
+        Ok(())
+    }
+
+    /// A message beside the progress bar.
+    pub fn note(&self, msg: &str) {
+        match &self.progress {
+            Some(p) => p.note(msg),
+            None => eprintln!("[{}] {msg}", self.name),
+        }
+    }
+
+    /// Ends the stage: `save` writes the final model into the stage's folder, then the done marker (a stage is done
+    /// only once its model is complete).
+    pub fn finish<T>(self, save: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+        if let Some(p) = &self.progress {
+            p.finish();
+        }
+        let out = save(&self.dir)?;
+        checkpoints::mark_done(&self.dir, self.total)?;
+        Ok(out)
+    }
 }

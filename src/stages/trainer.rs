@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::build::{Built, export};
-use super::log::{Metrics, Progress};
-use super::optim::Groups;
-use super::{checkpoints, steps};
-use super::{loss, schedule};
+use super::log::Metrics;
+use super::loss;
+use super::steps::Engine;
 use crate::checkpoint::peft;
 use crate::data::contract::{self, Bad, Kind};
 use crate::data::images::ImageProcessor;
@@ -79,20 +78,18 @@ pub fn micro_loss(
     Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
 }
 
-fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<String> {
+fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<&'static str> {
     if let Some(a) = adapter {
         // LLaVA's LoRA recipe: adapters on the LLM, the connector trained in full.
-        let adapted = &a.parts;
         return ["connector"]
-            .iter()
-            .filter(|p| !adapted.iter().any(|a| a == *p))
-            .map(|p| p.to_string())
+            .into_iter()
+            .filter(|p| !a.parts.iter().any(|a| a == p))
             .collect();
     }
     match kind {
-        "align" => vec!["connector".into()],
-        "instruct" => vec!["connector".into(), "llm".into()],
-        _ => vec!["encoder".into(), "connector".into(), "llm".into()],
+        "align" => vec!["connector"],
+        "instruct" => vec!["connector", "llm"],
+        _ => vec!["encoder", "connector", "llm"],
     }
 }
 
@@ -134,13 +131,15 @@ fn eval_loss(
 /// Runs one training stage from `built` (or from the checkpoint in `resume`), returns the trained model.
 pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<Built> {
     let kind = ctx.spec.kind();
-    let spec = ctx
-        .spec
-        .train()
-        .expect("trainer::run is given training stages");
-    let seed = spec.seed.unwrap_or(ctx.seed);
-    let template = crate::data::templates::training_source(spec.template, &built.text)
-        .map_err(|m| Error::input(format!("stages.{}.template: {m}", ctx.name)))?;
+    let spec = ctx.spec.train().ok_or_else(|| {
+        Error::input(format!(
+            "stages.{}: not an align/instruct/pretrain stage",
+            ctx.name
+        ))
+    })?;
+    let mut eng = Engine::new(ctx, &built.text)?;
+    let (name, seed) = (eng.name, eng.seed);
+    let template = eng.template.clone();
     // each split lists its own bad samples (the held-out split's never overwrite the training split's)
     let prep = |data: &crate::recipe::schema::DataSpec, list: &str, key: &str| {
         prepare::prepare(
@@ -150,22 +149,18 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             spec.max_len,
             seed,
             spec.on_bad_sample,
-            &ctx.dir,
+            &eng.dir,
             list,
             key,
         )
     };
-    let data = prep(
-        &spec.data,
-        "skipped.jsonl",
-        &format!("stages.{}.data", ctx.name),
-    )?;
+    let data = prep(&spec.data, "skipped.jsonl", &format!("stages.{name}.data"))?;
     let eval_data = match &spec.eval {
         Some(e) => {
             let mut d = prep(
                 &e.data,
                 "skipped-eval.jsonl",
-                &format!("stages.{}.eval.data", ctx.name),
+                &format!("stages.{name}.eval.data"),
             )?;
             d.encoded.truncate(e.max_samples);
             Some((e.every, d))
@@ -174,8 +169,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     };
     if spec.batch.global % spec.batch.micro != 0 || spec.batch.micro == 0 {
         return Err(Error::input(format!(
-            "stages.{}.batch: global {} is not a multiple of micro {}",
-            ctx.name, spec.batch.global, spec.batch.micro
+            "stages.{name}.batch: global {} is not a multiple of micro {}",
+            spec.batch.global, spec.batch.micro
         )));
     }
     let order = Arc::new(Order {
@@ -192,29 +187,21 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         .unwrap_or((spec.epochs * per_epoch as f64).floor() as usize);
     if total == 0 {
         return Err(Error::input(format!(
-            "stages.{}: {} usable samples make no full global batch of {}; lower batch.global or add data",
-            ctx.name,
+            "stages.{name}: {} usable samples make no full global batch of {}; lower batch.global or add data",
             data.encoded.len(),
             spec.batch.global
         )));
     }
 
-    // Which parameters learn, in which optimizer group.
-    let mut train = spec
-        .train
-        .clone()
-        .unwrap_or_else(|| default_train(kind, spec.adapter.as_ref()));
-    let mut groups = Groups::new(&spec.optim, ctx.name)?;
-    let lr = groups.lr();
-    let mut start = 0;
+    // Which parameters learn; with adapters, the adapters too (attached before resume: their ids are saved).
+    let mut train = eng.train(&default_train(kind, spec.adapter.as_ref()));
     let mut model = built.model;
     let adapted = match &spec.adapter {
         Some(a) => {
-            let f = a;
-            let targets = lora::resolve(&model, f, &format!("stages.{}.adapter", ctx.name))?;
-            model = lora::attach(model, f, &targets, ctx.device)?;
+            let targets = lora::resolve(&model, a, &format!("stages.{name}.adapter"))?;
+            model = lora::attach(model, a, &targets, eng.device)?;
             if let Some(ck) = &resume {
-                model = peft::load(model, &ck.join("adapter"), &targets, ctx.device)?;
+                model = peft::load(model, &ck.join("adapter"), &targets, eng.device)?;
             }
             let to_save = train.clone();
             train.push(r"re:\.lora\.[ab]$".into());
@@ -226,23 +213,16 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         }
         None => None,
     };
-    if let Some(ck) = &resume {
-        (model, start) = groups.resume(model, ck)?;
-        eprintln!(
-            "[{}] resuming at step {start}/{total} from {}",
-            ctx.name,
-            ck.display()
-        );
-    }
-    model = groups.select(model, &train, ctx.name)?;
-    eprintln!(
-        "[{}] {kind}: {} samples, {per_epoch} steps/epoch, {total} steps; training {} ({} of {} params)",
-        ctx.name,
-        data.encoded.len(),
-        train.join(", "),
-        groups.n_train,
-        groups.n_all
-    );
+    let mut model = eng.start(
+        model,
+        total,
+        resume.as_deref(),
+        &train,
+        &format!(
+            "{kind}: {} samples, {per_epoch} steps/epoch",
+            data.encoded.len()
+        ),
+    )?;
 
     // a sample whose media fail to decode mid-run (changed on disk since the checks) follows the stage's policy
     let origins: Vec<String> = data.samples.iter().map(|s| s.origin.clone()).collect();
@@ -252,7 +232,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         Arc::new(built.images.clone()),
         spec.batch.micro,
         built.text.pad_id(),
-        start,
+        eng.first,
         total,
         4,
     );
@@ -260,11 +240,10 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let save = |m: &Llava, part, out: &std::path::Path| {
         export(m, &built.text, &built.processor, Some(&template), part, out)
     };
-    let mut progress = Progress::new(ctx.name, start, total);
-    let mut last_good: Option<PathBuf> = resume.clone();
     let clock = Instant::now();
     let mut tokens_since = 0usize;
     for (step, mut micros) in rx {
+        eng.begin(step);
         let t0 = Instant::now();
         for mb in &mut micros {
             let dropped = std::mem::take(&mut mb.dropped);
@@ -282,51 +261,50 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 contract::settle_late(
                     &bad,
                     spec.on_bad_sample,
-                    &ctx.dir.join("skipped.jsonl"),
-                    &format!("stages.{} step {}", ctx.name, step + 1),
+                    &eng.dir.join("skipped.jsonl"),
+                    &format!("stages.{name} step {}", step + 1),
                 )?;
             }
         }
         micros.retain(|mb| !mb.ids.is_empty());
-        let f = schedule::factor(&spec.schedule, step, total);
         let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut loss_val = 0.0f64;
         let mut tokens = 0;
         for mb in &micros {
-            let l = micro_loss(&model, mb, ctx.device)?.div_scalar(global_sup.max(1) as f64);
+            let l = micro_loss(&model, mb, eng.device)?.div_scalar(global_sup.max(1) as f64);
             let v: f32 = l.clone().into_scalar::<f32>();
             loss_val += v as f64;
             tokens += mb.tokens;
             let g = GradientsParams::from_grads(l.backward(), &model);
             acc.accumulate(&model, g);
         }
-        let loss_val = steps::poison(ctx.name, step + 1, loss_val);
-        if !loss_val.is_finite() {
-            return Err(Error::input(format!(
-                "stages.{}: loss is {loss_val} at step {} (lr {:.3e}); stopped without saving. The last good checkpoint is {}. Lower the learning rate or check the data of this step.",
-                ctx.name,
-                step + 1,
-                lr * f,
-                last_good
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none (the stage's start)".into())
-            )));
-        }
         let norm;
-        (model, norm) = groups.step(model, acc.grads(), spec.clip_grad_norm, f);
+        (model, norm) = eng.update(model, step, loss_val, acc.grads())?;
         tokens_since += tokens;
+        let secs = clock.elapsed().as_secs_f64().max(1e-9);
+        eng.end(
+            &model,
+            step,
+            loss_val,
+            norm,
+            Some(tokens as f64 / t0.elapsed().as_secs_f64()),
+            || {
+                serde_json::json!({
+                    "loss": loss_val, "tokens_per_s": tokens_since as f64 / secs,
+                    "supervised_tokens": global_sup,
+                })
+            },
+            |tmp| match &adapted {
+                // base weights (HF files skip adapters) + the adapter, as the resume above reads them
+                Some(a) => {
+                    save(&model, None, tmp)?;
+                    a.save(&model, tmp, &tmp.join("adapter"))
+                }
+                None => save(&model, None, tmp),
+            },
+        )?;
         let done = step + 1;
-        steps::fault_point(ctx.name, done);
-        let secs = t0.elapsed().as_secs_f64();
-        progress.update(done, loss_val, lr * f, Some(tokens as f64 / secs));
-        if done % spec.log_every == 0 || done == total {
-            ctx.metrics.write(serde_json::json!({
-                "stage": ctx.name, "step": done, "loss": loss_val, "lr": lr * f, "grad_norm": norm,
-                "tokens_per_s": tokens_since as f64 / clock.elapsed().as_secs_f64().max(1e-9),
-                "supervised_tokens": global_sup, "step_s": secs,
-            }))?;
-        }
         if let Some((every, ed)) = &eval_data
             && (done % every == 0 || done == total)
         {
@@ -335,34 +313,14 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 ed,
                 built.text.pad_id(),
                 &built.images,
-                ctx.device,
+                eng.device,
                 spec.batch.micro,
             )?;
-            progress.note(&format!("step {done}: held-out loss {el:.4}"));
-            ctx.metrics
-                .write(serde_json::json!({"stage": ctx.name, "step": done, "eval_loss": el}))?;
-        }
-        if done % spec.save_every == 0 && done < total {
-            let dir = steps::checkpoint(
-                &ctx.dir,
-                &model,
-                &groups,
-                done,
-                total,
-                spec.keep_last,
-                |tmp| match &adapted {
-                    // base weights (HF files skip adapters) + the adapter, as the resume above reads them
-                    Some(a) => {
-                        save(&model, None, tmp)?;
-                        a.save(&model, tmp, &tmp.join("adapter"))
-                    }
-                    None => save(&model, None, tmp),
-                },
-            )?;
-            last_good = Some(dir);
+            eng.note(&format!("step {done}: held-out loss {el:.4}"));
+            eng.metrics
+                .write(serde_json::json!({"stage": name, "step": done, "eval_loss": el}))?;
         }
     }
-    progress.finish();
     let part = spec.export.as_ref().map(|e| {
         let p = match e.part {
             crate::recipe::schema::ExportPart::Encoder => crate::checkpoint::hf::Part::Encoder,
@@ -373,21 +331,21 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
     // With adapters: `model/` holds them merged (what later stages, generate and transformers load), `adapter/`
     // the PEFT adapter over `base/` (the unmerged weights).
-    let out = match &adapted {
-        Some(a) => {
-            let base = ctx.dir.join("base");
-            save(&model, None, &base)?;
-            a.save(&model, &base, &ctx.dir.join("adapter"))?;
-            lora::merge(model)
+    built.model = eng.finish(|dir| {
+        let m = match &adapted {
+            Some(a) => {
+                let base = dir.join("base");
+                save(&model, None, &base)?;
+                a.save(&model, &base, &dir.join("adapter"))?;
+                lora::merge(model)
+            }
+            None => model,
+        };
+        save(&m, None, &dir.join("model"))?;
+        if let Some(p) = part {
+            save(&m, Some(p), &dir.join("export"))?;
         }
-        None => model,
-    };
-    save(&out, None, &ctx.dir.join("model"))?;
-    if let Some(p) = part {
-        save(&out, Some(p), &ctx.dir.join("export"))?;
-    }
-    let model = out;
-    checkpoints::mark_done(&ctx.dir, total)?;
-    built.model = model;
+        Ok(m)
+    })?;
     Ok(built)
 }
