@@ -233,7 +233,14 @@ pub fn write_file(path: &Path, tensors: &[ToWrite]) -> Result<()> {
         Some(meta),
         &tmp,
     )
-    .map_err(|e| Error::file(&tmp, format!("cannot write safetensors: {e}")))?;
+    .map_err(|e| match e {
+        // disk full, size limits, permissions: the I/O error says what to do
+        safetensors::SafeTensorError::IoError(source) => Error::Io {
+            path: tmp.clone(),
+            source,
+        },
+        e => Error::file(&tmp, format!("cannot write safetensors: {e}")),
+    })?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,

@@ -25,7 +25,8 @@ pub const ASSET_FILES: [&str; 9] = [
 
 pub const BASE_TEMPLATE_FILE: &str = "base_chat_template.jinja";
 
-/// Copies a connector's own tokenizer folder (`qformer_tokenizer/`) from `from` to `out`, when there is one.
+/// Copies a connector's own tokenizer folder (`qformer_tokenizer/`) from `from` to `out`, when there is one
+/// (conversions of a checkpoint directory; trained models write `TextProcessor::save_files`).
 pub fn copy_qformer_tokenizer(from: &Path, out: &Path) -> Result<()> {
     let src = from.join("qformer_tokenizer");
     if !src.is_dir() || from == out {
@@ -48,6 +49,40 @@ pub fn copy_qformer_tokenizer(from: &Path, out: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tokenizer's files every saved model carries (beside `qformer_tokenizer/*`, a connector's own).
+const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// The tokenizer's files as they were when it loaded (path relative to its folder, bytes): saves write these, not
+/// copies of the folder, which may be gone by then (a run's old checkpoints are pruned while a stage that resumed
+/// from one still holds its tokenizer).
+fn read_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut out = vec![];
+    for f in TOKENIZER_FILES {
+        let p = dir.join(f);
+        if p.exists() {
+            out.push((PathBuf::from(f), crate::error::read(&p)?));
+        }
+    }
+    let q = dir.join("qformer_tokenizer");
+    if q.is_dir() {
+        let entries = std::fs::read_dir(&q).map_err(|source| Error::Io {
+            path: q.clone(),
+            source,
+        })?;
+        let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        names.sort();
+        for p in names.into_iter().filter(|p| p.is_file()) {
+            let rel = Path::new("qformer_tokenizer").join(p.file_name().unwrap_or_default());
+            out.push((rel, crate::error::read(&p)?));
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Clone)]
@@ -75,6 +110,7 @@ pub struct TextProcessor {
     /// A connector's own tokenizer (InstructBLIP's Q-Former BERT tokenizer, `qformer_tokenizer/`).
     pub qformer: Option<tokenizers::Tokenizer>,
     dir: PathBuf,
+    files: std::sync::Arc<Vec<(PathBuf, Vec<u8>)>>,
 }
 
 /// Each `token` of `ids` repeated as many times as its entry of `counts`, in order (0 past the end).
@@ -201,6 +237,7 @@ impl TextProcessor {
             video_token: None,
             tok,
             dir: dir.to_path_buf(),
+            files: std::sync::Arc::new(read_files(dir)?),
         })
     }
 
@@ -558,6 +595,21 @@ impl TextProcessor {
 
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.tok.token_to_id(token).map(i64::from)
+    }
+
+    /// Writes the tokenizer's files (as loaded) into a model directory `out`.
+    pub fn save_files(&self, out: &Path) -> Result<()> {
+        for (rel, bytes) in self.files.iter() {
+            let p = out.join(rel);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+            }
+            std::fs::write(&p, bytes).map_err(|source| Error::Io { path: p, source })?;
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {

@@ -399,25 +399,6 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
     })
 }
 
-const TOKENIZER_FILES: [&str; 3] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
-
-fn copy_tokenizer(from: &Path, out: &Path) -> Result<()> {
-    for f in TOKENIZER_FILES {
-        let p = from.join(f);
-        if p.exists() && from != out {
-            std::fs::copy(&p, out.join(f)).map_err(|source| Error::Io {
-                path: p.clone(),
-                source,
-            })?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes the model (HF LLaVA layout, or one standalone part) with tokenizer, processor and the chat template
 /// it was trained with.
 pub fn export(
@@ -439,8 +420,7 @@ pub fn export(
         }
     };
     if part != Some(Part::Encoder) {
-        copy_tokenizer(text.dir(), out)?;
-        crate::data::tokenizer::copy_qformer_tokenizer(text.dir(), out)?;
+        text.save_files(out)?;
         if let Some(t) = template {
             let p = out.join("chat_template.jinja");
             std::fs::write(&p, t).map_err(|source| Error::Io { path: p, source })?;

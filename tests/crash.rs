@@ -1,0 +1,242 @@
+//! A run survives what kills runs: SIGKILL at random moments of a two-stage pipeline (also inside checkpoint
+//! writes and with a torn metrics line) resumes to the losses of an uninterrupted run, and a write that fails
+//! (the file-size limit standing in for a full disk) stops with a clear error and the last good checkpoint intact.
+mod common;
+
+use common::{losses, run_mitune, scratch, world};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// align (4 steps) → instruct (6 steps) on bench-tiny presets, a checkpoint every step.
+fn recipe(w: &Path, out: &Path) -> String {
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    format!(
+        r#"name = "crash"
+seed = 5
+pipeline = ["align", "instruct"]
+output = {out:?}
+
+[model.encoder]
+kind = "clip_vit"
+preset = "bench-tiny"
+
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok}
+
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
+template = "plain"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 4
+max_len = 64
+log_every = 1
+save_every = 1
+
+[stages.instruct]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {inst} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 6
+max_len = 384
+log_every = 1
+save_every = 1
+keep_last = 2
+"#,
+        out = out.display().to_string(),
+        tok = p("tokenizer"),
+        cap = p("captions_train.json"),
+        inst = p("instruct_train.json"),
+    )
+}
+
+/// The uninterrupted run's losses and wall time.
+fn reference(d: &Path, w: &Path) -> (Vec<((String, u64), String)>, Duration) {
+    let a = d.join("a.toml");
+    std::fs::write(&a, recipe(w, &d.join("runs-a"))).unwrap();
+    let t0 = Instant::now();
+    let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let took = t0.elapsed();
+    let l = losses(&d.join("runs-a/crash"));
+    assert_eq!(l.len(), 10, "4 align + 6 instruct steps: {l:?}");
+    (l, took)
+}
+
+/// Complete checkpoints of a stage (as `--resume` sees them).
+fn checkpoints(stage: &Path) -> Vec<String> {
+    mitune::stages::checkpoints::list(stage)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into())
+        .collect()
+}
+
+#[test]
+fn sigkill_at_random_moments_resumes_to_the_same_losses() {
+    let d = scratch("crash-kill");
+    let w = world(&d);
+    let (want, took) = reference(&d, &w);
+    let b = d.join("b.toml");
+    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
+    let run = d.join("runs-b/crash");
+    let train = |resume: bool, fault: Option<&str>| {
+        let mut args = vec!["train", b.to_str().unwrap()];
+        if resume {
+            args.push("--resume");
+        }
+        run_mitune(&args, fault.map(|f| ("MITUNE_FAULT_ABORT_AT_STEP", f)))
+    };
+
+    // Killed inside checkpoint writes (model written, optimizer state and state.json not yet): the half-written
+    // folder is never taken for a checkpoint.
+    let (ok, _) = train(false, Some("align:2:checkpoint"));
+    assert!(!ok, "the fault should have killed the run");
+    assert!(run.join("align/checkpoints/step-000002.tmp").exists());
+    assert_eq!(checkpoints(&run.join("align")), ["step-000001"]);
+    let (ok, _) = train(true, Some("instruct:3:checkpoint"));
+    assert!(!ok, "the fault should have killed the run");
+    assert_eq!(
+        checkpoints(&run.join("instruct")),
+        ["step-000001", "step-000002"]
+    );
+    // A line torn by the kill (the process died mid-write) is cut, not glued to the next one.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run.join("metrics.jsonl"))
+            .unwrap();
+        write!(f, "{{\"stage\":\"instruct\",\"step\":3,\"lo").unwrap();
+    }
+
+    let (ok, err) = train(true, None);
+    assert!(ok, "{err}");
+    assert_eq!(
+        losses(&run),
+        want,
+        "losses after the checkpoint-write kills differ"
+    );
+
+    // A fresh run (`runs-c`):
+    let c = d.join("c.toml");
+    std::fs::write(&c, recipe(&w, &d.join("runs-c"))).unwrap();
+    let run = d.join("runs-c/crash");
+    // SIGKILL after pseudo-random delays between a tenth and 70% of the uninterrupted run's time (a fixed LCG,
+    // so a sequence can be replayed), resuming each time: kills land in start-up, steps, checkpoint writes and
+    // the stage's final save, wherever the time goes on this machine.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut killed = 0;
+    let mut finished = false;
+    for round in 0..10 {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let delay = took.mul_f64(0.1 + 0.6 * ((x >> 33) % 1000) as f64 / 1000.0);
+        let log = d.join(format!("round-{round}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mitune"))
+            .args(["train", c.to_str().unwrap(), "--resume"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < delay {
+            if let Some(s) = child.try_wait().unwrap() {
+                assert!(
+                    s.success(),
+                    "round {round}: the run failed on its own: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                finished = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if finished {
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        killed += 1;
+        eprintln!(
+            "round {round}: killed after {delay:?}; checkpoints align {:?}, instruct {:?}",
+            checkpoints(&run.join("align")),
+            checkpoints(&run.join("instruct"))
+        );
+    }
+    assert!(killed >= 2, "only {killed} kills landed");
+    if !finished {
+        let (ok, err) = run_mitune(&["train", c.to_str().unwrap(), "--resume"], None);
+        assert!(ok, "{err}");
+    }
+    assert!(run.join("instruct/done.json").exists());
+    assert_eq!(
+        losses(&run),
+        want,
+        "losses after {killed} kills differ from the uninterrupted run"
+    );
+    assert!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "every metrics line parses"
+    );
+}
+
+/// A checkpoint write that fails (here the process's file-size limit, `ulimit -f`, which fails writes with
+/// EFBIG the way a full disk fails them with ENOSPC, and works without root or a special filesystem) stops the
+/// stage with the reason and the last good checkpoint, removes its partial folder, and `--resume` continues.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_last_good_one() {
+    let d = scratch("crash-full");
+    let w = world(&d);
+    let (want, _) = reference(&d, &w);
+    let b = d.join("b.toml");
+    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
+    let run = d.join("runs-b/crash");
+    let (ok, _) = run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
+    );
+    assert!(!ok, "the fault should have killed the run");
+    let before = checkpoints(&run.join("instruct"));
+    assert_eq!(before, ["step-000001", "step-000002"]);
+    let weights = run.join("instruct/checkpoints/step-000002/model.safetensors");
+    let size_kb = std::fs::metadata(&weights).unwrap().len() / 1024;
+    assert!(
+        size_kb > 64,
+        "the model file is too small for this test: {size_kb} KiB"
+    );
+    // bash's `ulimit -f` counts KiB; SIGXFSZ ignored so the write fails instead of killing the process
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {}; exec \"$0\" train \"$1\" --resume",
+            size_kb / 2
+        ))
+        .arg(env!("CARGO_BIN_EXE_mitune"))
+        .arg(&b)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write should have failed: {err}");
+    assert!(
+        err.contains("the checkpoint of step 3 was not written")
+            && err.contains("size limit")
+            && err.contains("step-000002"),
+        "{err}"
+    );
+    assert_eq!(checkpoints(&run.join("instruct")), before);
+    assert!(!run.join("instruct/checkpoints/step-000003.tmp").exists());
+    let (ok, err) = run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming at step 2/6"), "{err}");
+    assert_eq!(losses(&run), want);
+}
