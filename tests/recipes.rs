@@ -200,6 +200,26 @@ fn located_errors() {
             && e.contains("not a valid regex"),
         "{e}"
     );
+    // The numbers every training stage shares are checked before it starts (a zero save_every would stop it at its
+    // first step, a NaN epoch count make no steps at all), each named by its key, all at once.
+    let e = one_error(load_edited(
+        "numbers",
+        |s| {
+            s.replace("lr = 2e-5", "lr = inf, betas = [0.9, 1.0]")
+                + "save_every = 0\nepochs = nan\nclip_grad_norm = -1.0\nschedule = { kind = \"warmup_cosine\", warmup_ratio = 1.5 }\n"
+        },
+        &[],
+    ));
+    for k in [
+        "stages.instruct.optim.lr",
+        "stages.instruct.optim.betas[1]",
+        "stages.instruct.save_every",
+        "stages.instruct.epochs",
+        "stages.instruct.clip_grad_norm",
+        "stages.instruct.schedule.warmup_ratio",
+    ] {
+        assert!(e.contains(k), "{k} not reported: {e}");
+    }
     // Several problems are all reported at once.
     let errs = load_edited(
         "many",

@@ -7,7 +7,7 @@ pub mod sweep;
 use std::path::Path;
 
 use resolve::Resolved;
-use schema::{Heldout, ModelSpec, Prepare, Recipe, StageSpec};
+use schema::{Heldout, ModelSpec, Part, Prepare, Recipe, StageSpec};
 
 /// Known top-level keys (anything else is a typo).
 const TOP: [&str; 8] = [
@@ -291,16 +291,12 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 )),
             }
         }
-        // what the stage trains and at which rates: checked here, not when the stage starts
-        let (train, optim) = match stage {
-            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
-                (t.train.as_deref(), Some(&t.optim))
-            }
-            StageSpec::Dpo(p) | StageSpec::Reward(p) => (p.train.as_deref(), Some(&p.optim)),
-            StageSpec::Grpo(g) | StageSpec::Ppo(g) => (g.train.as_deref(), Some(&g.optim)),
-            StageSpec::Eval(_) => (None, None),
-        };
-        check_trained(train, optim, &key, r, errs);
+        // what the stage trains, at which rates and how often it logs and saves: checked here, not when the
+        // stage starts (a zero `save_every` would otherwise stop it at its first step)
+        if let Some(st) = stage.steps() {
+            let head = matches!(stage, StageSpec::Reward(_) | StageSpec::Ppo(_));
+            check_trained(&st, head, &key, r, errs);
+        }
         let t = match stage {
             StageSpec::Eval(e) => {
                 check_eval(e, &key, r, &exists, errs);
@@ -365,9 +361,6 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     t.batch.global, t.batch.micro
                 ),
             ));
-        }
-        if t.max_len < 2 {
-            errs.push(problem(r, &format!("{key}.max_len"), "must be at least 2"));
         }
         if t.data.sources.is_empty() {
             errs.push(problem(
@@ -465,44 +458,126 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
 }
 
 /// What can be said of an adapter without the model (its targets are matched against the model at `train`).
-/// `train` entries are parts or valid `re:<regex>`; `optim.part_lr` keys are parts.
-fn check_trained(
-    train: Option<&[String]>,
-    optim: Option<&schema::Optim>,
-    key: &str,
-    r: &Resolved,
-    errs: &mut Vec<Problem>,
-) {
-    const PARTS: [&str; 4] = ["encoder", "connector", "llm", "head"];
-    for p in train.unwrap_or_default() {
+/// `train` entries are parts or valid `re:<regex>` (`head` only where the stage has one); `optim.part_lr` keys
+/// are parts; the numbers every training stage shares are in range.
+fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: &mut Vec<Problem>) {
+    let part_ok = |p: &str| Part::parse(p).is_some_and(|p| head || p != Part::Head);
+    let parts = if head {
+        "encoder, connector, llm, head"
+    } else {
+        "encoder, connector, llm"
+    };
+    let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
+    for p in st.train.unwrap_or_default() {
         match p.strip_prefix("re:") {
             Some(re) => {
                 if let Err(e) = regex::Regex::new(re) {
-                    errs.push(problem(
-                        r,
-                        &format!("{key}.train"),
-                        format!("{p:?} is not a valid regex: {e}"),
-                    ));
+                    bad("train", format!("{p:?} is not a valid regex: {e}"));
                 }
             }
-            None if !PARTS.contains(&p.as_str()) => errs.push(problem(
-                r,
-                &format!("{key}.train"),
-                format!("{p:?}: use encoder, connector, llm, head or re:<regex>"),
-            )),
+            None if !part_ok(p) => bad("train", format!("{p:?}: use {parts} or re:<regex>")),
             None => {}
         }
     }
-    if let Some(schema::Optim::Adamw { part_lr, .. }) = optim {
-        for k in part_lr.keys() {
-            if !PARTS.contains(&k.as_str()) {
-                errs.push(problem(
-                    r,
-                    &format!("{key}.optim.part_lr.{k}"),
-                    "not a part (encoder, connector, llm, head)",
-                ));
+    let schema::Optim::Adamw {
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        part_lr,
+    } = st.optim;
+    for (k, v) in part_lr {
+        if !part_ok(k) {
+            bad(
+                &format!("optim.part_lr.{k}"),
+                format!("not a part ({parts})"),
+            );
+        }
+        if !(v.is_finite() && *v >= 0.0) {
+            bad(
+                &format!("optim.part_lr.{k}"),
+                format!("{v}: a learning rate is a finite number >= 0"),
+            );
+        }
+    }
+    if !(lr.is_finite() && *lr >= 0.0) {
+        bad("optim.lr", format!("{lr}: must be a finite number >= 0"));
+    }
+    for (i, b) in betas.iter().enumerate() {
+        if !(0.0..1.0).contains(b) {
+            bad(
+                &format!("optim.betas[{i}]"),
+                format!("{b}: must be in [0, 1)"),
+            );
+        }
+    }
+    if !(eps.is_finite() && *eps > 0.0) {
+        bad("optim.eps", format!("{eps}: must be a finite number > 0"));
+    }
+    if !(weight_decay.is_finite() && *weight_decay >= 0.0) {
+        bad(
+            "optim.weight_decay",
+            format!("{weight_decay}: must be a finite number >= 0"),
+        );
+    }
+    match st.schedule {
+        schema::Schedule::Constant { .. } => {}
+        schema::Schedule::Linear { warmup_ratio, .. } => {
+            if !(0.0..=1.0).contains(warmup_ratio) {
+                bad(
+                    "schedule.warmup_ratio",
+                    format!("{warmup_ratio}: must be in [0, 1]"),
+                );
             }
         }
+        schema::Schedule::WarmupCosine {
+            warmup_ratio,
+            min_lr_ratio,
+            ..
+        } => {
+            if !(0.0..=1.0).contains(warmup_ratio) {
+                bad(
+                    "schedule.warmup_ratio",
+                    format!("{warmup_ratio}: must be in [0, 1]"),
+                );
+            }
+            if !(0.0..=1.0).contains(min_lr_ratio) {
+                bad(
+                    "schedule.min_lr_ratio",
+                    format!("{min_lr_ratio}: must be in [0, 1]"),
+                );
+            }
+        }
+    }
+    if !(st.clip_grad_norm.is_finite() && st.clip_grad_norm >= 0.0) {
+        bad(
+            "clip_grad_norm",
+            format!(
+                "{}: must be a finite number >= 0 (0 = off)",
+                st.clip_grad_norm
+            ),
+        );
+    }
+    if st.max_steps.is_none() && !(st.epochs.is_finite() && st.epochs > 0.0) {
+        bad(
+            "epochs",
+            format!("{}: must be a finite number > 0", st.epochs),
+        );
+    }
+    if st.max_steps == Some(0) {
+        bad("max_steps", "0: must be at least 1".into());
+    }
+    for (k, v) in [
+        ("log_every", st.log_every),
+        ("save_every", st.save_every),
+        ("keep_last", st.keep_last),
+    ] {
+        if v == 0 {
+            bad(k, "0: must be at least 1".into());
+        }
+    }
+    if st.max_len < 2 {
+        bad("max_len", format!("{}: must be at least 2", st.max_len));
     }
 }
 
@@ -550,7 +625,7 @@ fn check_adapter(
         }
     }
     for p in &f.parts {
-        if !["encoder", "connector", "llm"].contains(&p.as_str()) {
+        if Part::parse(p).is_none_or(|p| p == Part::Head) {
             errs.push(problem(
                 r,
                 &format!("{key}.parts"),
@@ -608,6 +683,9 @@ fn check_rl(
     }
     if g.updates == 0 {
         bad("updates", "must be at least 1".into());
+    }
+    for (k, m) in g.sampling.problems() {
+        bad(&format!("sampling.{k}"), m);
     }
     if g.batch.micro == 0 || g.batch.global % g.batch.micro != 0 {
         bad(
@@ -734,15 +812,6 @@ fn check_pref(
                 r,
                 &format!("{key}.data.sources"),
                 format!("source {j}: {} does not exist", s.path.display()),
-            ));
-        }
-    }
-    for t in p.train.iter().flatten() {
-        if !t.starts_with("re:") && !["encoder", "connector", "llm"].contains(&t.as_str()) {
-            errs.push(problem(
-                r,
-                &format!("{key}.train"),
-                format!("{t:?}: use encoder, connector, llm or re:<regex>"),
             ));
         }
     }

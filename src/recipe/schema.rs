@@ -222,6 +222,9 @@ impl StageSpec {
                     log_every: $s.log_every,
                     save_every: $s.save_every,
                     keep_last: $s.keep_last,
+                    epochs: $s.epochs,
+                    max_steps: $s.max_steps,
+                    max_len: $s.max_len,
                 }
             };
         }
@@ -245,6 +248,38 @@ impl StageSpec {
     }
 }
 
+/// The parts of a model that `train = [...]`, `optim.part_lr` and adapters' `parts` name (a recipe writes their
+/// names; the code holds this enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Part {
+    Encoder,
+    Connector,
+    Llm,
+    /// A stage's own layers beside the LLaVA: the reward model's score, PPO's value head.
+    Head,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Encoder, Part::Connector, Part::Llm, Part::Head];
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Encoder => "encoder",
+            Part::Connector => "connector",
+            Part::Llm => "llm",
+            Part::Head => "head",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Part> {
+        Part::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What every training stage kind sets the same way: the step engine's view of a stage (`StageSpec::steps`).
 #[derive(Debug, Clone, Copy)]
 pub struct Steps<'a> {
@@ -258,6 +293,9 @@ pub struct Steps<'a> {
     pub log_every: usize,
     pub save_every: usize,
     pub keep_last: usize,
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    pub max_len: usize,
 }
 
 /// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
@@ -988,6 +1026,28 @@ pub struct Sampling {
     pub top_k: usize,
     #[serde(default = "thirty_two_usize")]
     pub max_new_tokens: usize,
+}
+impl Sampling {
+    /// What is wrong with the settings for on-policy RL, as (key, reason): the completions of a group must differ.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![];
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            out.push((
+                "temperature",
+                format!(
+                    "{}: must be a finite number > 0 (at 0 every completion of a group is the same greedy one)",
+                    self.temperature
+                ),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            out.push(("top_p", format!("{}: must be in (0, 1]", self.top_p)));
+        }
+        if self.max_new_tokens == 0 {
+            out.push(("max_new_tokens", "0: must be at least 1".into()));
+        }
+        out
+    }
 }
 impl Default for Sampling {
     fn default() -> Self {

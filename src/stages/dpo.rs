@@ -24,7 +24,7 @@ use crate::data::sources::{Role, Sample};
 use crate::data::templates::{self, Encoded};
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{OnBad, PrefData, PrefStage, Reference};
+use crate::recipe::schema::{OnBad, Part, PrefData, PrefStage, Reference};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -324,7 +324,7 @@ pub fn run(
         _ => (&[], &[]),
     };
 
-    let train = eng.train(&["connector", "llm"]);
+    let train = eng.train(&[Part::Connector, Part::Llm]);
     let policy = match &resume {
         Some(ck) => super::build::load_dir(ck, device)?.model,
         None => start.model.clone(),

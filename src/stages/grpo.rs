@@ -26,7 +26,7 @@ use crate::data::preference::{PromptItem, load_prompts};
 use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
 use crate::generate::GenConfig;
-use crate::recipe::schema::{OnBad, PromptData, RlStage};
+use crate::recipe::schema::{OnBad, Part, PromptData, RlStage};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -409,7 +409,7 @@ pub fn run(
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
     let template = eng.template.clone();
     let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
-    let train = eng.train(&["connector", "llm"]);
+    let train = eng.train(&[Part::Connector, Part::Llm]);
     let policy = match &resume {
         Some(ck) => super::build::load_dir(ck, device)?.model,
         None => start.model.clone(),

@@ -9,14 +9,15 @@ use std::path::Path;
 use super::checkpoints;
 use super::params::{self, ParamInfo};
 use crate::error::{Error, Result};
-use crate::recipe::schema::Optim;
+use crate::recipe::schema::{Optim, Part};
 
 pub struct Groups {
     /// keyed by "decays?" (weight decay only on ≥2-D parameters)
     optims: BTreeMap<bool, ModuleOptimizer>,
-    group_of: HashMap<ParamId, String>,
+    /// (part, decays?) of every trained parameter
+    group_of: HashMap<ParamId, (Part, bool)>,
     lr: f64,
-    part_lr: BTreeMap<String, f64>,
+    part_lr: BTreeMap<Part, f64>,
     pub n_train: usize,
     pub n_all: usize,
 }
@@ -31,13 +32,16 @@ impl Groups {
             weight_decay,
             part_lr,
         } = optim;
-        for k in part_lr.keys() {
-            if !["encoder", "connector", "llm", "head"].contains(&k.as_str()) {
-                return Err(Error::input(format!(
+        // the recipe's checks named a bad key already; this only converts
+        let part_lr = part_lr
+            .iter()
+            .map(|(k, v)| match Part::parse(k) {
+                Some(p) => Ok((p, *v)),
+                None => Err(Error::input(format!(
                     "stages.{stage}.optim.part_lr.{k}: not a part (encoder, connector, llm, head)"
-                )));
-            }
-        }
+                ))),
+            })
+            .collect::<Result<_>>()?;
         let adamw = |wd: f64| {
             AdamWConfig::new()
                 .with_beta_1(betas[0] as f32)
@@ -50,7 +54,7 @@ impl Groups {
             optims: BTreeMap::from([(true, adamw(*weight_decay)), (false, adamw(0.0))]),
             group_of: HashMap::new(),
             lr: *lr,
-            part_lr: part_lr.clone(),
+            part_lr,
             n_train: 0,
             n_all: 0,
         })
@@ -80,7 +84,7 @@ impl Groups {
             params::select(&all, train).map_err(|m| Error::input(format!("stages.{stage}.{m}")))?;
         self.group_of = trainable
             .iter()
-            .map(|p| (p.id, format!("{}/{}", params::part_of(&p.path), p.decay)))
+            .map(|p| (p.id, (params::part_of(&p.path), p.decay)))
             .collect();
         self.n_train = trainable.iter().map(|p| p.numel).sum();
         self.n_all = all.iter().map(|p| p.numel).sum();
@@ -100,11 +104,11 @@ impl Groups {
         if clip > 0.0 && norm > clip {
             params::scale_grads(&model, &mut grads, clip / (norm + 1e-6));
         }
-        for (group, g) in params::split_grads(&model, grads, &self.group_of) {
-            let (part, decay) = group.split_once('/').unwrap();
-            let lr = self.part_lr.get(part).copied().unwrap_or(self.lr) * factor;
-            let o = self.optims.get_mut(&(decay == "true")).unwrap();
-            model = o.step(lr, model, g);
+        for ((part, decay), g) in params::split_grads(&model, grads, &self.group_of) {
+            let lr = self.part_lr.get(&part).copied().unwrap_or(self.lr) * factor;
+            if let Some(o) = self.optims.get_mut(&decay) {
+                model = o.step(lr, model, g);
+            }
         }
         (model, norm)
     }

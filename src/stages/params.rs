@@ -7,19 +7,21 @@ use burn::tensor::Tensor;
 use regex::Regex;
 use std::collections::{BTreeMap, HashMap};
 
+use crate::recipe::schema::Part;
+
 /// The component a parameter path belongs to, as recipes name them. Models that wrap the LLaVA (the reward model)
 /// keep it under `llava.`; their own layers (the scalar `score` head) are the part `head`.
-pub fn part_of(path: &str) -> &'static str {
+pub fn part_of(path: &str) -> Part {
     let path = path.strip_prefix("llava.").unwrap_or(path);
     if path.starts_with("score.") || path.starts_with("value.") {
-        "head"
+        Part::Head
     } else if path.starts_with("vision_tower.") {
-        "encoder"
+        Part::Encoder
     } else if path.starts_with("multi_modal_projector.") || path == "image_newline" {
         // LLaVA-NeXT's end-of-row embedding learns with the projector (LLaVA-NeXT's own training unfreezes both)
-        "connector"
+        Part::Connector
     } else {
-        "llm"
+        Part::Llm
     }
 }
 
@@ -76,11 +78,11 @@ pub fn select(
             let re =
                 Regex::new(re).map_err(|e| format!("train: {pat:?} is not a valid regex: {e}"))?;
             params.iter().filter(|p| re.is_match(&p.path)).collect()
-        } else if ["encoder", "connector", "llm", "head"].contains(&pat.as_str()) {
-            params.iter().filter(|p| part_of(&p.path) == pat).collect()
+        } else if let Some(part) = Part::parse(pat) {
+            params.iter().filter(|p| part_of(&p.path) == part).collect()
         } else {
             return Err(format!(
-                "train: {pat:?} is neither a part (encoder, connector, llm) nor `re:<regex>`"
+                "train: {pat:?} is neither a part (encoder, connector, llm, head) nor `re:<regex>`"
             ));
         };
         if hit.is_empty() {
@@ -137,18 +139,18 @@ pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f6
     model.visit(&mut Scale(grads, factor));
 }
 
-/// Splits gradients by group key (e.g. "connector/decay"); parameters without a group are dropped.
-pub fn split_grads<M: Module>(
+/// Splits gradients by group key (e.g. (connector, decays)); parameters without a group are dropped.
+pub fn split_grads<M: Module, K: Ord + Clone>(
     model: &M,
     mut grads: GradientsParams,
-    group_of: &HashMap<ParamId, String>,
-) -> BTreeMap<String, GradientsParams> {
-    struct Split<'a> {
+    group_of: &HashMap<ParamId, K>,
+) -> BTreeMap<K, GradientsParams> {
+    struct Split<'a, K> {
         src: &'a mut GradientsParams,
-        group_of: &'a HashMap<ParamId, String>,
-        out: BTreeMap<String, GradientsParams>,
+        group_of: &'a HashMap<ParamId, K>,
+        out: BTreeMap<K, GradientsParams>,
     }
-    impl ModuleVisitor for Split<'_> {
+    impl<K: Ord + Clone> ModuleVisitor for Split<'_, K> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let (Some(g), Some(k)) =
                 (self.src.remove::<D>(param.id), self.group_of.get(&param.id))

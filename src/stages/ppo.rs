@@ -21,7 +21,7 @@ use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
 use crate::error::Result;
 
-use crate::recipe::schema::RlStage;
+use crate::recipe::schema::{Part, RlStage};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
@@ -139,8 +139,8 @@ pub fn run(
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
     let template = eng.template.clone();
     let reference = start.model.valid();
-    let mut train = eng.train(&["connector", "llm"]);
-    train.push("head".into());
+    let mut train = eng.train(&[Part::Connector, Part::Llm]);
+    train.push(Part::Head.name().into());
     let pv = match &resume {
         Some(ck) => {
             let mut pv = PolicyValue::new(build::load_dir(ck, device)?.model, device);

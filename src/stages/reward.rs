@@ -19,7 +19,7 @@ use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
 use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
-use crate::recipe::schema::PrefStage;
+use crate::recipe::schema::{Part, PrefStage};
 use crate::zoo::layers::{float_tensor, int_tensor, to_vec};
 use crate::zoo::mllm::{Llava, MmInput};
 
@@ -164,7 +164,7 @@ pub fn run(
         mut batches,
     } = setup(&eng, spec, &start)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
-    let train = eng.train(&["connector", "llm", "head"]);
+    let train = eng.train(&[Part::Connector, Part::Llm, Part::Head]);
     let rm = match &resume {
         Some(ck) => load(ck, device)?.0,
         None => RewardModel::new(start.model.clone(), device),

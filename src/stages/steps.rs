@@ -14,7 +14,7 @@ use super::{checkpoints, schedule};
 use crate::data::loader::Order;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Mix, Steps};
+use crate::recipe::schema::{Mix, Part, Steps};
 
 pub struct Batches {
     order: Order,
@@ -162,10 +162,10 @@ impl<'a> Engine<'a> {
     }
 
     /// The parts that learn: the recipe's `train`, else the stage kind's default.
-    pub fn train(&self, default: &[&str]) -> Vec<String> {
+    pub fn train(&self, default: &[Part]) -> Vec<String> {
         match self.s.train {
             Some(t) => t.to_vec(),
-            None => default.iter().map(|p| p.to_string()).collect(),
+            None => default.iter().map(|p| p.name().to_string()).collect(),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Adapter, StageSpec};
+use crate::recipe::schema::{Adapter, Part, StageSpec};
 use crate::zoo::layers::float_tensor;
 use crate::zoo::lora;
 use crate::zoo::mllm::{Llava, Media, MmInput};
@@ -78,18 +78,18 @@ pub fn micro_loss(
     Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
 }
 
-fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<&'static str> {
+fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<Part> {
     if let Some(a) = adapter {
         // LLaVA's LoRA recipe: adapters on the LLM, the connector trained in full.
-        return ["connector"]
+        return [Part::Connector]
             .into_iter()
-            .filter(|p| !a.parts.iter().any(|a| a == p))
+            .filter(|p| !a.parts.iter().any(|a| a == p.name()))
             .collect();
     }
     match kind {
-        "align" => vec!["connector"],
-        "instruct" => vec!["connector", "llm"],
-        _ => vec!["encoder", "connector", "llm"],
+        "align" => vec![Part::Connector],
+        "instruct" => vec![Part::Connector, Part::Llm],
+        _ => vec![Part::Encoder, Part::Connector, Part::Llm],
     }
 }
 

@@ -24,7 +24,7 @@ pub struct Linear {
     /// the module's transformers 5 name (`model.language_model.layers.0.self_attn.q_proj`)
     pub module: String,
     /// encoder, connector or llm
-    pub part: &'static str,
+    pub part: crate::recipe::schema::Part,
 }
 
 /// The transformers 5 name of a burn parameter path (`LlavaForConditionalGeneration`'s native layout; the
@@ -79,7 +79,7 @@ pub fn linears<M: Module>(model: &M) -> Vec<Linear> {
 pub fn resolve(model: &Llava, f: &Adapter, key: &str) -> Result<Vec<Linear>> {
     let all: Vec<Linear> = linears(model)
         .into_iter()
-        .filter(|l| f.parts.iter().any(|p| p == l.part))
+        .filter(|l| f.parts.iter().any(|p| p == l.part.name()))
         .collect();
     let mut out: Vec<Linear> = vec![];
     for t in &f.targets {
