@@ -1,6 +1,7 @@
 //! Held-out generation metrics run by the pipeline before the first stage and after each training stage: greedy
 //! answers to held-out questions (LLaVA layout: the last assistant turn is the reference), scored by exact match
-//! after VQA-style normalisation (case, punctuation, articles, spacing). The full evaluation suite (VQA accuracy
+//! after the VQA normalisation `eval` uses (`metrics::vqa_normalize`: case, punctuation, articles, number words,
+//! spacing), so "Two." after a stage and "2" in `eval` are the same answer. The full evaluation suite (VQA accuracy
 //! over several references, multiple choice, POPE F1, CIDEr) is the eval stage's.
 use burn::module::Module;
 
@@ -8,29 +9,10 @@ use super::build::Built;
 use crate::data::sources::{self, Role};
 use crate::data::templates;
 use crate::error::{Error, Result};
+use crate::eval::metrics::vqa_normalize;
 use crate::generate::{GenConfig, generate, stop_ids};
 use crate::recipe::schema::{Heldout, Source};
 use crate::zoo::mllm::MmInput;
-
-/// Lowercase, drop punctuation and articles, collapse spaces.
-pub fn normalize(s: &str) -> String {
-    let cleaned: String = s
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c.is_whitespace() {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect();
-    cleaned
-        .split_whitespace()
-        .filter(|w| !["a", "an", "the"].contains(w))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Score {
@@ -99,7 +81,8 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
             let text = built.text.decode(&g.output_ids);
             let answer = text.trim_start().lines().next().unwrap_or("");
             score.n += 1;
-            score.correct += usize::from(normalize(answer) == normalize(&s.messages[last].1));
+            score.correct +=
+                usize::from(vqa_normalize(answer) == vqa_normalize(&s.messages[last].1));
         }
         out.push(score);
     }
@@ -108,12 +91,13 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
-
     #[test]
-    fn vqa_style_normalisation() {
+    fn held_out_and_eval_normalise_alike() {
+        use crate::eval::metrics::vqa_normalize as normalize;
         assert_eq!(normalize("A red Circle."), "red circle");
         assert_eq!(normalize("  the  bottom-right "), "bottom right");
         assert_eq!(normalize("Yes!"), "yes");
+        // the disagreement the two normalisers had: number words
+        assert_eq!(normalize("Two."), normalize("2"));
     }
 }
