@@ -69,6 +69,20 @@ fn reference(d: &Path, w: &Path) -> (Vec<((String, u64), String)>, Duration) {
     (l, took)
 }
 
+/// Distinct (stage, step) losses logged so far (a torn last line is not counted).
+fn logged(run: &Path) -> usize {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(l)
+            && v.get("loss").is_some()
+        {
+            seen.insert((v["stage"].to_string(), v["step"].as_u64()));
+        }
+    }
+    seen.len()
+}
+
 /// Complete checkpoints of a stage (as `--resume` sees them).
 fn checkpoints(stage: &Path) -> Vec<String> {
     mitune::stages::checkpoints::list(stage)
@@ -81,7 +95,7 @@ fn checkpoints(stage: &Path) -> Vec<String> {
 fn sigkill_at_random_moments_resumes_to_the_same_losses() {
     let d = scratch("crash-kill");
     let w = world(&d);
-    let (want, took) = reference(&d, &w);
+    let (want, _) = reference(&d, &w);
     let b = d.join("b.toml");
     std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
     let run = d.join("runs-b/crash");
@@ -127,17 +141,24 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
     let c = d.join("c.toml");
     std::fs::write(&c, recipe(&w, &d.join("runs-c"))).unwrap();
     let run = d.join("runs-c/crash");
-    // SIGKILL after pseudo-random delays between a tenth and 70% of the uninterrupted run's time (a fixed LCG,
-    // so a sequence can be replayed), resuming each time: kills land in start-up, steps, checkpoint writes and
-    // the stage's final save, wherever the time goes on this machine.
+    // SIGKILL at pseudo-random moments (a fixed LCG, so a sequence can be replayed), resuming each time: the
+    // first in start-up, then each once the run has logged a randomly chosen further step, plus a random few
+    // milliseconds — so kills land in steps, checkpoint writes and final saves however fast this machine is.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut killed = 0;
-    let mut finished = false;
-    for round in 0..10 {
+    let mut rand = |n: u64| {
         x = x
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let delay = took.mul_f64(0.1 + 0.6 * ((x >> 33) % 1000) as f64 / 1000.0);
+        (x >> 33) % n
+    };
+    let mut killed = 0;
+    let mut finished = false;
+    for round in 0..12 {
+        let target = if round == 0 {
+            0
+        } else {
+            (logged(&run) + 1 + rand(2) as usize).min(10)
+        };
         let log = d.join(format!("round-{round}.log"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_mitune"))
             .args(["train", c.to_str().unwrap(), "--resume"])
@@ -146,17 +167,31 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
             .spawn()
             .unwrap();
         let t0 = Instant::now();
-        while t0.elapsed() < delay {
-            if let Some(s) = child.try_wait().unwrap() {
+        let start_up = Duration::from_millis(20 + rand(200));
+        let mut due: Option<Instant> = None;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
                 assert!(
-                    s.success(),
+                    st.success(),
                     "round {round}: the run failed on its own: {}",
                     std::fs::read_to_string(&log).unwrap()
                 );
                 finished = true;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            if due.is_none()
+                && (target == 0 && t0.elapsed() >= start_up || target > 0 && logged(&run) >= target)
+            {
+                due = Some(Instant::now() + Duration::from_micros(rand(8000)));
+            }
+            if due.is_some_and(|t| Instant::now() >= t) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "round {round} hangs"
+            );
+            std::thread::sleep(Duration::from_millis(2));
         }
         if finished {
             break;
@@ -165,12 +200,13 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
         child.wait().unwrap();
         killed += 1;
         eprintln!(
-            "round {round}: killed after {delay:?}; checkpoints align {:?}, instruct {:?}",
+            "round {round}: killed after {:?} (target {target} steps logged); checkpoints align {:?}, instruct {:?}",
+            t0.elapsed(),
             checkpoints(&run.join("align")),
             checkpoints(&run.join("instruct"))
         );
     }
-    assert!(killed >= 2, "only {killed} kills landed");
+    assert!(killed >= 3, "only {killed} kills landed");
     if !finished {
         let (ok, err) = run_mitune(&["train", c.to_str().unwrap(), "--resume"], None);
         assert!(ok, "{err}");

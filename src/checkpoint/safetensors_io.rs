@@ -246,3 +246,13 @@ pub fn write_file(path: &Path, tensors: &[ToWrite]) -> Result<()> {
         source,
     })
 }
+
+/// The safetensors dtype of a recipe's storage dtype (`export = { dtype = "bf16" }`).
+pub fn store_dtype(d: crate::recipe::schema::StoreDtype) -> Dtype {
+    use crate::recipe::schema::StoreDtype;
+    match d {
+        StoreDtype::F32 => Dtype::F32,
+        StoreDtype::Bf16 => Dtype::BF16,
+        StoreDtype::F16 => Dtype::F16,
+    }
+}

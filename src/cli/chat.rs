@@ -23,8 +23,8 @@ pub struct Args {
     /// A clip (a directory of frames) for the first message, for a video model (Qwen2-VL); more with `/video DIR`.
     #[arg(long)]
     pub video: Vec<PathBuf>,
-    /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one.
-    #[arg(long, value_enum, default_value = "tokenizer")]
+    /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one (plain, vicuna_v1, llama_2, chatml).
+    #[arg(long, default_value = "tokenizer")]
     pub template: Template,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,

@@ -14,13 +14,14 @@ pub struct Args {
     /// Evaluation file: JSON array, JSON lines, or an object keyed by id (ScienceQA problems.json).
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, value_enum)]
+    /// vqa, mc, pope or caption.
+    #[arg(long)]
     pub task: TaskKind,
     /// Folder the image paths are relative to (default: the data file's folder).
     #[arg(long)]
     pub images: Option<PathBuf>,
-    /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one.
-    #[arg(long, value_enum, default_value = "tokenizer")]
+    /// Chat template: the checkpoint's own (`tokenizer`) or a built-in one (plain, vicuna_v1, llama_2, chatml).
+    #[arg(long, default_value = "tokenizer")]
     pub template: Template,
     /// Answer-format instruction after the question (default per task; "" for none).
     #[arg(long)]

@@ -16,31 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, read_string};
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    /// Short answers, VQA accuracy.
-    Vqa,
-    /// Multiple choice (ScienceQA-style), accuracy overall and per category.
-    Mc,
-    /// Yes/no object probing: accuracy, precision, recall, F1, yes-ratio.
-    Pope,
-    /// Captioning: BLEU-4 and CIDEr-D over the split.
-    Caption,
-}
-
-impl TaskKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            TaskKind::Vqa => "vqa",
-            TaskKind::Mc => "mc",
-            TaskKind::Pope => "pope",
-            TaskKind::Caption => "caption",
-        }
-    }
-}
+pub use crate::recipe::schema::TaskKind;
 
 /// One evaluation sample.
 #[derive(Debug, Clone, Default)]

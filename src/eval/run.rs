@@ -5,7 +5,6 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use super::data::{self, Bad, Item, TaskKind};
 use super::metrics;
@@ -18,53 +17,7 @@ use crate::generate::{GenConfig, Prompt, generate_batch, stop_ids};
 use crate::recipe::schema::OnBad;
 use crate::zoo::mllm::Llava;
 
-/// One task of an evaluation: `{ task = "pope", data = "...", shots = 2 }` in a recipe, or `mitune eval` flags.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskSpec {
-    /// Shown in tables and metrics; default: the task kind and the file name.
-    pub name: Option<String>,
-    pub task: TaskKind,
-    pub data: PathBuf,
-    /// Folder the image paths are relative to (default: the data file's folder).
-    pub images: Option<PathBuf>,
-    /// `held_in` (the training distribution) or `held_out`; reported with the scores.
-    #[serde(default)]
-    pub split: Split,
-    /// Answer-format instruction appended to the question; default per task (LLaVA-1.5's eval prompts).
-    pub hint: Option<String>,
-    /// M-ICL: number of demonstrations (image + question + answer turns) before the query.
-    #[serde(default)]
-    pub shots: usize,
-    /// Demonstration pool (same task layout); default: the evaluated file itself, never the query's own image.
-    pub demos: Option<PathBuf>,
-    /// M-CoT: ask for reasoning before the answer, score the text after the last "Answer:".
-    #[serde(default)]
-    pub cot: bool,
-    /// Evaluate the first N samples only.
-    pub limit: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Split {
-    HeldIn,
-    #[default]
-    HeldOut,
-}
-
-impl TaskSpec {
-    pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            let stem = self
-                .data
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default();
-            format!("{}:{stem}", self.task.name())
-        })
-    }
-}
+pub use crate::recipe::schema::{Split, TaskSpec};
 
 /// How to run: shared by every task of an evaluation.
 #[derive(Debug, Clone)]

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+// The connector spec stays with its component file (`zoo/connectors/`, which owns each connector's settings,
+// HF mapping and forward); the rest of the schema is defined here.
 use crate::zoo::connectors::ConnectorSpec;
-use crate::zoo::encoders::EncoderFamily;
-use crate::zoo::llms::LlmFamily;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -452,7 +452,7 @@ pub struct EvalStage {
     pub init: Option<Init>,
     /// Default: the template of the last training stage before this one.
     pub template: Option<Template>,
-    pub tasks: Vec<crate::eval::TaskSpec>,
+    pub tasks: Vec<TaskSpec>,
     #[serde(default = "sixteen")]
     pub batch_size: usize,
     /// Default: 32, or 256 for tasks with `cot = true`.
@@ -598,16 +598,6 @@ pub enum StoreDtype {
     F16,
 }
 
-impl StoreDtype {
-    pub fn safetensors(self) -> safetensors::Dtype {
-        match self {
-            StoreDtype::F32 => safetensors::Dtype::F32,
-            StoreDtype::Bf16 => safetensors::Dtype::BF16,
-            StoreDtype::F16 => safetensors::Dtype::F16,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExportPart {
@@ -623,17 +613,40 @@ pub enum OnBad {
     Skip,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum Template {
     /// LLaVA pre-training: the image, then the caption; instructions dropped.
     Plain,
     VicunaV1,
+    /// `llama_2` as the docs and messages write it (serde's own spelling, `llama2`, also reads).
+    #[serde(rename = "llama_2", alias = "llama2")]
     Llama2,
     Chatml,
     /// The checkpoint's own jinja chat template.
     Tokenizer,
+}
+
+/// A unit enum from the name a recipe writes (how the CLI parses `--template`, `--task`): `what` and `names` for
+/// the error.
+fn from_name<T: serde::de::DeserializeOwned>(
+    s: &str,
+    what: &str,
+    names: &str,
+) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+        .map_err(|_| format!("unknown {what} {s:?} (one of {names})"))
+}
+
+impl std::str::FromStr for Template {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        from_name(
+            s,
+            "template",
+            "plain, vicuna_v1, llama_2, chatml, tokenizer",
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1094,4 +1107,108 @@ fn one_f64() -> f64 {
 }
 fn thirty_two_usize() -> usize {
     32
+}
+
+/// An encoder family as recipes name it (`[model.encoder] kind = "clip_vit"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderFamily {
+    ClipVit,
+    SiglipVit,
+    Dinov2,
+    /// BLIP-2 / InstructBLIP's vision tower (`Blip2VisionModel`, `InstructBlipVisionModel`).
+    BlipVision,
+    /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
+    Fused,
+    /// Qwen2-VL's native-resolution ViT (`Qwen2VisionTransformerPretrainedModel`).
+    Qwen2Vit,
+}
+
+/// An LLM family as recipes name it (`[model.llm] kind = "llama"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmFamily {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// One task of an evaluation: `{ task = "pope", data = "...", shots = 2 }` in a recipe, or `mitune eval` flags.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Shown in tables and metrics; default: the task kind and the file name.
+    pub name: Option<String>,
+    pub task: TaskKind,
+    pub data: PathBuf,
+    /// Folder the image paths are relative to (default: the data file's folder).
+    pub images: Option<PathBuf>,
+    /// `held_in` (the training distribution) or `held_out`; reported with the scores.
+    #[serde(default)]
+    pub split: Split,
+    /// Answer-format instruction appended to the question; default per task (LLaVA-1.5's eval prompts).
+    pub hint: Option<String>,
+    /// M-ICL: number of demonstrations (image + question + answer turns) before the query.
+    #[serde(default)]
+    pub shots: usize,
+    /// Demonstration pool (same task layout); default: the evaluated file itself, never the query's own image.
+    pub demos: Option<PathBuf>,
+    /// M-CoT: ask for reasoning before the answer, score the text after the last "Answer:".
+    #[serde(default)]
+    pub cot: bool,
+    /// Evaluate the first N samples only.
+    pub limit: Option<usize>,
+}
+
+impl TaskSpec {
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let stem = self
+                .data
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            format!("{}:{stem}", self.task.name())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    HeldIn,
+    #[default]
+    HeldOut,
+}
+
+/// An evaluation task kind (`task = "vqa"`, `mitune eval --task vqa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Short answers, VQA accuracy.
+    Vqa,
+    /// Multiple choice (ScienceQA-style), accuracy overall and per category.
+    Mc,
+    /// Yes/no object probing: accuracy, precision, recall, F1, yes-ratio.
+    Pope,
+    /// Captioning: BLEU-4 and CIDEr-D over the split.
+    Caption,
+}
+
+impl TaskKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Vqa => "vqa",
+            TaskKind::Mc => "mc",
+            TaskKind::Pope => "pope",
+            TaskKind::Caption => "caption",
+        }
+    }
+}
+
+impl std::str::FromStr for TaskKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        from_name(s, "task", "vqa, mc, pope, caption")
+    }
 }

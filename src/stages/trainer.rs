@@ -326,7 +326,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             crate::recipe::schema::ExportPart::Encoder => crate::checkpoint::hf::Part::Encoder,
             crate::recipe::schema::ExportPart::Llm => crate::checkpoint::hf::Part::Llm,
         };
-        (p, e.dtype.safetensors())
+        (p, crate::checkpoint::safetensors_io::store_dtype(e.dtype))
     });
     // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
     // With adapters: `model/` holds them merged (what later stages, generate and transformers load), `adapter/`

@@ -6,13 +6,7 @@ use crate::zoo::layers::rope::{Rope, RopeScaling};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LlmFamily {
-    Llama,
-    Mistral,
-    Qwen2,
-}
+pub use crate::recipe::schema::LlmFamily;
 
 impl LlmFamily {
     pub fn hf_model_type(self) -> &'static str {
