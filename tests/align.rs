@@ -570,6 +570,27 @@ fn validate_data_covers_pairs_and_prompts() {
     let (stdout, _) = common::validate_data(&r);
     assert!(stdout.contains("stages.rm: 32 pairs ok"), "{stdout}");
     assert!(stdout.contains("stages.rl: 8 prompts ok"), "{stdout}");
+    // the held-out pairs go through the contract too, listed apart from the training pairs
+    let held = w.join("preference_heldout.jsonl");
+    let original = std::fs::read_to_string(&held).unwrap();
+    let n_held = original.lines().count();
+    assert!(
+        stdout.contains(&format!("; {n_held} held-out pairs")),
+        "{stdout}"
+    );
+    std::fs::write(
+        &held,
+        format!("{original}{{\"id\": \"cut\", \"prompt\": \n"),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap(), "--data"]);
+    assert!(
+        !ok && err.contains(&format!("preference_heldout.jsonl:{}", n_held + 1))
+            && err.contains("stages.rm.heldout")
+            && err.contains("skipped-heldout.jsonl"),
+        "{err}"
+    );
+    std::fs::write(&held, original).unwrap();
     let pairs = w.join("preference_train.jsonl");
     let mut text = std::fs::read_to_string(&pairs).unwrap();
     let line = text.lines().count() + 1;

@@ -158,22 +158,29 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         // preference pairs and RL prompts go through the same contract as instruction data
         match &rc.stages[name] {
             StageSpec::Dpo(p) | StageSpec::Reward(p) => {
-                let pairs = crate::stages::dpo::load_encode(
-                    &p.data,
-                    &built.text,
-                    &template(p.template)?,
-                    p.max_len,
-                    p.on_bad_sample,
-                    &dir.join(name),
-                    &format!("stages.{name}.data"),
-                )?;
+                let load = |d, k: &str, list: &str| -> Result<_> {
+                    crate::stages::dpo::load_encode(
+                        d,
+                        &built.text,
+                        &template(p.template)?,
+                        p.max_len,
+                        p.on_bad_sample,
+                        &dir.join(name).join(list),
+                        &format!("stages.{name}.{k}"),
+                    )
+                };
+                let pairs = load(&p.data, "data", "skipped.jsonl")?;
+                let held = match &p.heldout {
+                    Some(h) => load(h, "heldout", "skipped-heldout.jsonl")?.len(),
+                    None => 0,
+                };
                 let longest = pairs
                     .iter()
                     .map(|(c, r)| c.ids.len().max(r.ids.len()))
                     .max()
                     .unwrap_or(0);
                 println!(
-                    "stages.{name}: {} pairs ok, longest {longest}/{} tokens",
+                    "stages.{name}: {} pairs ok, longest {longest}/{} tokens; {held} held-out pairs",
                     pairs.len(),
                     p.max_len
                 );

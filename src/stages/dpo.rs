@@ -46,15 +46,16 @@ fn sample(p: &Pair, response: &str) -> Sample {
     }
 }
 
-/// Loads every source, encodes both responses, applies the bad-sample policy (skipped pairs listed in
-/// `<stage>/skipped.jsonl`).
+/// Loads every source, encodes both responses, applies the bad-sample policy (every bad pair listed in `list`,
+/// JSONL: `<stage>/skipped.jsonl` for the training pairs, `skipped-heldout.jsonl` for the held-out ones).
+#[allow(clippy::too_many_arguments)]
 pub fn load_encode(
     data: &PrefData,
     text: &TextProcessor,
     template: &str,
     max_len: usize,
     on_bad: OnBad,
-    dir: &Path,
+    list: &Path,
     key: &str,
 ) -> Result<Vec<EncPair>> {
     let mut out = vec![];
@@ -78,7 +79,7 @@ pub fn load_encode(
             }
         }
     }
-    contract::settle(&bad, on_bad, &dir.join("skipped.jsonl"), key, "pair")?;
+    contract::settle(&bad, on_bad, list, key, "pair")?;
     if out.is_empty() {
         return Err(Error::input(format!("{key}: no usable pair")));
     }
@@ -231,20 +232,21 @@ pub struct PrefSetup {
 }
 
 pub fn setup(eng: &Engine, spec: &PrefStage, start: &Built) -> Result<PrefSetup> {
-    let load = |d: &PrefData, k: &str| {
+    // each split lists its own bad pairs (the held-out split's never overwrite the training split's)
+    let load = |d: &PrefData, k: &str, list: &str| {
         load_encode(
             d,
             &start.text,
             &eng.template,
             spec.max_len,
             spec.on_bad_sample,
-            &eng.dir,
+            &eng.dir.join(list),
             &format!("{}.{k}", eng.key),
         )
     };
-    let pairs = load(&spec.data, "data")?;
+    let pairs = load(&spec.data, "data", "skipped.jsonl")?;
     let heldout = match &spec.heldout {
-        Some(h) => load(h, "heldout")?,
+        Some(h) => load(h, "heldout", "skipped-heldout.jsonl")?,
         None => vec![],
     };
     let batches = Batches::new(
