@@ -63,6 +63,9 @@ fn nasty(d: &Path) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
     std::fs::write(imgs.join("truncated.png"), &whole[..whole.len() / 2]).unwrap();
     std::fs::write(imgs.join("text.png"), b"this is not an image").unwrap();
     std::fs::write(d.join("outside.png"), &whole).unwrap();
+    // symlinks in the image folder: one out of it, one to a file inside it
+    std::os::unix::fs::symlink(d.join("outside.png"), imgs.join("link_out.png")).unwrap();
+    std::os::unix::fs::symlink(imgs.join("astronaut_32.png"), imgs.join("link_in.png")).unwrap();
     let q = "<image>\nWhat is shown?";
     let mut lines = vec![
         rec("grey", "grey.png", q, "A grey field."),
@@ -91,6 +94,8 @@ fn nasty(d: &Path) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
         ),
         r#"{"id": "broken", "image": "astronaut_32.png", "conversations": [}"#.to_string(),
         rec("roles", "astronaut_32.png", q, "x").replace("\"human\"", "\"narrator\""),
+        rec("link-out", "link_out.png", q, "An astronaut."),
+        rec("link-in", "link_in.png", q, "An astronaut."),
     ];
     // a record whose text holds bytes that are not UTF-8
     let mut bytes = b"\xEF\xBB\xBF".to_vec(); // and the file starts with a byte-order mark
@@ -102,18 +107,19 @@ fn nasty(d: &Path) -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
     bytes.extend(b"\n{\"id\": \"latin1\", \"image\": \"grey.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nCaf\xE9?\"}, {\"from\": \"gpt\", \"value\": \"Yes.\"}]}\n");
     std::fs::write(d.join("data.jsonl"), bytes).unwrap();
     let valid = vec![
-        "grey", "rgba", "deep", "huge", "dot", "cmyk", "exif", "plain",
+        "grey", "rgba", "deep", "huge", "dot", "cmyk", "exif", "plain", "link-in",
     ];
     let bad = vec![
         ("truncated", "unreadable_media"),
         ("text", "unreadable_media"),
         ("missing", "missing_media"),
         ("outside", "outside_root"),
+        ("link-out", "outside_root"),
         ("empty", "empty_answer"),
         ("two-markers", "markers"),
         ("data.jsonl:15", "record"),
         ("roles", "record"),
-        ("data.jsonl:17", "record"),
+        ("data.jsonl:19", "record"),
     ];
     (valid, bad)
 }

@@ -57,7 +57,7 @@ impl Kind {
             Kind::MissingMedia => "check the source's `images` folder and the paths in the records",
             Kind::UnreadableMedia => "re-encode or remove the file (PNG and JPEG are read)",
             Kind::OutsideRoot => {
-                "keep media under the source's `images` folder (no `..` out of it), or give absolute paths"
+                "keep media under the source's `images` folder (no `..` or symlink out of it), or give absolute paths"
             }
             Kind::EmptyAnswer => "drop the turn or write its answer",
             Kind::Template => "pick a template that renders the conversation (see the reason)",

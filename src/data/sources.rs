@@ -293,7 +293,7 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
                         origin,
                         Kind::OutsideRoot,
                         format!(
-                            "{} leads outside the image folder {} (`..`)",
+                            "{} leads outside the image folder {} (`..` or a symlink)",
                             p.display(),
                             base.display()
                         ),
@@ -321,9 +321,26 @@ pub fn load(source: &Source, index: usize, rng_seed: u64) -> Result<(Vec<Sample>
     Ok((good, bad))
 }
 
-/// Whether a record's relative media path, joined to the source's folder, climbs out of it with `..` (an absolute
-/// path in the record is the user's explicit choice and is not checked).
+/// Whether a record's relative media path, joined to the source's folder, leads out of it: with `..`, or through a
+/// symlink inside the folder that points elsewhere (the folder itself may be a symlink: it is resolved too). An
+/// absolute path in the record is the user's explicit choice (LLaMA-Factory datasets often hold them) and is not
+/// checked.
 fn escapes(base: &Path, joined: &Path) -> bool {
+    if climbs(base, joined) {
+        return true;
+    }
+    if !joined.starts_with(base) {
+        return false; // absolute in the record
+    }
+    // a file that does not exist is reported as missing, not here
+    match (std::fs::canonicalize(base), std::fs::canonicalize(joined)) {
+        (Ok(root), Ok(file)) => !file.starts_with(root),
+        _ => false,
+    }
+}
+
+/// `escapes`' lexical half: `..` components that climb above the folder.
+fn climbs(base: &Path, joined: &Path) -> bool {
     use std::path::Component;
     let Ok(rel) = joined.strip_prefix(base) else {
         return false; // absolute in the record
