@@ -15,7 +15,7 @@ use std::time::Instant;
 use super::build::{Built, export};
 use super::loss;
 use super::pref_loss::{PairLogps, PrefLoss, losses};
-use super::steps::{Batches, Engine};
+use super::steps::{self, Batches, Engine};
 use super::trainer::{StageRun, to_input};
 use crate::data::contract::{self, Bad};
 use crate::data::loader::micro_batch;
@@ -327,10 +327,7 @@ pub fn run(
     };
 
     let train = eng.train(&[Part::Connector, Part::Llm]);
-    let policy = match &resume {
-        Some(ck) => super::build::load_dir(ck, device)?.model,
-        None => start.model.clone(),
-    };
+    let policy = steps::policy(&start.model, resume.as_deref(), device)?;
     let what = format!(
         "dpo ({loss_kind:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch",
         loss_kind

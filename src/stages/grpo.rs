@@ -18,7 +18,7 @@ use super::build::{Built, export};
 use super::loss;
 use super::reward::{self, RewardModel};
 use super::rollout::{self, RewardSpec, Rollout};
-use super::steps::{Batches, Engine};
+use super::steps::{self, Batches, Engine};
 use super::trainer::{StageRun, to_input};
 use crate::data::contract;
 use crate::data::loader::micro_batch;
@@ -410,10 +410,7 @@ pub fn run(
     let template = eng.template.clone();
     let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
     let train = eng.train(&[Part::Connector, Part::Llm]);
-    let policy = match &resume {
-        Some(ck) => super::build::load_dir(ck, device)?.model,
-        None => start.model.clone(),
-    };
+    let policy = steps::policy(&start.model, resume.as_deref(), device)?;
     let what = format!(
         "grpo: {} prompts x {} completions, {per_epoch} steps/epoch",
         rl.prompts.len(),

@@ -83,6 +83,19 @@ pub fn fault_point(stage: &str, done: usize, at: Option<&str>) {
     }
 }
 
+/// The LLaVA a policy stage (dpo, grpo) starts its weights from: the checkpoint's on resume, else the stage's
+/// starting model (which stays the reference either way).
+pub fn policy(
+    start: &crate::zoo::mllm::Llava,
+    resume: Option<&Path>,
+    device: &Device,
+) -> Result<crate::zoo::mllm::Llava> {
+    match resume {
+        Some(ck) => Ok(super::build::load_dir(ck, device)?.model),
+        None => Ok(start.clone()),
+    }
+}
+
 /// Test hook: `MITUNE_FAULT_NAN_AT_STEP=STAGE:N` turns step N's loss into NaN, so a test sees every stage kind stop
 /// on a non-finite loss before its optimizer touches the weights.
 fn poison(stage: &str, done: usize, loss: f64) -> f64 {
