@@ -1,8 +1,8 @@
-//! The one step loop every training stage runs (align, instruct, pretrain): forward, masked cross-entropy,
-//! backward, accumulate micro-batches (averaging over the global batch's supervised tokens), clip by global
-//! norm, AdamW step per parameter group, schedule, log, checkpoint. Checkpoints hold everything an exact resume
-//! needs (weights, optimizer moments, parameter ids, step); the data order and learning rate are pure functions of
-//! the step, so nothing else is state.
+//! The loop of align, instruct and pretrain, run through the step engine (`steps::Engine`): forward, masked
+//! cross-entropy, backward, accumulate micro-batches (averaging over the global batch's supervised tokens); the
+//! engine clips, steps AdamW per parameter group on the schedule, logs and checkpoints. Checkpoints hold everything
+//! an exact resume needs (weights, optimizer moments, parameter ids, step); the data order and learning rate are
+//! pure functions of the step, so nothing else is state.
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
