@@ -1,6 +1,7 @@
 //! A run survives what kills runs: SIGKILL at random moments of a two-stage pipeline (also inside checkpoint
 //! writes and with a torn metrics line) resumes to the losses of an uninterrupted run, and a write that fails
-//! (the file-size limit standing in for a full disk) stops with a clear error and the last good checkpoint intact.
+//! (the file-size limit standing in for a full disk; a read-only run directory) stops with a clear error and the
+//! last good checkpoint intact.
 mod common;
 
 use common::{losses, run_mitune, scratch, world};
@@ -274,5 +275,81 @@ fn a_failed_checkpoint_write_keeps_the_last_good_one() {
     let (ok, err) = run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
     assert!(ok, "{err}");
     assert!(err.contains("resuming at step 2/6"), "{err}");
+    assert_eq!(losses(&run), want);
+}
+
+/// Every file and folder under `dir` made read-only (`ro`) or writable again.
+fn set_read_only(dir: &Path, ro: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            set_read_only(&p, ro);
+        }
+    }
+    let m = std::fs::metadata(dir).unwrap();
+    let mode = if m.is_dir() { 0o755 } else { 0o644 };
+    let mode = if ro { mode & 0o555 } else { mode };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    if m.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_file() {
+                let mode = if ro { 0o444 } else { 0o644 };
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
+    }
+}
+
+/// A run directory that cannot be written (its files and folders read-only; as root, which ignores modes, the run
+/// resumes as the unprivileged `nobody` through `setpriv`) stops at once with the file, the reason and what to do,
+/// and leaves the checkpoints as they were; writable again, `--resume` continues exactly.
+#[test]
+fn an_unwritable_run_directory_stops_with_the_reason() {
+    let d = scratch("crash-ro");
+    let w = world(&d);
+    let (want, _) = reference(&d, &w);
+    let b = d.join("b.toml");
+    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
+    let run = d.join("runs-b/crash");
+    let (ok, _) = run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
+    );
+    assert!(!ok, "the fault should have killed the run");
+    let before = checkpoints(&run.join("instruct"));
+    // everything readable by anyone whatever the umask, the run directory read-only
+    set_read_only(&d, false);
+    set_read_only(&run, true);
+    let mut c = if unsafe { libc::geteuid() } == 0 {
+        // a copy beside the data: the build folder may sit under a home `nobody` cannot enter
+        use std::os::unix::fs::PermissionsExt;
+        let bin = d.join("mitune");
+        std::fs::copy(env!("CARGO_BIN_EXE_mitune"), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_mitune"))
+    };
+    let out = c
+        .args(["train", b.to_str().unwrap(), "--resume"])
+        .output()
+        .expect("setpriv (util-linux) runs the check as an unprivileged user");
+    set_read_only(&run, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should not write: {err}");
+    assert!(
+        err.contains("Permission denied")
+            && err.contains("check the owner and mode")
+            && err.contains(&run.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(checkpoints(&run.join("instruct")), before);
+    let (ok, err) = run_mitune(&["train", b.to_str().unwrap(), "--resume"], None);
+    assert!(ok, "{err}");
     assert_eq!(losses(&run), want);
 }
