@@ -42,8 +42,6 @@ impl Error {
     }
 }
 
-/// Writes through a temporary file beside `path` and a rename, so a reader (or a run killed mid-write) never sees
-/// half a file; errors name the file. The one atomic writer: JSON, reports, caches and lists go through it.
 /// What to do about an I/O error, by its kind.
 fn io_hint(e: &std::io::Error) -> &'static str {
     use std::io::ErrorKind as K;
@@ -64,6 +62,8 @@ fn io_hint(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Writes through a temporary file beside `path` and a rename, so a reader (or a run killed mid-write) never sees
+/// half a file; errors name the file. The one atomic writer: JSON, reports, caches and lists go through it.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{losses, run_mitune, scratch, world};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -57,17 +57,38 @@ keep_last = 2
     )
 }
 
-/// The uninterrupted run's losses and wall time.
-fn reference(d: &Path, w: &Path) -> (Vec<((String, u64), String)>, Duration) {
+type Losses = Vec<((String, u64), String)>;
+
+/// The uninterrupted run's losses.
+fn reference(d: &Path, w: &Path) -> Losses {
     let a = d.join("a.toml");
     std::fs::write(&a, recipe(w, &d.join("runs-a"))).unwrap();
-    let t0 = Instant::now();
     let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
     assert!(ok, "{err}");
-    let took = t0.elapsed();
     let l = losses(&d.join("runs-a/crash"));
     assert_eq!(l.len(), 10, "4 align + 6 instruct steps: {l:?}");
-    (l, took)
+    l
+}
+
+/// In a fresh scratch folder `tag`: the reference run, then the same recipe (`b.toml`, run under `runs-b`) killed
+/// after instruct step 3, its checkpoints at steps 1 and 2. Returns (folder, reference losses, b.toml, the run).
+fn killed_after_instruct_3(tag: &str) -> (PathBuf, Losses, PathBuf, PathBuf) {
+    let d = scratch(tag);
+    let w = world(&d);
+    let want = reference(&d, &w);
+    let b = d.join("b.toml");
+    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
+    let run = d.join("runs-b/crash");
+    let (ok, _) = run_mitune(
+        &["train", b.to_str().unwrap()],
+        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
+    );
+    assert!(!ok, "the fault should have killed the run");
+    assert_eq!(
+        checkpoints(&run.join("instruct")),
+        ["step-000001", "step-000002"]
+    );
+    (d, want, b, run)
 }
 
 /// Distinct (stage, step) losses logged so far (a torn last line is not counted).
@@ -96,7 +117,7 @@ fn checkpoints(stage: &Path) -> Vec<String> {
 fn sigkill_at_random_moments_resumes_to_the_same_losses() {
     let d = scratch("crash-kill");
     let w = world(&d);
-    let (want, _) = reference(&d, &w);
+    let want = reference(&d, &w);
     let b = d.join("b.toml");
     std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
     let run = d.join("runs-b/crash");
@@ -232,19 +253,8 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
 /// stage with the reason and the last good checkpoint, removes its partial folder, and `--resume` continues.
 #[test]
 fn a_failed_checkpoint_write_keeps_the_last_good_one() {
-    let d = scratch("crash-full");
-    let w = world(&d);
-    let (want, _) = reference(&d, &w);
-    let b = d.join("b.toml");
-    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
-    let run = d.join("runs-b/crash");
-    let (ok, _) = run_mitune(
-        &["train", b.to_str().unwrap()],
-        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
-    );
-    assert!(!ok, "the fault should have killed the run");
+    let (_, want, b, run) = killed_after_instruct_3("crash-full");
     let before = checkpoints(&run.join("instruct"));
-    assert_eq!(before, ["step-000001", "step-000002"]);
     let weights = run.join("instruct/checkpoints/step-000002/model.safetensors");
     let size_kb = std::fs::metadata(&weights).unwrap().len() / 1024;
     assert!(
@@ -278,28 +288,25 @@ fn a_failed_checkpoint_write_keeps_the_last_good_one() {
     assert_eq!(losses(&run), want);
 }
 
-/// Every file and folder under `dir` made read-only (`ro`) or writable again.
-fn set_read_only(dir: &Path, ro: bool) {
+/// `path` and everything under it read-only (`ro`: folders 0555, files 0444) or readable and writable by its owner
+/// and readable by all (folders 0755, files 0644).
+fn set_read_only(path: &Path, ro: bool) {
     use std::os::unix::fs::PermissionsExt;
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() && !p.is_symlink() {
-            set_read_only(&p, ro);
-        }
-    }
-    let m = std::fs::metadata(dir).unwrap();
-    let mode = if m.is_dir() { 0o755 } else { 0o644 };
-    let mode = if ro { mode & 0o555 } else { mode };
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
-    if m.is_dir() {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_file() {
-                let mode = if ro { 0o444 } else { 0o644 };
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    let dir = path.is_dir();
+    if dir {
+        for e in std::fs::read_dir(path).unwrap().flatten() {
+            if !e.path().is_symlink() {
+                set_read_only(&e.path(), ro);
             }
         }
     }
+    let mode = match (dir, ro) {
+        (true, true) => 0o555,
+        (true, false) => 0o755,
+        (false, true) => 0o444,
+        (false, false) => 0o644,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// A run directory that cannot be written (its files and folders read-only; as root, which ignores modes, the run
@@ -307,17 +314,7 @@ fn set_read_only(dir: &Path, ro: bool) {
 /// and leaves the checkpoints as they were; writable again, `--resume` continues exactly.
 #[test]
 fn an_unwritable_run_directory_stops_with_the_reason() {
-    let d = scratch("crash-ro");
-    let w = world(&d);
-    let (want, _) = reference(&d, &w);
-    let b = d.join("b.toml");
-    std::fs::write(&b, recipe(&w, &d.join("runs-b"))).unwrap();
-    let run = d.join("runs-b/crash");
-    let (ok, _) = run_mitune(
-        &["train", b.to_str().unwrap()],
-        Some(("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3")),
-    );
-    assert!(!ok, "the fault should have killed the run");
+    let (d, want, b, run) = killed_after_instruct_3("crash-ro");
     let before = checkpoints(&run.join("instruct"));
     // everything readable by anyone whatever the umask, the run directory read-only
     set_read_only(&d, false);

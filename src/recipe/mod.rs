@@ -457,7 +457,6 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
     }
 }
 
-/// What can be said of an adapter without the model (its targets are matched against the model at `train`).
 /// `train` entries are parts or valid `re:<regex>` (`head` only where the stage has one); `optim.part_lr` keys
 /// are parts; the numbers every training stage shares are in range.
 fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: &mut Vec<Problem>) {
@@ -520,34 +519,22 @@ fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: 
             format!("{weight_decay}: must be a finite number >= 0"),
         );
     }
-    match st.schedule {
-        schema::Schedule::Constant { .. } => {}
-        schema::Schedule::Linear { warmup_ratio, .. } => {
-            if !(0.0..=1.0).contains(warmup_ratio) {
-                bad(
-                    "schedule.warmup_ratio",
-                    format!("{warmup_ratio}: must be in [0, 1]"),
-                );
-            }
-        }
-        schema::Schedule::WarmupCosine {
-            warmup_ratio,
-            min_lr_ratio,
-            ..
-        } => {
-            if !(0.0..=1.0).contains(warmup_ratio) {
-                bad(
-                    "schedule.warmup_ratio",
-                    format!("{warmup_ratio}: must be in [0, 1]"),
-                );
-            }
-            if !(0.0..=1.0).contains(min_lr_ratio) {
-                bad(
-                    "schedule.min_lr_ratio",
-                    format!("{min_lr_ratio}: must be in [0, 1]"),
-                );
-            }
-        }
+    use schema::Schedule as S;
+    if let S::Linear { warmup_ratio, .. } | S::WarmupCosine { warmup_ratio, .. } = st.schedule
+        && !(0.0..=1.0).contains(warmup_ratio)
+    {
+        bad(
+            "schedule.warmup_ratio",
+            format!("{warmup_ratio}: must be in [0, 1]"),
+        );
+    }
+    if let S::WarmupCosine { min_lr_ratio, .. } = st.schedule
+        && !(0.0..=1.0).contains(min_lr_ratio)
+    {
+        bad(
+            "schedule.min_lr_ratio",
+            format!("{min_lr_ratio}: must be in [0, 1]"),
+        );
     }
     if !(st.clip_grad_norm.is_finite() && st.clip_grad_norm >= 0.0) {
         bad(
@@ -581,6 +568,7 @@ fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: 
     }
 }
 
+/// What can be said of an adapter without the model (its targets are matched against the model at `train`).
 fn check_adapter(
     a: &schema::Adapter,
     train: Option<&[String]>,

@@ -274,12 +274,6 @@ impl Part {
     }
 }
 
-impl std::fmt::Display for Part {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// What every training stage kind sets the same way: the step engine's view of a stage (`StageSpec::steps`).
 #[derive(Debug, Clone, Copy)]
 pub struct Steps<'a> {

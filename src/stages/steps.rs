@@ -113,7 +113,7 @@ fn poison(stage: &str, done: usize, loss: f64) -> f64 {
 /// Each stage file keeps its own loss and micro-batch loop in view and calls it:
 ///
 /// ```text
-/// let mut eng = Engine::new(ctx, steps, &text)?;          // seed, template, groups
+/// let mut eng = Engine::new(ctx, &text)?;                 // seed, template, groups
 /// ... read data with eng.seed / eng.template, count steps ...
 /// model = eng.start(model, total, resume, &train, what)?;  // resume ids + moments, freeze, one line
 /// for step in eng.range() {
@@ -222,11 +222,15 @@ impl<'a> Engine<'a> {
         self.first..self.total
     }
 
-    /// Starts step `step` (0-based): its clock and learning-rate factor; returns the learning rate.
-    pub fn begin(&mut self, step: usize) -> f64 {
+    /// Starts step `step` (0-based): its clock and learning-rate factor.
+    pub fn begin(&mut self, step: usize) {
         self.t0 = Instant::now();
         self.factor = schedule::factor(self.s.schedule, step, self.total);
-        self.groups.lr() * self.factor
+    }
+
+    /// Seconds since `begin` of this step.
+    pub fn step_secs(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
     }
 
     /// One optimizer update of step `step` with `loss` (the value the gradients came from): refused before it
@@ -282,7 +286,7 @@ impl<'a> Engine<'a> {
             l["step"] = done.into();
             l["lr"] = lr.into();
             l["grad_norm"] = norm.into();
-            l["step_s"] = self.t0.elapsed().as_secs_f64().into();
+            l["step_s"] = self.step_secs().into();
             self.metrics.write(l)?;
         }
         if done % self.s.save_every == 0 && done < self.total {

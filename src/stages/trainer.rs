@@ -244,7 +244,6 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
     let mut tokens_since = 0usize;
     for (step, mut micros) in rx {
         eng.begin(step);
-        let t0 = Instant::now();
         for mb in &mut micros {
             let dropped = std::mem::take(&mut mb.dropped);
             let bad: Vec<Bad> = dropped
@@ -288,7 +287,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             step,
             loss_val,
             norm,
-            Some(tokens as f64 / t0.elapsed().as_secs_f64()),
+            Some(tokens as f64 / eng.step_secs()),
             || {
                 serde_json::json!({
                     "loss": loss_val, "tokens_per_s": tokens_since as f64 / secs,
