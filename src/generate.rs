@@ -271,9 +271,13 @@ pub fn generate_batch(
         deltas = d;
     }
     let mut cache = KvCache::default();
-    let logits = model.forward_with(&input, &positions, Some(&mut cache))?;
+    let hidden = model.hidden_with(&input, &positions, Some(&mut cache))?;
+    let d = hidden.dims()[2];
+    let logits = model
+        .language_model
+        .logits(hidden.slice([0..n, t - 1..t, 0..d]));
     let vocab = logits.dims()[2];
-    let mut last = to_vec(logits.slice([0..n, t - 1..t, 0..vocab]));
+    let mut last = to_vec(logits);
     // Rows still generating, in cache order; their key masks and next positions.
     let mut live: Vec<usize> = (0..n).collect();
     let mut valid = input.attention;

@@ -70,6 +70,7 @@ fn input(c: &Case) -> MmInput {
         image_sizes: vec![],
         images_per_row: vec![],
         image_grids: vec![],
+        segments: vec![],
     }
 }
 

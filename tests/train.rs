@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use common::{losses, run_mitune, scratch, world};
-use mitune::data::loader::micro_batch;
+use mitune::data::loader::{MicroBatch, micro_batch, micro_batch_rows, pack_rows};
 use mitune::data::sources::{Role, Sample};
 use mitune::data::templates;
 use mitune::recipe::schema::{OnBad, Template};
@@ -205,9 +205,9 @@ fn setup(
     (d, rc, built, device)
 }
 
-#[test]
-fn accumulation_averages_like_one_big_batch() {
-    let (d, rc, built, device) = setup("accum");
+/// The instruct stage's first eight samples (and what they need), prepared with the tiny recipe.
+fn eight_samples(tag: &str) -> (build::Built, Device, Vec<templates::Encoded>) {
+    let (d, rc, built, device) = setup(tag);
     let t = rc.stages["instruct"].train().unwrap();
     let src = templates::source(t.template, &built.text).unwrap();
     let data = mitune::data::prepare::prepare(
@@ -222,33 +222,39 @@ fn accumulation_averages_like_one_big_batch() {
         "data",
     )
     .unwrap();
-    let eight: Vec<_> = data.encoded.iter().take(8).collect();
-    let pad = built.text.pad_id();
-    let model = &built.model;
-    let grads_of = |micro: usize| {
-        let total: usize = eight
-            .iter()
-            .map(|e| e.labels.iter().skip(1).filter(|&&l| l).count())
-            .sum();
-        let mut acc = GradientsAccumulator::<Llava>::new();
-        let mut loss = 0.0;
-        for c in eight.chunks(micro) {
-            let mb = micro_batch(c, pad, &built.images);
-            let l = trainer::micro_loss(model, &mb, &device)
-                .unwrap()
-                .div_scalar(total as f64);
-            loss += l.clone().into_scalar::<f32>() as f64;
-            acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
-        }
-        (loss, acc.grads())
-    };
-    let (l8, g8) = grads_of(8);
-    let (l2, g2) = grads_of(2);
-    // Relative: the fresh tiny model's loss is ≈47 (burn's N(0,1) embedding init), where f32 rounding alone is ~1e-6.
-    assert!((l8 - l2).abs() / l8.abs() < 1e-5, "loss {l8} vs {l2}");
+    let eight = data.encoded.into_iter().take(8).collect();
+    (built, device, eight)
+}
+
+/// Summed loss (over the batch's supervised tokens) and accumulated gradients of a list of micro-batches.
+fn loss_and_grads(
+    model: &Llava,
+    micros: &[MicroBatch],
+    device: &Device,
+) -> (f64, burn::optim::GradientsParams) {
+    let total: usize = micros.iter().map(|m| m.supervised).sum();
+    let mut acc = GradientsAccumulator::<Llava>::new();
+    let mut loss = 0.0;
+    for mb in micros {
+        let l = trainer::micro_loss(model, mb, device)
+            .unwrap()
+            .div_scalar(total as f64);
+        loss += l.clone().into_scalar::<f32>() as f64;
+        acc.accumulate(model, GradientsParams::from_grads(l.backward(), model));
+    }
+    (loss, acc.grads())
+}
+
+/// Relative loss difference and the largest 2-D gradient difference relative to that gradient's largest entry.
+fn differences(
+    model: &Llava,
+    (l1, g1): &(f64, burn::optim::GradientsParams),
+    (l2, g2): &(f64, burn::optim::GradientsParams),
+) -> (f64, f32) {
     let mut checked = 0;
+    let mut worst = 0f32;
     for info in params::list(model).into_iter().filter(|p| p.rank == 2) {
-        let (Some(a), Some(b)) = (g8.get::<2>(info.id), g2.get::<2>(info.id)) else {
+        let (Some(a), Some(b)) = (g1.get::<2>(info.id), g2.get::<2>(info.id)) else {
             continue;
         };
         let (a, b) = (to_vec(a), to_vec(b));
@@ -257,15 +263,81 @@ fn accumulation_averages_like_one_big_batch() {
             .iter()
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff / scale < 1e-5,
-            "{}: relative difference {}",
-            info.path,
-            diff / scale
-        );
+        worst = worst.max(diff / scale);
         checked += 1;
     }
     assert!(checked > 10, "only {checked} 2-D gradients compared");
+    ((l1 - l2).abs() / l1.abs(), worst)
+}
+
+/// Losses within 1e-5 relative and every 2-D gradient within 1e-5 of its largest entry.
+fn assert_same(
+    model: &Llava,
+    a: &(f64, burn::optim::GradientsParams),
+    b: &(f64, burn::optim::GradientsParams),
+) {
+    // Relative: the fresh tiny model's loss is ≈47 (burn's N(0,1) embedding init), where f32 rounding alone is ~1e-6.
+    let (loss, grad) = differences(model, a, b);
+    assert!(loss < 1e-5, "loss {} vs {}: relative {loss}", a.0, b.0);
+    assert!(grad < 1e-5, "gradients differ by {grad} relative");
+}
+
+#[test]
+fn accumulation_averages_like_one_big_batch() {
+    let (built, device, eight) = eight_samples("accum");
+    let pad = built.text.pad_id();
+    let refs: Vec<_> = eight.iter().collect();
+    let micros = |micro: usize| -> Vec<MicroBatch> {
+        refs.chunks(micro)
+            .map(|c| micro_batch(c, pad, &built.images))
+            .collect()
+    };
+    let model = &built.model;
+    assert_same(
+        model,
+        &loss_and_grads(model, &micros(8), &device),
+        &loss_and_grads(model, &micros(2), &device),
+    );
+}
+
+/// Sequence packing: the same eight samples in fewer, fuller rows give the unpacked loss and gradients (no
+/// attention across samples, positions restarting), with less padding; without the segments they would not.
+#[test]
+fn packed_rows_give_the_unpacked_loss_and_gradients() {
+    let (built, device, eight) = eight_samples("pack");
+    let pad = built.text.pad_id();
+    let model = &built.model;
+    let refs: Vec<_> = eight.iter().collect();
+    let plain = vec![micro_batch(&refs, pad, &built.images)];
+    let len: Vec<usize> = eight.iter().map(|e| e.ids.len()).collect();
+    let longest = *len.iter().max().unwrap();
+    let idx: Vec<usize> = (0..8).collect();
+    let rows = pack_rows(&idx, &len, 2 * longest);
+    assert!(rows.len() < 8, "nothing packed: {rows:?}");
+    let rows: Vec<Vec<_>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&i| &eight[i]).collect())
+        .collect();
+    let packed = vec![micro_batch_rows(&rows, pad, &built.images, true)];
+    let padding = |m: &MicroBatch| 1.0 - m.real as f64 / m.tokens as f64;
+    assert_eq!(plain[0].real, packed[0].real);
+    assert_eq!(plain[0].supervised, packed[0].supervised);
+    assert!(
+        padding(&packed[0]) < padding(&plain[0]),
+        "padding {} packed vs {} unpacked",
+        padding(&packed[0]),
+        padding(&plain[0])
+    );
+    let unpacked = loss_and_grads(model, &plain, &device);
+    assert_same(model, &unpacked, &loss_and_grads(model, &packed, &device));
+    // the check can fail: the same rows with attention across samples and running positions
+    let mut leaky = packed;
+    leaky[0].segments.clear();
+    let (_, grad) = differences(model, &unpacked, &loss_and_grads(model, &leaky, &device));
+    assert!(
+        grad > 1e-3,
+        "packing without segments should change the gradients: {grad} relative"
+    );
 }
 
 #[test]
@@ -291,6 +363,51 @@ fn frozen_parts_stay_bit_identical() {
         }
     }
     assert_eq!(changed, 4, "every connector tensor should have moved");
+}
+
+/// `pack = true` end to end: the instruct stage's losses follow the unpacked run's step for step (same global
+/// batches, same math; only the summation order differs) while its rows carry less padding.
+#[test]
+fn packed_instruct_stage_follows_the_unpacked_run() {
+    let d = scratch("packrun");
+    let w = world(&d);
+    let plain = recipe(&w, &d.join("runs-a")).replace(r#", "bench"]"#, "]");
+    let packed = recipe(&w, &d.join("runs-b"))
+        .replace(r#", "bench"]"#, "]")
+        .replace("max_len = 384\n", "max_len = 384\npack = true\n");
+    assert!(packed.contains("pack = true"));
+    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
+    std::fs::write(&a, plain).unwrap();
+    std::fs::write(&b, packed).unwrap();
+    for r in [&a, &b] {
+        let (ok, err) = run_mitune(&["train", r.to_str().unwrap()], None);
+        assert!(ok, "{err}");
+    }
+    let instruct = |run: &str| -> Vec<(f64, f64)> {
+        std::fs::read_to_string(d.join(run).join("tiny/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "instruct" && v.get("loss").is_some())
+            .map(|v| (v["loss"].as_f64().unwrap(), v["padding"].as_f64().unwrap()))
+            .collect()
+    };
+    let (la, lb) = (instruct("runs-a"), instruct("runs-b"));
+    assert_eq!(la.len(), 6, "{la:?}");
+    assert_eq!(la.len(), lb.len());
+    for ((x, _), (y, _)) in la.iter().zip(&lb) {
+        assert!(
+            (x - y).abs() / x.abs() < 1e-4,
+            "loss {x} unpacked vs {y} packed"
+        );
+    }
+    let mean = |v: &[(f64, f64)]| v.iter().map(|p| p.1).sum::<f64>() / v.len() as f64;
+    assert!(
+        mean(&lb) < mean(&la),
+        "padding {} packed vs {} unpacked",
+        mean(&lb),
+        mean(&la)
+    );
 }
 
 #[test]

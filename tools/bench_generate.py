@@ -1,4 +1,4 @@
-"""transformers side of `cargo run --release --example bench_generate`: the same LLaVA presets (random weights,
+"""transformers side of `mitune bench generate --preset NAME --json`: the same LLaVA presets (random weights,
 f32), one image + 32 text tokens per prompt (rows 32, 30, 28, 26 text tokens, left-padded), 32 new tokens, greedy
 `generate` with the KV cache, batch 1 and 8; median of 3 runs after a warm-up.
 
@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+from bench_common import cpu_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 PRESETS = [
@@ -64,7 +65,7 @@ def main():
             print(json.dumps({
                 "framework": "transformers", "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "preset": p[0], "batch": batch, "image_tokens": n_img, "prompt_tokens": n_img + TEXT,
-                "new_tokens": NEW, "seconds_median": med, "generated_tokens_per_s": batch * NEW / med,
+                "new_tokens": NEW, "seconds_median": med, "generated_tokens_per_s": batch * NEW / med, "cpu": cpu_model(),
             }), flush=True)
 
 

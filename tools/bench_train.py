@@ -1,10 +1,12 @@
-"""PyTorch + transformers side of `cargo run --release --example bench_train`: the same LLaVA presets, f32,
+"""PyTorch + transformers side of `mitune bench train --preset NAME --json`: the same LLaVA presets, f32,
 one AdamW step per batch, median step time after warm-up, tokens/s and peak RSS.
 
-    python tools/bench_train.py [tiny|small-align|small-instruct|small-lora]      (run by hand; CI never needs Python)
+    python tools/bench_train.py [tiny|small-align|small-instruct|small-lora|1b]  (run by hand; CI never needs Python)
 
 small-lora: small-instruct with PEFT LoRA (r = 8, alpha = 16) on every LLM projection and the projector trained
 in full (modules_to_save), as mitune's `adapter = { kind = "lora", ... }` with `train = ["connector"]`.
+1b: CLIP ViT-L/14-336 (576 image tokens) + a TinyLlama-1.1B-shaped LLM, LoRA r = 16 (alpha 32) the same way,
+batch 1.
 
 Both print JSON lines with the same fields, so the two can be run one after the other on the same machine and
 compared (README "Performance").
@@ -15,6 +17,7 @@ import sys
 import time
 
 import torch
+from bench_common import cpu_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 PRESETS = [
@@ -24,7 +27,9 @@ PRESETS = [
     ("small-align", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 1, 3),
     ("small-instruct", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector", "llm"), 1, 3),
     ("small-lora", (384, 1536, 12, 6, 16, 224), (32000, 768, 2048, 8, 12, 4, False), -2, 4, 128, ("connector",), 1, 3),
+    ("1b", (1024, 4096, 24, 16, 14, 336), (32000, 2048, 5632, 22, 32, 4, False), -2, 1, 128, ("connector",), 1, 2),
 ]
+LORA_RANK = {"small-lora": 8, "1b": 16}
 
 
 def build(p):
@@ -55,10 +60,11 @@ def main():
         trained = tuple(x for part in parts for x in prefixes[part])
         for name, prm in model.named_parameters():
             prm.requires_grad_(name.startswith(trained))
-        if p[0] == "small-lora":
+        if p[0] in LORA_RANK:
             from peft import LoraConfig, get_peft_model
+            r = LORA_RANK[p[0]]
             model = get_peft_model(model, LoraConfig(
-                r=8, lora_alpha=16, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
+                r=r, lora_alpha=2 * r, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
                 target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0.0)
         row = [vocab - 1] * n_img + [1 + (i * 7) % (vocab - 2) for i in range(text)]
@@ -84,7 +90,7 @@ def main():
             "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad),
             "batch": batch, "seq": seq, "image_tokens": n_img, "step_s_median": med,
             "tokens_per_s": batch * seq / med,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu": cpu_model(),
         }), flush=True)
 
 

@@ -1,4 +1,5 @@
-//! Command line: `mitune train`, `validate`, `data`, `generate`, `chat`, `eval`, `inspect`, `export`. Errors print as one line and exit 1.
+//! Command line: `mitune train`, `validate`, `data`, `generate`, `chat`, `eval`, `inspect`, `export`, `bench`. Errors print as one line and exit 1.
+pub mod bench;
 mod chat;
 mod eval;
 mod generate;
@@ -56,6 +57,10 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Benchmark a training step or generation on a preset model (random weights): `mitune bench train --preset
+    /// small-align`; `tools/bench_*.py` run the same presets in PyTorch for the ratio (README "Performance").
+    #[command(subcommand)]
+    Bench(bench::Args),
     /// Show a checkpoint's components, parameter counts, dtypes, image tokens and vocabulary.
     Inspect {
         /// Checkpoint directory (LlavaForConditionalGeneration layout).
@@ -101,6 +106,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
+        Command::Bench(args) => bench::run(args),
         Command::Report { dirs, out } => report(&dirs, out),
         Command::Export {
             stage,

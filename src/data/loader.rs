@@ -37,8 +37,13 @@ pub struct MicroBatch {
     pub video_seconds: Vec<f64>,
     /// Samples left out because their media failed to decode: (index of the encoded sample, reason).
     pub dropped: Vec<(usize, String)>,
+    /// Packed rows: `segments[r][i]` = which sample of row r token i belongs to (1, 2, …; 0 = padding). Empty when
+    /// every row is one sample.
+    pub segments: Vec<Vec<u32>>,
     /// Tokens incl. image placeholders and padding (what the model computes on).
     pub tokens: usize,
+    /// Tokens of the samples themselves (`tokens` less padding).
+    pub real: usize,
     pub supervised: usize,
 }
 
@@ -154,28 +159,85 @@ fn decode(s: &Encoded, images: &ImageProcessor) -> Result<Decoded, String> {
     Ok(out)
 }
 
+/// Sequence packing: `batch` (sample indices) into rows of at most `cap` tokens. As few rows as first fit
+/// (longest first) needs, then filled evenly — each sample, longest first, into the shortest row it fits — so the
+/// rows come out of similar length and padding to the longest row stays small. A sample longer than `cap` (none:
+/// `max_len` cut them) gets a row of its own.
+pub fn pack_rows(batch: &[usize], len: &[usize], cap: usize) -> Vec<Vec<usize>> {
+    let (long, mut order): (Vec<usize>, Vec<usize>) = batch.iter().partition(|&&i| len[i] > cap);
+    order.sort_by_key(|&i| std::cmp::Reverse(len[i]));
+    let mut used: Vec<usize> = vec![];
+    for &i in &order {
+        match used.iter_mut().find(|u| **u + len[i] <= cap) {
+            Some(u) => *u += len[i],
+            None => used.push(len[i]),
+        }
+    }
+    let mut rows: Vec<(usize, Vec<usize>)> = vec![(0, vec![]); used.len()];
+    for &i in &order {
+        let shortest = rows
+            .iter_mut()
+            .filter(|(u, _)| u + len[i] <= cap)
+            .min_by_key(|(u, _)| *u);
+        match shortest {
+            Some((u, row)) => {
+                *u += len[i];
+                row.push(i);
+            }
+            None => rows.push((len[i], vec![i])),
+        }
+    }
+    rows.extend(long.into_iter().map(|i| (len[i], vec![i])));
+    rows.retain(|(_, r)| !r.is_empty());
+    rows.sort_by_key(|(u, _)| std::cmp::Reverse(*u));
+    rows.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Pads rows and loads the images and clips of one micro-batch. A sample whose media no longer decode (a file
 /// changed on disk since the dataset's checks) is left out and listed in `dropped`; the stage's policy decides.
 pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -> MicroBatch {
-    let decoded: Vec<Result<Decoded, String>> =
-        samples.par_iter().map(|s| decode(s, images)).collect();
+    let rows: Vec<Vec<&Encoded>> = samples.iter().map(|s| vec![*s]).collect();
+    micro_batch_rows(&rows, pad_id, images, false)
+}
+
+/// `micro_batch` with several samples per row (`packed`: each row's samples one after the other, `segments`
+/// telling them apart; a sample's first token is never a target, as at the start of an unpacked row).
+pub fn micro_batch_rows(
+    rows: &[Vec<&Encoded>],
+    pad_id: i64,
+    images: &ImageProcessor,
+    packed: bool,
+) -> MicroBatch {
+    let all: Vec<&Encoded> = rows.iter().flatten().copied().collect();
+    let decoded: Vec<Result<Decoded, String>> = all.par_iter().map(|s| decode(s, images)).collect();
     let mut dropped = vec![];
     let mut kept: Vec<(&Encoded, Decoded)> = vec![];
-    for (s, d) in samples.iter().zip(decoded) {
+    for (s, d) in all.iter().zip(decoded) {
         match d {
             Ok(d) => kept.push((s, d)),
             Err(e) => dropped.push((s.index, e)),
         }
     }
+    // rows of the samples that decoded, in order (a row left empty goes)
+    let ok = |s: &Encoded| !dropped.iter().any(|(i, _)| *i == s.index);
+    let rows: Vec<Vec<&Encoded>> = rows
+        .iter()
+        .map(|r| r.iter().copied().filter(|s| ok(s)).collect::<Vec<_>>())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let row_len = |r: &[&Encoded]| r.iter().map(|s| s.ids.len()).sum::<usize>();
+    let t = rows.iter().map(|r| row_len(r)).max().unwrap_or(0);
     let samples: Vec<&Encoded> = kept.iter().map(|k| k.0).collect();
-    let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut mb = MicroBatch {
         ids: vec![],
         attention: vec![],
         labels: vec![],
         pixels: Ok(None),
         image_sizes: vec![],
-        images_per_row: samples.iter().map(|s| s.images.len()).collect(),
+        images_per_row: rows
+            .iter()
+            .map(|r| r.iter().map(|s| s.images.len()).sum())
+            .collect(),
         image_grids: samples
             .iter()
             .flat_map(|s| s.image_grids.iter().copied())
@@ -184,7 +246,9 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
             .iter()
             .flat_map(|s| s.instructions.iter().cloned())
             .collect(),
-        tokens: samples.len() * t,
+        segments: vec![],
+        tokens: rows.len() * t,
+        real: samples.iter().map(|s| s.ids.len()).sum(),
         supervised: 0,
         videos: Ok(None),
         video_grids: samples
@@ -197,19 +261,29 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
             .collect(),
         dropped,
     };
-    for s in &samples {
-        let pad = t - s.ids.len();
-        let mut ids = s.ids.clone();
+    for row in &rows {
+        let (mut ids, mut labels, mut seg) = (vec![], vec![], vec![]);
+        for (k, s) in row.iter().enumerate() {
+            ids.extend(&s.ids);
+            // Targets are shifted: a sample's first token is never predicted (in a packed row, not from the
+            // previous sample's last token either).
+            labels.push(false);
+            labels.extend(s.labels.iter().skip(1));
+            seg.extend(std::iter::repeat_n(k as u32 + 1, s.ids.len()));
+        }
+        let (n, pad) = (ids.len(), t - ids.len());
         ids.extend(std::iter::repeat_n(pad_id, pad));
-        let mut labels = s.labels.clone();
         labels.extend(std::iter::repeat_n(false, pad));
-        // Targets are shifted: position 0 is never predicted.
-        mb.supervised += labels.iter().skip(1).filter(|&&l| l).count();
-        let mut att = vec![true; s.ids.len()];
+        seg.extend(std::iter::repeat_n(0, pad));
+        mb.supervised += labels.iter().filter(|&&l| l).count();
+        let mut att = vec![true; n];
         att.extend(std::iter::repeat_n(false, pad));
         mb.ids.push(ids);
         mb.labels.push(labels);
         mb.attention.push(att);
+        if packed {
+            mb.segments.push(seg);
+        }
     }
     // the decoded values move into the batch (no copy): images first checked for one preprocessed size
     let first = kept
@@ -261,13 +335,15 @@ pub fn micro_batch(samples: &[&Encoded], pad_id: i64, images: &ImageProcessor) -
     mb
 }
 
-/// Produces the micro-batches of steps `from..to` on a background thread, `ahead` steps in advance.
+/// Produces the micro-batches of steps `from..to` on a background thread, `ahead` steps in advance; with `pack =
+/// Some(max_len)`, each global batch packed into rows of up to that many tokens.
 pub fn prefetch(
     order: Arc<Order>,
     encoded: Arc<Vec<Encoded>>,
     images: Arc<ImageProcessor>,
     micro: usize,
     pad_id: i64,
+    pack: Option<usize>,
     from: usize,
     to: usize,
     ahead: usize,
@@ -282,11 +358,19 @@ pub fn prefetch(
                 cached = Some((epoch, order.epoch(epoch)));
             }
             let batch = &cached.as_ref().unwrap().1[step % per_epoch];
-            let micros = batch
+            // `micro` rows per micro-batch: one sample each, or packed up to `pack` tokens
+            let rows = match pack {
+                Some(cap) => pack_rows(batch, &order.len, cap),
+                None => batch.iter().map(|&i| vec![i]).collect(),
+            };
+            let micros = rows
                 .chunks(micro)
                 .map(|c| {
-                    let s: Vec<&Encoded> = c.iter().map(|&i| &encoded[i]).collect();
-                    micro_batch(&s, pad_id, &images)
+                    let rows: Vec<Vec<&Encoded>> = c
+                        .iter()
+                        .map(|r| r.iter().map(|&i| &encoded[i]).collect())
+                        .collect();
+                    micro_batch_rows(&rows, pad_id, &images, pack.is_some())
                 })
                 .collect();
             if tx.send((step, micros)).is_err() {
@@ -295,4 +379,30 @@ pub fn prefetch(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack_rows;
+
+    #[test]
+    fn packing_fills_few_even_rows_under_the_cap() {
+        let len = [100, 90, 80, 70, 60, 50, 40, 30, 250];
+        // without the over-long sample: 520 tokens in 3 rows of at most 200
+        let rows = pack_rows(&[7, 0, 3, 1, 6, 2, 5, 4], &len, 200);
+        let sums: Vec<usize> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| len[i]).sum())
+            .collect();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(sums.iter().all(|&s| s <= 200), "{sums:?}");
+        assert!(sums[0] - sums[2] <= 40, "uneven rows {sums:?}");
+        let mut all: Vec<usize> = rows.concat();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        // a sample over the cap rides alone
+        let rows = pack_rows(&[8, 0, 1], &len, 200);
+        assert!(rows.contains(&vec![8]), "{rows:?}");
+        assert_eq!(rows.len(), 2);
+    }
 }

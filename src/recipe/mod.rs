@@ -589,7 +589,7 @@ fn check_adapter(
             r,
             &format!("{key}.dropout"),
             format!(
-                "{}: adapter dropout is not available (burn adds the adapter into the weight, so there is no separate adapter input to drop); use 0.0",
+                "{}: adapter dropout is not implemented yet (the adapters are trained without it); use 0.0",
                 f.dropout
             ),
         ));

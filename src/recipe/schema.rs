@@ -481,6 +481,11 @@ pub struct TrainStage {
     /// Stop after this many optimizer steps (overrides `epochs`).
     pub max_steps: Option<usize>,
     pub max_len: usize,
+    /// Sequence packing: each global batch's samples share rows of up to `max_len` tokens (first fit, longest
+    /// first) instead of one padded row each; attention stays within a sample (block-diagonal causal mask) and
+    /// positions restart at each sample, so the loss is the unpacked one. Fewer, fuller rows: less padding.
+    #[serde(default)]
+    pub pack: bool,
     /// Defaults to the recipe's seed.
     pub seed: Option<u64>,
     #[serde(default = "ten")]
@@ -507,7 +512,7 @@ pub struct Adapter {
     pub kind: AdapterKind,
     pub rank: usize,
     pub alpha: f64,
-    /// PEFT's `lora_dropout`; only 0 is available (burn composes the adapter into the weight).
+    /// PEFT's `lora_dropout`; only 0 is implemented so far.
     #[serde(default)]
     pub dropout: f64,
     /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's

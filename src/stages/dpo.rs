@@ -104,9 +104,10 @@ fn logps(
 ) -> Result<(Tensor<1>, Vec<f32>)> {
     let mb = micro_batch(rows, text.pad_id(), &b.images);
     let input = to_input(&mb, device)?;
-    let logits = model.forward(&input)?;
+    let hidden = model.hidden(&input)?;
+    let head = |h| model.language_model.logits(h);
     Ok((
-        loss::masked_logp_rows(logits, &mb.ids, &mb.labels),
+        loss::supervised_logp_rows(hidden, head, &mb.ids, &mb.labels),
         targets(&mb.labels),
     ))
 }

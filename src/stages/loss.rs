@@ -4,11 +4,63 @@ use burn::tensor::{Int, Tensor};
 
 use crate::zoo::layers::{float_tensor, int_tensor};
 
-/// Summed next-token cross-entropy over supervised positions: logits [b, t, v] predict ids[:, 1:] where
-/// labels[:, 1:] is true. Returns the sum (the caller divides by the global batch's supervised-token count, so
-/// accumulated micro-batches average exactly as one big batch would; HF's `num_items_in_batch`).
-pub fn masked_ce_sum(logits: Tensor<3>, ids: &[Vec<i64>], labels: &[Vec<bool>]) -> Tensor<1> {
-    masked_logp_rows(logits, ids, labels).sum().neg()
+/// Summed next-token cross-entropy over supervised positions, from the LLM's final hidden states [b, t, d] and
+/// its LM head (`head`: [1, n, d] -> [1, n, v]): position i predicts ids[:, i+1] where labels[:, i+1] is true.
+/// Returns the sum (the caller divides by the global batch's supervised-token count, so accumulated micro-batches
+/// average exactly as one big batch would; HF's `num_items_in_batch`).
+pub fn masked_ce_sum(
+    hidden: Tensor<3>,
+    head: impl Fn(Tensor<3>) -> Tensor<3>,
+    ids: &[Vec<i64>],
+    labels: &[Vec<bool>],
+) -> Tensor<1> {
+    supervised_logp_rows(hidden, head, ids, labels).sum().neg()
+}
+
+/// Per-row summed log-probability of the supervised next tokens [b], like `masked_logp_rows`, but the LM head
+/// and the log-softmax run only at the n positions whose next token is a target: [n, v] logits instead of
+/// [b, t, v]. Image tokens, prompts and padding are never scored — in LLaVA's alignment stage 60% of a row is image
+/// placeholders, and the [tokens × vocab] logits and their gradient are the largest tensors of a step. Same
+/// value as the full-logits path up to summation order (transformers computes every position and masks).
+pub fn supervised_logp_rows(
+    hidden: Tensor<3>,
+    head: impl Fn(Tensor<3>) -> Tensor<3>,
+    ids: &[Vec<i64>],
+    labels: &[Vec<bool>],
+) -> Tensor<1> {
+    let [b, t, d] = hidden.dims();
+    let device = hidden.device();
+    let (mut at, mut targets, mut rows) = (vec![], vec![], vec![]);
+    for (r, (ids, labels)) in ids.iter().zip(labels).enumerate() {
+        for i in 0..t - 1 {
+            if labels[i + 1] {
+                at.push((r * t + i) as i64);
+                targets.push(ids[i + 1]);
+                rows.push(r);
+            }
+        }
+    }
+    let n = at.len();
+    if n == 0 {
+        // nothing supervised: zero, still connected to the graph so a backward pass finds its way
+        return hidden
+            .slice([0..b, 0..1, 0..1])
+            .reshape([b])
+            .mul_scalar(0.0);
+    }
+    let picked: Tensor<2> = hidden
+        .reshape([b * t, d])
+        .select(0, int_tensor(at, [n], &device));
+    let logp = log_softmax(head(picked.unsqueeze_dim(0)).squeeze_dim::<2>(0), 1); // [n, v]
+    let logp = logp.gather(1, int_tensor(targets, [n, 1], &device)); // [n, 1]
+    // each row's sum: a [b, n] 0/1 matrix times the picked log-probs
+    let mut onehot = vec![0.0f32; b * n];
+    for (j, r) in rows.into_iter().enumerate() {
+        onehot[r * n + j] = 1.0;
+    }
+    float_tensor(onehot, [b, n], &device)
+        .matmul(logp)
+        .reshape([b])
 }
 
 /// Per-row summed log-probability of the supervised next tokens: [b]. The sequence log-prob of a response
@@ -48,4 +100,55 @@ pub fn target_mask(labels: &[Vec<bool>], device: &burn::tensor::Device) -> Tenso
         .flat_map(|r| r[1..].iter().map(|&l| if l { 1.0 } else { 0.0 }))
         .collect();
     float_tensor(mask, [b, t - 1], device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// The LM head on supervised positions only gives the full-logits path's row sums, and the same gradient
+    /// with respect to the hidden states.
+    #[test]
+    fn supervised_rows_equal_full_logits() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let (b, t, d, v) = (3, 7, 5, 11);
+        let hidden: Tensor<3> =
+            Tensor::random([b, t, d], burn::tensor::Distribution::Default, &device).require_grad();
+        let w: Tensor<2> = Tensor::random([d, v], burn::tensor::Distribution::Default, &device);
+        let head = |h: Tensor<3>| {
+            let [x, y, _] = h.dims();
+            h.reshape([x * y, d]).matmul(w.clone()).reshape([x, y, v])
+        };
+        let ids: Vec<Vec<i64>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 5 + i * 3) % v) as i64).collect())
+            .collect();
+        // row 0: tail supervised, row 1: scattered, row 2: nothing
+        let labels = vec![
+            vec![false, false, false, true, true, true, true],
+            vec![false, true, false, true, false, false, true],
+            vec![false; t],
+        ];
+        let full = masked_logp_rows(head(hidden.clone()), &ids, &labels);
+        let fast = supervised_logp_rows(hidden.clone(), head, &ids, &labels);
+        let (a, c) = (
+            crate::zoo::layers::to_vec(full.clone()),
+            crate::zoo::layers::to_vec(fast.clone()),
+        );
+        for (x, y) in a.iter().zip(&c) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {c:?}");
+        }
+        assert_eq!(c[2], 0.0);
+        let g_full = full.sum().backward();
+        let g_fast = fast.sum().backward();
+        let (ga, gc) = (
+            crate::zoo::layers::to_vec(hidden.grad(&g_full).unwrap()),
+            crate::zoo::layers::to_vec(hidden.grad(&g_fast).unwrap()),
+        );
+        assert!(ga.iter().any(|x| x.abs() > 1e-3));
+        for (x, y) in ga.iter().zip(&gc) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
 }

@@ -5,8 +5,8 @@
 //! advantages whitened over the batch, then `updates` epochs of the clipped surrogate
 //! −min(ρÂ, clip(ρ, 1−ε, 1+ε)Â) plus vf_coef · ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), averaged over
 //! completion tokens. Logged: reward, KL, entropy, clip fraction, value loss, completion length.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};

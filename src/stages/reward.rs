@@ -4,8 +4,8 @@
 //!
 //! Saved as `<stage>/model/` (the LLaVA directory of the backbone) plus `score.safetensors` (`score.weight`,
 //! [1, hidden], as HF's `score` layer), which `reward::load` (and the PPO/GRPO stages) read back.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};

@@ -64,7 +64,9 @@ pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
             instructions: mb.instructions.clone(),
         });
     }
-    Ok(input.with_videos(videos, mb.video_grids.clone(), mb.video_seconds.clone()))
+    Ok(input
+        .with_videos(videos, mb.video_grids.clone(), mb.video_seconds.clone())
+        .with_segments(mb.segments.clone()))
 }
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).
@@ -74,8 +76,9 @@ pub fn micro_loss(
     device: &Device,
 ) -> Result<burn::tensor::Tensor<1>> {
     let input = to_input(mb, device)?;
-    let logits = model.forward(&input)?;
-    Ok(loss::masked_ce_sum(logits, &mb.ids, &mb.labels))
+    let hidden = model.hidden(&input)?;
+    let head = |h| model.language_model.logits(h);
+    Ok(loss::masked_ce_sum(hidden, head, &mb.ids, &mb.labels))
 }
 
 fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<Part> {
@@ -193,6 +196,13 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         )));
     }
 
+    if spec.pack && (built.model.spec.anyres.is_some() || built.model.spec.native.is_some()) {
+        return Err(Error::input(format!(
+            "stages.{name}.pack: sequence packing takes models with a fixed number of tokens per image (LLaVA-1.5 \
+             layout); this model tiles images (AnyRes) or uses M-RoPE positions: set pack = false"
+        )));
+    }
+
     // Which parameters learn; with adapters, the adapters too (attached before resume: their ids are saved).
     let mut train = eng.train(&default_train(kind, spec.adapter.as_ref()));
     let mut model = built.model;
@@ -232,6 +242,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         Arc::new(built.images.clone()),
         spec.batch.micro,
         built.text.pad_id(),
+        spec.pack.then_some(spec.max_len),
         eng.first,
         total,
         4,
@@ -269,12 +280,13 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut loss_val = 0.0f64;
-        let mut tokens = 0;
+        let (mut tokens, mut real) = (0, 0);
         for mb in &micros {
             let l = micro_loss(&model, mb, eng.device)?.div_scalar(global_sup.max(1) as f64);
             let v: f32 = l.clone().into_scalar::<f32>();
             loss_val += v as f64;
             tokens += mb.tokens;
+            real += mb.real;
             let g = GradientsParams::from_grads(l.backward(), &model);
             acc.accumulate(&model, g);
         }
@@ -292,6 +304,8 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                 serde_json::json!({
                     "loss": loss_val, "tokens_per_s": tokens_since as f64 / secs,
                     "supervised_tokens": global_sup,
+                    // share of the computed tokens that are padding (pack = true lowers it)
+                    "padding": 1.0 - real as f64 / tokens.max(1) as f64,
                 })
             },
             |tmp| match &adapted {

@@ -85,6 +85,9 @@ pub struct MmInput {
     /// Native resolution: each image's patch grid as its data source's pixel budget fixed it when the dataset was
     /// built (a per-source budget); empty = from each size under the model's budget.
     pub image_grids: Vec<[usize; 3]>,
+    /// Packed rows (`pack = true`): [b][t] which sample of its row each token belongs to (1, 2, …; 0 = padding);
+    /// attention stays within a sample and positions restart at each. Empty = one sample per row.
+    pub segments: Vec<Vec<u32>>,
 }
 
 impl MmInput {
@@ -97,7 +100,14 @@ impl MmInput {
             image_sizes: vec![],
             images_per_row: vec![],
             image_grids: vec![],
+            segments: vec![],
         }
+    }
+
+    /// The same batch with packed rows (see `segments`).
+    pub fn with_segments(mut self, segments: Vec<Vec<u32>>) -> Self {
+        self.segments = segments;
+        self
     }
 
     /// The same batch with each image's native-resolution patch grid fixed (see `image_grids`).
@@ -542,6 +552,27 @@ impl Llava {
 
     /// Positions of a whole-sequence forward: 0..t per row, or M-RoPE's 3-D positions when the batch has images.
     fn positions(&self, input: &MmInput) -> Result<Vec<Vec<i64>>> {
+        if !input.segments.is_empty() {
+            if self.spec.native.is_some() || self.spec.anyres.is_some() {
+                return Err(Error::input(
+                    "sequence packing (pack = true) takes models with a fixed number of tokens per image \
+                     (LLaVA-1.5 layout); this one tiles images (AnyRes) or uses M-RoPE: set pack = false",
+                ));
+            }
+            // each sample counts from 0 (transformers' packed `position_ids`)
+            return Ok(input
+                .segments
+                .iter()
+                .map(|row| {
+                    let mut pos = Vec::with_capacity(row.len());
+                    for (i, s) in row.iter().enumerate() {
+                        let same = i > 0 && row[i - 1] == *s;
+                        pos.push(if same { pos[i - 1] + 1 } else { 0 });
+                    }
+                    pos
+                })
+                .collect());
+        }
         Ok(match self.mrope_positions(input)? {
             Some((p, _)) => p,
             None => {
@@ -610,21 +641,31 @@ impl Llava {
         positions: &[Vec<i64>],
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
-        let x = self.input_embeds(input)?;
-        let h = self
+        Ok(self
             .language_model
-            .forward_embeds(x, positions, &input.attention, cache);
-        Ok(self.language_model.logits(h))
+            .logits(self.hidden_with(input, positions, cache)?))
+    }
+
+    /// Final hidden states [b, t, d] with explicit positions (and a cache to fill): what `forward_with` puts the
+    /// LM head on. Generation's prefill needs the head at the last position only (transformers'
+    /// `logits_to_keep = 1`): at 200 image tokens the full [t, vocab] head is a third of the prefill.
+    pub fn hidden_with(
+        &self,
+        input: &MmInput,
+        positions: &[Vec<i64>],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>> {
+        let x = self.input_embeds(input)?;
+        let segments = (!input.segments.is_empty()).then_some(input.segments.as_slice());
+        Ok(self
+            .language_model
+            .forward_embeds(x, positions, &input.attention, segments, cache))
     }
 
     /// Final hidden states [b, t, d] (after the LLM's last norm) with positions 0..t: what heads on top of the
     /// LLM (a reward model's score, a value head) read.
     pub fn hidden(&self, input: &MmInput) -> Result<Tensor<3>> {
-        let positions = self.positions(input)?;
-        let x = self.input_embeds(input)?;
-        Ok(self
-            .language_model
-            .forward_embeds(x, &positions, &input.attention, None))
+        self.hidden_with(input, &self.positions(input)?, None)
     }
 
     /// One decoding step over new ids [b, t_new] given the cache; `key_valid` covers past + new.
@@ -638,7 +679,7 @@ impl Llava {
         let x = self.language_model.embed(ids);
         let h = self
             .language_model
-            .forward_embeds(x, positions, key_valid, Some(cache));
+            .forward_embeds(x, positions, key_valid, None, Some(cache));
         self.language_model.logits(h)
     }
 }

@@ -17,7 +17,13 @@ pub const ENCODER_PRESETS: [&str; 9] = [
     "dinov2-vit-l14",
     "eva-vit-g14",
 ];
-pub const LLM_PRESETS: [&str; 4] = ["shapes", "bench-tiny", "bench-small", "llama-7b"];
+pub const LLM_PRESETS: [&str; 5] = [
+    "shapes",
+    "bench-tiny",
+    "bench-small",
+    "tinyllama-1.1b",
+    "llama-7b",
+];
 
 /// (hidden, intermediate, layers, heads, patch, image size)
 pub fn encoder(name: &str, family: VitFamily) -> Option<VitSpec> {
@@ -118,6 +124,7 @@ pub fn llm(name: &str, family: LlmFamily, vocab_size: usize) -> Option<LlmSpec> 
         "shapes" => (128, 384, 4, 4, 2, true),
         "bench-tiny" => (48, 96, 2, 4, 2, true),
         "bench-small" => (768, 2048, 8, 12, 4, false),
+        "tinyllama-1.1b" => (2048, 5632, 22, 32, 4, false),
         "llama-7b" => (4096, 11008, 32, 32, 32, false),
         _ => return None,
     };

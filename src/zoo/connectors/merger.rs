@@ -3,8 +3,8 @@
 //! and an MLP (`mlp.0`, exact GELU, `mlp.2`) to the LLM's width. Tokens drop by merge²; the encoder's patch order
 //! makes the block a plain reshape. In a Qwen2-VL checkpoint these tensors are `visual.merger.*`
 //! (`checkpoint::qwen2vl` maps `fc1`/`fc2` to `mlp.0`/`mlp.2`). Qwen2.5-VL's `ln_q` is an RMSNorm (`rms_norm`).
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 

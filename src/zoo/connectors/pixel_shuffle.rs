@@ -3,8 +3,8 @@
 //! without bias (`modality_projection.proj`). Tokens drop by scale² at no loss of information; the linear learns
 //! how to mix the block. Module names are transformers', so `multi_modal_projector.modality_projection.proj.weight`
 //! is `model.connector.modality_projection.proj.weight` of an Idefics3 checkpoint.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 

@@ -4,8 +4,8 @@
 //! the LLaVA MLP (`linear_{i}` keys). Pooling before the MLP keeps the projection's cost at the pooled count.
 //! transformers has no LLaVA variant with this connector: it saves in mitune's layout (`mitune_connector` in
 //! config.json), which mitune reloads.
+use crate::zoo::layers::linear::Linear;
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::module::{adaptive_avg_pool2d, interpolate};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};

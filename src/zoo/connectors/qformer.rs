@@ -13,8 +13,9 @@
 //! feed-forward (`intermediate` / `output`); the queries' outputs are projected.
 #![allow(non_snake_case)] // `LayerNorm` is BERT's module name, kept so the key table stays the identity
 
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::tensor::{Bool, Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -324,7 +325,7 @@ impl QFormer {
                     })
                     .collect();
                 let s = emb.layernorm.forward(Tensor::cat(vec![queries, text], 1));
-                (s, Some(build_mask(&valid, q + t, false, &device)))
+                (s, Some(build_mask(&valid, q + t, false, None, &device)))
             }
             (Some(emb), _) => (emb.layernorm.forward(queries), None),
             (None, _) => (

@@ -6,8 +6,9 @@
 //! RMSNorm. Output: `latents` tokens per image whatever the encoder's grid. Module names are transformers', so
 //! `multi_modal_projector.perceiver_resampler.layers.0.self_attn.q_proj.weight` is
 //! `model.connector.perceiver_resampler.layers.0.self_attn.q_proj.weight` of an Idefics2 checkpoint.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 

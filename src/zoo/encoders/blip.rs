@@ -4,8 +4,9 @@
 //! bias, a CLS token and position table stored as [1, n, d] parameters, no pre-layernorm, and `post_layernorm` —
 //! which BLIP-2/InstructBLIP apply to the features they hand the Q-Former (their `last_hidden_state`, every
 //! token). Module names are transformers'.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -7,8 +7,9 @@
 //! get no position embedding. Feature selection reads hidden states before the final `layernorm`, as for CLIP.
 //! Keys: the hub layout (`attention.attention.query`, `attention.output.dense`) is what mitune writes;
 //! transformers 5's renamed layout (`attention.q_proj`, `attention.o_proj`) is accepted on read.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

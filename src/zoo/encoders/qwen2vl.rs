@@ -13,8 +13,8 @@
 //! Inputs: the processor's patches in its order (each 2×2 merge block's four patches consecutive, see
 //! `data::images`), as [patches, channels·frames, p, p] so batches stack like images, and each image's
 //! (frames, rows, cols) patch grid. Module names are transformers' (`patch_embed.proj`, `blocks.{i}.attn.qkv`, …).
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

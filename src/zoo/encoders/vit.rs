@@ -1,8 +1,9 @@
 //! The vision transformer behind CLIP ViT (transformers `modeling_clip.py`, Radford et al. 2021) and SigLIP
 //! (`modeling_siglip.py`, Zhai et al. 2023): patch embedding, (class token), position embeddings, (pre-LN),
 //! pre-LN encoder blocks, post-LN. LLaVA reads hidden states *before* `post_layernorm`.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use super::VitSpec;

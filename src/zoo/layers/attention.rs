@@ -17,21 +17,25 @@ pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 }
 
 /// Mask for queries at positions `past..past+tq` over keys `0..past+tq`: [b, 1, tq, tk], true = masked.
-/// `key_valid[b][k]` is false for padding keys; `causal` hides keys after the query.
+/// `key_valid[b][k]` is false for padding keys; `causal` hides keys after the query; `segments[b][k]` (packed
+/// rows, no past) hides keys of another sample (block-diagonal).
 pub fn build_mask(
     key_valid: &[Vec<bool>],
     tq: usize,
     causal: bool,
+    segments: Option<&[Vec<u32>]>,
     device: &Device,
 ) -> Tensor<4, Bool> {
     let b = key_valid.len();
     let tk = key_valid[0].len();
     let past = tk - tq;
     let mut m = Vec::with_capacity(b * tq * tk);
-    for row in key_valid {
+    for (r, row) in key_valid.iter().enumerate() {
+        let seg = segments.map(|s| &s[r]);
         for q in 0..tq {
             for (k, valid) in row.iter().enumerate() {
-                m.push(!valid || (causal && k > past + q));
+                let other = seg.is_some_and(|s| s[k] != s[past + q]);
+                m.push(!valid || other || (causal && k > past + q));
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The gated feed-forward of LLaMA-family decoders and of Idefics2's perceiver: down(act(gate(x)) · up(x))
 //! (SwiGLU with act = silu). Field names are transformers' (`gate_proj`, `up_proj`, `down_proj`).
+use super::linear::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::act::Act;

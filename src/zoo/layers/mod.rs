@@ -1,6 +1,7 @@
 //! Building blocks shared by the zoo's families: activations, rotary embeddings, attention, norms.
 pub mod act;
 pub mod attention;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod patch;

@@ -1,8 +1,9 @@
 //! The LLaMA-style decoder: pre-RMSNorm blocks, grouped-query self-attention with rotary embeddings
 //! (rotate_half), SwiGLU MLP, final RMSNorm and LM head (or tied embeddings). Follows transformers'
 //! `modeling_llama.py` / `modeling_qwen2.py`. Field names are HF's, so checkpoint keys map one to one.
+use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::LlmSpec;
@@ -150,18 +151,20 @@ impl Decoder {
 
     /// Runs the blocks and final norm over input embeddings.
     /// x: [b, t, d]; `positions[b][i]`: rotary position of token i; `key_valid[b][k]`: whether key k (past and new)
-    /// is a real token. Returns hidden states [b, t, d].
+    /// is a real token; `segments` (packed rows, no cache): tokens attend within their own sample only. Returns
+    /// hidden states [b, t, d].
     pub fn forward_embeds(
         &self,
         x: Tensor<3>,
         positions: &[Vec<i64>],
         key_valid: &[Vec<bool>],
+        segments: Option<&[Vec<u32>]>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         let device = x.device();
         let [b, t, _] = x.dims();
         let (cos, sin) = self.spec.rope.tables_for(positions, b, &device);
-        let mask = attention::build_mask(key_valid, t, true, &device);
+        let mask = attention::build_mask(key_valid, t, true, segments, &device);
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];

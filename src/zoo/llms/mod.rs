@@ -32,10 +32,11 @@ impl Llm {
         x: Tensor<3>,
         positions: &[Vec<i64>],
         key_valid: &[Vec<bool>],
+        segments: Option<&[Vec<u32>]>,
         cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         match self {
-            Llm::Decoder(m) => m.forward_embeds(x, positions, key_valid, cache),
+            Llm::Decoder(m) => m.forward_embeds(x, positions, key_valid, segments, cache),
         }
     }
 
