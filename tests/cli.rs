@@ -232,3 +232,28 @@ fn chat_without_a_template_names_the_fix() {
     );
     assert!(!out.stdout.is_empty());
 }
+
+/// `mitune bench` runs its tiny presets end to end and prints the fields `tools/bench_*.py` print (what the
+/// figures are is never asserted: timing belongs to benchmarks); an unknown preset is a clean error.
+#[test]
+fn bench_runs_the_tiny_presets() {
+    for (what, field) in [
+        ("train", "tokens_per_s"),
+        ("generate", "generated_tokens_per_s"),
+    ] {
+        let (ok, out, err) = mitune(&["bench", what, "--preset", "tiny", "--json", "--steps", "1"]);
+        assert!(ok, "{err}");
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!lines.is_empty(), "{out}");
+        for v in &lines {
+            assert_eq!(v["framework"], "mitune");
+            assert_eq!(v["preset"], "tiny");
+            assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "{v}");
+            assert!(v["cpu"].is_string(), "{v}");
+        }
+    }
+    fails_cleanly(&["bench", "train", "--preset", "7b"], "choose one of");
+}
