@@ -1,6 +1,7 @@
 //! Scaled dot-product attention over [b, h, t, d] with an explicit boolean mask (true = masked), so causal,
-//! padding and KV-cache offsets are one mechanism. Grouped-query attention repeats KV heads as transformers'
-//! `repeat_kv` does (query head i reads KV head i / n_rep).
+//! padding and KV-cache offsets are one mechanism. Grouped-query attention follows transformers' `repeat_kv` order
+//! (query head i reads KV head i / n_rep): `attend_grouped` without copying K/V, `repeat_kv` where a caller needs
+//! the heads repeated.
 use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -66,4 +67,75 @@ pub fn attend(
             is_causal: false,
         },
     )
+}
+
+/// Grouped-query attention without repeating K/V in memory: q [b, h, tq, d], k/v [b, kvh, tk, d] with
+/// h = kvh · g, mask [b, 1, tq, tk]. The g query heads that read one KV head (heads kvh_i·g .. kvh_i·g + g, as in
+/// `repeat_kv`) are stacked along the query axis, so each KV head is multiplied once by a [g·tq, d] block: the
+/// same dot products as the repeated form, without the [b, h, tk, d] copies forward or their sum backward.
+pub fn attend_grouped(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    let [b, h, tq, d] = q.dims();
+    let [_, kvh, tk, _] = k.dims();
+    if h == kvh {
+        return attend(q, k, v, Some(mask));
+    }
+    let g = h / kvh;
+    let q = q.reshape([b, kvh, g * tq, d]);
+    let mask = mask
+        .clone()
+        .unsqueeze_dim::<5>(1) // [b, 1, 1, tq, tk]
+        .expand([b, kvh, g, tq, tk])
+        .reshape([b, kvh, g * tq, tk]);
+    attend(q, k, v, Some(&mask)).reshape([b, h, tq, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn close<const D: usize>(a: Tensor<D>, b: Tensor<D>) {
+        let (a, b) = (super::super::to_vec(a), super::super::to_vec(b));
+        assert!(a.iter().any(|x| x.abs() > 1e-4));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// Stacking a KV head's query heads gives the repeated form's outputs and gradients (causal, a padded key, and
+    /// a KV-cache offset: 5 queries over 7 keys).
+    #[test]
+    fn grouped_attention_matches_repeated_heads() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let (b, h, kvh, tq, tk, d) = (2, 6, 2, 5, 7, 4);
+        let q: Tensor<4> =
+            Tensor::random([b, h, tq, d], Distribution::Default, &device).require_grad();
+        let k: Tensor<4> =
+            Tensor::random([b, kvh, tk, d], Distribution::Default, &device).require_grad();
+        let v: Tensor<4> =
+            Tensor::random([b, kvh, tk, d], Distribution::Default, &device).require_grad();
+        let mut valid = vec![vec![true; tk]; b];
+        valid[1][0] = false;
+        let mask = build_mask(&valid, tq, true, None, &device);
+        let weights: Tensor<4> = Tensor::random([b, h, tq, d], Distribution::Default, &device);
+        let grouped = attend_grouped(q.clone(), k.clone(), v.clone(), &mask);
+        let repeated = attend(
+            q.clone(),
+            repeat_kv(k.clone(), h / kvh),
+            repeat_kv(v.clone(), h / kvh),
+            Some(&mask),
+        );
+        close(repeated.clone(), grouped.clone());
+        let gg = (grouped * weights.clone()).sum().backward();
+        let gr = (repeated * weights).sum().backward();
+        close(q.grad(&gr).unwrap(), q.grad(&gg).unwrap());
+        close(k.grad(&gr).unwrap(), k.grad(&gg).unwrap());
+        close(v.grad(&gr).unwrap(), v.grad(&gg).unwrap());
+    }
 }

@@ -135,9 +135,7 @@ impl SelfAttention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let k = attention::repeat_kv(k, h / kvh);
-        let v = attention::repeat_kv(v, h / kvh);
-        let o = attention::attend(q, k, v, Some(mask)); // [b, h, t, hd]
+        let o = attention::attend_grouped(q, k, v, mask); // [b, h, t, hd]
         self.o_proj
             .forward(o.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
