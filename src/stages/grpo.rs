@@ -172,8 +172,9 @@ fn micro_loss(
     stats: &mut Stats,
 ) -> Result<Tensor<1>> {
     let mb = micro_batch(rows, b.text.pad_id(), &b.images);
-    let logits = policy.forward(&to_input(&mb, device)?)?;
-    let (logp, ent) = loss::token_logps(logits, &mb.ids, true);
+    let hidden = policy.hidden(&to_input(&mb, device)?)?;
+    let head = |h| policy.language_model.logits(h);
+    let (logp, ent) = loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, true);
     let [n, t] = logp.dims();
     let mask = loss::target_mask(&mb.labels, device);
     let flat = |v: &[Vec<f32>]| -> Tensor<2> {
@@ -229,7 +230,8 @@ fn micro_loss(
     Ok(((per_token * mask).sum_dim(1) / lens).sum())
 }
 
-/// Per-token log-probs of rows under a model without gradients: one Vec per row over positions 1..t.
+/// Per-token log-probs of rows under a model without gradients: one Vec per row over positions 1..t (0 where the
+/// next token is not a response token).
 fn token_logps_of(
     model: &Llava,
     rows: &[&Encoded],
@@ -237,7 +239,9 @@ fn token_logps_of(
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     let mb = micro_batch(rows, b.text.pad_id(), &b.images);
-    let (lp, _) = loss::token_logps(model.forward(&to_input(&mb, device)?)?, &mb.ids, false);
+    let hidden = model.hidden(&to_input(&mb, device)?)?;
+    let head = |h| model.language_model.logits(h);
+    let (lp, _) = loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, false);
     let [n, t] = lp.dims();
     let v = to_vec(lp);
     Ok((0..n).map(|i| v[i * t..(i + 1) * t].to_vec()).collect())

@@ -1,6 +1,6 @@
 //! Pure loss functions shared by the stages.
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 use crate::zoo::layers::{float_tensor, int_tensor};
 
@@ -28,19 +28,10 @@ pub fn supervised_logp_rows(
     ids: &[Vec<i64>],
     labels: &[Vec<bool>],
 ) -> Tensor<1> {
-    let [b, t, d] = hidden.dims();
+    let [b, t, _] = hidden.dims();
     let device = hidden.device();
-    let (mut at, mut targets, mut rows) = (vec![], vec![], vec![]);
-    for (r, (ids, labels)) in ids.iter().zip(labels).enumerate() {
-        for i in 0..t - 1 {
-            if labels[i + 1] {
-                at.push((r * t + i) as i64);
-                targets.push(ids[i + 1]);
-                rows.push(r);
-            }
-        }
-    }
-    let n = at.len();
+    let sel = Supervised::of(ids, labels, t);
+    let n = sel.at.len();
     if n == 0 {
         // nothing supervised: zero, still connected to the graph so a backward pass finds its way
         return hidden
@@ -48,23 +39,101 @@ pub fn supervised_logp_rows(
             .reshape([b])
             .mul_scalar(0.0);
     }
-    let picked: Tensor<2> = hidden
-        .reshape([b * t, d])
-        .select(0, int_tensor(at, [n], &device));
-    let logp = log_softmax(head(picked.unsqueeze_dim(0)).squeeze_dim::<2>(0), 1); // [n, v]
-    let logp = logp.gather(1, int_tensor(targets, [n, 1], &device)); // [n, 1]
+    let (logp, _) = sel.logps(hidden, head, false);
     // each row's sum: a [b, n] 0/1 matrix times the picked log-probs
     let mut onehot = vec![0.0f32; b * n];
-    for (j, r) in rows.into_iter().enumerate() {
-        onehot[r * n + j] = 1.0;
+    for (j, &at) in sel.at.iter().enumerate() {
+        onehot[(at as usize / t) * n + j] = 1.0;
     }
     float_tensor(onehot, [b, n], &device)
-        .matmul(logp)
+        .matmul(logp.unsqueeze_dim(1))
         .reshape([b])
 }
 
-/// Per-row summed log-probability of the supervised next tokens: [b]. The sequence log-prob of a response
-/// (DPO, reward margins, policy gradients) is its row here.
+/// Per-token log-probs of the supervised next tokens, laid out as `token_logps` lays them ([b, t-1], position i
+/// scoring ids[:, i+1]) with 0 wherever labels[:, i+1] is false; with `entropy`, each supervised position's
+/// next-token entropy (0 elsewhere). The LM head runs at the supervised positions only: the RL stages mask every
+/// other position out, and a rollout's prompt and image tokens are most of its row.
+pub fn supervised_token_logps(
+    hidden: Tensor<3>,
+    head: impl Fn(Tensor<3>) -> Tensor<3>,
+    ids: &[Vec<i64>],
+    labels: &[Vec<bool>],
+    entropy: bool,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let [b, t, _] = hidden.dims();
+    let device = hidden.device();
+    let sel = Supervised::of(ids, labels, t);
+    let n = sel.at.len();
+    if n == 0 {
+        let zero = hidden
+            .slice([0..b, 0..t - 1, 0..1])
+            .reshape([b, t - 1])
+            .mul_scalar(0.0);
+        return (zero.clone(), entropy.then_some(zero));
+    }
+    // position r·t + i of the hidden states is entry r·(t-1) + i of the [b, t-1] layout
+    let to: Vec<i64> = sel.at.iter().map(|&a| a - a / t as i64).collect();
+    let to = int_tensor(to, [n], &device);
+    let place = |x: Tensor<1>| {
+        Tensor::<1>::zeros([b * (t - 1)], &device)
+            .select_assign(0, to.clone(), x, IndexingUpdateOp::Add)
+            .reshape([b, t - 1])
+    };
+    let (logp, ent) = sel.logps(hidden, head, entropy);
+    (place(logp), ent.map(place))
+}
+
+/// The positions whose next token is supervised: flat indices r·t + i into [b·t] where labels[r][i+1], and the
+/// target ids[r][i+1] of each.
+struct Supervised {
+    at: Vec<i64>,
+    targets: Vec<i64>,
+}
+
+impl Supervised {
+    fn of(ids: &[Vec<i64>], labels: &[Vec<bool>], t: usize) -> Self {
+        let (mut at, mut targets) = (vec![], vec![]);
+        for (r, (ids, labels)) in ids.iter().zip(labels).enumerate() {
+            for i in 0..t - 1 {
+                if labels[i + 1] {
+                    at.push((r * t + i) as i64);
+                    targets.push(ids[i + 1]);
+                }
+            }
+        }
+        Supervised { at, targets }
+    }
+
+    /// The LM head and log-softmax at the n selected positions: the targets' log-probs [n] and, with `entropy`,
+    /// each position's entropy [n]. At least one position must be selected.
+    fn logps(
+        &self,
+        hidden: Tensor<3>,
+        head: impl Fn(Tensor<3>) -> Tensor<3>,
+        entropy: bool,
+    ) -> (Tensor<1>, Option<Tensor<1>>) {
+        let [b, t, d] = hidden.dims();
+        let device = hidden.device();
+        let n = self.at.len();
+        let picked: Tensor<2> = hidden
+            .reshape([b * t, d])
+            .select(0, int_tensor(self.at.clone(), [n], &device));
+        let logp = log_softmax(head(picked.unsqueeze_dim(0)).squeeze_dim::<2>(0), 1); // [n, v]
+        let ent = entropy.then(|| {
+            (logp.clone().exp() * logp.clone())
+                .sum_dim(1)
+                .reshape([n])
+                .neg()
+        });
+        let targets = int_tensor(self.targets.clone(), [n, 1], &device);
+        (logp.gather(1, targets).reshape([n]), ent)
+    }
+}
+
+/// Per-row summed log-probability of the supervised next tokens from full logits [b, t, v]: [b]. The stages use
+/// `supervised_logp_rows`; this is the straightforward form (transformers' own) the tests hold it to.
+#[cfg(test)]
 pub fn masked_logp_rows(logits: Tensor<3>, ids: &[Vec<i64>], labels: &[Vec<bool>]) -> Tensor<1> {
     let (picked, _) = token_logps(logits, ids, false);
     let mask = target_mask(labels, &picked.device());
@@ -72,7 +141,8 @@ pub fn masked_logp_rows(logits: Tensor<3>, ids: &[Vec<i64>], labels: &[Vec<bool>
 }
 
 /// Log-prob of each next token: [b, t-1] (position i scores ids[:, i+1]); with `entropy`, also the entropy of
-/// each next-token distribution [b, t-1] (policy-gradient stages log it).
+/// each next-token distribution [b, t-1]. The reference for `supervised_token_logps` (tests).
+#[cfg(test)]
 pub fn token_logps(
     logits: Tensor<3>,
     ids: &[Vec<i64>],
@@ -142,6 +212,56 @@ mod tests {
         assert_eq!(c[2], 0.0);
         let g_full = full.sum().backward();
         let g_fast = fast.sum().backward();
+        let (ga, gc) = (
+            crate::zoo::layers::to_vec(hidden.grad(&g_full).unwrap()),
+            crate::zoo::layers::to_vec(hidden.grad(&g_fast).unwrap()),
+        );
+        assert!(ga.iter().any(|x| x.abs() > 1e-3));
+        for (x, y) in ga.iter().zip(&gc) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+
+    /// The per-token form (RL stages): supervised positions equal the full-logits path's log-probs and entropies,
+    /// the rest are 0, and the hidden-state gradient of a masked weighted sum is the same.
+    #[test]
+    fn supervised_tokens_equal_full_logits() {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let (b, t, d, v) = (2, 6, 4, 9);
+        let hidden: Tensor<3> =
+            Tensor::random([b, t, d], burn::tensor::Distribution::Default, &device).require_grad();
+        let w: Tensor<2> = Tensor::random([d, v], burn::tensor::Distribution::Default, &device);
+        let head = |h: Tensor<3>| {
+            let [x, y, _] = h.dims();
+            h.reshape([x * y, d]).matmul(w.clone()).reshape([x, y, v])
+        };
+        let ids: Vec<Vec<i64>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 4 + i * 5) % v) as i64).collect())
+            .collect();
+        let labels = vec![
+            vec![false, false, true, true, false, true],
+            vec![false, false, false, false, true, true],
+        ];
+        let mask = target_mask(&labels, &device);
+        let (full, full_ent) = token_logps(head(hidden.clone()), &ids, true);
+        let (fast, fast_ent) = supervised_token_logps(hidden.clone(), head, &ids, &labels, true);
+        let vals = |x: Tensor<2>| crate::zoo::layers::to_vec(x);
+        let m = vals(mask.clone());
+        for (full, fast) in [
+            (full.clone(), fast.clone()),
+            (full_ent.unwrap(), fast_ent.unwrap()),
+        ] {
+            let (a, c) = (vals(full), vals(fast));
+            for ((x, y), m) in a.iter().zip(&c).zip(&m) {
+                let want = if *m > 0.0 { *x } else { 0.0 };
+                assert!((want - y).abs() < 1e-5, "{a:?} vs {c:?}");
+            }
+        }
+        let weights: Tensor<2> =
+            Tensor::random([b, t - 1], burn::tensor::Distribution::Default, &device);
+        let g_full = (full * mask * weights.clone()).sum().backward();
+        let g_fast = (fast * weights).sum().backward();
         let (ga, gc) = (
             crate::zoo::layers::to_vec(hidden.grad(&g_full).unwrap()),
             crate::zoo::layers::to_vec(hidden.grad(&g_fast).unwrap()),

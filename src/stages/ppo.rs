@@ -17,7 +17,7 @@ use super::loss;
 use super::steps::Engine;
 use super::trainer::{StageRun, to_input};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::micro_batch;
+use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::templates::Encoded;
 use crate::error::Result;
 
@@ -42,12 +42,12 @@ impl PolicyValue {
         PolicyValue { llava, value }
     }
 
-    /// (logits [b, t, v], values [b, t]) in one pass.
+    /// (final hidden states [b, t, d], values [b, t]) in one pass; `response_logps` puts the LM head on them.
     fn forward(&self, input: &crate::zoo::mllm::MmInput) -> Result<(Tensor<3>, Tensor<2>)> {
         let h = self.llava.hidden(input)?;
         let [b, t, _] = h.dims();
         let v = self.value.forward(h.clone()).reshape([b, t]);
-        Ok((self.llava.language_model.logits(h), v))
+        Ok((h, v))
     }
 }
 
@@ -87,6 +87,18 @@ fn rows_of(t: Tensor<2>, lens: &[usize]) -> Vec<Vec<f32>> {
     (0..n)
         .map(|i| v[i * w..i * w + lens[i].min(w)].to_vec())
         .collect()
+}
+
+/// Per-token log-probs [b, t-1] (and entropies) of a micro-batch's response tokens from `model`'s final hidden
+/// states, the LM head on those positions only; 0 elsewhere (every use is masked to the response).
+fn response_logps(
+    model: &Llava,
+    hidden: Tensor<3>,
+    mb: &MicroBatch,
+    entropy: bool,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let head = |h| model.language_model.logits(h);
+    loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, entropy)
 }
 
 /// Pads per-row vectors into [n, w].
@@ -182,12 +194,16 @@ pub fn run(
             let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
             let input = to_input(&mb, &inner)?;
             let lens: Vec<usize> = chunk.iter().map(|r| r.ids.len() - 1).collect();
-            let (logits, v) = frozen.forward(&input)?;
+            let (hidden, v) = frozen.forward(&input)?;
             let t = v.dims()[1];
-            old.extend(rows_of(loss::token_logps(logits, &mb.ids, false).0, &lens));
+            old.extend(rows_of(
+                response_logps(&frozen.llava, hidden, &mb, false).0,
+                &lens,
+            ));
             vals.extend(rows_of(v.slice([0..chunk.len(), 0..t - 1]), &lens));
+            let hidden = reference.hidden(&input)?;
             refs.extend(rows_of(
-                loss::token_logps(reference.forward(&input)?, &mb.ids, false).0,
+                response_logps(&reference, hidden, &mb, false).0,
                 &lens,
             ));
         }
@@ -247,8 +263,8 @@ pub fn run(
             for (c, chunk) in rows.chunks(per).enumerate() {
                 let span = c * per..c * per + chunk.len();
                 let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
-                let (logits, v) = pv.forward(&to_input(&mb, device)?)?;
-                let (logp, ent) = loss::token_logps(logits, &mb.ids, true);
+                let (hidden, v) = pv.forward(&to_input(&mb, device)?)?;
+                let (logp, ent) = response_logps(&pv.llava, hidden, &mb, true);
                 let [n, w] = logp.dims();
                 let mask = loss::target_mask(&mb.labels, device);
                 let as64 = |rows: &[Vec<f32>]| -> Vec<Vec<f64>> {
