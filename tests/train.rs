@@ -365,21 +365,28 @@ fn frozen_parts_stay_bit_identical() {
     assert_eq!(changed, 4, "every connector tensor should have moved");
 }
 
-/// `pack = true` end to end: the instruct stage's losses follow the unpacked run's step for step (same global
-/// batches, same math; only the summation order differs) while its rows carry less padding.
+/// `pack = true` and `checkpoint_activations = true` end to end: the instruct stage's losses follow the plain
+/// run's step for step (same global batches, same math; only the summation order differs), the packed rows carry
+/// less padding.
 #[test]
-fn packed_instruct_stage_follows_the_unpacked_run() {
+fn packed_and_checkpointed_instruct_stages_follow_the_plain_run() {
     let d = scratch("packrun");
     let w = world(&d);
-    let plain = recipe(&w, &d.join("runs-a")).replace(r#", "bench"]"#, "]");
-    let packed = recipe(&w, &d.join("runs-b"))
-        .replace(r#", "bench"]"#, "]")
-        .replace("max_len = 384\n", "max_len = 384\npack = true\n");
-    assert!(packed.contains("pack = true"));
-    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
-    std::fs::write(&a, plain).unwrap();
-    std::fs::write(&b, packed).unwrap();
-    for r in [&a, &b] {
+    let variant = |out: &str, line: &str| {
+        let r = recipe(&w, &d.join(out))
+            .replace(r#", "bench"]"#, "]")
+            .replace("max_len = 384\n", &format!("max_len = 384\n{line}"));
+        assert!(r.contains(line));
+        let path = d.join(format!("{out}.toml"));
+        std::fs::write(&path, r).unwrap();
+        path
+    };
+    let runs = [
+        variant("runs-a", ""),
+        variant("runs-b", "pack = true\n"),
+        variant("runs-c", "checkpoint_activations = true\n"),
+    ];
+    for r in &runs {
         let (ok, err) = run_mitune(&["train", r.to_str().unwrap()], None);
         assert!(ok, "{err}");
     }
@@ -392,22 +399,72 @@ fn packed_instruct_stage_follows_the_unpacked_run() {
             .map(|v| (v["loss"].as_f64().unwrap(), v["padding"].as_f64().unwrap()))
             .collect()
     };
-    let (la, lb) = (instruct("runs-a"), instruct("runs-b"));
+    let la = instruct("runs-a");
     assert_eq!(la.len(), 6, "{la:?}");
-    assert_eq!(la.len(), lb.len());
-    for ((x, _), (y, _)) in la.iter().zip(&lb) {
-        assert!(
-            (x - y).abs() / x.abs() < 1e-4,
-            "loss {x} unpacked vs {y} packed"
-        );
+    for (run, what) in [("runs-b", "packed"), ("runs-c", "checkpointed")] {
+        let lb = instruct(run);
+        assert_eq!(la.len(), lb.len());
+        for ((x, _), (y, _)) in la.iter().zip(&lb) {
+            assert!(
+                (x - y).abs() / x.abs() < 1e-4,
+                "loss {x} plain vs {y} {what}"
+            );
+        }
     }
     let mean = |v: &[(f64, f64)]| v.iter().map(|p| p.1).sum::<f64>() / v.len() as f64;
-    assert!(
-        mean(&lb) < mean(&la),
-        "padding {} packed vs {} unpacked",
-        mean(&lb),
-        mean(&la)
-    );
+    let (pa, pb) = (mean(&la), mean(&instruct("runs-b")));
+    assert!(pb < pa, "padding {pb} packed vs {pa} unpacked");
+}
+
+/// Activation checkpointing per block gives the plain path's loss and gradients for every trained parameter
+/// (encoder, connector, each block, head), on padded and on packed rows; the same parameters get gradients.
+#[test]
+fn checkpointed_blocks_give_the_plain_loss_and_gradients() {
+    let (built, device, eight) = eight_samples("ckpt");
+    let pad = built.text.pad_id();
+    let model = &built.model;
+    let refs: Vec<_> = eight.iter().collect();
+    let padded: Vec<MicroBatch> = refs
+        .chunks(4)
+        .map(|c| micro_batch(c, pad, &built.images))
+        .collect();
+    let len: Vec<usize> = eight.iter().map(|e| e.ids.len()).collect();
+    let longest = *len.iter().max().unwrap();
+    let idx: Vec<usize> = (0..8).collect();
+    let rows: Vec<Vec<_>> = pack_rows(&idx, &len, 2 * longest)
+        .iter()
+        .map(|r| r.iter().map(|&i| &eight[i]).collect())
+        .collect();
+    let packed = vec![micro_batch_rows(&rows, pad, &built.images, true)];
+    for micros in [padded, packed] {
+        let total: usize = micros.iter().map(|m| m.supervised).sum();
+        let mut acc = GradientsAccumulator::<Llava>::new();
+        let mut loss = 0.0;
+        for mb in &micros {
+            let (l, g) = trainer::checkpointed_grads(model, mb, &device, total as f64).unwrap();
+            loss += l;
+            acc.accumulate(model, g);
+        }
+        let plain = loss_and_grads(model, &micros, &device);
+        let checkpointed = (loss, acc.grads());
+        let has = |g: &GradientsParams, info: &params::ParamInfo| match info.rank {
+            1 => g.get::<1>(info.id).is_some(),
+            2 => g.get::<2>(info.id).is_some(),
+            3 => g.get::<3>(info.id).is_some(),
+            _ => g.get::<4>(info.id).is_some(),
+        };
+        let all = params::list(model);
+        assert!(all.iter().filter(|i| has(&plain.1, i)).count() > 20);
+        for info in &all {
+            assert_eq!(
+                has(&plain.1, info),
+                has(&checkpointed.1, info),
+                "{} has a gradient on one path only",
+                info.path
+            );
+        }
+        assert_same(model, &plain, &checkpointed);
+    }
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct Opts {
     /// Measured steps / runs (default: the preset's).
     #[arg(long)]
     steps: Option<usize>,
+    /// train: activation checkpointing per LLM block (a stage's `checkpoint_activations = true`).
+    #[arg(long)]
+    checkpoint_activations: bool,
 }
 
 /// A training preset: encoder and LLM presets (`zoo::presets`), batch shape, what trains.
@@ -126,7 +129,7 @@ pub fn run(args: Args) -> Result<()> {
         Args::Train(o) => {
             let picked = pick(&TRAIN.iter().map(|p| p.name).collect::<Vec<_>>(), &o.preset)?;
             for p in TRAIN.iter().filter(|p| picked.contains(&p.name)) {
-                let r = train(p, o.steps)?;
+                let r = train(p, o.steps, o.checkpoint_activations)?;
                 emit(&r, o.json);
             }
         }
@@ -228,7 +231,7 @@ fn spec(enc: &str, llm: &str, vocab: usize, layer: i64, tied: bool) -> Result<Ll
     })
 }
 
-fn train(p: &Preset, steps: Option<usize>) -> Result<serde_json::Value> {
+fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_json::Value> {
     let device = Device::flex().autodiff();
     device.seed(0);
     let spec = spec(p.enc, p.llm, p.vocab, p.feature_layer, p.name == "tiny")?;
@@ -289,8 +292,13 @@ fn train(p: &Preset, steps: Option<usize>) -> Result<serde_json::Value> {
     let mut times = vec![];
     for i in 0..p.warmup + steps {
         let t0 = Instant::now();
-        let loss = trainer::micro_loss(&model, &mb, &device)?.div_scalar(mb.supervised as f64);
-        let g = GradientsParams::from_grads(loss.backward(), &model);
+        let norm = mb.supervised as f64;
+        let g = if checkpoint {
+            trainer::checkpointed_grads(&model, &mb, &device, norm)?.1
+        } else {
+            let loss = trainer::micro_loss(&model, &mb, &device)?.div_scalar(norm);
+            GradientsParams::from_grads(loss.backward(), &model)
+        };
         model = optim.step(1e-4, model, g);
         sync(&model);
         if i >= p.warmup {
@@ -305,6 +313,7 @@ fn train(p: &Preset, steps: Option<usize>) -> Result<serde_json::Value> {
         "batch": p.batch, "seq": seq, "image_tokens": n_img, "step_s_median": median,
         "tokens_per_s": (p.batch * seq) as f64 / median, "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(), "cpu": cpu_model(),
+        "checkpoint_activations": checkpoint,
     }))
 }
 

@@ -486,6 +486,10 @@ pub struct TrainStage {
     /// positions restart at each sample, so the loss is the unpacked one. Fewer, fuller rows: less padding.
     #[serde(default)]
     pub pack: bool,
+    /// Activation checkpointing per LLM block: keep only each block's input through the forward pass and run each
+    /// block again during the backward pass. Less memory for activations, one more forward of the blocks.
+    #[serde(default)]
+    pub checkpoint_activations: bool,
     /// Defaults to the recipe's seed.
     pub seed: Option<u64>,
     #[serde(default = "ten")]

@@ -1,6 +1,6 @@
 //! Pure loss functions shared by the stages.
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Tensor};
 
 use crate::zoo::layers::{float_tensor, int_tensor};
 
@@ -158,7 +158,8 @@ pub fn token_logps(
             .neg()
     });
     let targets: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().copied()).collect();
-    let targets: Tensor<3, Int> = int_tensor(targets, [b, t - 1], &device).unsqueeze_dim(2);
+    let targets: Tensor<3, burn::tensor::Int> =
+        int_tensor(targets, [b, t - 1], &device).unsqueeze_dim(2);
     (logp.gather(2, targets).squeeze_dim(2), ent)
 }
 

@@ -5,7 +5,7 @@
 //! pure functions of the step, so nothing else is state.
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,6 +79,58 @@ pub fn micro_loss(
     let hidden = model.hidden(&input)?;
     let head = |h| model.language_model.logits(h);
     Ok(loss::masked_ce_sum(hidden, head, &mb.ids, &mb.labels))
+}
+
+/// One micro-batch's loss / `norm` and its gradients with activations checkpointed per LLM block
+/// (`checkpoint_activations`), as transformers' gradient checkpointing does: the blocks run forward once without
+/// autodiff, keeping only each block's input [b, t, d]; the loss's backward stops at the last block's output; then
+/// each block, last first, runs again under autodiff and is backpropagated from its output gradient (Σ y ⊙ ∂L/∂y),
+/// handing ∂L/∂x to the block before; the input embeddings take the first block's ∂L/∂x back into the connector
+/// (and the encoder). Costs one more forward of the blocks; holds one block's activations at a time plus the
+/// block inputs, where `micro_loss` holds every block's. Same loss; gradients equal up to summation order.
+pub fn checkpointed_grads(
+    model: &Llava,
+    mb: &MicroBatch,
+    device: &Device,
+    norm: f64,
+) -> Result<(f64, GradientsParams)> {
+    let input = to_input(mb, device)?;
+    let x0 = model.input_embeds(&input)?;
+    let positions = model.positions(&input)?;
+    let segments = (!input.segments.is_empty()).then_some(input.segments.as_slice());
+    let dec = model.language_model.decoder();
+    // forward without autodiff (the inner backend), keeping each block's input
+    let mut h = x0.clone().inner();
+    let ctx = dec.context(&h, &positions, &input.attention, segments);
+    let mut inputs = Vec::with_capacity(dec.layers.len());
+    for layer in &dec.layers {
+        inputs.push(h.clone());
+        h = layer.valid().forward(h, &ctx, None);
+    }
+    // final norm, head and loss under autodiff from the last block's output
+    let last = Tensor::from_inner(h).require_grad();
+    let head = |h| model.language_model.logits(h);
+    let l = loss::masked_ce_sum(dec.norm.forward(last.clone()), head, &mb.ids, &mb.labels)
+        .div_scalar(norm);
+    let value = l.clone().into_scalar::<f32>() as f64;
+    let grads = l.backward();
+    let mut dy = last.grad(&grads);
+    let mut acc = GradientsAccumulator::<Llava>::new();
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    let ctx = dec.context(&x0, &positions, &input.attention, segments);
+    for (layer, x) in dec.layers.iter().zip(inputs).rev() {
+        let Some(g) = dy else { break };
+        let x = Tensor::from_inner(x).require_grad();
+        let y = layer.forward(x.clone(), &ctx, None);
+        let grads = (y * Tensor::from_inner(g)).sum().backward();
+        dy = x.grad(&grads);
+        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    if let Some(g) = dy.filter(|_| x0.is_tracked()) {
+        let grads = (x0 * Tensor::from_inner(g)).sum().backward();
+        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    Ok((value, acc.grads()))
 }
 
 fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<Part> {
@@ -281,13 +333,18 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut loss_val = 0.0f64;
         let (mut tokens, mut real) = (0, 0);
+        let norm = global_sup.max(1) as f64;
         for mb in &micros {
-            let l = micro_loss(&model, mb, eng.device)?.div_scalar(global_sup.max(1) as f64);
-            let v: f32 = l.clone().into_scalar::<f32>();
-            loss_val += v as f64;
+            let (v, g) = if spec.checkpoint_activations {
+                checkpointed_grads(&model, mb, eng.device, norm)?
+            } else {
+                let l = micro_loss(&model, mb, eng.device)?.div_scalar(norm);
+                let v = l.clone().into_scalar::<f32>() as f64;
+                (v, GradientsParams::from_grads(l.backward(), &model))
+            };
+            loss_val += v;
             tokens += mb.tokens;
             real += mb.real;
-            let g = GradientsParams::from_grads(l.backward(), &model);
             acc.accumulate(&model, g);
         }
         let norm;

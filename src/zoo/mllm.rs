@@ -551,7 +551,7 @@ impl Llava {
     }
 
     /// Positions of a whole-sequence forward: 0..t per row, or M-RoPE's 3-D positions when the batch has images.
-    fn positions(&self, input: &MmInput) -> Result<Vec<Vec<i64>>> {
+    pub(crate) fn positions(&self, input: &MmInput) -> Result<Vec<Vec<i64>>> {
         if !input.segments.is_empty() {
             if self.spec.native.is_some() || self.spec.anyres.is_some() {
                 return Err(Error::input(

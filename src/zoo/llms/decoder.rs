@@ -141,6 +141,34 @@ impl SelfAttention {
     }
 }
 
+/// Rotary tables [b, 1, t, head_dim] and mask [b, 1, t, t_keys] of one forward pass (`Decoder::context`).
+#[derive(Clone)]
+pub struct LayerContext {
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    pub mask: Tensor<4, Bool>,
+}
+
+impl DecoderLayer {
+    /// Pre-norm attention and MLP with their residuals: h [b, t, d] -> [b, t, d]; `cache` as in `SelfAttention`.
+    pub fn forward(
+        &self,
+        h: Tensor<3>,
+        ctx: &LayerContext,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let a = self.self_attn.forward(
+            self.input_layernorm.forward(h.clone()),
+            &ctx.cos,
+            &ctx.sin,
+            &ctx.mask,
+            cache,
+        );
+        let h = h + a;
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
 impl Decoder {
     /// ids: [b, t] -> [b, t, d]
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
@@ -159,10 +187,7 @@ impl Decoder {
         segments: Option<&[Vec<u32>]>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
-        let device = x.device();
-        let [b, t, _] = x.dims();
-        let (cos, sin) = self.spec.rope.tables_for(positions, b, &device);
-        let mask = attention::build_mask(key_valid, t, true, segments, &device);
+        let ctx = self.context(&x, positions, key_valid, segments);
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
@@ -172,17 +197,25 @@ impl Decoder {
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(
-                layer.input_layernorm.forward(h.clone()),
-                &cos,
-                &sin,
-                &mask,
-                slot,
-            );
-            h = h + a;
-            h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+            h = layer.forward(h, &ctx, slot);
         }
         self.norm.forward(h)
+    }
+
+    /// What every layer of one forward pass shares: the rotary tables for `positions` and the attention mask
+    /// (causal, padding, packed segments) on x's device.
+    pub fn context(
+        &self,
+        x: &Tensor<3>,
+        positions: &[Vec<i64>],
+        key_valid: &[Vec<bool>],
+        segments: Option<&[Vec<u32>]>,
+    ) -> LayerContext {
+        let device = x.device();
+        let [b, t, _] = x.dims();
+        let (cos, sin) = self.spec.rope.tables_for(positions, b, &device);
+        let mask = attention::build_mask(key_valid, t, true, segments, &device);
+        LayerContext { cos, sin, mask }
     }
 
     /// hidden: [b, t, d] -> logits [b, t, vocab]

@@ -18,6 +18,13 @@ pub enum Llm {
 }
 
 impl Llm {
+    /// The decoder stack (layers, final norm, head): what per-block recomputation walks through.
+    pub fn decoder(&self) -> &Decoder {
+        match self {
+            Llm::Decoder(m) => m,
+        }
+    }
+
     /// ids: [b, t] -> [b, t, d]
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         match self {
