@@ -176,25 +176,53 @@ pub fn target_mask(labels: &[Vec<bool>], device: &burn::tensor::Device) -> Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
+    use burn::tensor::{Device, Distribution};
+
+    /// Random hidden states [b, t, d] (tracked), a linear head [d, v] and ids [b, t] that vary with `step`.
+    fn case(
+        seed: u64,
+        [b, t, d, v]: [usize; 4],
+        step: usize,
+    ) -> (Tensor<3>, Tensor<2>, Vec<Vec<i64>>) {
+        let device = Device::flex().autodiff();
+        device.seed(seed);
+        let hidden: Tensor<3> =
+            Tensor::random([b, t, d], Distribution::Default, &device).require_grad();
+        let w: Tensor<2> = Tensor::random([d, v], Distribution::Default, &device);
+        let ids = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 5 + i * step) % v) as i64).collect())
+            .collect();
+        (hidden, w, ids)
+    }
+
+    /// hidden [x, y, d] -> logits [x, y, v] through `w`.
+    fn head(w: &Tensor<2>) -> impl Fn(Tensor<3>) -> Tensor<3> + '_ {
+        move |h: Tensor<3>| {
+            let [x, y, d] = h.dims();
+            let v = w.dims()[1];
+            h.reshape([x * y, d]).matmul(w.clone()).reshape([x, y, v])
+        }
+    }
+
+    /// The hidden states' gradients under both backward passes: nonzero and within 1e-5.
+    fn same_hidden_grads(hidden: &Tensor<3>, a: Tensor<1>, b: Tensor<1>) {
+        let (ga, gb) = (
+            crate::zoo::layers::to_vec(hidden.grad(&a.backward()).unwrap()),
+            crate::zoo::layers::to_vec(hidden.grad(&b.backward()).unwrap()),
+        );
+        assert!(ga.iter().any(|x| x.abs() > 1e-3));
+        for (x, y) in ga.iter().zip(&gb) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
 
     /// The LM head on supervised positions only gives the full-logits path's row sums, and the same gradient
     /// with respect to the hidden states.
     #[test]
     fn supervised_rows_equal_full_logits() {
-        let device = Device::flex().autodiff();
-        device.seed(3);
-        let (b, t, d, v) = (3, 7, 5, 11);
-        let hidden: Tensor<3> =
-            Tensor::random([b, t, d], burn::tensor::Distribution::Default, &device).require_grad();
-        let w: Tensor<2> = Tensor::random([d, v], burn::tensor::Distribution::Default, &device);
-        let head = |h: Tensor<3>| {
-            let [x, y, _] = h.dims();
-            h.reshape([x * y, d]).matmul(w.clone()).reshape([x, y, v])
-        };
-        let ids: Vec<Vec<i64>> = (0..b)
-            .map(|r| (0..t).map(|i| ((r * 5 + i * 3) % v) as i64).collect())
-            .collect();
+        let t = 7;
+        let (hidden, w, ids) = case(3, [3, t, 5, 11], 3);
+        let head = head(&w);
         // row 0: tail supervised, row 1: scattered, row 2: nothing
         let labels = vec![
             vec![false, false, false, true, true, true, true],
@@ -211,35 +239,17 @@ mod tests {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {c:?}");
         }
         assert_eq!(c[2], 0.0);
-        let g_full = full.sum().backward();
-        let g_fast = fast.sum().backward();
-        let (ga, gc) = (
-            crate::zoo::layers::to_vec(hidden.grad(&g_full).unwrap()),
-            crate::zoo::layers::to_vec(hidden.grad(&g_fast).unwrap()),
-        );
-        assert!(ga.iter().any(|x| x.abs() > 1e-3));
-        for (x, y) in ga.iter().zip(&gc) {
-            assert!((x - y).abs() < 1e-5);
-        }
+        same_hidden_grads(&hidden, full.sum(), fast.sum());
     }
 
     /// The per-token form (RL stages): supervised positions equal the full-logits path's log-probs and entropies,
     /// the rest are 0, and the hidden-state gradient of a masked weighted sum is the same.
     #[test]
     fn supervised_tokens_equal_full_logits() {
-        let device = Device::flex().autodiff();
-        device.seed(5);
-        let (b, t, d, v) = (2, 6, 4, 9);
-        let hidden: Tensor<3> =
-            Tensor::random([b, t, d], burn::tensor::Distribution::Default, &device).require_grad();
-        let w: Tensor<2> = Tensor::random([d, v], burn::tensor::Distribution::Default, &device);
-        let head = |h: Tensor<3>| {
-            let [x, y, _] = h.dims();
-            h.reshape([x * y, d]).matmul(w.clone()).reshape([x, y, v])
-        };
-        let ids: Vec<Vec<i64>> = (0..b)
-            .map(|r| (0..t).map(|i| ((r * 4 + i * 5) % v) as i64).collect())
-            .collect();
+        let (b, t) = (2, 6);
+        let (hidden, w, ids) = case(5, [b, t, 4, 9], 5);
+        let device = hidden.device();
+        let head = head(&w);
         let labels = vec![
             vec![false, false, true, true, false, true],
             vec![false, false, false, false, true, true],
@@ -259,17 +269,11 @@ mod tests {
                 assert!((want - y).abs() < 1e-5, "{a:?} vs {c:?}");
             }
         }
-        let weights: Tensor<2> =
-            Tensor::random([b, t - 1], burn::tensor::Distribution::Default, &device);
-        let g_full = (full * mask * weights.clone()).sum().backward();
-        let g_fast = (fast * weights).sum().backward();
-        let (ga, gc) = (
-            crate::zoo::layers::to_vec(hidden.grad(&g_full).unwrap()),
-            crate::zoo::layers::to_vec(hidden.grad(&g_fast).unwrap()),
+        let weights: Tensor<2> = Tensor::random([b, t - 1], Distribution::Default, &device);
+        same_hidden_grads(
+            &hidden,
+            (full * mask * weights.clone()).sum(),
+            (fast * weights).sum(),
         );
-        assert!(ga.iter().any(|x| x.abs() > 1e-3));
-        for (x, y) in ga.iter().zip(&gc) {
-            assert!((x - y).abs() < 1e-5);
-        }
     }
 }
