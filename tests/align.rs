@@ -225,21 +225,26 @@ fn dpo_lines(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Also: activation checkpointing per block follows the plain run.
 #[test]
 fn dpo_starts_at_ln2_and_cached_reference_matches_frozen() {
     let d = scratch("dpo");
     let w = world(&d);
     let mut lines = vec![];
-    for reference in ["frozen", "cached"] {
-        let r = d.join(format!("{reference}.toml"));
+    for (name, reference, extra) in [
+        ("frozen", "frozen", ""),
+        ("cached", "cached", ""),
+        ("checkpointed", "frozen", "checkpoint_activations = true"),
+    ] {
+        let r = d.join(format!("{name}.toml"));
         std::fs::write(
             &r,
-            recipe(&w, &d.join(format!("runs-{reference}")), reference, ""),
+            recipe(&w, &d.join(format!("runs-{name}")), reference, extra),
         )
         .unwrap();
         let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
         assert!(ok, "{err}");
-        let run = d.join(format!("runs-{reference}/tiny-dpo"));
+        let run = d.join(format!("runs-{name}/tiny-dpo"));
         assert!(run.join("dpo/model/config.json").exists());
         assert_eq!(
             run.join("dpo/reference_logps.json").exists(),
@@ -261,13 +266,15 @@ fn dpo_starts_at_ln2_and_cached_reference_matches_frozen() {
         assert_eq!(l[3]["heldout"], true);
         lines.push(l);
     }
-    for (a, b) in lines[0].iter().zip(&lines[1]) {
-        for k in ["loss", "rewards/margins", "logps/chosen"] {
-            let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
-            assert!(
-                (x - y).abs() < 1e-4 * (1.0 + x.abs()),
-                "{k}: frozen {x} vs cached {y}"
-            );
+    for (other, what) in [(&lines[1], "cached"), (&lines[2], "checkpointed")] {
+        for (a, b) in lines[0].iter().zip(other) {
+            for k in ["loss", "rewards/margins", "logps/chosen"] {
+                let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() < 1e-4 * (1.0 + x.abs()),
+                    "{k}: frozen {x} vs {what} {y}"
+                );
+            }
         }
     }
 }
@@ -335,6 +342,34 @@ fn reward_stage_trains_a_scalar_head_and_saves_it() {
         mitune::stages::reward::load(&run.join("rm/model"), &burn::tensor::Device::flex()).unwrap();
     let w: Vec<f32> = mitune::zoo::layers::to_vec(rm.score.weight.val());
     assert!(w.iter().any(|&x| x != 0.0), "the head learned");
+    // activation checkpointing per block follows the plain run
+    std::fs::write(
+        &r,
+        text.replace(
+            "log_every = 1",
+            "log_every = 1\ncheckpoint_activations = true",
+        ),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap(), "--fresh"]);
+    assert!(ok, "{err}");
+    let again: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "rm")
+        .collect();
+    let losses = |v: &[serde_json::Value]| -> Vec<f64> {
+        v.iter().filter_map(|l| l["loss"].as_f64()).collect()
+    };
+    let (la, lb) = (losses(&lines), losses(&again));
+    assert!(la.len() >= 3 && la.len() == lb.len(), "{la:?} vs {lb:?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(
+            (x - y).abs() < 1e-4 * (1.0 + x.abs()),
+            "loss {x} plain vs {y} checkpointed"
+        );
+    }
     // a reward stage takes no DPO loss
     std::fs::write(
         &r,

@@ -319,6 +319,9 @@ pub struct PrefStage {
     pub epochs: f64,
     pub max_steps: Option<usize>,
     pub max_len: usize,
+    /// Activation checkpointing per LLM block (as on align/instruct stages).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
     pub seed: Option<u64>,
     #[serde(default = "ten")]
     pub log_every: usize,

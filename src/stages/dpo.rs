@@ -16,9 +16,9 @@ use super::build::{Built, export};
 use super::loss;
 use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Batches, Engine};
-use super::trainer::{StageRun, to_input};
+use super::trainer::{self, StageRun, to_input};
 use crate::data::contract::{self, Bad};
-use crate::data::loader::micro_batch;
+use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::preference::{Pair, load_pairs};
 use crate::data::sources::{Role, Sample};
 use crate::data::templates::{self, Encoded};
@@ -122,12 +122,8 @@ fn reference_table(
 ) -> Result<Vec<(f32, f32)>> {
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
-        let rows: Vec<&Encoded> = chunk
-            .iter()
-            .map(|p| &p.0)
-            .chain(chunk.iter().map(|p| &p.1))
-            .collect();
-        let (l, _) = logps(reference, &rows, &b.text, b, device)?;
+        let chunk: Vec<&EncPair> = chunk.iter().collect();
+        let (l, _) = logps(reference, &pair_rows(&chunk), &b.text, b, device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -184,11 +180,14 @@ impl Sums {
     }
 }
 
-/// Loss, rewards and policy log-probs of one micro-batch of pairs; `ref_rows` = reference (chosen, rejected).
+/// Loss, rewards and policy log-probs of one micro-batch of pairs (`mb` = `pair_rows(chunk)`), from the policy's
+/// final hidden states over it; the reference's log-probs come from `reference` or the cache.
 #[allow(clippy::too_many_arguments)]
 fn pair_losses(
     kind: &PrefLoss,
     policy: &Llava,
+    hidden: Tensor<3>,
+    mb: &MicroBatch,
     chunk: &[&EncPair],
     reference: &RefModel,
     cached: &[(f32, f32)],
@@ -196,18 +195,15 @@ fn pair_losses(
     device: &Device,
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
     let m = chunk.len();
-    let rows: Vec<&Encoded> = chunk
-        .iter()
-        .map(|p| &p.0)
-        .chain(chunk.iter().map(|p| &p.1))
-        .collect();
-    let (rows_logp, counts) = logps(policy, &rows, &b.text, b, device)?;
+    let head = |h| policy.language_model.logits(h);
+    let rows_logp = loss::supervised_logp_rows(hidden, head, &mb.ids, &mb.labels);
+    let counts = targets(&mb.labels);
     let pc = rows_logp.clone().slice([0..m]);
     let pr = rows_logp.slice([m..2 * m]);
     let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
         RefModel::None => (vec![0.0; m], vec![0.0; m]),
         RefModel::Frozen(r) => {
-            let (l, _) = logps(r, &rows, &b.text, b, &device.clone().inner())?;
+            let (l, _) = logps(r, &pair_rows(chunk), &b.text, b, &device.clone().inner())?;
             let v = to_vec(l);
             (v[..m].to_vec(), v[m..].to_vec())
         }
@@ -223,6 +219,15 @@ fn pair_losses(
     };
     let (l, c, r) = losses(kind, &x);
     Ok((l, c, r, pc, pr))
+}
+
+/// A chunk's rows, chosen rows then rejected rows: the policy's micro-batch of 2 × pairs.
+fn pair_rows<'a>(chunk: &[&'a EncPair]) -> Vec<&'a Encoded> {
+    chunk
+        .iter()
+        .map(|p| &p.0)
+        .chain(chunk.iter().map(|p| &p.1))
+        .collect()
 }
 
 /// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.
@@ -349,19 +354,35 @@ pub fn run(
         let mut step_loss = 0.0;
         for chunk in batch.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let (l, c, r, pc, pr) = pair_losses(
-                &loss_kind,
-                &model,
-                &chunk,
-                &reference,
-                train_cache,
-                &start,
-                device,
-            )?;
-            let total_l = l.clone().sum().div_scalar(batch.len() as f64);
-            step_loss += total_l.clone().into_scalar::<f32>() as f64;
+            let mb = micro_batch(&pair_rows(&chunk), start.text.pad_id(), &start.images);
+            let input = to_input(&mb, device)?;
+            let tail = |hidden| -> Result<_> {
+                let parts = pair_losses(
+                    &loss_kind,
+                    &model,
+                    hidden,
+                    &mb,
+                    &chunk,
+                    &reference,
+                    train_cache,
+                    &start,
+                    device,
+                )?;
+                Ok((parts.0.clone().sum().div_scalar(batch.len() as f64), parts))
+            };
+            let (v, g, (l, c, r, pc, pr)) = if spec.checkpoint_activations {
+                trainer::checkpointed_backward(&model, &model, &input, tail)?
+            } else {
+                let (total_l, parts) = tail(model.hidden(&input)?)?;
+                let v = total_l.clone().into_scalar::<f32>() as f64;
+                (
+                    v,
+                    GradientsParams::from_grads(total_l.backward(), &model),
+                    parts,
+                )
+            };
+            step_loss += v;
             sums.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
-            let g = GradientsParams::from_grads(total_l.backward(), &model);
             acc.accumulate(&model, g);
         }
         let norm;
@@ -381,8 +402,10 @@ pub fn run(
         let mut s = Sums::default();
         for chunk in heldout.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().collect();
+            let mb = micro_batch(&pair_rows(&chunk), start.text.pad_id(), &start.images);
+            let hidden = valid.hidden(&to_input(&mb, &inner)?)?;
             let (l, c, rj, pc, pr) = pair_losses(
-                &loss_kind, &valid, &chunk, &reference, held_cache, &start, &inner,
+                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &start, &inner,
             )?;
             s.add(
                 &to_vec(l),

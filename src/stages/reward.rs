@@ -14,9 +14,9 @@ use super::build::{self, Built, export};
 use super::dpo::{PrefSetup, setup};
 use super::pref_loss::bradley_terry;
 use super::steps::Engine;
-use super::trainer::{StageRun, to_input};
+use super::trainer::{self, StageRun, to_input};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::micro_batch;
+use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
 use crate::recipe::schema::{Part, PrefStage};
@@ -43,7 +43,11 @@ impl RewardModel {
 
     /// Rewards [b]: the head on the final hidden state at `last[b]` (each row's last response token).
     pub fn rewards(&self, input: &MmInput, last: &[usize]) -> Result<Tensor<1>> {
-        let h = self.llava.hidden(input)?; // [b, t, d]
+        Ok(self.score_at(self.llava.hidden(input)?, last))
+    }
+
+    /// The head on final hidden states h [b, t, d] at `last[b]`: [b].
+    fn score_at(&self, h: Tensor<3>, last: &[usize]) -> Tensor<1> {
         let [b, t, d] = h.dims();
         let idx: Vec<i64> = last
             .iter()
@@ -53,7 +57,7 @@ impl RewardModel {
         let picked = h
             .reshape([b * t, d])
             .select(0, int_tensor(idx, [b], &self.score.weight.device()));
-        Ok(self.score.forward(picked).reshape([b]))
+        self.score.forward(picked).reshape([b])
     }
 
     pub fn save(
@@ -117,15 +121,25 @@ fn pair_rewards(
     b: &Built,
     device: &Device,
 ) -> Result<(Tensor<1>, Tensor<1>)> {
-    let m = chunk.len();
+    let mb = pair_batch(chunk, b);
+    let r = rm.rewards(&to_input(&mb, device)?, &last_targets(&mb.labels))?;
+    Ok(split_pairs(r))
+}
+
+/// A chunk's chosen rows then rejected rows as one micro-batch.
+fn pair_batch(chunk: &[&(Encoded, Encoded)], b: &Built) -> MicroBatch {
     let rows: Vec<&Encoded> = chunk
         .iter()
         .map(|p| &p.0)
         .chain(chunk.iter().map(|p| &p.1))
         .collect();
-    let mb = micro_batch(&rows, b.text.pad_id(), &b.images);
-    let r = rm.rewards(&to_input(&mb, device)?, &last_targets(&mb.labels))?;
-    Ok((r.clone().slice([0..m]), r.slice([m..2 * m])))
+    micro_batch(&rows, b.text.pad_id(), &b.images)
+}
+
+/// Rewards of 2m rows -> (chosen [m], rejected [m]).
+fn split_pairs(r: Tensor<1>) -> (Tensor<1>, Tensor<1>) {
+    let m = r.dims()[0] / 2;
+    (r.clone().slice([0..m]), r.slice([m..2 * m]))
 }
 
 /// (pairs, correct, summed margin) of the model on `pairs`.
@@ -185,17 +199,33 @@ pub fn run(
         let mut step_loss = 0.0;
         for chunk in batch.chunks(spec.batch.micro) {
             let chunk: Vec<&(Encoded, Encoded)> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let (c, r) = pair_rewards(&rm, &chunk, &start, device)?;
-            let l = bradley_terry(c.clone(), r.clone());
-            for ((x, y), lv) in to_vec(c).into_iter().zip(to_vec(r)).zip(to_vec(l.clone())) {
+            let mb = pair_batch(&chunk, &start);
+            let input = to_input(&mb, device)?;
+            let last = last_targets(&mb.labels);
+            let tail = |hidden| -> Result<_> {
+                let (c, r) = split_pairs(rm.score_at(hidden, &last));
+                let l = bradley_terry(c.clone(), r.clone());
+                Ok((l.clone().sum().div_scalar(batch.len() as f64), (c, r, l)))
+            };
+            let (v, g, (c, r, l)) = if spec.checkpoint_activations {
+                trainer::checkpointed_backward(&rm, &rm.llava, &input, tail)?
+            } else {
+                let (total_l, parts) = tail(rm.llava.hidden(&input)?)?;
+                let v = total_l.clone().into_scalar::<f32>() as f64;
+                (
+                    v,
+                    GradientsParams::from_grads(total_l.backward(), &rm),
+                    parts,
+                )
+            };
+            for ((x, y), lv) in to_vec(c).into_iter().zip(to_vec(r)).zip(to_vec(l)) {
                 n += 1;
                 ok += usize::from(x > y);
                 msum += (x - y) as f64;
                 lsum += lv as f64;
             }
-            let total_l = l.sum().div_scalar(batch.len() as f64);
-            step_loss += total_l.clone().into_scalar::<f32>() as f64;
-            acc.accumulate(&rm, GradientsParams::from_grads(total_l.backward(), &rm));
+            step_loss += v;
+            acc.accumulate(&rm, g);
         }
         let norm;
         (rm, norm) = eng.update(rm, step, step_loss, acc.grads())?;

@@ -82,12 +82,7 @@ pub fn micro_loss(
 }
 
 /// One micro-batch's loss / `norm` and its gradients with activations checkpointed per LLM block
-/// (`checkpoint_activations`), as transformers' gradient checkpointing does: the blocks run forward once without
-/// autodiff, keeping only each block's input [b, t, d]; the loss's backward stops at the last block's output; then
-/// each block, last first, runs again under autodiff and is backpropagated from its output gradient (Σ y ⊙ ∂L/∂y),
-/// handing ∂L/∂x to the block before; the input embeddings take the first block's ∂L/∂x back into the connector
-/// (and the encoder). Costs one more forward of the blocks; holds one block's activations at a time plus the
-/// block inputs, where `micro_loss` holds every block's. Same loss; gradients equal up to summation order.
+/// (`checkpoint_activations`): `checkpointed_backward` with the masked cross-entropy on top.
 pub fn checkpointed_grads(
     model: &Llava,
     mb: &MicroBatch,
@@ -95,10 +90,33 @@ pub fn checkpointed_grads(
     norm: f64,
 ) -> Result<(f64, GradientsParams)> {
     let input = to_input(mb, device)?;
-    let x0 = model.input_embeds(&input)?;
-    let positions = model.positions(&input)?;
+    let head = |h| model.language_model.logits(h);
+    let (v, g, ()) = checkpointed_backward(model, model, &input, |hidden| {
+        let l = loss::masked_ce_sum(hidden, head, &mb.ids, &mb.labels).div_scalar(norm);
+        Ok((l, ()))
+    })?;
+    Ok((v, g))
+}
+
+/// Backward pass of `tail(final hidden states)` with activations checkpointed per LLM block, as transformers'
+/// gradient checkpointing does: the blocks of `llava` (part of `module`, whose parameters get the gradients) run
+/// forward once without autodiff, keeping only each block's input [b, t, d]; `tail` (final norm applied: a loss,
+/// or log-probs and a loss, with whatever else it wants back as `T`) is backpropagated to the last block's output;
+/// then each block, last first, runs again under autodiff and is backpropagated from its output gradient
+/// (Σ y ⊙ ∂L/∂y), handing ∂L/∂x to the block before; the input embeddings take the first block's ∂L/∂x back
+/// into the connector (and the encoder). Costs one more forward of the blocks; holds one block's activations at a
+/// time plus the block inputs, where a plain backward holds every block's. Same loss; gradients equal up to
+/// summation order. Returns (tail's value, gradients, T).
+pub fn checkpointed_backward<M: Module, T>(
+    module: &M,
+    llava: &Llava,
+    input: &MmInput,
+    tail: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, T)>,
+) -> Result<(f64, GradientsParams, T)> {
+    let x0 = llava.input_embeds(input)?;
+    let positions = llava.positions(input)?;
     let segments = (!input.segments.is_empty()).then_some(input.segments.as_slice());
-    let dec = model.language_model.decoder();
+    let dec = llava.language_model.decoder();
     // forward without autodiff (the inner backend), keeping each block's input
     let mut h = x0.clone().inner();
     let ctx = dec.context(&h, &positions, &input.attention, segments);
@@ -107,16 +125,14 @@ pub fn checkpointed_grads(
         inputs.push(h.clone());
         h = layer.valid().forward(h, &ctx, None);
     }
-    // final norm, head and loss under autodiff from the last block's output
+    // final norm and the tail under autodiff from the last block's output
     let last = Tensor::from_inner(h).require_grad();
-    let head = |h| model.language_model.logits(h);
-    let l = loss::masked_ce_sum(dec.norm.forward(last.clone()), head, &mb.ids, &mb.labels)
-        .div_scalar(norm);
+    let (l, extra) = tail(dec.norm.forward(last.clone()))?;
     let value = l.clone().into_scalar::<f32>() as f64;
     let grads = l.backward();
     let mut dy = last.grad(&grads);
-    let mut acc = GradientsAccumulator::<Llava>::new();
-    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    let mut acc = GradientsAccumulator::<M>::new();
+    acc.accumulate(module, GradientsParams::from_grads(grads, module));
     let ctx = dec.context(&x0, &positions, &input.attention, segments);
     for (layer, x) in dec.layers.iter().zip(inputs).rev() {
         let Some(g) = dy else { break };
@@ -124,13 +140,13 @@ pub fn checkpointed_grads(
         let y = layer.forward(x.clone(), &ctx, None);
         let grads = (y * Tensor::from_inner(g)).sum().backward();
         dy = x.grad(&grads);
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        acc.accumulate(module, GradientsParams::from_grads(grads, module));
     }
     if let Some(g) = dy.filter(|_| x0.is_tracked()) {
         let grads = (x0 * Tensor::from_inner(g)).sum().backward();
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        acc.accumulate(module, GradientsParams::from_grads(grads, module));
     }
-    Ok((value, acc.grads()))
+    Ok((value, acc.grads(), extra))
 }
 
 fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<Part> {
