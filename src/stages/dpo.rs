@@ -94,21 +94,20 @@ fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
         .collect()
 }
 
-/// Summed response log-probs of `rows` (chosen rows then rejected rows) under a model on any device.
+/// Summed response log-probs of `rows` (chosen rows then rejected rows) under a model on any device: the
+/// reference's (the policy's come from its hidden states in `pair_losses`).
 fn logps(
     model: &Llava,
     rows: &[&Encoded],
     text: &TextProcessor,
     b: &Built,
     device: &Device,
-) -> Result<(Tensor<1>, Vec<f32>)> {
+) -> Result<Tensor<1>> {
     let mb = micro_batch(rows, text.pad_id(), &b.images);
-    let input = to_input(&mb, device)?;
-    let hidden = model.hidden(&input)?;
+    let hidden = model.hidden(&to_input(&mb, device)?)?;
     let head = |h| model.language_model.logits(h);
-    Ok((
-        loss::supervised_logp_rows(hidden, head, &mb.ids, &mb.labels),
-        targets(&mb.labels),
+    Ok(loss::supervised_logp_rows(
+        hidden, head, &mb.ids, &mb.labels,
     ))
 }
 
@@ -123,7 +122,7 @@ fn reference_table(
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let (l, _) = logps(reference, &pair_rows(&chunk), &b.text, b, device)?;
+        let l = logps(reference, &pair_rows(&chunk), &b.text, b, device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -203,7 +202,7 @@ fn pair_losses(
     let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
         RefModel::None => (vec![0.0; m], vec![0.0; m]),
         RefModel::Frozen(r) => {
-            let (l, _) = logps(r, &pair_rows(chunk), &b.text, b, &device.clone().inner())?;
+            let l = logps(r, &pair_rows(chunk), &b.text, b, &device.clone().inner())?;
             let v = to_vec(l);
             (v[..m].to_vec(), v[m..].to_vec())
         }
