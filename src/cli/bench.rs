@@ -7,7 +7,7 @@
 //! warm-up; tokens = batch × (image + text tokens). generate: greedy with the KV cache, one image + 32 text tokens
 //! per prompt (rows of 32, 30, 28, 26 text tokens, so batch 8 is left-padded), 32 new tokens, median of 3 runs
 //! after a warm-up; tokens/s counts generated tokens (prefill included in the time).
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
 use burn::tensor::Device;
 use clap::{Args as ClapArgs, Subcommand};
 use std::time::Instant;
@@ -292,13 +292,7 @@ fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_jso
     let mut times = vec![];
     for i in 0..p.warmup + steps {
         let t0 = Instant::now();
-        let norm = mb.supervised as f64;
-        let g = if checkpoint {
-            trainer::checkpointed_grads(&model, &mb, &device, norm)?.1
-        } else {
-            let loss = trainer::micro_loss(&model, &mb, &device)?.div_scalar(norm);
-            GradientsParams::from_grads(loss.backward(), &model)
-        };
+        let (_, g) = trainer::micro_grads(&model, &mb, &device, mb.supervised as f64, checkpoint)?;
         model = optim.step(1e-4, model, g);
         sync(&model);
         if i >= p.warmup {

@@ -7,7 +7,7 @@
 //! losses (SimPO, ORPO) use neither. Metrics per logged step use TRL's names: loss, rewards/chosen,
 //! rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -94,17 +94,10 @@ fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
         .collect()
 }
 
-/// Summed response log-probs of `rows` (chosen rows then rejected rows) under a model on any device: the
-/// reference's (the policy's come from its hidden states in `pair_losses`).
-fn logps(
-    model: &Llava,
-    rows: &[&Encoded],
-    text: &TextProcessor,
-    b: &Built,
-    device: &Device,
-) -> Result<Tensor<1>> {
-    let mb = micro_batch(rows, text.pad_id(), &b.images);
-    let hidden = model.hidden(&to_input(&mb, device)?)?;
+/// Summed response log-probs of a pair micro-batch's rows under a model on any device: the reference's (the
+/// policy's come from its hidden states in `pair_losses`).
+fn logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Tensor<1>> {
+    let hidden = model.hidden(&to_input(mb, device)?)?;
     let head = |h| model.language_model.logits(h);
     Ok(loss::supervised_logp_rows(
         hidden, head, &mb.ids, &mb.labels,
@@ -122,7 +115,7 @@ fn reference_table(
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let l = logps(reference, &pair_rows(&chunk), &b.text, b, device)?;
+        let l = logps(reference, &pair_batch(&chunk, b), device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -179,7 +172,7 @@ impl Sums {
     }
 }
 
-/// Loss, rewards and policy log-probs of one micro-batch of pairs (`mb` = `pair_rows(chunk)`), from the policy's
+/// Loss, rewards and policy log-probs of one micro-batch of pairs (`mb` = `pair_batch(chunk)`), from the policy's
 /// final hidden states over it; the reference's log-probs come from `reference` or the cache.
 #[allow(clippy::too_many_arguments)]
 fn pair_losses(
@@ -190,7 +183,6 @@ fn pair_losses(
     chunk: &[&EncPair],
     reference: &RefModel,
     cached: &[(f32, f32)],
-    b: &Built,
     device: &Device,
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
     let m = chunk.len();
@@ -202,7 +194,7 @@ fn pair_losses(
     let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
         RefModel::None => (vec![0.0; m], vec![0.0; m]),
         RefModel::Frozen(r) => {
-            let l = logps(r, &pair_rows(chunk), &b.text, b, &device.clone().inner())?;
+            let l = logps(r, mb, &device.clone().inner())?;
             let v = to_vec(l);
             (v[..m].to_vec(), v[m..].to_vec())
         }
@@ -220,13 +212,14 @@ fn pair_losses(
     Ok((l, c, r, pc, pr))
 }
 
-/// A chunk's rows, chosen rows then rejected rows: the policy's micro-batch of 2 × pairs.
-fn pair_rows<'a>(chunk: &[&'a EncPair]) -> Vec<&'a Encoded> {
-    chunk
+/// A chunk's chosen rows then its rejected rows as one micro-batch of 2 × pairs (DPO and reward stages).
+pub(super) fn pair_batch(chunk: &[&EncPair], b: &Built) -> MicroBatch {
+    let rows: Vec<&Encoded> = chunk
         .iter()
         .map(|p| &p.0)
         .chain(chunk.iter().map(|p| &p.1))
-        .collect()
+        .collect();
+    micro_batch(&rows, b.text.pad_id(), &b.images)
 }
 
 /// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.
@@ -353,7 +346,7 @@ pub fn run(
         let mut step_loss = 0.0;
         for chunk in batch.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let mb = micro_batch(&pair_rows(&chunk), start.text.pad_id(), &start.images);
+            let mb = pair_batch(&chunk, &start);
             let input = to_input(&mb, device)?;
             let tail = |hidden| -> Result<_> {
                 let parts = pair_losses(
@@ -364,22 +357,13 @@ pub fn run(
                     &chunk,
                     &reference,
                     train_cache,
-                    &start,
                     device,
                 )?;
                 Ok((parts.0.clone().sum().div_scalar(batch.len() as f64), parts))
             };
-            let (v, g, (l, c, r, pc, pr)) = if spec.checkpoint_activations {
-                trainer::checkpointed_backward(&model, &model, &input, tail)?
-            } else {
-                let (total_l, parts) = tail(model.hidden(&input)?)?;
-                let v = total_l.clone().into_scalar::<f32>() as f64;
-                (
-                    v,
-                    GradientsParams::from_grads(total_l.backward(), &model),
-                    parts,
-                )
-            };
+            let ckpt = spec.checkpoint_activations;
+            let (v, g, (l, c, r, pc, pr)) =
+                trainer::hidden_backward(&model, &model, &input, ckpt, tail)?;
             step_loss += v;
             sums.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
             acc.accumulate(&model, g);
@@ -401,10 +385,10 @@ pub fn run(
         let mut s = Sums::default();
         for chunk in heldout.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().collect();
-            let mb = micro_batch(&pair_rows(&chunk), start.text.pad_id(), &start.images);
+            let mb = pair_batch(&chunk, &start);
             let hidden = valid.hidden(&to_input(&mb, &inner)?)?;
             let (l, c, rj, pc, pr) = pair_losses(
-                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &start, &inner,
+                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &inner,
             )?;
             s.add(
                 &to_vec(l),

@@ -21,7 +21,7 @@ use super::rollout::{self, RewardSpec, Rollout};
 use super::steps::{self, Batches, Engine};
 use super::trainer::{StageRun, to_input};
 use crate::data::contract;
-use crate::data::loader::micro_batch;
+use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::preference::{PromptItem, load_prompts};
 use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
@@ -173,8 +173,7 @@ fn micro_loss(
 ) -> Result<Tensor<1>> {
     let mb = micro_batch(rows, b.text.pad_id(), &b.images);
     let hidden = policy.hidden(&to_input(&mb, device)?)?;
-    let head = |h| policy.language_model.logits(h);
-    let (logp, ent) = loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, true);
+    let (logp, ent) = response_logps(policy, hidden, &mb, true);
     let [n, t] = logp.dims();
     let mask = loss::target_mask(&mb.labels, device);
     let flat = |v: &[Vec<f32>]| -> Tensor<2> {
@@ -230,6 +229,18 @@ fn micro_loss(
     Ok(((per_token * mask).sum_dim(1) / lens).sum())
 }
 
+/// Per-token log-probs [b, t-1] (and entropies) of a micro-batch's response tokens from `model`'s final hidden
+/// states, the LM head on those positions only; 0 elsewhere (every use masks to the response). GRPO and PPO.
+pub(super) fn response_logps(
+    model: &Llava,
+    hidden: Tensor<3>,
+    mb: &MicroBatch,
+    entropy: bool,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let head = |h| model.language_model.logits(h);
+    loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, entropy)
+}
+
 /// Per-token log-probs of rows under a model without gradients: one Vec per row over positions 1..t (0 where the
 /// next token is not a response token).
 fn token_logps_of(
@@ -240,8 +251,7 @@ fn token_logps_of(
 ) -> Result<Vec<Vec<f32>>> {
     let mb = micro_batch(rows, b.text.pad_id(), &b.images);
     let hidden = model.hidden(&to_input(&mb, device)?)?;
-    let head = |h| model.language_model.logits(h);
-    let (lp, _) = loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, false);
+    let (lp, _) = response_logps(model, hidden, &mb, false);
     let [n, t] = lp.dims();
     let v = to_vec(lp);
     Ok((0..n).map(|i| v[i * t..(i + 1) * t].to_vec()).collect())

@@ -12,12 +12,12 @@ use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
 use super::build::{self, Built, export};
-use super::grpo::RlSetup;
+use super::grpo::{RlSetup, response_logps};
 use super::loss;
 use super::steps::Engine;
 use super::trainer::{StageRun, to_input};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::{MicroBatch, micro_batch};
+use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
 use crate::error::Result;
 
@@ -87,18 +87,6 @@ fn rows_of(t: Tensor<2>, lens: &[usize]) -> Vec<Vec<f32>> {
     (0..n)
         .map(|i| v[i * w..i * w + lens[i].min(w)].to_vec())
         .collect()
-}
-
-/// Per-token log-probs [b, t-1] (and entropies) of a micro-batch's response tokens from `model`'s final hidden
-/// states, the LM head on those positions only; 0 elsewhere (every use is masked to the response).
-fn response_logps(
-    model: &Llava,
-    hidden: Tensor<3>,
-    mb: &MicroBatch,
-    entropy: bool,
-) -> (Tensor<2>, Option<Tensor<2>>) {
-    let head = |h| model.language_model.logits(h);
-    loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, entropy)
 }
 
 /// Pads per-row vectors into [n, w].

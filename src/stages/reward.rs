@@ -6,17 +6,17 @@
 //! [1, hidden], as HF's `score` layer), which `reward::load` (and the PPO/GRPO stages) read back.
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
 use super::build::{self, Built, export};
-use super::dpo::{PrefSetup, setup};
+use super::dpo::{PrefSetup, pair_batch, setup};
 use super::pref_loss::bradley_terry;
 use super::steps::Engine;
 use super::trainer::{self, StageRun, to_input};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
-use crate::data::loader::{MicroBatch, micro_batch};
+use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
 use crate::recipe::schema::{Part, PrefStage};
@@ -126,16 +126,6 @@ fn pair_rewards(
     Ok(split_pairs(r))
 }
 
-/// A chunk's chosen rows then rejected rows as one micro-batch.
-fn pair_batch(chunk: &[&(Encoded, Encoded)], b: &Built) -> MicroBatch {
-    let rows: Vec<&Encoded> = chunk
-        .iter()
-        .map(|p| &p.0)
-        .chain(chunk.iter().map(|p| &p.1))
-        .collect();
-    micro_batch(&rows, b.text.pad_id(), &b.images)
-}
-
 /// Rewards of 2m rows -> (chosen [m], rejected [m]).
 fn split_pairs(r: Tensor<1>) -> (Tensor<1>, Tensor<1>) {
     let m = r.dims()[0] / 2;
@@ -207,17 +197,8 @@ pub fn run(
                 let l = bradley_terry(c.clone(), r.clone());
                 Ok((l.clone().sum().div_scalar(batch.len() as f64), (c, r, l)))
             };
-            let (v, g, (c, r, l)) = if spec.checkpoint_activations {
-                trainer::checkpointed_backward(&rm, &rm.llava, &input, tail)?
-            } else {
-                let (total_l, parts) = tail(rm.llava.hidden(&input)?)?;
-                let v = total_l.clone().into_scalar::<f32>() as f64;
-                (
-                    v,
-                    GradientsParams::from_grads(total_l.backward(), &rm),
-                    parts,
-                )
-            };
+            let ckpt = spec.checkpoint_activations;
+            let (v, g, (c, r, l)) = trainer::hidden_backward(&rm, &rm.llava, &input, ckpt, tail)?;
             for ((x, y), lv) in to_vec(c).into_iter().zip(to_vec(r)).zip(to_vec(l)) {
                 n += 1;
                 ok += usize::from(x > y);

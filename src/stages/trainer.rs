@@ -81,33 +81,48 @@ pub fn micro_loss(
     Ok(loss::masked_ce_sum(hidden, head, &mb.ids, &mb.labels))
 }
 
-/// One micro-batch's loss / `norm` and its gradients with activations checkpointed per LLM block
-/// (`checkpoint_activations`): `checkpointed_backward` with the masked cross-entropy on top.
-pub fn checkpointed_grads(
+/// One micro-batch's loss / `norm` (the masked cross-entropy of `micro_loss`) and its gradients, with activations
+/// checkpointed per LLM block when `checkpoint` (`checkpoint_activations`).
+pub fn micro_grads(
     model: &Llava,
     mb: &MicroBatch,
     device: &Device,
     norm: f64,
+    checkpoint: bool,
 ) -> Result<(f64, GradientsParams)> {
     let input = to_input(mb, device)?;
     let head = |h| model.language_model.logits(h);
-    let (v, g, ()) = checkpointed_backward(model, model, &input, |hidden| {
+    let (v, g, ()) = hidden_backward(model, model, &input, checkpoint, |hidden| {
         let l = loss::masked_ce_sum(hidden, head, &mb.ids, &mb.labels).div_scalar(norm);
         Ok((l, ()))
     })?;
     Ok((v, g))
 }
 
-/// Backward pass of `tail(final hidden states)` with activations checkpointed per LLM block, as transformers'
-/// gradient checkpointing does: the blocks of `llava` (part of `module`, whose parameters get the gradients) run
-/// forward once without autodiff, keeping only each block's input [b, t, d]; `tail` (final norm applied: a loss,
-/// or log-probs and a loss, with whatever else it wants back as `T`) is backpropagated to the last block's output;
-/// then each block, last first, runs again under autodiff and is backpropagated from its output gradient
-/// (Σ y ⊙ ∂L/∂y), handing ∂L/∂x to the block before; the input embeddings take the first block's ∂L/∂x back
-/// into the connector (and the encoder). Costs one more forward of the blocks; holds one block's activations at a
-/// time plus the block inputs, where a plain backward holds every block's. Same loss; gradients equal up to
-/// summation order. Returns (tail's value, gradients, T).
-pub fn checkpointed_backward<M: Module, T>(
+/// Value and gradients (for `module`'s parameters) of `tail(final hidden states of llava)` — a loss, plus whatever
+/// else the stage wants back as `T` — in one plain backward pass, or with activations checkpointed per LLM block
+/// when `checkpoint` (`checkpointed_backward`). Every training stage that reads the LLM's hidden states goes
+/// through here.
+pub fn hidden_backward<M: Module, T>(
+    module: &M,
+    llava: &Llava,
+    input: &MmInput,
+    checkpoint: bool,
+    tail: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, T)>,
+) -> Result<(f64, GradientsParams, T)> {
+    if checkpoint {
+        return checkpointed_backward(module, llava, input, tail);
+    }
+    let (l, extra) = tail(llava.hidden(input)?)?;
+    let value = l.clone().into_scalar::<f32>() as f64;
+    Ok((
+        value,
+        GradientsParams::from_grads(l.backward(), module),
+        extra,
+    ))
+}
+
+fn checkpointed_backward<M: Module, T>(
     module: &M,
     llava: &Llava,
     input: &MmInput,
@@ -117,13 +132,14 @@ pub fn checkpointed_backward<M: Module, T>(
     let positions = llava.positions(input)?;
     let segments = (!input.segments.is_empty()).then_some(input.segments.as_slice());
     let dec = llava.language_model.decoder();
+    let ctx = dec.context(&x0, &positions, &input.attention, segments);
     // forward without autodiff (the inner backend), keeping each block's input
+    let inner_ctx = ctx.inner();
     let mut h = x0.clone().inner();
-    let ctx = dec.context(&h, &positions, &input.attention, segments);
     let mut inputs = Vec::with_capacity(dec.layers.len());
     for layer in &dec.layers {
         inputs.push(h.clone());
-        h = layer.valid().forward(h, &ctx, None);
+        h = layer.valid().forward(h, &inner_ctx, None);
     }
     // final norm and the tail under autodiff from the last block's output
     let last = Tensor::from_inner(h).require_grad();
@@ -133,7 +149,6 @@ pub fn checkpointed_backward<M: Module, T>(
     let mut dy = last.grad(&grads);
     let mut acc = GradientsAccumulator::<M>::new();
     acc.accumulate(module, GradientsParams::from_grads(grads, module));
-    let ctx = dec.context(&x0, &positions, &input.attention, segments);
     for (layer, x) in dec.layers.iter().zip(inputs).rev() {
         let Some(g) = dy else { break };
         let x = Tensor::from_inner(x).require_grad();
@@ -351,13 +366,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         let (mut tokens, mut real) = (0, 0);
         let norm = global_sup.max(1) as f64;
         for mb in &micros {
-            let (v, g) = if spec.checkpoint_activations {
-                checkpointed_grads(&model, mb, eng.device, norm)?
-            } else {
-                let l = micro_loss(&model, mb, eng.device)?.div_scalar(norm);
-                let v = l.clone().into_scalar::<f32>() as f64;
-                (v, GradientsParams::from_grads(l.backward(), &model))
-            };
+            let (v, g) = micro_grads(&model, mb, eng.device, norm, spec.checkpoint_activations)?;
             loss_val += v;
             tokens += mb.tokens;
             real += mb.real;

@@ -149,6 +149,17 @@ pub struct LayerContext {
     pub mask: Tensor<4, Bool>,
 }
 
+impl LayerContext {
+    /// The same tables and mask on the inner (non-autodiff) backend.
+    pub fn inner(&self) -> LayerContext {
+        LayerContext {
+            cos: self.cos.clone().inner(),
+            sin: self.sin.clone().inner(),
+            mask: self.mask.clone().inner(),
+        }
+    }
+}
+
 impl DecoderLayer {
     /// Pre-norm attention and MLP with their residuals: h [b, t, d] -> [b, t, d]; `cache` as in `SelfAttention`.
     pub fn forward(
