@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod generate;

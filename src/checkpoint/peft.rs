@@ -82,6 +82,10 @@ pub fn save(
     base: &Path,
     out: &Path,
 ) -> Result<()> {
+    // data parallel: rank 0 alone writes (every rank holds the same adapter)
+    if !crate::dist::writer() {
+        return Ok(());
+    }
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,

@@ -91,6 +91,8 @@ pub enum Command {
 
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // under `mpirun` (built with `mpi`): joins the job; MPI is finalized when this drops, after the command
+    let _mpi = crate::dist::init();
     let result = match cli.command {
         Command::Train(a) => train::train(a),
         Command::Validate(a) => train::validate(a),
@@ -128,6 +130,8 @@ pub fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // the other ranks may be waiting in a collective for this one: end the whole job, naming this rank
+        Err(e) if crate::dist::parallel() => crate::dist::fail(&format!("error: {e}")),
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE

@@ -149,7 +149,10 @@ pub fn settle(bad: &[Bad], policy: OnBad, list: &Path, key: &str, what: &str) ->
         .iter()
         .map(|b| serde_json::to_string(b).unwrap_or_default() + "\n")
         .collect();
-    crate::error::write_atomic(list, lines.as_bytes())?;
+    // data parallel: every rank finds the same bad samples; rank 0 lists them
+    if crate::dist::writer() {
+        crate::error::write_atomic(list, lines.as_bytes())?;
+    }
     let s = summary(bad, what);
     match policy {
         OnBad::Fail => Err(Error::input(format!(
@@ -183,15 +186,17 @@ pub fn settle_late(bad: &[Bad], policy: OnBad, list: &Path, key: &str) -> Result
         .iter()
         .map(|b| serde_json::to_string(b).unwrap_or_default() + "\n")
         .collect();
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(list)
-        .and_then(|mut f| f.write_all(lines.as_bytes()))
-        .map_err(|source| Error::Io {
-            path: list.to_path_buf(),
-            source,
-        })?;
+    if crate::dist::writer() {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(list)
+            .and_then(|mut f| f.write_all(lines.as_bytes()))
+            .map_err(|source| Error::Io {
+                path: list.to_path_buf(),
+                source,
+            })?;
+    }
     eprintln!("{key}: skipping {s}\n  listed in {}", list.display());
     Ok(())
 }

@@ -409,6 +409,10 @@ pub fn export(
     part: Option<(Part, safetensors::Dtype)>,
     out: &Path,
 ) -> Result<()> {
+    // data parallel: rank 0 alone writes models and checkpoints (every rank holds the same weights)
+    if !crate::dist::writer() {
+        return Ok(());
+    }
     let part = match part {
         None => {
             save_llava(model, out, safetensors::Dtype::F32, None)?;

@@ -40,6 +40,10 @@ pub fn save(
     let root = stage_dir.join("checkpoints");
     let dir = root.join(format!("step-{:06}", state.step));
     let tmp = root.join(format!("step-{:06}.tmp", state.step));
+    // data parallel: rank 0 alone writes (every rank holds the same weights and moments)
+    if !crate::dist::writer() {
+        return Ok(dir);
+    }
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
@@ -87,6 +91,9 @@ pub fn read_state(ck: &Path) -> Result<TrainState> {
 
 pub fn mark_done(stage_dir: &Path, steps: usize) -> Result<()> {
     let p = stage_dir.join("done.json");
+    if !crate::dist::writer() {
+        return Ok(());
+    }
     crate::error::write_json_atomic(&p, &serde_json::json!({ "steps": steps }))
 }
 

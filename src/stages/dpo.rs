@@ -301,8 +301,10 @@ pub fn run(
                     train: reference_table(&r, &pairs, &start, spec.batch.micro, &inner)?,
                     heldout: reference_table(&r, &heldout, &start, spec.batch.micro, &inner)?,
                 };
-                crate::error::write_json_atomic(&f, &c)?;
-                eprintln!(
+                if crate::dist::writer() {
+                    crate::error::write_json_atomic(&f, &c)?;
+                }
+                crate::say!(
                     "[{}] reference log-probs of {} pairs cached in {:.1}s",
                     eng.name,
                     pairs.len() + heldout.len(),

@@ -53,6 +53,9 @@ pub fn run(
         }))?;
         reports.push(r);
     }
+    if !crate::dist::writer() {
+        return Ok(reports);
+    }
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,

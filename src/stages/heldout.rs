@@ -59,7 +59,8 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
             n: 0,
             correct: 0,
         };
-        for s in &samples {
+        // data parallel: each rank answers its share; the counts are summed below
+        for s in crate::dist::shard(samples.len()).map(|k| &samples[k]) {
             let Some(last) = s.messages.iter().rposition(|(r, _)| *r == Role::Assistant) else {
                 return Err(Error::input(format!(
                     "heldout task {}: sample {} has no reference answer",
@@ -85,6 +86,14 @@ pub fn evaluate(built: &Built, h: &Heldout, template: &str) -> Result<Vec<Score>
                 usize::from(vqa_normalize(answer) == vqa_normalize(&s.messages[last].1));
         }
         out.push(score);
+    }
+    let mut counts: Vec<f64> = out
+        .iter()
+        .flat_map(|s| [s.n as f64, s.correct as f64])
+        .collect();
+    crate::dist::sum_f64(&mut counts, "the held-out scores' all-reduce");
+    for (s, c) in out.iter_mut().zip(counts.chunks(2)) {
+        (s.n, s.correct) = (c[0] as usize, c[1] as usize);
     }
     Ok(out)
 }

@@ -8,7 +8,8 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 pub struct Metrics {
-    file: std::fs::File,
+    /// None on the ranks of a data-parallel job that do not write (rank 0 logs the job)
+    file: Option<std::fs::File>,
     path: std::path::PathBuf,
     /// TensorBoard's view of the same lines (a new event file per process; TensorBoard reads them all).
     events: Option<super::tensorboard::EventWriter>,
@@ -16,6 +17,13 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn open(path: &Path) -> Result<Self> {
+        if !crate::dist::writer() {
+            return Ok(Metrics {
+                file: None,
+                path: path.to_path_buf(),
+                events: None,
+            });
+        }
         drop_torn_line(path)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -30,7 +38,7 @@ impl Metrics {
             None => None,
         };
         Ok(Metrics {
-            file,
+            file: Some(file),
             path: path.to_path_buf(),
             events,
         })
@@ -40,8 +48,11 @@ impl Metrics {
         if let Some(e) = &mut self.events {
             e.metrics(&v)?;
         }
-        writeln!(self.file, "{v}")
-            .and_then(|_| self.file.flush())
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
+        writeln!(file, "{v}")
+            .and_then(|_| file.flush())
             .map_err(|source| Error::Io {
                 path: self.path.clone(),
                 source,
@@ -79,7 +90,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(name: &str, start: usize, total: usize) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (std::io::stderr().is_terminal() && crate::dist::writer()).then(|| {
             let b = ProgressBar::new(total as u64);
             b.set_style(
                 ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -100,6 +111,10 @@ impl Progress {
 
     /// `tok_s`: supervised-token throughput where the stage counts it (None: preference and RL stages).
     pub fn update(&mut self, step: usize, loss: f64, lr: f64, tok_s: Option<f64>) {
+        // data parallel: every rank has the same loss; rank 0 reports it
+        if !crate::dist::writer() {
+            return;
+        }
         let mut msg = format!("loss {loss:.4} lr {lr:.2e}");
         if let Some(t) = tok_s {
             msg += &format!(" {t:.0} tok/s");
@@ -120,6 +135,9 @@ impl Progress {
     }
 
     pub fn note(&self, msg: &str) {
+        if !crate::dist::writer() {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(format!("[{}] {msg}", self.name)),
             None => eprintln!("[{}] {msg}", self.name),

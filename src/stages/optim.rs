@@ -113,6 +113,16 @@ impl Groups {
         (model, norm)
     }
 
+    /// Data parallel: the trained parameters' gradients summed over the ranks (`params::all_reduce_grads`), and
+    /// the bytes sent.
+    pub fn all_reduce<M: Module>(
+        &self,
+        model: &M,
+        grads: GradientsParams,
+    ) -> (GradientsParams, usize) {
+        params::all_reduce_grads(model, grads, &self.group_of)
+    }
+
     /// Writes the moments into a checkpoint folder.
     pub fn save(&self, dir: &Path) -> Result<()> {
         for (decay, o) in &self.optims {

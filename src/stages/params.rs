@@ -204,3 +204,80 @@ pub fn id_map(params: &[ParamInfo]) -> BTreeMap<String, u64> {
         .map(|p| (p.path.clone(), p.id.val()))
         .collect()
 }
+
+/// Sums the gradients of the parameters in `trained` over the ranks of a data-parallel job (`crate::dist`): one
+/// flat f32 buffer in the model's parameter order (the same on every rank), one all-reduce (bucketed), then back
+/// into tensors. A rank without a gradient for a parameter (none of its samples reached it: no image in its shard)
+/// sends zeros, and the parameter gets a gradient when any rank had one, as in one process, where AdamW leaves a
+/// parameter without gradient untouched. Returns the summed gradients and the bytes each rank sent.
+pub fn all_reduce_grads<M: Module, K>(
+    model: &M,
+    mut grads: GradientsParams,
+    trained: &HashMap<ParamId, K>,
+) -> (GradientsParams, usize) {
+    // pass 1: [present, values…] per trained parameter
+    struct Pack<'a, K> {
+        grads: &'a mut GradientsParams,
+        trained: &'a HashMap<ParamId, K>,
+        buf: Vec<f32>,
+    }
+    impl<K> ModuleVisitor for Pack<'_, K> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !self.trained.contains_key(&param.id) {
+                return;
+            }
+            let n = param.shape().num_elements();
+            match self.grads.remove::<D>(param.id) {
+                Some(g) => {
+                    self.buf.push(1.0);
+                    self.buf.extend_from_slice(&crate::zoo::layers::to_vec(g));
+                }
+                None => {
+                    self.buf.push(0.0);
+                    self.buf.resize(self.buf.len() + n, 0.0);
+                }
+            }
+        }
+    }
+    let mut p = Pack {
+        grads: &mut grads,
+        trained,
+        buf: vec![],
+    };
+    model.visit(&mut p);
+    let mut buf = p.buf;
+    crate::dist::sum_f32(&mut buf, "the gradient all-reduce");
+    // pass 2: unpack in the same order
+    struct Unpack<'a, K> {
+        out: GradientsParams,
+        trained: &'a HashMap<ParamId, K>,
+        buf: &'a [f32],
+        at: usize,
+    }
+    impl<K> ModuleVisitor for Unpack<'_, K> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !self.trained.contains_key(&param.id) {
+                return;
+            }
+            let shape = param.shape();
+            let n = shape.num_elements();
+            let present = self.buf[self.at] > 0.0;
+            let values = &self.buf[self.at + 1..self.at + 1 + n];
+            self.at += 1 + n;
+            if present {
+                let device = param.val().device().inner();
+                let data = burn::tensor::TensorData::new(values.to_vec(), shape);
+                self.out
+                    .register(param.id, Tensor::<D>::from_data(data, &device));
+            }
+        }
+    }
+    let mut u = Unpack {
+        out: GradientsParams::new(),
+        trained,
+        buf: &buf,
+        at: 0,
+    };
+    model.visit(&mut u);
+    (u.out, buf.len() * 4)
+}

@@ -38,7 +38,7 @@ pub fn prepare_data(rc: &Recipe) -> Result<()> {
                     vocab_size: *vocab_size,
                 };
                 if shapes::ensure(out, &cfg)? {
-                    eprintln!("generated the shapes world in {}", out.display());
+                    crate::say!("generated the shapes world in {}", out.display());
                 }
             }
         }
@@ -76,7 +76,7 @@ fn heldout_row(
         .iter()
         .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy()))
         .collect();
-    eprintln!(
+    crate::say!(
         "[heldout after {label}] {} ({:.1}s)",
         line.join(", "),
         t0.elapsed().as_secs_f64()
@@ -84,7 +84,9 @@ fn heldout_row(
     for s in &scores {
         metrics.write(serde_json::json!({"stage": label, "heldout": s.task, "accuracy": s.accuracy(), "n": s.n}))?;
     }
-    crate::error::write_json_atomic(file, &scores)?;
+    if crate::dist::writer() {
+        crate::error::write_json_atomic(file, &scores)?;
+    }
     Ok(Some(scores))
 }
 
@@ -95,7 +97,16 @@ pub fn train(
     existing: Existing,
     device: &Device,
 ) -> Result<PathBuf> {
-    prepare_data(rc)?;
+    // data parallel (`crate::dist`): rank 0 generates data and writes every file of the run; the others read what
+    // it wrote once a barrier says it is there, and look at the run folder before rank 0 changes it
+    let writer = crate::dist::writer();
+    if writer {
+        prepare_data(rc)?;
+    }
+    crate::dist::barrier();
+    if !writer {
+        prepare_data(rc)?;
+    }
     let run = rc.output.join(&rc.name);
     let started = run.join("recipe.toml").exists();
     match existing {
@@ -105,20 +116,33 @@ pub fn train(
                 "this run already exists: pass --resume to continue it, or --fresh to delete it and start over",
             ));
         }
-        Existing::Fresh if run.exists() => std::fs::remove_dir_all(&run).map_err(io(&run))?,
+        Existing::Resume if started => {
+            let old = std::fs::read_to_string(run.join("recipe.toml")).unwrap_or_default();
+            if old != resolved_toml {
+                return Err(Error::file(
+                    run.join("recipe.toml"),
+                    "the recipe changed since this run started; resume needs the same recipe (or use --fresh)",
+                ));
+            }
+        }
         _ => {}
     }
-    std::fs::create_dir_all(&run).map_err(io(&run))?;
-    if existing == Existing::Resume && started {
-        let old = std::fs::read_to_string(run.join("recipe.toml")).unwrap_or_default();
-        if old != resolved_toml {
-            return Err(Error::file(
-                run.join("recipe.toml"),
-                "the recipe changed since this run started; resume needs the same recipe (or use --fresh)",
-            ));
+    crate::dist::barrier();
+    if writer {
+        if existing == Existing::Fresh && run.exists() {
+            std::fs::remove_dir_all(&run).map_err(io(&run))?;
         }
+        std::fs::create_dir_all(&run).map_err(io(&run))?;
+        crate::error::write_atomic(&run.join("recipe.toml"), resolved_toml.as_bytes())?;
     }
-    crate::error::write_atomic(&run.join("recipe.toml"), resolved_toml.as_bytes())?;
+    crate::dist::barrier();
+    if crate::dist::parallel() {
+        crate::say!(
+            "data parallel over {} ranks; rank 0 writes {}",
+            crate::dist::world().size,
+            run.display()
+        );
+    }
     let mut metrics = Metrics::open(&run.join("metrics.jsonl"))?;
     // Fresh components initialize from the recipe's seed, so two runs of a recipe start from the same weights.
     device.seed(rc.seed);
@@ -136,7 +160,7 @@ pub fn train(
         device.seed(spec.seed().unwrap_or_else(|| stage_seed(rc.seed, i)));
         if let StageSpec::Eval(e) = spec {
             let reports = if super::eval::is_done(&dir) {
-                eprintln!(
+                crate::say!(
                     "[{name}] already done; reading {}",
                     dir.join("eval.json").display()
                 );
@@ -156,12 +180,11 @@ pub fn train(
             StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_)
         ) {
             if checkpoints::is_done(&dir) {
-                eprintln!("[{name}] already done; skipping");
+                crate::say!("[{name}] already done; skipping");
                 current = None;
                 continue;
             }
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            crate::error::write_atomic(&dir.join("recipe.toml"), resolved_toml.as_bytes())?;
+            write_stage_recipe(&dir, resolved_toml)?;
             let resume = if existing == Existing::Resume {
                 checkpoints::list(&dir).pop()
             } else {
@@ -202,7 +225,7 @@ pub fn train(
         }
         let t = spec.train().expect("a training stage");
         if checkpoints::is_done(&dir) {
-            eprintln!("[{name}] already done; skipping");
+            crate::say!("[{name}] already done; skipping");
             current = None;
             if rc.heldout.is_some() {
                 let file = dir.join("heldout.json");
@@ -219,8 +242,7 @@ pub fn train(
             }
             continue;
         }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        crate::error::write_atomic(&dir.join("recipe.toml"), resolved_toml.as_bytes())?;
+        write_stage_recipe(&dir, resolved_toml)?;
         let resume = if existing == Existing::Resume {
             checkpoints::list(&dir).pop()
         } else {
@@ -268,10 +290,10 @@ pub fn train(
         }
         current = Some(trained);
     }
-    if !table.is_empty() {
+    if !table.is_empty() && writer {
         print_table(&table);
     }
-    for (name, reports) in &evals {
+    for (name, reports) in evals.iter().filter(|_| writer) {
         println!("\n[{name}]");
         print!("{}", crate::eval::run::table(reports));
     }
@@ -281,9 +303,21 @@ pub fn train(
         "eval": evals.iter().map(|(k, rs)| serde_json::json!({"stage": k, "tasks": rs.iter().map(|r| serde_json::json!({"name": r.name, "task": r.task, "split": r.split, "n": r.n, "shots": r.shots, "cot": r.cot, "metrics": r.metrics, "categories": r.categories})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "heldout": table.iter().map(|(k, s)| serde_json::json!({"after": k, "scores": s.iter().map(|x| serde_json::json!({"task": x.task, "accuracy": x.accuracy(), "n": x.n})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
-    crate::error::write_json_atomic(&run.join("summary.json"), &summary)?;
-    eprintln!("run saved in {}", run.display());
+    if writer {
+        crate::error::write_json_atomic(&run.join("summary.json"), &summary)?;
+        eprintln!("run saved in {}", run.display());
+    }
     Ok(run)
+}
+
+/// The stage's folder with the resolved recipe in it (rank 0's; the other ranks of a data-parallel job leave
+/// the folder to it).
+fn write_stage_recipe(dir: &Path, resolved_toml: &str) -> Result<()> {
+    if !crate::dist::writer() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::error::write_atomic(&dir.join("recipe.toml"), resolved_toml.as_bytes())
 }
 
 /// The device seed of stage `i`: the recipe's seed for the first stage (fresh components of the model section),

@@ -72,14 +72,24 @@ impl Batches {
 
 /// Dies abruptly (no unwinding, no cleanup, as SIGKILL would) when `MITUNE_FAULT_ABORT_AT_STEP` names this
 /// point: `STAGE:N` after step N's update, `STAGE:N:checkpoint` in the middle of writing step N's checkpoint
-/// (model written, state not yet): the resume tests' kills.
+/// (model written, state not yet): the resume tests' kills. `MITUNE_FAULT_STALL_AT_STEP` hangs there instead,
+/// `MITUNE_FAULT_RANK=R` picks one rank of a data-parallel job.
 pub fn fault_point(stage: &str, done: usize, at: Option<&str>) {
     let want = match at {
         Some(a) => format!("{stage}:{done}:{a}"),
         None => format!("{stage}:{done}"),
     };
-    if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok() == Some(want) {
+    // `MITUNE_FAULT_RANK=R` limits it to rank R of a data-parallel job (one rank dies, the others must stop)
+    let rank_ok = std::env::var("MITUNE_FAULT_RANK")
+        .map_or(true, |r| r == crate::dist::world().rank.to_string());
+    if std::env::var("MITUNE_FAULT_ABORT_AT_STEP").ok().as_ref() == Some(&want) && rank_ok {
         std::process::abort();
+    }
+    // `MITUNE_FAULT_STALL_AT_STEP`: hangs instead (a stuck rank: the others' collective timeout must end the job)
+    if std::env::var("MITUNE_FAULT_STALL_AT_STEP").ok() == Some(want) && rank_ok {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 
@@ -143,6 +153,8 @@ pub struct Engine<'a> {
     last_good: Option<PathBuf>,
     t0: Instant,
     factor: f64,
+    /// this step's all-reduce: seconds (waiting for the slowest rank included) and bytes sent per rank
+    comm: Option<(f64, usize)>,
 }
 
 impl<'a> Engine<'a> {
@@ -171,6 +183,7 @@ impl<'a> Engine<'a> {
             last_good: None,
             t0: Instant::now(),
             factor: 1.0,
+            comm: None,
         })
     }
 
@@ -197,7 +210,7 @@ impl<'a> Engine<'a> {
         let mut model = model;
         if let Some(ck) = resume {
             (model, self.first) = self.groups.resume(model, ck)?;
-            eprintln!(
+            crate::say!(
                 "[{}] resuming at step {}/{total} from {}",
                 self.name,
                 self.first,
@@ -206,7 +219,7 @@ impl<'a> Engine<'a> {
             self.last_good = Some(ck.to_path_buf());
         }
         let model = self.groups.select(model, train, self.name)?;
-        eprintln!(
+        crate::say!(
             "[{}] {what}, {total} steps; training {} ({} of {} params)",
             self.name,
             train.join(", "),
@@ -231,6 +244,25 @@ impl<'a> Engine<'a> {
     /// Seconds since `begin` of this step.
     pub fn step_secs(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
+    }
+
+    /// Data parallel (`mpirun`, `crate::dist`): sums this step's gradients and `scalars` (the loss and counts
+    /// of this rank's share of the global batch) over the ranks, so every rank applies the same update of the
+    /// whole global batch. Returns `grads` untouched in one process.
+    pub fn all_reduce<M: Module>(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+        scalars: &mut [f64],
+    ) -> GradientsParams {
+        if !crate::dist::parallel() {
+            return grads;
+        }
+        let t = Instant::now();
+        crate::dist::sum_f64(scalars, "the loss all-reduce");
+        let (grads, bytes) = self.groups.all_reduce(model, grads);
+        self.comm = Some((t.elapsed().as_secs_f64(), bytes));
+        grads
     }
 
     /// One optimizer update of step `step` with `loss` (the value the gradients came from): refused before it
@@ -287,6 +319,11 @@ impl<'a> Engine<'a> {
             l["lr"] = lr.into();
             l["grad_norm"] = norm.into();
             l["step_s"] = self.step_secs().into();
+            if let Some((secs, bytes)) = self.comm {
+                l["ranks"] = crate::dist::world().size.into();
+                l["allreduce_s"] = secs.into();
+                l["allreduce_bytes"] = bytes.into();
+            }
             self.metrics.write(l)?;
         }
         if done % self.s.save_every == 0 && done < self.total {
@@ -318,7 +355,7 @@ impl<'a> Engine<'a> {
     pub fn note(&self, msg: &str) {
         match &self.progress {
             Some(p) => p.note(msg),
-            None => eprintln!("[{}] {msg}", self.name),
+            None => crate::say!("[{}] {msg}", self.name),
         }
     }
 

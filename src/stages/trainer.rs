@@ -259,6 +259,25 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
             spec.batch.global, spec.batch.micro
         )));
     }
+    // data parallel: each rank takes whole micro-batches of every global batch, so the global batch must split
+    // into a multiple of the ranks (packed rows vary in number per step and are shared out as they come)
+    let ranks = crate::dist::world().size;
+    if !spec.pack && (spec.batch.global / spec.batch.micro) % ranks != 0 {
+        return Err(Error::input(format!(
+            "stages.{name}.batch: global {} in micro-batches of {} makes {} per step, which {ranks} ranks cannot \
+             share evenly; {}",
+            spec.batch.global,
+            spec.batch.micro,
+            spec.batch.global / spec.batch.micro,
+            match (1..=spec.batch.global)
+                .rev()
+                .find(|m| spec.batch.global % m == 0 && (spec.batch.global / m) % ranks == 0)
+            {
+                Some(m) => format!("set micro = {m}"),
+                None => format!("make global a multiple of {ranks}"),
+            }
+        )));
+    }
     let order = Arc::new(Order {
         mix: spec.data.mix,
         global: spec.batch.global,
@@ -362,18 +381,21 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         micros.retain(|mb| !mb.ids.is_empty());
         let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
         let mut acc = GradientsAccumulator::<Llava>::new();
-        let mut loss_val = 0.0f64;
-        let (mut tokens, mut real) = (0, 0);
         let norm = global_sup.max(1) as f64;
-        for mb in &micros {
+        // [loss, tokens, real tokens] of this rank's micro-batches (all of them in one process)
+        let mut sums = [0.0f64; 3];
+        for i in crate::dist::shard(micros.len()) {
+            let mb = &micros[i];
             let (v, g) = micro_grads(&model, mb, eng.device, norm, spec.checkpoint_activations)?;
-            loss_val += v;
-            tokens += mb.tokens;
-            real += mb.real;
+            sums[0] += v;
+            sums[1] += mb.tokens as f64;
+            sums[2] += mb.real as f64;
             acc.accumulate(&model, g);
         }
+        let grads = eng.all_reduce(&model, acc.grads(), &mut sums);
+        let (loss_val, tokens, real) = (sums[0], sums[1] as usize, sums[2] as usize);
         let norm;
-        (model, norm) = eng.update(model, step, loss_val, acc.grads())?;
+        (model, norm) = eng.update(model, step, loss_val, grads)?;
         tokens_since += tokens;
         let secs = clock.elapsed().as_secs_f64().max(1e-9);
         eng.end(

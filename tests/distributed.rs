@@ -1,0 +1,233 @@
+//! Data parallelism over MPI (built with `--features mpi`; `.ci/run` installs Open MPI): `mpirun -n 2 mitune
+//! train` of a two-stage pipeline — both ranks on this machine over TCP loopback, the transport used between
+//! machines — logs the per-step losses of one process with the same global batch, writes one run (rank 0's),
+//! splits the held-out generation between the ranks with the same scores, and when one rank dies the job stops
+//! naming it and `--resume` continues to the same losses.
+#![cfg(feature = "mpi")]
+mod common;
+
+use common::{losses, run_mitune, scratch, world};
+use std::path::Path;
+use std::process::Command;
+
+/// align (4 steps) → instruct (6 steps) on bench-tiny presets, 2 micro-batches per step (one per rank), a
+/// checkpoint every step, held-out generation after each stage.
+fn recipe(w: &Path, out: &Path) -> String {
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    format!(
+        r#"name = "dp"
+seed = 5
+pipeline = ["align", "instruct"]
+output = {out:?}
+
+[model.encoder]
+kind = "clip_vit"
+preset = "bench-tiny"
+
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok}
+
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
+template = "plain"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 4
+max_len = 64
+log_every = 1
+save_every = 1
+
+[stages.instruct]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {inst} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 6
+max_len = 384
+log_every = 1
+save_every = 1
+keep_last = 2
+
+[heldout]
+max_new_tokens = 4
+limit = 5
+tasks = [{{ name = "question", path = {vqa} }}]
+"#,
+        out = out.display().to_string(),
+        tok = p("tokenizer"),
+        cap = p("captions_train.json"),
+        inst = p("instruct_train.json"),
+        vqa = p("vqa_heldout.json"),
+    )
+}
+
+/// `mpirun -n 2` of the mitune binary over TCP loopback; (success, stderr).
+fn mpirun(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "-n",
+        "2",
+        "--oversubscribe",
+        "--mca",
+        "btl",
+        "tcp,self",
+        "--mca",
+        "btl_tcp_if_include",
+        "lo",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+    ])
+    // CI runs as root; Open MPI refuses root unless told
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .arg(env!("CARGO_BIN_EXE_mitune"))
+    .args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("mpirun (apt-get install openmpi-bin)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn parsed(l: &[((String, u64), String)]) -> Vec<((String, u64), f64)> {
+    l.iter()
+        .map(|(k, v)| (k.clone(), v.parse::<f64>().unwrap()))
+        .collect()
+}
+
+/// Same steps, losses within `tol` relative.
+fn assert_close(got: &[((String, u64), f64)], want: &[((String, u64), f64)], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    for ((kg, g), (kw, w)) in got.iter().zip(want) {
+        assert_eq!(kg, kw, "{what}");
+        let rel = (g - w).abs() / w.abs().max(1e-12);
+        assert!(rel <= tol, "{what}: {kg:?} loss {g} vs {w} (rel {rel:.2e})");
+    }
+}
+
+fn heldout(run: &Path, stage: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join(stage).join("heldout.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn two_ranks_follow_one_process_and_resume_after_a_rank_dies() {
+    let d = scratch("dist");
+    let w = world(&d);
+    let write = |name: &str, runs: &str| {
+        let f = d.join(name);
+        std::fs::write(&f, recipe(&w, &d.join(runs))).unwrap();
+        f
+    };
+    let (a, b, c) = (
+        write("a.toml", "runs-a"),
+        write("b.toml", "runs-b"),
+        write("c.toml", "runs-c"),
+    );
+
+    // one process
+    let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let want = parsed(&losses(&d.join("runs-a/dp")));
+    assert_eq!(want.len(), 10, "4 align + 6 instruct steps: {want:?}");
+
+    // two ranks, each with half of every global batch
+    let (ok, err) = mpirun(&["train", b.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    let run = d.join("runs-b/dp");
+    assert_close(&parsed(&losses(&run)), &want, 1e-5, "2 ranks vs 1 process");
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 10, "rank 0 alone logs each step once:\n{text}");
+    for s in &steps {
+        assert_eq!(s["ranks"], 2, "{s}");
+        assert!(s["allreduce_bytes"].as_u64().unwrap() > 0, "{s}");
+    }
+    // held-out generation split over the ranks scores as one process does
+    for stage in ["align", "instruct"] {
+        assert_eq!(
+            heldout(&run, stage),
+            heldout(&d.join("runs-a/dp"), stage),
+            "{stage}"
+        );
+    }
+    assert_eq!(heldout(&run, "align")[0]["n"], 5);
+
+    // rank 1 dies after instruct step 3: the job stops, naming it; --resume continues to the same losses
+    let (ok, err) = mpirun(
+        &["train", c.to_str().unwrap()],
+        &[
+            ("MITUNE_FAULT_ABORT_AT_STEP", "instruct:3"),
+            ("MITUNE_FAULT_RANK", "1"),
+        ],
+    );
+    assert!(!ok, "the dead rank did not stop the job");
+    assert!(err.contains("rank 1"), "the message names the rank:\n{err}");
+    let (ok, err) = mpirun(&["train", c.to_str().unwrap(), "--resume"], &[]);
+    assert!(ok, "{err}");
+    assert_close(
+        &parsed(&losses(&d.join("runs-c/dp"))),
+        &want,
+        1e-5,
+        "killed at instruct 3 and resumed on 2 ranks",
+    );
+}
+
+/// A global batch that two ranks cannot share evenly is refused before training, with what to set.
+#[test]
+fn uneven_global_batch_is_refused_with_the_fix() {
+    let d = scratch("dist-uneven");
+    let w = world(&d);
+    let f = d.join("r.toml");
+    let text = recipe(&w, &d.join("runs")).replacen(
+        "batch = { global = 8, micro = 4 }",
+        "batch = { global = 8, micro = 8 }",
+        1,
+    );
+    std::fs::write(&f, text).unwrap();
+    let (ok, err) = mpirun(&["train", f.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("stages.align.batch") && err.contains("set micro = 4"),
+        "{err}"
+    );
+}
+
+/// A rank that hangs (deadlock, stuck I/O) does not hang the job: the others' all-reduce gives up after
+/// `MITUNE_COLLECTIVE_TIMEOUT` seconds and ends it with a message saying so.
+#[test]
+fn a_stuck_rank_ends_the_job_after_the_collective_timeout() {
+    let d = scratch("dist-stuck");
+    let w = world(&d);
+    let f = d.join("r.toml");
+    std::fs::write(&f, recipe(&w, &d.join("runs"))).unwrap();
+    let t0 = std::time::Instant::now();
+    let (ok, err) = mpirun(
+        &["train", f.to_str().unwrap()],
+        &[
+            ("MITUNE_FAULT_STALL_AT_STEP", "align:2"),
+            ("MITUNE_FAULT_RANK", "1"),
+            ("MITUNE_COLLECTIVE_TIMEOUT", "3"),
+        ],
+    );
+    assert!(!ok, "the job did not fail");
+    assert!(
+        err.contains("rank 0 of 2")
+            && err.contains("waited")
+            && err.contains("MITUNE_COLLECTIVE_TIMEOUT"),
+        "{err}"
+    );
+    assert!(t0.elapsed().as_secs() < 120, "took {:?}", t0.elapsed());
+}
