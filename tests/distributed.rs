@@ -1,5 +1,5 @@
 //! Data parallelism over MPI (built with `--features mpi`; `.ci/run` installs Open MPI): `mpirun -n 2 mitune
-//! train` of a two-stage pipeline — both ranks on this machine over TCP loopback, the transport used between
+//! train` of an align → instruct → dpo pipeline — both ranks on this machine over TCP loopback, the transport used between
 //! machines — logs the per-step losses of one process with the same global batch, writes one run (rank 0's),
 //! splits the held-out generation between the ranks with the same scores, and when one rank dies the job stops
 //! naming it and `--resume` continues to the same losses.
@@ -10,14 +10,14 @@ use common::{losses, run_mitune, scratch, world};
 use std::path::Path;
 use std::process::Command;
 
-/// align (4 steps) → instruct (6 steps) on bench-tiny presets, 2 micro-batches per step (one per rank), a
-/// checkpoint every step, held-out generation after each stage.
+/// align (4 steps) → instruct (6 steps) → dpo (2 steps) on bench-tiny presets, 2 micro-batches per step (one
+/// per rank), a checkpoint every step of the first two, held-out generation after each stage.
 fn recipe(w: &Path, out: &Path) -> String {
     let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
     format!(
         r#"name = "dp"
 seed = 5
-pipeline = ["align", "instruct"]
+pipeline = ["align", "instruct", "dpo"]
 output = {out:?}
 
 [model.encoder]
@@ -52,6 +52,17 @@ log_every = 1
 save_every = 1
 keep_last = 2
 
+[stages.dpo]
+kind = "dpo"
+template = "vicuna_v1"
+data = {{ sources = [{{ format = "pairs", path = {pairs} }}] }}
+loss = {{ kind = "sigmoid", beta = 1.0 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 384
+log_every = 1
+
 [heldout]
 max_new_tokens = 4
 limit = 5
@@ -62,6 +73,7 @@ tasks = [{{ name = "question", path = {vqa} }}]
         cap = p("captions_train.json"),
         inst = p("instruct_train.json"),
         vqa = p("vqa_heldout.json"),
+        pairs = p("preference_probes_train.jsonl"),
     )
 }
 
@@ -137,7 +149,11 @@ fn two_ranks_follow_one_process_and_resume_after_a_rank_dies() {
     let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
     assert!(ok, "{err}");
     let want = parsed(&losses(&d.join("runs-a/dp")));
-    assert_eq!(want.len(), 10, "4 align + 6 instruct steps: {want:?}");
+    assert_eq!(
+        want.len(),
+        12,
+        "4 align + 6 instruct + 2 dpo steps: {want:?}"
+    );
 
     // two ranks, each with half of every global batch
     let (ok, err) = mpirun(&["train", b.to_str().unwrap()], &[]);
@@ -150,13 +166,13 @@ fn two_ranks_follow_one_process_and_resume_after_a_rank_dies() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())
         .collect();
-    assert_eq!(steps.len(), 10, "rank 0 alone logs each step once:\n{text}");
+    assert_eq!(steps.len(), 12, "rank 0 alone logs each step once:\n{text}");
     for s in &steps {
         assert_eq!(s["ranks"], 2, "{s}");
         assert!(s["allreduce_bytes"].as_u64().unwrap() > 0, "{s}");
     }
     // held-out generation split over the ranks scores as one process does
-    for stage in ["align", "instruct"] {
+    for stage in ["align", "instruct", "dpo"] {
         assert_eq!(
             heldout(&run, stage),
             heldout(&d.join("runs-a/dp"), stage),

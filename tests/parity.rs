@@ -1,8 +1,8 @@
 //! Golden-value tests against transformers 5.23 (fixtures made by tools/make_fixtures.py): logits, greedy ids,
-//! log-probs, masked loss and a connector gradient, image preprocessing, chat templating.
+//! log-probs, masked loss and a connector gradient, image preprocessing, chat templating. On the device
+//! `MITUNE_DEVICE` names (flex when unset): CI runs them again with `MITUNE_DEVICE=wgpu` on Mesa's lavapipe.
 mod common;
 
-use burn::tensor::Device;
 use common::*;
 use mitune::checkpoint::load_llava;
 use mitune::data::images::ImageProcessor;
@@ -15,7 +15,7 @@ use mitune::zoo::mllm::MmInput;
 /// 16 positions).
 #[test]
 fn logits_match_transformers() {
-    let device = Device::flex();
+    let device = mitune::default_device();
     for name in MODELS {
         let model = load_llava(&fixture(name), &device).unwrap();
         let e = expected(name);
@@ -38,7 +38,7 @@ fn logits_match_transformers() {
 /// A left-padded batch with one image row and one text-only row; compared where attention_mask = 1.
 #[test]
 fn padded_batch_matches_transformers() {
-    let device = Device::flex();
+    let device = mitune::default_device();
     for name in MODELS {
         let model = load_llava(&fixture(name), &device).unwrap();
         let e = expected(name);
@@ -87,7 +87,7 @@ fn padded_batch_matches_transformers() {
 /// transformers: `generate(do_sample=False, max_new_tokens=8, output_logits=True)` — same ids, log-probs within 1e-4.
 #[test]
 fn greedy_generation_matches_transformers() {
-    let device = Device::flex();
+    let device = mitune::default_device();
     for name in MODELS {
         let dir = fixture(name);
         let model = load_llava(&dir, &device).unwrap();
@@ -120,7 +120,7 @@ fn greedy_generation_matches_transformers() {
 /// d loss / d multi_modal_projector.linear_1.weight within 1e-3 relative (to the gradient's max magnitude).
 #[test]
 fn masked_loss_and_connector_gradient_match_transformers() {
-    let device = Device::flex().autodiff();
+    let device = mitune::default_device().autodiff();
     for name in MODELS {
         let model = load_llava(&fixture(name), &device).unwrap();
         let e = expected(name);

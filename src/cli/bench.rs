@@ -8,7 +8,6 @@
 //! per prompt (rows of 32, 30, 28, 26 text tokens, so batch 8 is left-padded), 32 new tokens, median of 3 runs
 //! after a warm-up; tokens/s counts generated tokens (prefill included in the time).
 use burn::optim::AdamWConfig;
-use burn::tensor::Device;
 use clap::{Args as ClapArgs, Subcommand};
 use std::time::Instant;
 
@@ -232,7 +231,8 @@ fn spec(enc: &str, llm: &str, vocab: usize, layer: i64, tied: bool) -> Result<Ll
 }
 
 fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_json::Value> {
-    let device = Device::flex().autodiff();
+    // MITUNE_DEVICE picks the backend (flex when unset), as for every command
+    let device = crate::default_device().autodiff();
     device.seed(0);
     let spec = spec(p.enc, p.llm, p.vocab, p.feature_layer, p.name == "tiny")?;
     let n_img = spec.image_tokens();
@@ -308,6 +308,7 @@ fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_jso
         "tokens_per_s": (p.batch * seq) as f64 / median, "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(), "cpu": cpu_model(),
         "checkpoint_activations": checkpoint,
+        "device": std::env::var("MITUNE_DEVICE").unwrap_or_else(|_| "flex".into()),
     }))
 }
 
@@ -327,7 +328,7 @@ fn generate(
     &(name, size_preset, vocab, layer, tied): &(&str, &str, usize, i64, bool),
     runs: Option<usize>,
 ) -> Result<Vec<serde_json::Value>> {
-    let device = Device::flex();
+    let device = crate::default_device();
     device.seed(0);
     let spec = spec(size_preset, size_preset, vocab, layer, tied)?;
     let n_img = spec.image_tokens();

@@ -375,7 +375,7 @@ pub fn build(m: &ModelSpec, pad_to_square: bool, device: &Device) -> Result<Buil
     let (spec, tok_dir, processor) = plan(m)?;
     let (e, l) = (m.encoder.as_ref(), m.llm.as_ref());
     let mut model = load_parts(
-        spec.init(device),
+        crate::init_portable(device, |d| spec.init(d)),
         e.and_then(|e| e.weights.as_deref()),
         l.and_then(|l| l.weights.as_deref()),
         device,

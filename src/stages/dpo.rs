@@ -159,6 +159,27 @@ impl Sums {
             self.logp_r += pr[k] as f64;
         }
     }
+    /// As numbers to sum over the ranks of a data-parallel job (`from_sums` reads them back).
+    fn to_sums(&self) -> [f64; 7] {
+        [
+            self.n as f64,
+            self.loss,
+            self.chosen,
+            self.rejected,
+            self.correct as f64,
+            self.logp_c,
+            self.logp_r,
+        ]
+    }
+    fn add_sums(&mut self, s: &[f64]) {
+        self.n += s[0] as usize;
+        self.loss += s[1];
+        self.chosen += s[2];
+        self.rejected += s[3];
+        self.correct += s[4] as usize;
+        self.logp_c += s[5];
+        self.logp_r += s[6];
+    }
     /// The logged means since the last line (the engine adds stage, step, lr, grad_norm).
     fn json(&self) -> serde_json::Value {
         let n = self.n.max(1) as f64;
@@ -346,7 +367,10 @@ pub fn run(
         let batch = batches.at(step);
         let mut acc = GradientsAccumulator::<Llava>::new();
         let mut step_loss = 0.0;
-        for chunk in batch.chunks(spec.batch.micro) {
+        // this step's metric sums; data parallel: each rank takes every N-th micro-batch (`crate::dist`)
+        let mut mine = Sums::default();
+        let chunks: Vec<&[usize]> = batch.chunks(spec.batch.micro).collect();
+        for chunk in crate::dist::shard(chunks.len()).map(|k| chunks[k]) {
             let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
             let mb = pair_batch(&chunk, &start);
             let input = to_input(&mb, device)?;
@@ -367,11 +391,16 @@ pub fn run(
             let (v, g, (l, c, r, pc, pr)) =
                 trainer::hidden_backward(&model, &model, &input, ckpt, tail)?;
             step_loss += v;
-            sums.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
+            mine.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
             acc.accumulate(&model, g);
         }
+        let mut s = [step_loss, 0., 0., 0., 0., 0., 0., 0.];
+        s[1..].copy_from_slice(&mine.to_sums());
+        let grads = eng.all_reduce(&model, acc.grads(), &mut s);
+        let step_loss = s[0];
+        sums.add_sums(&s[1..]);
         let norm;
-        (model, norm) = eng.update(model, step, step_loss, acc.grads())?;
+        (model, norm) = eng.update(model, step, step_loss, grads)?;
         eng.end(
             &model,
             step,

@@ -186,8 +186,11 @@ pub fn run(
         eng.begin(step);
         let batch = batches.at(step);
         let mut acc = GradientsAccumulator::<RewardModel>::new();
-        let mut step_loss = 0.0;
-        for chunk in batch.chunks(spec.batch.micro) {
+        // [loss, pairs, correct, loss sum, margin sum] of this step; data parallel: each rank takes every N-th
+        // micro-batch (`crate::dist`) and the sums are summed over the ranks
+        let mut s = [0.0f64; 5];
+        let chunks: Vec<&[usize]> = batch.chunks(spec.batch.micro).collect();
+        for chunk in crate::dist::shard(chunks.len()).map(|k| chunks[k]) {
             let chunk: Vec<&(Encoded, Encoded)> = chunk.iter().map(|&i| &pairs[i]).collect();
             let mb = pair_batch(&chunk, &start);
             let input = to_input(&mb, device)?;
@@ -200,16 +203,22 @@ pub fn run(
             let ckpt = spec.checkpoint_activations;
             let (v, g, (c, r, l)) = trainer::hidden_backward(&rm, &rm.llava, &input, ckpt, tail)?;
             for ((x, y), lv) in to_vec(c).into_iter().zip(to_vec(r)).zip(to_vec(l)) {
-                n += 1;
-                ok += usize::from(x > y);
-                msum += (x - y) as f64;
-                lsum += lv as f64;
+                s[1] += 1.0;
+                s[2] += f64::from(u8::from(x > y));
+                s[3] += lv as f64;
+                s[4] += (x - y) as f64;
             }
-            step_loss += v;
+            s[0] += v;
             acc.accumulate(&rm, g);
         }
+        let grads = eng.all_reduce(&rm, acc.grads(), &mut s);
+        let step_loss = s[0];
+        n += s[1] as usize;
+        ok += s[2] as usize;
+        lsum += s[3];
+        msum += s[4];
         let norm;
-        (rm, norm) = eng.update(rm, step, step_loss, acc.grads())?;
+        (rm, norm) = eng.update(rm, step, step_loss, grads)?;
         eng.end(
             &rm,
             step,

@@ -145,7 +145,7 @@ pub fn train(
     }
     let mut metrics = Metrics::open(&run.join("metrics.jsonl"))?;
     // Fresh components initialize from the recipe's seed, so two runs of a recipe start from the same weights.
-    device.seed(rc.seed);
+    crate::seed(device, rc.seed);
     let mut table: Vec<(String, Vec<Score>)> = vec![];
     let mut current: Option<Built> = None;
     let clock = std::time::Instant::now();
@@ -157,7 +157,10 @@ pub fn train(
         // from the recipe's), so a stage gives the same result whether the stages before it ran in this process,
         // were resumed, or were reused by a sweep, and a stage's seed changes its initialisation, not only its
         // data order.
-        device.seed(spec.seed().unwrap_or_else(|| stage_seed(rc.seed, i)));
+        crate::seed(
+            device,
+            spec.seed().unwrap_or_else(|| stage_seed(rc.seed, i)),
+        );
         if let StageSpec::Eval(e) = spec {
             let reports = if super::eval::is_done(&dir) {
                 crate::say!(
