@@ -410,3 +410,84 @@ pub fn cli_json(args: &[&str]) -> serde_json::Value {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()
 }
+
+/// The tiny two-stage pipeline the crash, data-parallel and GPU tests train: align (4 steps) → instruct (6 steps)
+/// on bench-tiny presets over the shapes world `w`, 2 micro-batches per step, a checkpoint every step (the last 2
+/// kept), run `name` under `out`; `stages` is the pipeline (align, instruct, then any stage `extra` adds: more
+/// TOML tables, e.g. `dpo_table`).
+#[allow(dead_code)]
+pub fn tiny_pipeline(
+    name: &str,
+    w: &std::path::Path,
+    out: &std::path::Path,
+    stages: &[&str],
+    extra: &str,
+) -> String {
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    format!(
+        r#"name = "{name}"
+seed = 5
+pipeline = {stages:?}
+output = {out:?}
+
+[model.encoder]
+kind = "clip_vit"
+preset = "bench-tiny"
+
+[model.llm]
+kind = "llama"
+preset = "bench-tiny"
+tokenizer = {tok}
+
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
+template = "plain"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 4
+max_len = 64
+log_every = 1
+save_every = 1
+
+[stages.instruct]
+kind = "instruct"
+data = {{ sources = [{{ kind = "llava_json", path = {inst} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 8, micro = 4 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 6
+max_len = 384
+log_every = 1
+save_every = 1
+keep_last = 2
+{extra}"#,
+        out = out.display().to_string(),
+        tok = p("tokenizer"),
+        cap = p("captions_train.json"),
+        inst = p("instruct_train.json"),
+    )
+}
+
+/// A `dpo` stage for `tiny_pipeline`: 2 steps of 4 pairs from the shapes world `w`, 2 micro-batches.
+#[allow(dead_code)]
+pub fn dpo_table(w: &std::path::Path) -> String {
+    format!(
+        r#"
+[stages.dpo]
+kind = "dpo"
+template = "vicuna_v1"
+data = {{ sources = [{{ format = "pairs", path = {pairs:?} }}] }}
+loss = {{ kind = "sigmoid", beta = 1.0 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 384
+log_every = 1
+"#,
+        pairs = w
+            .join("preference_probes_train.jsonl")
+            .display()
+            .to_string()
+    )
+}

@@ -11,50 +11,7 @@ use std::time::{Duration, Instant};
 
 /// align (4 steps) → instruct (6 steps) on bench-tiny presets, a checkpoint every step.
 fn recipe(w: &Path, out: &Path) -> String {
-    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
-    format!(
-        r#"name = "crash"
-seed = 5
-pipeline = ["align", "instruct"]
-output = {out:?}
-
-[model.encoder]
-kind = "clip_vit"
-preset = "bench-tiny"
-
-[model.llm]
-kind = "llama"
-preset = "bench-tiny"
-tokenizer = {tok}
-
-[stages.align]
-kind = "align"
-data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
-template = "plain"
-batch = {{ global = 8, micro = 4 }}
-optim = {{ kind = "adamw", lr = 3e-3 }}
-max_steps = 4
-max_len = 64
-log_every = 1
-save_every = 1
-
-[stages.instruct]
-kind = "instruct"
-data = {{ sources = [{{ kind = "llava_json", path = {inst} }}] }}
-template = "vicuna_v1"
-batch = {{ global = 8, micro = 4 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-max_steps = 6
-max_len = 384
-log_every = 1
-save_every = 1
-keep_last = 2
-"#,
-        out = out.display().to_string(),
-        tok = p("tokenizer"),
-        cap = p("captions_train.json"),
-        inst = p("instruct_train.json"),
-    )
+    common::tiny_pipeline("crash", w, out, &["align", "instruct"], "")
 }
 
 type Losses = Vec<((String, u64), String)>;

@@ -13,68 +13,17 @@ use std::process::Command;
 /// align (4 steps) → instruct (6 steps) → dpo (2 steps) on bench-tiny presets, 2 micro-batches per step (one
 /// per rank), a checkpoint every step of the first two, held-out generation after each stage.
 fn recipe(w: &Path, out: &Path) -> String {
-    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
-    format!(
-        r#"name = "dp"
-seed = 5
-pipeline = ["align", "instruct", "dpo"]
-output = {out:?}
-
-[model.encoder]
-kind = "clip_vit"
-preset = "bench-tiny"
-
-[model.llm]
-kind = "llama"
-preset = "bench-tiny"
-tokenizer = {tok}
-
-[stages.align]
-kind = "align"
-data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
-template = "plain"
-batch = {{ global = 8, micro = 4 }}
-optim = {{ kind = "adamw", lr = 3e-3 }}
-max_steps = 4
-max_len = 64
-log_every = 1
-save_every = 1
-
-[stages.instruct]
-kind = "instruct"
-data = {{ sources = [{{ kind = "llava_json", path = {inst} }}] }}
-template = "vicuna_v1"
-batch = {{ global = 8, micro = 4 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-max_steps = 6
-max_len = 384
-log_every = 1
-save_every = 1
-keep_last = 2
-
-[stages.dpo]
-kind = "dpo"
-template = "vicuna_v1"
-data = {{ sources = [{{ format = "pairs", path = {pairs} }}] }}
-loss = {{ kind = "sigmoid", beta = 1.0 }}
-batch = {{ global = 4, micro = 2 }}
-optim = {{ kind = "adamw", lr = 1e-3 }}
-max_steps = 2
-max_len = 384
-log_every = 1
-
+    let heldout = format!(
+        r#"
 [heldout]
 max_new_tokens = 4
 limit = 5
-tasks = [{{ name = "question", path = {vqa} }}]
+tasks = [{{ name = "question", path = {:?} }}]
 "#,
-        out = out.display().to_string(),
-        tok = p("tokenizer"),
-        cap = p("captions_train.json"),
-        inst = p("instruct_train.json"),
-        vqa = p("vqa_heldout.json"),
-        pairs = p("preference_probes_train.jsonl"),
-    )
+        w.join("vqa_heldout.json").display().to_string()
+    );
+    let extra = common::dpo_table(w) + &heldout;
+    common::tiny_pipeline("dp", w, out, &["align", "instruct", "dpo"], &extra)
 }
 
 /// `mpirun -n 2` of the mitune binary over TCP loopback; (success, stderr).
