@@ -15,11 +15,14 @@ use crate::data::loader::MicroBatch;
 use crate::error::{Error, Result};
 use crate::generate::{GenConfig, Prompt, generate_batch};
 use crate::recipe::schema::Adapter;
+use crate::recipe::schema::Precision;
+use crate::stages::steps::precision_of;
 use crate::stages::{params, trainer};
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{FeatureSelect, VisionSpec, VitFamily};
 use crate::zoo::layers::act::Act;
 use crate::zoo::layers::float_tensor;
+use crate::zoo::layers::precision;
 use crate::zoo::llms::LlmFamily;
 use crate::zoo::lora;
 use crate::zoo::mllm::{Llava, LlavaSpec};
@@ -46,6 +49,10 @@ pub struct Opts {
     /// train: activation checkpointing per LLM block (a stage's `checkpoint_activations = true`).
     #[arg(long)]
     checkpoint_activations: bool,
+    /// train: a stage's `precision`: f32, bf16-mixed (bf16 products, f32 master weights) or bf16 (bf16-mixed with
+    /// the frozen weights stored in bf16).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 /// A training preset: encoder and LLM presets (`zoo::presets`), batch shape, what trains.
@@ -128,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
         Args::Train(o) => {
             let picked = pick(&TRAIN.iter().map(|p| p.name).collect::<Vec<_>>(), &o.preset)?;
             for p in TRAIN.iter().filter(|p| picked.contains(&p.name)) {
-                let r = train(p, o.steps, o.checkpoint_activations)?;
+                let r = train(p, o.steps, o.checkpoint_activations, &o.precision)?;
                 emit(&r, o.json);
             }
         }
@@ -230,10 +237,22 @@ fn spec(enc: &str, llm: &str, vocab: usize, layer: i64, tied: bool) -> Result<Ll
     })
 }
 
-fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_json::Value> {
+fn train(
+    p: &Preset,
+    steps: Option<usize>,
+    checkpoint: bool,
+    precision_name: &str,
+) -> Result<serde_json::Value> {
     // MITUNE_DEVICE picks the backend (flex when unset), as for every command
     let device = crate::default_device().autodiff();
     device.seed(0);
+    let prec: Precision = serde_json::from_value(precision_name.into()).map_err(|_| {
+        Error::input(format!(
+            "--precision {precision_name:?}: expected f32, bf16-mixed or bf16"
+        ))
+    })?;
+    let (compute, frozen) = precision_of(prec, None, "--precision", &device)?;
+    let _autocast = precision::autocast(compute);
     let spec = spec(p.enc, p.llm, p.vocab, p.feature_layer, p.name == "tiny")?;
     let n_img = spec.image_tokens();
     let size = spec.vision.input_size();
@@ -259,7 +278,8 @@ fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_jso
     let all = params::list(&model);
     let train: Vec<String> = p.train.iter().map(|s| s.to_string()).collect();
     let trainable = params::select(&all, &train).map_err(Error::input)?;
-    let mut model = params::freeze(model, &trainable);
+    let mut model = precision::store(params::freeze(model, &trainable), frozen);
+    let param_mb = precision::param_bytes(&model) as f64 / 1e6;
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     // One image then text per row; every text token is a target.
     let seq = n_img + p.text;
@@ -307,7 +327,7 @@ fn train(p: &Preset, steps: Option<usize>, checkpoint: bool) -> Result<serde_jso
         "batch": p.batch, "seq": seq, "image_tokens": n_img, "step_s_median": median,
         "tokens_per_s": (p.batch * seq) as f64 / median, "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(), "cpu": cpu_model(),
-        "checkpoint_activations": checkpoint,
+        "checkpoint_activations": checkpoint, "precision": precision_name, "param_mb": param_mb,
         "device": std::env::var("MITUNE_DEVICE").unwrap_or_else(|_| "flex".into()),
     }))
 }

@@ -225,6 +225,8 @@ impl StageSpec {
                     epochs: $s.epochs,
                     max_steps: $s.max_steps,
                     max_len: $s.max_len,
+                    precision: $s.precision,
+                    frozen_dtype: $s.frozen_dtype,
                 }
             };
         }
@@ -290,6 +292,8 @@ pub struct Steps<'a> {
     pub epochs: f64,
     pub max_steps: Option<usize>,
     pub max_len: usize,
+    pub precision: Precision,
+    pub frozen_dtype: Option<FrozenDtype>,
 }
 
 /// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
@@ -322,6 +326,14 @@ pub struct PrefStage {
     /// Activation checkpointing per LLM block (as on align/instruct stages).
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// Compute precision: `"f32"` (default); `"bf16-mixed"`: matrix products in bf16 with f32 master weights,
+    /// optimizer moments, norms, softmax and loss (autocast); `"bf16"`: bf16-mixed with frozen weights stored in
+    /// bf16 too.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Storage of frozen Linear and Embedding weights: `"f32"` or `"bf16"` (half their memory; the frozen values
+    /// are rounded to bf16). Default: bf16 under `precision = "bf16"`, else f32.
+    pub frozen_dtype: Option<FrozenDtype>,
     pub seed: Option<u64>,
     #[serde(default = "ten")]
     pub log_every: usize,
@@ -377,6 +389,14 @@ pub struct RlStage {
     pub epochs: f64,
     pub max_steps: Option<usize>,
     pub max_len: usize,
+    /// Compute precision: `"f32"` (default); `"bf16-mixed"`: matrix products in bf16 with f32 master weights,
+    /// optimizer moments, norms, softmax and loss (autocast); `"bf16"`: bf16-mixed with frozen weights stored in
+    /// bf16 too.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Storage of frozen Linear and Embedding weights: `"f32"` or `"bf16"` (half their memory; the frozen values
+    /// are rounded to bf16). Default: bf16 under `precision = "bf16"`, else f32.
+    pub frozen_dtype: Option<FrozenDtype>,
     pub seed: Option<u64>,
     #[serde(default = "ten")]
     pub log_every: usize,
@@ -493,6 +513,14 @@ pub struct TrainStage {
     /// block again during the backward pass. Less memory for activations, one more forward of the blocks.
     #[serde(default)]
     pub checkpoint_activations: bool,
+    /// Compute precision: `"f32"` (default); `"bf16-mixed"`: matrix products in bf16 with f32 master weights,
+    /// optimizer moments, norms, softmax and loss (autocast); `"bf16"`: bf16-mixed with frozen weights stored in
+    /// bf16 too.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Storage of frozen Linear and Embedding weights: `"f32"` or `"bf16"` (half their memory; the frozen values
+    /// are rounded to bf16). Default: bf16 under `precision = "bf16"`, else f32.
+    pub frozen_dtype: Option<FrozenDtype>,
     /// Defaults to the recipe's seed.
     pub seed: Option<u64>,
     #[serde(default = "ten")]
@@ -602,6 +630,27 @@ pub enum StoreDtype {
     F32,
     Bf16,
     F16,
+}
+
+/// A training stage's `precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Precision {
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// bf16-mixed compute and frozen weights stored in bf16.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+/// A training stage's `frozen_dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrozenDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -306,18 +306,21 @@ pub fn run(
     let device = eng.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();
+    let train = eng.train(&[Part::Connector, Part::Llm]);
     let reference = match (
         loss_kind.needs_reference(),
         spec.reference.unwrap_or_default(),
     ) {
         (false, _) => RefModel::None,
-        (true, Reference::Frozen) => RefModel::Frozen(start.model.valid()),
+        (true, Reference::Frozen) => {
+            RefModel::Frozen(eng.frozen_copy(start.model.valid(), &train)?)
+        }
         (true, Reference::Cached) => {
             let f = eng.dir.join("reference_logps.json");
             let cache = if f.exists() {
                 read_json(&f)?
             } else {
-                let r = start.model.valid();
+                let r = eng.frozen_copy(start.model.valid(), &train)?;
                 let c = Cache {
                     train: reference_table(&r, &pairs, &start, spec.batch.micro, &inner)?,
                     heldout: reference_table(&r, &heldout, &start, spec.batch.micro, &inner)?,
@@ -347,7 +350,6 @@ pub fn run(
         _ => (&[], &[]),
     };
 
-    let train = eng.train(&[Part::Connector, Part::Llm]);
     let policy = steps::policy(&start.model, resume.as_deref(), device)?;
     let what = format!(
         "dpo ({loss_kind:?}, reference {:?}): {} pairs, {per_epoch} steps/epoch",

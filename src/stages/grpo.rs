@@ -422,8 +422,11 @@ pub fn run(
     let mut rl = RlSetup::new(&eng, spec, &start, run_dir, &inner)?;
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
     let template = eng.template.clone();
-    let reference = (spec.kl_beta > 0.0).then(|| start.model.valid());
     let train = eng.train(&[Part::Connector, Part::Llm]);
+    let reference = match spec.kl_beta > 0.0 {
+        true => Some(eng.frozen_copy(start.model.valid(), &train)?),
+        false => None,
+    };
     let policy = steps::policy(&start.model, resume.as_deref(), device)?;
     let what = format!(
         "grpo: {} prompts x {} completions, {per_epoch} steps/epoch",

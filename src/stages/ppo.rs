@@ -138,8 +138,8 @@ pub fn run(
     let mut rl = RlSetup::new(&eng, spec, &start, run_dir, &inner)?;
     let (per_epoch, total) = (rl.batches.per_epoch, rl.batches.total);
     let template = eng.template.clone();
-    let reference = start.model.valid();
     let mut train = eng.train(&[Part::Connector, Part::Llm]);
+    let reference = eng.frozen_copy(start.model.valid(), &train)?;
     train.push(Part::Head.name().into());
     let pv = match &resume {
         Some(ck) => {

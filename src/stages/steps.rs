@@ -3,7 +3,7 @@
 //! run sees the same batches).
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,7 +14,8 @@ use super::{checkpoints, schedule};
 use crate::data::loader::Order;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Mix, Part, Steps};
+use crate::recipe::schema::{FrozenDtype, Mix, Part, Precision, Steps};
+use crate::zoo::layers::precision;
 
 pub struct Batches {
     order: Order,
@@ -155,6 +156,41 @@ pub struct Engine<'a> {
     factor: f64,
     /// this step's all-reduce: seconds (waiting for the slowest rank included) and bytes sent per rank
     comm: Option<(f64, usize)>,
+    /// Storage dtype of frozen Linear/Embedding weights (`frozen_dtype`; also for frozen reference copies).
+    pub frozen: DType,
+    /// bf16 products while the stage runs (`precision = "bf16-mixed" | "bf16"`); None in f32.
+    _autocast: precision::Autocast,
+}
+
+/// A stage's `precision` and `frozen_dtype` → (the compute dtype of matrix products, None = f32; the storage
+/// dtype of frozen weights), checked against what `device` can compute.
+pub fn precision_of(
+    p: Precision,
+    frozen: Option<FrozenDtype>,
+    key: &str,
+    device: &Device,
+) -> Result<(Option<DType>, DType)> {
+    let compute = match p {
+        Precision::F32 => None,
+        Precision::Bf16Mixed | Precision::Bf16 => Some(DType::BF16),
+    };
+    let frozen = match (p, frozen) {
+        (Precision::Bf16, Some(FrozenDtype::F32)) => {
+            return Err(Error::input(format!(
+                "{key}: precision = \"bf16\" stores frozen weights in bf16, but frozen_dtype = \"f32\": use \
+                 precision = \"bf16-mixed\" for bf16 products over f32 frozen weights"
+            )));
+        }
+        (Precision::Bf16, _) | (_, Some(FrozenDtype::Bf16)) => DType::BF16,
+        _ => DType::F32,
+    };
+    if (compute.is_some() || frozen == DType::BF16) && !device.supports_dtype(DType::BF16) {
+        return Err(Error::input(format!(
+            "{key}: this device ({device:?}) has no bf16 tensors (wgpu's WGSL shaders lack them): set precision = \
+             \"f32\" and no frozen_dtype, or run on a backend with bf16 (flex on the CPU, vulkan, cuda)"
+        )));
+    }
+    Ok((compute, frozen))
 }
 
 impl<'a> Engine<'a> {
@@ -167,6 +203,7 @@ impl<'a> Engine<'a> {
         let key = format!("stages.{}", ctx.name);
         let template = crate::data::templates::training_source(s.template, text)
             .map_err(|m| Error::input(format!("{key}.template: {m}")))?;
+        let (compute, frozen) = precision_of(s.precision, s.frozen_dtype, &key, ctx.device)?;
         Ok(Engine {
             name: ctx.name,
             groups: Groups::new(s.optim, ctx.name)?,
@@ -184,6 +221,8 @@ impl<'a> Engine<'a> {
             t0: Instant::now(),
             factor: 1.0,
             comm: None,
+            frozen,
+            _autocast: precision::autocast(compute),
         })
     }
 
@@ -219,6 +258,25 @@ impl<'a> Engine<'a> {
             self.last_good = Some(ck.to_path_buf());
         }
         let model = self.groups.select(model, train, self.name)?;
+        // trained weights in f32 (a previous stage may hand over bf16-stored frozen ones), frozen per frozen_dtype
+        let model = precision::store(model, self.frozen);
+        if precision::compute().is_some() || self.frozen == DType::BF16 {
+            crate::say!(
+                "[{}] precision: products in {}, frozen Linear/Embedding weights in {}; parameters hold {:.1} MB",
+                self.name,
+                if precision::compute().is_some() {
+                    "bf16"
+                } else {
+                    "f32"
+                },
+                if self.frozen == DType::BF16 {
+                    "bf16"
+                } else {
+                    "f32"
+                },
+                precision::param_bytes(&model) as f64 / 1e6
+            );
+        }
         crate::say!(
             "[{}] {what}, {total} steps; training {} ({} of {} params)",
             self.name,
@@ -228,6 +286,28 @@ impl<'a> Engine<'a> {
         );
         self.progress = Some(Progress::new(self.name, self.first, total));
         Ok(model)
+    }
+
+    /// A frozen copy of the stage's starting model (`model`, on the inner backend) — DPO's, GRPO's and PPO's
+    /// reference — stored to compute exactly what the policy computes at its start: the weights `train` leaves
+    /// frozen in the policy's frozen dtype, trained Embedding tables and other parameters in f32, and trained
+    /// Linear weights in bf16 under bf16 products (the policy casts them to bf16 for every product anyway).
+    pub fn frozen_copy<M: Module>(&self, model: M, train: &[String]) -> Result<M> {
+        let trained: std::collections::HashSet<String> =
+            super::params::select(&super::params::list(&model), train)
+                .map_err(|m| Error::input(format!("{}.{m}", self.key)))?
+                .into_iter()
+                .map(|p| p.path)
+                .collect();
+        let compute = precision::compute();
+        let frozen = self.frozen;
+        Ok(precision::store_with(model, |path, kind, _| match kind {
+            precision::Kind::Linear if compute == Some(DType::BF16) => DType::BF16,
+            precision::Kind::Linear | precision::Kind::Embedding if !trained.contains(path) => {
+                frozen
+            }
+            _ => DType::F32,
+        }))
     }
 
     /// The steps left to run.

@@ -138,7 +138,8 @@ pub fn attach(model: Llava, f: &Adapter, targets: &[Linear], device: &Device) ->
 
 /// The adapted model with every adapter merged into its weight (what an HF directory stores).
 pub fn merge(model: Llava) -> Llava {
-    model.materialize()
+    // a base stored in bf16 (`frozen_dtype`) merges in f32, as the adapters are
+    crate::zoo::layers::precision::store(model, burn::tensor::DType::F32).materialize()
 }
 
 /// Every adapter factor's values by burn path (`<weight path>.lora.a` [in, r], `.lora.b` [r, out]).

@@ -16,13 +16,13 @@
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
-use burn::tensor::{Bool, Device, Distribution, Tensor};
+use burn::tensor::{Bool, DType, Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Features;
 use crate::zoo::layers::act::Act;
 use crate::zoo::layers::attention::{attend, build_mask};
-use crate::zoo::layers::int_tensor;
+use crate::zoo::layers::{int_tensor, precision};
 use crate::zoo::llms::LlmSpec;
 
 /// BLIP-2's `qformer_config` (+ `num_query_tokens`), small defaults for a fresh connector.
@@ -310,12 +310,16 @@ impl QFormer {
                     })
                     .collect();
                 let pos: Vec<i64> = (0..n).flat_map(|_| 0..t as i64).collect();
-                let text = emb
-                    .word_embeddings
-                    .forward(int_tensor(ids, [n, t], &device))
-                    + emb
-                        .position_embeddings
-                        .forward(int_tensor(pos, [n, t], &device));
+                // tables may be stored in bf16 (`frozen_dtype`); activations are f32
+                let text = precision::to(
+                    emb.word_embeddings
+                        .forward(int_tensor(ids, [n, t], &device)),
+                    DType::F32,
+                ) + precision::to(
+                    emb.position_embeddings
+                        .forward(int_tensor(pos, [n, t], &device)),
+                    DType::F32,
+                );
                 let valid: Vec<Vec<bool>> = ins
                     .iter()
                     .map(|r| {

@@ -4,11 +4,11 @@
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 
 use super::VitSpec;
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::{attention, patch};
+use crate::zoo::layers::{attention, patch, precision};
 
 /// A conv with kernel = stride = patch size, stored in PyTorch's conv layout [d, c, p, p].
 #[derive(Module, Debug)]
@@ -165,7 +165,8 @@ impl VisionTower {
             x = Tensor::cat(vec![cls, x], 1);
         }
         let pos = patch::resize_positions(
-            self.embeddings.position_embedding.weight.val(),
+            // the table may be stored in bf16 (`frozen_dtype`)
+            precision::to(self.embeddings.position_embedding.weight.val(), DType::F32),
             usize::from(self.spec.has_cls()),
             hh / p,
             ww / p,

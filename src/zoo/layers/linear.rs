@@ -9,8 +9,9 @@
 use burn::module::Module;
 use burn::module::Param;
 use burn::nn::LinearConfig as BurnConfig;
-use burn::tensor::module::linear;
 use burn::tensor::{DType, Device, Tensor};
+
+use super::precision::matmul_bias;
 
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -50,11 +51,13 @@ impl LinearConfig {
 }
 
 impl Linear {
-    /// x: [..., in] -> [..., out]
+    /// x: [..., in] -> [..., out]. Inside an autocast scope (`precision::autocast`) the products run in its dtype
+    /// (bf16) and the result comes back in x's; a weight stored in bf16 (`frozen_dtype`) is cast to the compute
+    /// dtype here.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
         let Some(ad) = self.weight.adapter() else {
-            return linear(x, self.weight.val(), bias);
+            return matmul_bias(x, self.weight.val(), bias);
         };
         let base = self.weight.base();
         let base = if matches!(base.dtype(), DType::QFloat(_)) {
@@ -62,8 +65,8 @@ impl Linear {
         } else {
             base
         };
-        let low = linear(linear(x.clone(), ad.a.val(), None), ad.b.val(), None);
-        linear(x, base, bias) + low.mul_scalar(ad.scale)
+        let low = matmul_bias(matmul_bias(x.clone(), ad.a.val(), None), ad.b.val(), None);
+        matmul_bias(x, base, bias) + low.mul_scalar(ad.scale)
     }
 }
 
@@ -73,6 +76,7 @@ mod tests {
     use burn::module::Lora;
     use burn::optim::{AdamWConfig, GradientsParams};
     use burn::tensor::Distribution;
+    use burn::tensor::module::linear;
 
     fn close(a: Tensor<2>, b: Tensor<2>) {
         let (a, b) = (super::super::to_vec(a), super::super::to_vec(b));

@@ -5,6 +5,7 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod patch;
+pub mod precision;
 pub mod rope;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};

@@ -4,11 +4,11 @@
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use super::LlmSpec;
 use crate::zoo::layers::mlp::GatedMlp;
-use crate::zoo::layers::{attention, rope};
+use crate::zoo::layers::{attention, precision, rope};
 
 #[derive(Module, Debug)]
 pub struct SelfAttention {
@@ -183,7 +183,8 @@ impl DecoderLayer {
 impl Decoder {
     /// ids: [b, t] -> [b, t, d]
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.embed_tokens.forward(ids)
+        // a frozen table may be stored in bf16 (`frozen_dtype`); activations are f32
+        precision::to(self.embed_tokens.forward(ids), DType::F32)
     }
 
     /// Runs the blocks and final norm over input embeddings.
@@ -235,12 +236,7 @@ impl Decoder {
             Some(head) => head.forward(hidden),
             None => {
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
-                let [b, t, d] = hidden.dims();
-                hidden.reshape([b * t, d]).matmul(w.transpose()).reshape([
-                    b,
-                    t,
-                    self.spec.vocab_size,
-                ])
+                crate::zoo::layers::precision::matmul_bias(hidden, w.transpose(), None)
             }
         }
     }
