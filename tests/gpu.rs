@@ -156,3 +156,41 @@ fn pipeline_on_wgpu_follows_flex() {
     assert!(!want.as_array().unwrap().is_empty());
     assert_eq!(ids(Some("wgpu")), want, "greedy ids on wgpu vs flex");
 }
+
+/// `precision = "bf16-mixed"` on wgpu: where the adapter has bf16 (cubecl reports its type usage) the losses follow
+/// the f32 run on the same device as on flex (tests/precision.rs: 3e-3 over align and instruct); where it has none
+/// (WGSL shaders, as on lavapipe) the run stops before training with the reason and what to set, naming the stage.
+#[test]
+fn bf16_on_wgpu_runs_or_says_why() {
+    let d = scratch("gpu-bf16");
+    let w = world(&d);
+    let mixed = recipe(&w, &d.join("mixed")).replace(
+        "log_every = 1\n",
+        "log_every = 1\nprecision = \"bf16-mixed\"\n",
+    );
+    let f = d.join("mixed.toml");
+    std::fs::write(&f, mixed).unwrap();
+    let (ok, _, err) = mitune(Some("wgpu"), &["train", f.to_str().unwrap()]);
+    let device = burn::tensor::Device::wgpu(Default::default());
+    if !device.supports_dtype(burn::tensor::DType::BF16) {
+        assert!(!ok, "a device without bf16 trained in bf16");
+        assert!(
+            err.contains("stages.align: this device") && err.contains("has no bf16"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!d.join("mixed/gpu/align/model").exists());
+        return;
+    }
+    assert!(ok, "{err}");
+    let f32_toml = d.join("f32.toml");
+    std::fs::write(&f32_toml, recipe(&w, &d.join("f32"))).unwrap();
+    let (ok, _, err) = mitune(Some("wgpu"), &["train", f32_toml.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (a, b) = (losses(&d.join("f32/gpu")), losses(&d.join("mixed/gpu")));
+    assert_eq!(a.len(), b.len());
+    for ((k, x), (_, y)) in a.iter().zip(&b).filter(|((k, _), _)| k.0 != "dpo") {
+        let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+        assert!((x - y).abs() <= 3e-3 * x.abs(), "{k:?}: f32 {x} bf16-mixed {y}");
+    }
+}

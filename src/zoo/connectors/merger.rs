@@ -65,6 +65,8 @@ impl Merger {
         let [n, t, d] = x.dims();
         let m2 = self.merge * self.merge;
         let y = self.ln_q.forward(x).reshape([n, t / m2, d * m2]);
-        self.fc2.forward(Act::Gelu.forward(self.fc1.forward(y)))
+        crate::zoo::layers::precision::within(y, |y| {
+            self.fc2.forward(Act::Gelu.forward(self.fc1.forward(y)))
+        })
     }
 }

@@ -47,11 +47,14 @@ pub(crate) fn layers(
 
 /// x: [n, tokens, d_in] -> [n, tokens, d_out]
 pub(crate) fn forward_layers(layers: &[Linear], act: Act, x: Tensor<3>) -> Tensor<3> {
-    let mut h = layers[0].forward(x);
-    for l in &layers[1..] {
-        h = l.forward(act.forward(h));
-    }
-    h
+    // bf16 throughout inside an autocast scope
+    crate::zoo::layers::precision::within(x, |x| {
+        let mut h = layers[0].forward(x);
+        for l in &layers[1..] {
+            h = l.forward(act.forward(h));
+        }
+        h
+    })
 }
 
 impl Projector {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::zoo::layers::act::Act;
-use crate::zoo::layers::{attention, patch};
+use crate::zoo::layers::{attention, patch, precision};
 use crate::zoo::llms::config::parse_act;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,10 +249,12 @@ impl BlipLayer {
             .projection
             .forward(o.swap_dims(1, 2).reshape([n, t, d]));
         let y = self.layer_norm2.forward(x.clone());
-        x + self
-            .mlp
-            .fc2
-            .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        // the feed-forward in bf16 inside an autocast scope
+        x + precision::within(y, |y| {
+            self.mlp
+                .fc2
+                .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        })
     }
 }
 

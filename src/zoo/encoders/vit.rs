@@ -140,10 +140,12 @@ impl VitLayer {
             .out_proj
             .forward(o.swap_dims(1, 2).reshape([n, t, d]));
         let y = self.layer_norm2.forward(x.clone());
-        x + self
-            .mlp
-            .fc2
-            .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        // the feed-forward in bf16 inside an autocast scope
+        x + precision::within(y, |y| {
+            self.mlp
+                .fc2
+                .forward(self.mlp.act.forward(self.mlp.fc1.forward(y)))
+        })
     }
 }
 

@@ -36,7 +36,10 @@ impl GatedMlp {
 
     /// x: [n, t, d_in] -> [n, t, d_out]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = self.act.forward(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        // bf16 throughout inside an autocast scope
+        super::precision::within(x, |x| {
+            let g = self.act.forward(self.gate_proj.forward(x.clone()));
+            self.down_proj.forward(g * self.up_proj.forward(x))
+        })
     }
 }

@@ -4,8 +4,9 @@
 //! [`autocast`] scope every product of the zoo's [`Linear`](super::linear::Linear) layers and the tied LM head
 //! casts its operands to the scope's dtype (bf16) and its result back to the activations' dtype (f32). `cast` is
 //! differentiable, so the weights, their gradients and the optimizer's moments stay f32 ("master weights") while
-//! the products, and the operands autodiff keeps for the backward pass, are bf16. Everything else (norms, softmax,
-//! attention, rotary embeddings, the loss and every reduction) stays f32, as autocast keeps them.
+//! the products, and the operands autodiff keeps for the backward pass, are bf16. Feed-forward blocks run whole in
+//! bf16 ([`within`]: products and activation, as autocast leaves an activation in its input's dtype). The residual
+//! stream, norms, attention scores and softmax, rotary embeddings, the loss and every reduction stay f32.
 //!
 //! [`store`] holds frozen weights in bf16 (`frozen_dtype = "bf16"`): the weights of Linear and Embedding modules,
 //! i.e. the layers whose forwards read their weight through [`to`]. Norm scales, biases, position tables of
@@ -45,6 +46,18 @@ pub fn compute() -> Option<DType> {
 /// `t` in `dtype` (no op when it already is).
 pub fn to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
+/// `f(x)` with x in the compute dtype (bf16 inside an autocast scope), the result back in x's dtype: a chain of
+/// products and elementwise ops (a feed-forward block) whose intermediates, the tensors autodiff keeps for the
+/// backward pass, are then bf16, as under torch's autocast. Outside a scope: `f(x)`.
+pub fn within<const D: usize, const E: usize>(
+    x: Tensor<D>,
+    f: impl FnOnce(Tensor<D>) -> Tensor<E>,
+) -> Tensor<E> {
+    let Some(c) = compute() else { return f(x) };
+    let out = x.dtype();
+    to(f(to(x, c)), out)
 }
 
 /// `x · w (+ b)` in the autocast dtype, returned in x's dtype. x: [.., k], w: [k, n] (any stored dtype).
