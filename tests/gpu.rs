@@ -173,6 +173,7 @@ fn bf16_on_wgpu_runs_or_says_why() {
     let (ok, _, err) = mitune(Some("wgpu"), &["train", f.to_str().unwrap()]);
     let device = burn::tensor::Device::wgpu(Default::default());
     if !device.supports_dtype(burn::tensor::DType::BF16) {
+        eprintln!("no bf16 on this adapter; the run said: {}", err.trim());
         assert!(!ok, "a device without bf16 trained in bf16");
         assert!(
             err.contains("stages.align: this device") && err.contains("has no bf16"),
@@ -191,6 +192,9 @@ fn bf16_on_wgpu_runs_or_says_why() {
     assert_eq!(a.len(), b.len());
     for ((k, x), (_, y)) in a.iter().zip(&b).filter(|((k, _), _)| k.0 != "dpo") {
         let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
-        assert!((x - y).abs() <= 3e-3 * x.abs(), "{k:?}: f32 {x} bf16-mixed {y}");
+        assert!(
+            (x - y).abs() <= 3e-3 * x.abs(),
+            "{k:?}: f32 {x} bf16-mixed {y}"
+        );
     }
 }
