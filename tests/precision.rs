@@ -132,3 +132,32 @@ fn bf16_runs_follow_f32_and_resume_exactly() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `mitune validate` names a wrong precision value and a contradictory `frozen_dtype` before anything runs.
+#[test]
+fn bad_precision_settings_are_named() {
+    let d = scratch("precision-bad");
+    let w = world(&d);
+    let base = common::tiny_pipeline("prec", &w, &d.join("out"), &["align", "instruct"], "");
+    for (add, want) in [
+        (
+            "precision = \"fp16\"\n",
+            "unknown variant `fp16`, expected one of `f32`, `bf16-mixed`, `bf16`",
+        ),
+        (
+            "precision = \"bf16\"\nfrozen_dtype = \"f32\"\n",
+            "`stages.instruct.frozen_dtype`: precision = \"bf16\" stores frozen weights in bf16",
+        ),
+    ] {
+        let f = d.join("bad.toml");
+        std::fs::write(
+            &f,
+            base.replace("keep_last = 2\n", &format!("keep_last = 2\n{add}")),
+        )
+        .unwrap();
+        let (ok, err) = run_mitune(&["validate", f.to_str().unwrap()], None);
+        assert!(!ok && err.contains(want), "{add}: {err}");
+        assert!(err.contains("stages.instruct"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

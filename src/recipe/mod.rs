@@ -467,6 +467,15 @@ fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: 
         "encoder, connector, llm"
     };
     let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
+    if st.precision == schema::Precision::Bf16 && st.frozen_dtype == Some(schema::FrozenDtype::F32)
+    {
+        bad(
+            "frozen_dtype",
+            "precision = \"bf16\" stores frozen weights in bf16; for bf16 products over f32 frozen weights use \
+             precision = \"bf16-mixed\""
+                .into(),
+        );
+    }
     for p in st.train.unwrap_or_default() {
         match p.strip_prefix("re:") {
             Some(re) => {
