@@ -22,6 +22,19 @@ pub struct World {
 static WORLD: OnceLock<World> = OnceLock::new();
 
 /// The job's world (one process unless `init` found `mpirun`).
+/// This process's rank among the ranks on its node (Open MPI, MPICH, Slurm), 0 outside a launcher: which GPU a
+/// rank takes with `MITUNE_DEVICE=…:local`.
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
 pub fn world() -> World {
     *WORLD.get_or_init(|| World { rank: 0, size: 1 })
 }

@@ -65,13 +65,174 @@ pub fn init_portable<M: burn::module::Module>(
     model.map(&mut Move(device))
 }
 
-/// The compute device: flex (CPU) by default; `MITUNE_DEVICE=wgpu|vulkan` picks a GPU backend when built in.
+/// What `MITUNE_DEVICE` names: `flex` (the CPU; the default), `wgpu[:SEL]`, `vulkan[:SEL]` or `cuda[:SEL]`, where
+/// SEL is `N` (the N-th discrete GPU; for cuda the N-th device), `local` (the GPU numbered by this process's rank on
+/// its node under mpirun / srun: one rank per GPU) or, for wgpu/vulkan, `cpu` (the CPU adapter, e.g. lavapipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Flex,
+    Wgpu(Adapter),
+    Vulkan(Adapter),
+    Cuda(usize),
+}
+
+/// Which adapter of a wgpu/vulkan backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adapter {
+    /// The backend's pick (its highest-powered GPU).
+    Default,
+    Discrete(usize),
+    Cpu,
+}
+
+/// Parses a `MITUNE_DEVICE` value; `local_rank` is what `:local` stands for.
+pub fn parse_device(value: &str, local_rank: usize) -> std::result::Result<DeviceSpec, String> {
+    let (backend, sel) = match value.split_once(':') {
+        Some((b, s)) => (b, Some(s)),
+        None => (value, None),
+    };
+    let index = |s: &str| -> std::result::Result<usize, String> {
+        match s {
+            "local" => Ok(local_rank),
+            _ => s.parse().map_err(|_| {
+                format!("MITUNE_DEVICE={value}: `{s}` is not a device number, `local` or `cpu`")
+            }),
+        }
+    };
+    let adapter = |sel: Option<&str>| -> std::result::Result<Adapter, String> {
+        match sel {
+            None | Some("default") => Ok(Adapter::Default),
+            Some("cpu") => Ok(Adapter::Cpu),
+            Some(s) => index(s).map(Adapter::Discrete),
+        }
+    };
+    let spec = match backend {
+        "" | "flex" if sel.is_none() => DeviceSpec::Flex,
+        "wgpu" => DeviceSpec::Wgpu(adapter(sel)?),
+        "vulkan" => DeviceSpec::Vulkan(adapter(sel)?),
+        "cuda" => DeviceSpec::Cuda(sel.map(index).transpose()?.unwrap_or(0)),
+        _ => {
+            return Err(format!(
+                "MITUNE_DEVICE={value}: expected flex, wgpu[:N|:local|:cpu], vulkan[:N|:local|:cpu] or cuda[:N|:local]"
+            ));
+        }
+    };
+    let built = match spec {
+        DeviceSpec::Flex => true,
+        DeviceSpec::Wgpu(_) => cfg!(feature = "wgpu"),
+        DeviceSpec::Vulkan(_) => cfg!(feature = "vulkan"),
+        DeviceSpec::Cuda(_) => cfg!(feature = "cuda"),
+    };
+    if !built {
+        return Err(format!(
+            "MITUNE_DEVICE={value}: this build has no `{backend}` backend; build with `cargo build --release --features {backend}`"
+        ));
+    }
+    Ok(spec)
+}
+
+/// `MITUNE_DEVICE` parsed for this process (`:local` = its rank on the node, `dist::local_rank`).
+pub fn device_spec() -> std::result::Result<DeviceSpec, String> {
+    match std::env::var("MITUNE_DEVICE") {
+        Ok(v) => parse_device(&v, dist::local_rank()),
+        Err(_) => Ok(DeviceSpec::Flex),
+    }
+}
+
+/// Checks that the adapter `MITUNE_DEVICE` names exists by creating one tensor on it: cubecl panics (on its
+/// device thread) when asked for an adapter the machine lacks, so that panic is caught here, kept quiet, and turned
+/// into a message.
+pub fn probe_device() -> std::result::Result<(), String> {
+    if device_spec()? == DeviceSpec::Flex {
+        return Ok(());
+    }
+    let hook = std::panic::take_hook();
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let keep = said.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(mut s) = keep.lock()
+            && s.is_empty()
+        {
+            *s = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|m| m.to_string()))
+                .unwrap_or_default();
+        }
+    }));
+    let ok = std::panic::catch_unwind(|| {
+        let t = burn::tensor::Tensor::<1>::zeros([1], &default_device());
+        let _ = t.into_data();
+    })
+    .is_ok();
+    std::panic::set_hook(hook);
+    if ok {
+        return Ok(());
+    }
+    let why = said.lock().map(|s| s.clone()).unwrap_or_default();
+    let why: String = why.chars().take(300).collect();
+    Err(format!(
+        "MITUNE_DEVICE={}: the backend could not open this adapter ({why}); pick another index, or `:cpu`",
+        std::env::var("MITUNE_DEVICE").unwrap_or_default()
+    ))
+}
+
+/// The compute device `MITUNE_DEVICE` names (flex, the CPU, when unset). The CLI checks the variable before any
+/// command (`device_spec`), so a value this build cannot serve stops there with the reason.
 pub fn default_device() -> burn::tensor::Device {
-    match std::env::var("MITUNE_DEVICE").as_deref() {
+    #[cfg(any(feature = "wgpu", feature = "vulkan"))]
+    let kind = |a: Adapter| match a {
+        Adapter::Default => burn::tensor::DeviceKind::DefaultDevice,
+        Adapter::Discrete(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+        Adapter::Cpu => burn::tensor::DeviceKind::Cpu,
+    };
+    match device_spec() {
         #[cfg(feature = "wgpu")]
-        Ok("wgpu") => burn::tensor::Device::wgpu(Default::default()),
+        Ok(DeviceSpec::Wgpu(a)) => burn::tensor::Device::wgpu(kind(a)),
         #[cfg(feature = "vulkan")]
-        Ok("vulkan") => burn::tensor::Device::vulkan(Default::default()),
+        Ok(DeviceSpec::Vulkan(a)) => burn::tensor::Device::vulkan(kind(a)),
+        #[cfg(feature = "cuda")]
+        Ok(DeviceSpec::Cuda(i)) => burn::tensor::Device::cuda(i),
         _ => burn::tensor::Device::flex(),
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn device_values_parse_or_say_why() {
+        assert_eq!(parse_device("flex", 3), Ok(DeviceSpec::Flex));
+        let wgpu = parse_device("wgpu:local", 3);
+        let cuda = parse_device("cuda:1", 3);
+        if cfg!(feature = "wgpu") {
+            assert_eq!(wgpu, Ok(DeviceSpec::Wgpu(Adapter::Discrete(3))));
+            assert_eq!(
+                parse_device("wgpu", 0),
+                Ok(DeviceSpec::Wgpu(Adapter::Default))
+            );
+            assert_eq!(
+                parse_device("wgpu:cpu", 0),
+                Ok(DeviceSpec::Wgpu(Adapter::Cpu))
+            );
+            assert_eq!(
+                parse_device("wgpu:2", 0),
+                Ok(DeviceSpec::Wgpu(Adapter::Discrete(2)))
+            );
+        } else {
+            assert!(wgpu.unwrap_err().contains("--features wgpu"));
+        }
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda, Ok(DeviceSpec::Cuda(1)));
+        } else {
+            assert!(cuda.unwrap_err().contains("no `cuda` backend"));
+        }
+        let e = parse_device("gpu", 0).unwrap_err();
+        assert!(e.contains("expected flex, wgpu"), "{e}");
+        let e = parse_device("wgpu:first", 0).unwrap_err();
+        assert!(e.contains("`first` is not a device number"), "{e}");
+        assert!(parse_device("flex:1", 0).is_err());
     }
 }

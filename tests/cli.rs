@@ -257,3 +257,28 @@ fn bench_runs_the_tiny_presets() {
     }
     fails_cleanly(&["bench", "train", "--preset", "7b"], "choose one of");
 }
+
+/// A `MITUNE_DEVICE` this build cannot serve stops every command with one line saying why, instead of running on
+/// the CPU unnoticed.
+#[test]
+fn an_unservable_device_is_refused() {
+    for (value, needle) in [
+        ("gpu", "MITUNE_DEVICE=gpu: expected flex, wgpu"),
+        ("cuda:local", "this build has no `cuda` backend"),
+        ("wgpu:first", "`first` is not a device number"),
+    ] {
+        if value.starts_with("wgpu") && !cfg!(feature = "wgpu") {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_mitune"))
+            .args(["validate", "recipes/quickstart.toml"])
+            .env("MITUNE_DEVICE", value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: accepted");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        assert!(err.contains(needle), "{value}: {err}");
+    }
+}

@@ -198,3 +198,19 @@ fn bf16_on_wgpu_runs_or_says_why() {
         );
     }
 }
+
+/// An adapter the machine lacks (`wgpu:99`) stops the command with one line naming it, where cubecl would panic;
+/// `wgpu:cpu` (lavapipe here, a CPU adapter wherever Vulkan has one) is accepted.
+#[test]
+fn a_missing_adapter_is_named() {
+    let (ok, _, err) = mitune(Some("wgpu:99"), &["validate", "recipes/quickstart.toml"]);
+    assert!(!ok);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("MITUNE_DEVICE=wgpu:99: the backend could not open this adapter"),
+        "{err}"
+    );
+    let (ok, _, err) = mitune(Some("wgpu:cpu"), &["validate", "recipes/quickstart.toml"]);
+    assert!(ok, "{err}");
+}

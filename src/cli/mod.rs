@@ -93,7 +93,24 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // under `mpirun` (built with `mpi`): joins the job; MPI is finalized when this drops, after the command
     let _mpi = crate::dist::init();
-    let result = match cli.command {
+    // a device this build cannot serve stops here, before any work (not later, silently on the CPU)
+    let result = match crate::probe_device() {
+        Err(msg) => Err(crate::Error::input(msg)),
+        Ok(_) => run(cli.command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // the other ranks may be waiting in a collective for this one: end the whole job, naming this rank
+        Err(e) if crate::dist::parallel() => crate::dist::fail(&format!("error: {e}")),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> crate::Result<()> {
+    match command {
         Command::Train(a) => train::train(a),
         Command::Validate(a) => train::validate(a),
         Command::Sweep(a) => sweep::run(a),
@@ -127,15 +144,6 @@ pub fn main() -> std::process::ExitCode {
                 "give a run's stage (mitune export RUN/STAGE --out DIR) or --model DIR, not both",
             )),
         },
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        // the other ranks may be waiting in a collective for this one: end the whole job, naming this rank
-        Err(e) if crate::dist::parallel() => crate::dist::fail(&format!("error: {e}")),
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }
 
