@@ -23,7 +23,32 @@ tasks = [{{ name = "question", path = {:?} }}]
         w.join("vqa_heldout.json").display().to_string()
     );
     let extra = common::dpo_table(w) + &heldout;
-    common::tiny_pipeline("dp", w, out, &["align", "instruct", "dpo"], &extra)
+    // the instruct stage's held-out loss every 3 steps, its micro-batches split over the ranks
+    let eval = format!(
+        "keep_last = 2\neval = {{ every = 3, max_samples = 6, data = {{ sources = [{{ kind = \"llava_json\", path = {:?} }}] }} }}\n",
+        w.join("vqa_heldout.json").display().to_string()
+    );
+    common::tiny_pipeline("dp", w, out, &["align", "instruct", "dpo"], &extra).replacen(
+        "keep_last = 2\n",
+        &eval,
+        1,
+    )
+}
+
+/// The in-stage held-out losses a run logged: (stage, step, eval_loss).
+fn eval_losses(run: &Path) -> Vec<(String, u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| {
+            Some((
+                v["stage"].as_str()?.to_string(),
+                v["step"].as_u64()?,
+                v.get("eval_loss")?.as_f64()?,
+            ))
+        })
+        .collect()
 }
 
 /// `mpirun -n 2` of the mitune binary over TCP loopback; (success, stderr).
@@ -129,6 +154,17 @@ fn two_ranks_follow_one_process_and_resume_after_a_rank_dies() {
         );
     }
     assert_eq!(heldout(&run, "align")[0]["n"], 5);
+    // and so does the in-stage held-out loss (6 samples: one micro-batch of 4 on rank 0, one of 2 on rank 1)
+    let (ev, ev_want) = (eval_losses(&run), eval_losses(&d.join("runs-a/dp")));
+    assert_eq!(ev_want.len(), 2, "instruct steps 3 and 6: {ev_want:?}");
+    assert_eq!(ev.len(), ev_want.len(), "{ev:?}");
+    for (g, w) in ev.iter().zip(&ev_want) {
+        assert_eq!((&g.0, g.1), (&w.0, w.1));
+        assert!(
+            (g.2 - w.2).abs() <= 1e-5 * w.2.abs(),
+            "held-out loss {g:?} vs {w:?}"
+        );
+    }
 
     // rank 1 dies after instruct step 3: the job stops, naming it; --resume continues to the same losses
     let (ok, err) = mpirun(

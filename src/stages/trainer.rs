@@ -203,15 +203,18 @@ fn eval_loss(
     micro: usize,
 ) -> Result<f64> {
     let m = model.valid();
-    let (mut sum, mut n) = (0.0f64, 0usize);
-    for chunk in data.encoded.chunks(micro) {
-        let refs: Vec<_> = chunk.iter().collect();
+    let chunks: Vec<_> = data.encoded.chunks(micro).collect();
+    // [summed loss, supervised tokens]; data parallel: each rank takes every N-th micro-batch, the sums are reduced
+    let mut sums = [0.0f64; 2];
+    for i in crate::dist::shard(chunks.len()) {
+        let refs: Vec<_> = chunks[i].iter().collect();
         let mb = loader::micro_batch(&refs, pad, images);
         let l: f32 = micro_loss(&m, &mb, &device.clone().inner())?.into_scalar::<f32>();
-        sum += l as f64;
-        n += mb.supervised;
+        sums[0] += l as f64;
+        sums[1] += mb.supervised as f64;
     }
-    Ok(sum / n.max(1) as f64)
+    crate::dist::sum_f64(&mut sums, "the held-out loss all-reduce");
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// Runs one training stage from `built` (or from the checkpoint in `resume`), returns the trained model.

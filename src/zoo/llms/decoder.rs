@@ -236,7 +236,7 @@ impl Decoder {
             Some(head) => head.forward(hidden),
             None => {
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
-                crate::zoo::layers::precision::matmul_bias(hidden, w.transpose(), None)
+                precision::matmul_bias(hidden, w.transpose(), None)
             }
         }
     }
