@@ -178,8 +178,8 @@ pub fn probe_device() -> std::result::Result<(), String> {
     ))
 }
 
-/// The compute device `MITUNE_DEVICE` names (flex, the CPU, when unset). The CLI checks the variable before any
-/// command (`device_spec`), so a value this build cannot serve stops there with the reason.
+/// The compute device `MITUNE_DEVICE` names (flex, the CPU, when unset). The CLI checks the variable and the
+/// adapter before any command (`probe_device`), so a value this build or machine cannot serve stops there.
 pub fn default_device() -> burn::tensor::Device {
     #[cfg(any(feature = "wgpu", feature = "vulkan"))]
     let kind = |a: Adapter| match a {

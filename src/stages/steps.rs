@@ -163,7 +163,8 @@ pub struct Engine<'a> {
 }
 
 /// A stage's `precision` and `frozen_dtype` → (the compute dtype of matrix products, None = f32; the storage
-/// dtype of frozen weights), checked against what `device` can compute.
+/// dtype of frozen weights), checked against what `device` can compute. (`precision = "bf16"` with
+/// `frozen_dtype = "f32"` is refused by the recipe's validation.)
 pub fn precision_of(
     p: Precision,
     frozen: Option<FrozenDtype>,
@@ -175,12 +176,6 @@ pub fn precision_of(
         Precision::Bf16Mixed | Precision::Bf16 => Some(DType::BF16),
     };
     let frozen = match (p, frozen) {
-        (Precision::Bf16, Some(FrozenDtype::F32)) => {
-            return Err(Error::input(format!(
-                "{key}: precision = \"bf16\" stores frozen weights in bf16, but frozen_dtype = \"f32\": use \
-                 precision = \"bf16-mixed\" for bf16 products over f32 frozen weights"
-            )));
-        }
         (Precision::Bf16, _) | (_, Some(FrozenDtype::Bf16)) => DType::BF16,
         _ => DType::F32,
     };

@@ -133,13 +133,7 @@ pub fn param_bytes<M: Module>(model: &M) -> usize {
     struct Bytes(usize);
     impl burn::module::ModuleVisitor for Bytes {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            let n = p.shape().num_elements();
-            self.0 += match p.dtype() {
-                DType::BF16 | DType::F16 => 2 * n,
-                DType::F64 => 8 * n,
-                DType::QFloat(_) => n,
-                _ => 4 * n,
-            };
+            self.0 += p.shape().num_elements() * p.dtype().size();
         }
     }
     let mut b = Bytes(0);
