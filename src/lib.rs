@@ -12,6 +12,9 @@ pub mod report;
 pub mod stages;
 pub mod zoo;
 
+#[cfg(test)]
+mod flex_kernels;
+
 pub use error::{Error, Result};
 
 /// Seeds `device`'s random stream and the CPU's, where fresh weights are drawn (`init_portable`).

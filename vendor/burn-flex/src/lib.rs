@@ -34,6 +34,8 @@ mod layout;
 mod qtensor;
 mod strided_index;
 mod tensor;
+// mitune patch: threaded element-wise loops and a vectorising exp.
+mod threaded;
 mod zip;
 
 #[doc(hidden)]

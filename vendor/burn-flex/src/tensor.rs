@@ -233,13 +233,34 @@ impl FlexTensor {
     pub fn empty(shape: Shape, dtype: DType) -> Self {
         let num_elements = shape.num_elements();
         let elem_size = dtype_size(dtype);
-        let bytes = Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]);
+        // mitune patch: a zeroed buffer of the element's own size. A `Vec<u8>` has alignment 1, so
+        // `Bytes::from_bytes_vec` copied it into an aligned allocation: every matmul output was zero-filled,
+        // allocated twice and copied once.
+        let bytes = match elem_size {
+            8 => Bytes::from_elems(alloc::vec![0u64; num_elements]),
+            4 => Bytes::from_elems(alloc::vec![0u32; num_elements]),
+            2 => Bytes::from_elems(alloc::vec![0u16; num_elements]),
+            _ => Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]),
+        };
         let layout = Layout::contiguous(shape);
         Self {
             data: Arc::new(bytes),
             layout,
             dtype,
         }
+    }
+
+    /// mitune patch: an output for a kernel that writes every element before anything reads it (gemm with
+    /// `read_dst = false`): neither zero-filled nor copied. The contents are unspecified until written.
+    pub(crate) fn for_overwrite<E: Element + bytemuck::Pod>(shape: Shape) -> Self {
+        let n = shape.num_elements();
+        let mut v: Vec<E> = Vec::with_capacity(n);
+        // SAFETY: `E` is plain data (every bit pattern valid); the caller writes all n elements.
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            v.set_len(n)
+        };
+        Self::new(Bytes::from_elems(v), Layout::contiguous(shape), E::dtype())
     }
 
     /// Create a tensor filled with zeros.
@@ -701,8 +722,32 @@ fn copy_2d_negative<E: Copy + Send + Sync>(
 /// layout as a set of strided outer dims wrapping a contiguous inner run.
 ///
 /// Precondition: strides are all positive and the innermost stride is 1
+///
+/// mitune patch: large copies are split along the outermost dim over threads (the published crate copied
+/// permuted activations, e.g. attention's [b, t, h, d] <-> [b, h, t, d], on one thread).
+fn copy_inner_contiguous_run<E: Copy + Send + Sync>(
+    dst: &mut [E],
+    src: &[E],
+    offset: isize,
+    shape: &[usize],
+    strides: &[isize],
+) {
+    let row = if shape.is_empty() || shape[0] == 0 { 0 } else { dst.len() / shape[0] };
+    if shape.len() < 2 || row == 0 || dst.len() < 64 * 1024 {
+        return copy_inner_contiguous_run_serial(dst, src, offset, shape, strides);
+    }
+    let mut sub_shape = [0usize; COLLAPSE_MAX_RANK];
+    sub_shape[..shape.len()].copy_from_slice(shape);
+    crate::threaded::for_row_chunks(dst, row, |first, piece| {
+        let mut sub = sub_shape;
+        sub[0] = piece.len() / row;
+        let sub_offset = offset + first as isize * strides[0];
+        copy_inner_contiguous_run_serial(piece, src, sub_offset, &sub[..shape.len()], strides);
+    });
+}
+
 #[inline]
-fn copy_inner_contiguous_run<E: Copy>(
+fn copy_inner_contiguous_run_serial<E: Copy>(
     dst: &mut [E],
     src: &[E],
     offset: isize,

@@ -78,11 +78,22 @@ impl ZipNest {
         self.lhs_offset == 0 && self.lhs_is_dense()
     }
 
+    /// mitune patch: the nest restricted to `count` indices of its outermost dim from `first` (for splitting
+    /// the work over threads). With one dim, that dim is the inner run itself, which splits the same way.
+    pub fn rows(&self, first: usize, count: usize) -> ZipNest {
+        let mut sub = *self;
+        sub.shape[0] = count;
+        sub.lhs_offset = (self.lhs_offset as isize + first as isize * self.lhs_strides[0]) as usize;
+        sub.rhs_offset = (self.rhs_offset as isize + first as isize * self.rhs_strides[0]) as usize;
+        sub
+    }
+
     /// Call `f(lhs_base, rhs_base)` once per innermost run, in
     /// row-major output order. The bases are storage indices of the
     /// first element of the run; offsets advance by stride addition,
     /// never per-element index math. Must not be called when
     /// `ndim == 0` or when any dim is empty.
+    #[inline(always)] // mitune patch: so the run loops compile inside `widest!`'s SIMD variants
     pub fn for_each_run(&self, mut f: impl FnMut(usize, usize)) {
         debug_assert!(self.ndim >= 1);
         let outer = self.ndim - 1;
@@ -200,9 +211,10 @@ pub(crate) fn zip_map<L, R, Out, F>(
     op: F,
 ) -> Option<Vec<Out>>
 where
-    L: Copy,
-    R: Copy,
-    F: Fn(L, R) -> Out,
+    L: Copy + Sync,
+    R: Copy + Sync,
+    Out: Send,
+    F: Fn(L, R) -> Out + Sync,
 {
     let numel = lhs_layout.num_elements();
     if numel == 0 {
@@ -217,33 +229,53 @@ where
         return Some(out);
     }
 
+    // mitune patch: the output is written in row-major order of the nest, so whole ranges of the outermost
+    // collapsed dim go to separate threads (`crate::threaded::for_row_chunks`), each writing its slots once.
+    let row = numel / nest.shape[0];
+    crate::threaded::for_row_chunks(&mut out.spare_capacity_mut()[..numel], row, |first, dst| {
+        let sub = nest.rows(first, dst.len() / row);
+        zip_fill(&sub, lhs, rhs, dst, &op);
+    });
+    // SAFETY: the row chunks cover all numel slots and `zip_fill` writes each one.
+    unsafe { out.set_len(numel) };
+    Some(out)
+}
+
+crate::threaded::widest!(zip_fill, [L: Copy, R: Copy, Out, F: Fn(L, R) -> Out],
+    (nest: &ZipNest, lhs: &[L], rhs: &[R], dst: &mut [core::mem::MaybeUninit<Out>], op: &F), {
     let (len, l_st, r_st) = nest.inner();
+    let mut k = 0;
     match (l_st, r_st) {
         (1, 1) => nest.for_each_run(|lb, rb| {
-            out.extend(
-                lhs[lb..lb + len]
-                    .iter()
-                    .zip(&rhs[rb..rb + len])
-                    .map(|(&a, &b)| op(a, b)),
-            );
+            let d = &mut dst[k..k + len];
+            for ((d, &a), &b) in d.iter_mut().zip(&lhs[lb..lb + len]).zip(&rhs[rb..rb + len]) {
+                d.write(op(a, b));
+            }
+            k += len;
         }),
         (1, 0) => nest.for_each_run(|lb, rb| {
             let b = rhs[rb];
-            out.extend(lhs[lb..lb + len].iter().map(|&a| op(a, b)));
+            for (d, &a) in dst[k..k + len].iter_mut().zip(&lhs[lb..lb + len]) {
+                d.write(op(a, b));
+            }
+            k += len;
         }),
         (0, 1) => nest.for_each_run(|lb, rb| {
             let a = lhs[lb];
-            out.extend(rhs[rb..rb + len].iter().map(|&b| op(a, b)));
+            for (d, &b) in dst[k..k + len].iter_mut().zip(&rhs[rb..rb + len]) {
+                d.write(op(a, b));
+            }
+            k += len;
         }),
         _ => nest.for_each_run(|lb, rb| {
-            out.extend(
-                (0..len).map(|i| op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize])),
-            );
+            for (i, d) in dst[k..k + len].iter_mut().enumerate() {
+                d.write(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize]));
+            }
+            k += len;
         }),
     }
-    debug_assert_eq!(out.len(), numel);
-    Some(out)
-}
+    debug_assert_eq!(k, dst.len());
+});
 
 /// Apply `op` over a collapsed nest *in place*, writing the result back
 /// into the lhs buffer instead of allocating an output.
@@ -262,9 +294,9 @@ where
 /// strided — and monomorphized per call site so LLVM autovectorizes it.
 pub(crate) fn zip_apply_inplace<D, S, F>(nest: &ZipNest, dst: &mut [D], src: &[S], op: F)
 where
-    D: Copy,
-    S: Copy,
-    F: Fn(D, S) -> D,
+    D: Copy + Send,
+    S: Copy + Sync,
+    F: Fn(D, S) -> D + Sync,
 {
     debug_assert!(
         nest.lhs_is_dense(),
@@ -280,6 +312,19 @@ where
         return;
     }
 
+    // mitune patch: the dense destination is split into ranges of the outermost collapsed dim, one per thread.
+    let numel: usize = nest.shape[..nest.ndim].iter().product();
+    let row = numel / nest.shape[0];
+    let base = nest.lhs_offset;
+    crate::threaded::for_row_chunks(&mut dst[base..base + numel], row, |first, dst| {
+        let mut sub = nest.rows(first, dst.len() / row);
+        sub.lhs_offset = 0;
+        apply_rows(&sub, dst, src, &op);
+    });
+}
+
+crate::threaded::widest!(apply_rows, [D: Copy, S: Copy, F: Fn(D, S) -> D],
+    (nest: &ZipNest, dst: &mut [D], src: &[S], op: &F), {
     let (len, l_st, r_st) = nest.inner();
     debug_assert_eq!(l_st, 1, "dense destination implies a contiguous inner run");
     match r_st {
@@ -300,7 +345,7 @@ where
             }
         }),
     }
-}
+});
 
 // ============================================================================
 // 3-way zip support (for mask_where and ternary operations)

@@ -171,12 +171,11 @@ impl ActivationOps<Flex> for Flex {
 
 #[inline]
 fn sigmoid_f32(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    // mitune patch: branch-free (both halves computed, one selected) on the vectorising exp, so it vectorises;
+    // e^-|x| never overflows, and e / (1 + e) keeps the subnormal results for x < -87.
+    let e = crate::threaded::exp_f32(-x.abs());
+    let s = 1.0 / (1.0 + e);
+    if x >= 0.0 { s } else { e * s }
 }
 
 #[inline]

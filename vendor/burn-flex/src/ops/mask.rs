@@ -39,11 +39,8 @@ where
             let m_offset = mask.layout().start_offset();
             let mask_bytes = &mask.bytes()[m_offset..m_offset + numel];
             let tensor_slice = &mut tensor.storage_mut::<T>()[t_offset..t_offset + numel];
-            for (t, &m) in tensor_slice.iter_mut().zip(mask_bytes) {
-                if m != 0 {
-                    *t = value;
-                }
-            }
+            // mitune patch: threaded (`crate::threaded`).
+            crate::threaded::zip_inplace(tensor_slice, mask_bytes, |t, m| if m != 0 { value } else { t });
             return tensor;
         } else if let Some(nest) = crate::zip::collapse_for_zip(tensor.layout(), mask.layout()) {
             let mask_bytes = mask.bytes();
