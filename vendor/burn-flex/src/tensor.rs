@@ -732,10 +732,11 @@ fn copy_inner_contiguous_run<E: Copy + Send + Sync>(
     shape: &[usize],
     strides: &[isize],
 ) {
-    let row = if shape.is_empty() || shape[0] == 0 { 0 } else { dst.len() / shape[0] };
-    if shape.len() < 2 || row == 0 || dst.len() < 64 * 1024 {
+    if shape.is_empty() || dst.is_empty() {
         return copy_inner_contiguous_run_serial(dst, src, offset, shape, strides);
     }
+    // `for_row_chunks` stays on this thread for small copies.
+    let row = dst.len() / shape[0];
     let mut sub_shape = [0usize; COLLAPSE_MAX_RANK];
     sub_shape[..shape.len()].copy_from_slice(shape);
     crate::threaded::for_row_chunks(dst, row, |first, piece| {

@@ -1,8 +1,8 @@
 //! mitune patch (see `PATCHES.md`): element-wise loops split over rayon's threads, compiled for the widest SIMD
-//! the CPU has, and an `exp` that vectorises.
+//! the CPU has, and an `exp` that vectorises (used by the sigmoid).
 //!
 //! The published crate runs unary maths (`exp`, `log`, `sqrt`, sigmoid, …) on one thread at every size, binary
-//! and scalar ops on one thread below 4M elements, and its `exp` is libm's scalar `expf`. A transformer step's
+//! and scalar ops on one thread below 4M elements, and its sigmoid calls libm's scalar `expf`. A transformer step's
 //! activations are [batch·seq, hidden] ≈ 1M elements, so half of a training step left every core but one idle.
 //!
 //! Every helper here is element-wise: splitting the work changes no result, and the target-feature variants run the
@@ -193,7 +193,7 @@ pub(crate) fn for_row_chunks<T: Send>(data: &mut [T], row: usize, f: impl Fn(usi
 /// `e^x` in f32 that auto-vectorises: Cody–Waite range reduction `x = n ln 2 + r`, |r| ≤ ln 2 / 2, Cephes'
 /// degree-7 polynomial for `e^r` (≤ 1 ulp on that range), and `2^n` applied as two power-of-two factors so
 /// results down to the smallest subnormal come out right. `+∞` above ln(f32::MAX), `0` below ln of the
-/// smallest subnormal, NaN for NaN — as libm's `expf`, which it replaces (it differs by at most a couple of ulp).
+/// smallest subnormal, NaN for NaN — as libm's `expf`, which it replaces in the sigmoid only (see `ops::unary::exp` for why).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const HI: f32 = 88.722_84; // ln(f32::MAX)
