@@ -221,3 +221,64 @@ fn threaded_elementwise_paths_equal_the_serial_arithmetic() {
         }
     }
 }
+
+/// Vector–matrix and thin products split into column blocks over threads (the patch's `gemm_call_split`, the
+/// decode step's projections) give the bits of the same product on one thread, and the product itself.
+#[test]
+fn split_thin_products_equal_the_single_thread_product() {
+    let device = Device::flex();
+    let pool = |n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    let (one, four) = (pool(1), pool(4));
+    // (m, k, n, batched as [1, m, k] @ [1, k, n], weight stored [n, k] and transposed)
+    let cases = [
+        (1, 384, 1000, false, false), // 2-D gemv, a ragged last block
+        (1, 384, 1000, false, true),  // against a transposed weight (gemm's row-major gemv)
+        (1, 256, 1536, true, false),  // a decode step as burn's linear sends it: one batch of m = 1
+        (3, 512, 700, false, false),  // thin, under gemm's own threading threshold
+        (1, 768, 10_000, true, true), // an LM head: over the threshold, still a one-thread gemv in gemm
+        (8, 1024, 900, false, false), // eight decode rows (gemm's packed kernels, k over one block)
+        (8, 1024, 900, true, true),
+        (2, 300, 1100, false, true), // blocks of uneven width, the last one the widest
+    ];
+    for (case, &(m, k, n, batched, transposed)) in cases.iter().enumerate() {
+        let x = values(m * k, 10 + case as u32);
+        let w = values(k * n, 20 + case as u32);
+        let product = || {
+            let w = if transposed {
+                // the same [k, n] matrix as a view of its [n, k] transpose
+                let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+                tensor(wt, [n, k], &device).transpose()
+            } else {
+                tensor(w.clone(), [k, n], &device)
+            };
+            let x = tensor(x.clone(), [m, k], &device);
+            if batched {
+                vec_of(x.unsqueeze_dim::<3>(0).matmul(w.unsqueeze_dim::<3>(0)))
+            } else {
+                vec_of(x.matmul(w))
+            }
+        };
+        let serial = one.install(product);
+        let split = four.install(product);
+        assert_eq!(serial.len(), m * n);
+        for (i, (s, p)) in serial.iter().zip(&split).enumerate() {
+            assert!(
+                s.to_bits() == p.to_bits(),
+                "case {case}: element {i}: {s} vs {p}"
+            );
+            let (r, c) = (i / n, i % n);
+            let terms = (0..k).map(|j| x[r * k + j] as f64 * w[j * n + c] as f64);
+            let (want, size): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+            // f32 summation error is bounded by k·ε·Σ|terms|; in practice far below
+            assert!(
+                (*p as f64 - want).abs() <= 1e-5 * size,
+                "case {case}: element {i}"
+            );
+        }
+    }
+}

@@ -268,12 +268,11 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let parallelism = get_parallelism(m, n, k);
 
     unsafe {
-        gemm_call(
+        gemm_call_split(
             m,
             n,
             k,
             out_data.as_mut_ptr(),
-            1,
             n as isize,
             lhs_ptr,
             lhs_col_stride,
@@ -286,6 +285,106 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     }
 
     output
+}
+
+/// mitune patch: the least `k * n` (elements of the right-hand matrix) worth splitting over threads when gemm
+/// would run on one: 128K f32 = 512 KB, ~0.1 ms of a core's memory bandwidth against rayon's few µs.
+#[cfg(feature = "rayon")]
+const SPLIT_COLS_MIN_RHS: usize = 1 << 17;
+
+/// mitune patch: the column blocks to split `[m, k] @ [k, n]` into: (block width, count), count 1 for none.
+/// gemm runs a product with m = 1 (a decode step's vector–matrix product against a weight) as a gemv on one
+/// thread whatever `Parallelism` asks, and anything under `PARALLEL_THRESHOLD` on one thread as well; at m = 1
+/// the product is bound by reading the weight (an LLM projection, 768 × 3072 f32 = 9.4 MB, outgrows the
+/// caches), which two cores read faster than one. Column blocks are independent gemm calls that take the kernel
+/// the whole call takes, so each output element is summed in the same order, to the same bits: a block keeps
+/// m·width > 256 (gemm sends smaller outputs to its dot-product kernels) and width > 64 (gemm's small-size
+/// blocking of k), and the last block takes the remainder.
+#[cfg(feature = "rayon")]
+fn split_cols(m: usize, n: usize, k: usize, parallelism: gemm::Parallelism) -> (usize, usize) {
+    let threads = rayon::current_num_threads();
+    let gemm_threads = m > 1 && matches!(parallelism, gemm::Parallelism::Rayon(_));
+    if m == 0 || threads < 2 || gemm_threads || k.saturating_mul(n) < SPLIT_COLS_MIN_RHS {
+        return (n, 1);
+    }
+    let min_width = (256 / m + 1).max(65).next_multiple_of(16);
+    // two blocks per thread, so that a thread the OS slows does not hold the call back
+    let blocks = (threads * 2).min(n / min_width);
+    if blocks < 2 {
+        return (n, 1);
+    }
+    // rounded down to 16 columns, still ≥ min_width (a multiple of 16); the last block is the widest
+    ((n / blocks) / 16 * 16, blocks)
+}
+
+/// mitune patch: `gemm_call` into a row-major `[m, n]` output (`out_rs = n`), split into column blocks over
+/// rayon where `split_cols` says gemm would leave the other cores idle.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_call_split<T: GemmScalar>(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut T,
+    out_rs: isize,
+    lhs: *const T,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const T,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    parallelism: gemm::Parallelism,
+) {
+    #[cfg(feature = "rayon")]
+    {
+        let (width, blocks) = split_cols(m, n, k, parallelism);
+        if blocks > 1 {
+            use rayon::prelude::*;
+            let (out, lhs, rhs) = (SendPtr(out), SendPtr(lhs as *mut T), SendPtr(rhs as *mut T));
+            (0..blocks).into_par_iter().for_each(|b| {
+                let c0 = b * width;
+                let cols = if b + 1 == blocks { n - c0 } else { width };
+                // Safety: blocks write disjoint columns of `out`; each reads inside `rhs`'s columns c0..c0 + cols.
+                unsafe {
+                    gemm_call(
+                        m,
+                        cols,
+                        k,
+                        out.get().add(c0),
+                        1,
+                        out_rs,
+                        lhs.get(),
+                        lhs_cs,
+                        lhs_rs,
+                        rhs.get().offset(c0 as isize * rhs_cs),
+                        rhs_cs,
+                        rhs_rs,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+            return;
+        }
+    }
+    unsafe {
+        gemm_call(
+            m, n, k, out, 1, out_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, parallelism,
+        );
+    }
+}
+
+/// mitune patch: a raw pointer shared by the column blocks of `gemm_call_split` (they touch disjoint parts).
+#[cfg(feature = "rayon")]
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+#[cfg(feature = "rayon")]
+unsafe impl<T> Send for SendPtr<T> {}
+#[cfg(feature = "rayon")]
+unsafe impl<T> Sync for SendPtr<T> {}
+#[cfg(feature = "rayon")]
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
@@ -377,16 +476,17 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
     // Closure: run gemm for one batch slice at the given pointers
+    // mitune patch: the batch loops that run one product at a time call `gemm_call_split` (a decode step's
+    // [1, 1, d] @ [d, n] arrives here as one batch of m = 1); the batch-parallel loop keeps plain gemm calls.
     let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism| {
         let lhs_off = lhs_start + batch_elem_offset(b, &broadcast_shape, &lhs_batch_strides);
         let rhs_off = rhs_start + batch_elem_offset(b, &broadcast_shape, &rhs_batch_strides);
         unsafe {
-            gemm_call::<T>(
+            gemm_call_split::<T>(
                 m,
                 n,
                 k,
                 out_ptr,
-                1,
                 n as isize,
                 lhs_data.as_ptr().offset(lhs_off),
                 lhs_col_stride,
@@ -420,7 +520,27 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 .par_chunks_mut(out_matrix_size)
                 .enumerate()
                 .for_each(|(b, out_chunk)| {
-                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None);
+                    let lhs_off =
+                        lhs_start + batch_elem_offset(b, &broadcast_shape, &lhs_batch_strides);
+                    let rhs_off =
+                        rhs_start + batch_elem_offset(b, &broadcast_shape, &rhs_batch_strides);
+                    unsafe {
+                        gemm_call::<T>(
+                            m,
+                            n,
+                            k,
+                            out_chunk.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            lhs_data.as_ptr().offset(lhs_off),
+                            lhs_col_stride,
+                            lhs_row_stride,
+                            rhs_data.as_ptr().offset(rhs_off),
+                            rhs_col_stride,
+                            rhs_row_stride,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 });
         } else {
             for b in 0..batch_size {
