@@ -270,7 +270,10 @@ pub fn generate_batch(
         positions = p3;
         deltas = d;
     }
-    let mut cache = KvCache::default();
+    let mut cache = KvCache {
+        reserve: cfg.max_new_tokens,
+        ..KvCache::default()
+    };
     let hidden = model.hidden_with(&input, &positions, Some(&mut cache))?;
     let d = hidden.dims()[2];
     let logits = model
@@ -358,9 +361,8 @@ fn prune(cache: &mut KvCache, keep: &[usize], device: &burn::tensor::Device) {
         [keep.len()],
         device,
     );
-    for (k, v) in cache.layers.iter_mut().flatten() {
-        *k = k.clone().select(0, idx.clone());
-        *v = v.clone().select(0, idx.clone());
+    for slot in &mut cache.layers {
+        *slot = slot.take().map(|kv| kv.select_rows(idx.clone()));
     }
     cache.key_valid = keep.iter().map(|&k| cache.key_valid[k].clone()).collect();
 }

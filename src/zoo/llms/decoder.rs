@@ -44,8 +44,74 @@ pub struct Decoder {
 /// `key_valid[b][k]` says whether cached position k of row b is a real token (false for padding).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    pub layers: Vec<Option<LayerKv>>,
     pub key_valid: Vec<Vec<bool>>,
+    /// Positions allocated beyond the first forward's (the tokens still to generate), so that decoding writes
+    /// into the buffers without growing them.
+    pub reserve: usize,
+}
+
+/// One layer's cached keys and values, [b, kv_heads, capacity, head_dim] with the first `len` positions filled.
+/// A step writes its new positions in place (`slice_assign` on a buffer held once) and attends over a view of
+/// the filled prefix, which burn-flex's attention reads without copying (vendor/burn-flex, `heads_in_place`):
+/// a decode step costs its token, not a copy of the whole cache per layer as concatenating would.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    k: Tensor<4>,
+    v: Tensor<4>,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Appends k, v [b, kv_heads, t, head_dim] at the end of `slot` (allocating it, `reserve` positions beyond,
+    /// on the first call; doubling it when full) and returns every key and value so far [b, kv_heads, len, hd].
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        reserve: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let [b, kvh, t, hd] = k.dims();
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let end = len + t;
+        let mut s = match slot.take() {
+            Some(s) if s.k.dims()[2] >= end => s,
+            old => {
+                let cap = (end + reserve).max(2 * len);
+                let buffer = |like: &Tensor<4>| {
+                    let z = Tensor::<4>::zeros([b, kvh, cap, hd], &like.device());
+                    if z.dtype() == like.dtype() {
+                        z
+                    } else {
+                        z.cast(like.dtype())
+                    }
+                };
+                let (mut kb, mut vb) = (buffer(&k), buffer(&v));
+                if let Some(o) = old {
+                    let filled = [0..b, 0..kvh, 0..len, 0..hd];
+                    kb = kb.slice_assign(filled.clone(), o.k.slice(filled.clone()));
+                    vb = vb.slice_assign(filled.clone(), o.v.slice(filled));
+                }
+                LayerKv { k: kb, v: vb, len }
+            }
+        };
+        s.k = s.k.slice_assign([0..b, 0..kvh, len..end, 0..hd], k);
+        s.v = s.v.slice_assign([0..b, 0..kvh, len..end, 0..hd], v);
+        s.len = end;
+        let filled = [0..b, 0..kvh, 0..end, 0..hd];
+        let all = (s.k.clone().slice(filled.clone()), s.v.clone().slice(filled));
+        *slot = Some(s);
+        all
+    }
+
+    /// Keeps batch rows `idx`, in that order.
+    pub fn select_rows(self, idx: Tensor<1, Int>) -> LayerKv {
+        LayerKv {
+            k: self.k.select(0, idx.clone()),
+            v: self.v.select(0, idx),
+            len: self.len,
+        }
+    }
 }
 
 impl KvCache {
@@ -105,7 +171,7 @@ impl SelfAttention {
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         mask: &Tensor<4, Bool>,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -128,12 +194,8 @@ impl SelfAttention {
         let q = rope::apply(q, cos, sin);
         let mut k = rope::apply(k, cos, sin);
         let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((slot, reserve)) = cache {
+            (k, v) = LayerKv::append(slot, k, v, reserve);
         }
         let o = attention::attend_grouped(q, k, v, mask); // [b, h, t, hd]
         self.o_proj
@@ -166,7 +228,7 @@ impl DecoderLayer {
         &self,
         h: Tensor<3>,
         ctx: &LayerContext,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Tensor<3> {
         let a = self.self_attn.forward(
             self.input_layernorm.forward(h.clone()),
@@ -208,7 +270,7 @@ impl Decoder {
         }
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
             h = layer.forward(h, &ctx, slot);
         }
         self.norm.forward(h)
@@ -237,6 +299,84 @@ impl Decoder {
             None => {
                 let w = self.embed_tokens.weight.val(); // [vocab, d]
                 precision::matmul_bias(hidden, w.transpose(), None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zoo::llms::LlmFamily;
+    use crate::zoo::presets;
+
+    /// Decoding token by token through the cache (a prompt of 5, then 7 single steps: with no reserve the buffers
+    /// grow 5 → 10 → 20, their filled prefix copied over) gives the full forward's hidden states, row by row with
+    /// a left-padded row.
+    #[test]
+    fn cached_steps_equal_the_full_forward() {
+        let device = Device::flex();
+        device.seed(11);
+        let spec = presets::llm("bench-tiny", LlmFamily::Llama, 64).unwrap();
+        let model = spec.init(&device);
+        let (b, t0, steps) = (2, 5, 7);
+        let t = t0 + steps;
+        let all: Vec<i64> = (0..b * t).map(|i| (i * 13 % 61) as i64 + 1).collect();
+        let ids = |r: std::ops::Range<usize>| -> Tensor<2, Int> {
+            let v: Vec<i64> = (0..b)
+                .flat_map(|row| r.clone().map(|i| all[row * t + i]).collect::<Vec<_>>())
+                .collect();
+            Tensor::from_data(burn::tensor::TensorData::new(v, [b, r.len()]), &device)
+        };
+        // row 1 left-padded by two positions
+        let valid: Vec<Vec<bool>> = (0..b)
+            .map(|row| (0..t).map(|i| row == 0 || i >= 2).collect())
+            .collect();
+        let positions = |r: std::ops::Range<usize>| -> Vec<Vec<i64>> {
+            (0..b)
+                .map(|row| {
+                    r.clone()
+                        .map(|i| i as i64 - if row == 1 { 2 } else { 0 })
+                        .map(|p| p.max(0))
+                        .collect()
+                })
+                .collect()
+        };
+        let full =
+            model.forward_embeds(model.embed(ids(0..t)), &positions(0..t), &valid, None, None);
+        let mut cache = KvCache::default();
+        let mut got = vec![model.forward_embeds(
+            model.embed(ids(0..t0)),
+            &positions(0..t0),
+            &valid.iter().map(|v| v[..t0].to_vec()).collect::<Vec<_>>(),
+            None,
+            Some(&mut cache),
+        )];
+        for i in t0..t {
+            let kv: Vec<Vec<bool>> = valid.iter().map(|v| v[..=i].to_vec()).collect();
+            got.push(model.forward_embeds(
+                model.embed(ids(i..i + 1)),
+                &positions(i..i + 1),
+                &kv,
+                None,
+                Some(&mut cache),
+            ));
+        }
+        assert_eq!(cache.layers[0].as_ref().unwrap().k.dims()[2], 20);
+        let (full, got) = (
+            crate::zoo::layers::to_vec(full),
+            crate::zoo::layers::to_vec(Tensor::cat(got, 1)),
+        );
+        let d = spec.hidden_size;
+        for row in 0..b {
+            for i in (if row == 1 { 2 } else { 0 })..t {
+                for k in 0..d {
+                    let (x, y) = (full[(row * t + i) * d + k], got[(row * t + i) * d + k]);
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "row {row} position {i}: {x} vs {y}"
+                    );
+                }
             }
         }
     }

@@ -261,8 +261,9 @@ where
     }
 
     let query = query.to_contiguous();
-    let key = key.to_contiguous();
-    let value = value.to_contiguous();
+    // mitune patch: K/V read in place when each head's rows are contiguous (`heads_in_place`).
+    let (key, k_steps) = heads_in_place(key);
+    let (value, v_steps) = heads_in_place(value);
 
     let q_shape = query.layout().shape();
     let k_shape = key.layout().shape();
@@ -333,10 +334,9 @@ where
     // 4D strides for contiguous layout
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
-    let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = kv_heads * k_head_stride;
-    let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = kv_heads * v_head_stride;
+    // mitune patch: the K/V spans of one head; where they start comes from `k_steps` / `v_steps`.
+    let k_head_len = seq_kv * head_dim;
+    let v_head_len = seq_kv * val_dim;
     let o_head_stride = seq_q * val_dim;
     let mask_tile_len = seq_q * seq_kv;
 
@@ -364,15 +364,15 @@ where
         // Map query head `h` to its shared K/V head (GQA/MQA).
         let kv_h = h / q_per_kv;
         let q_off = b * q_batch_stride + h * q_head_stride;
-        let k_off = b * k_batch_stride + kv_h * k_head_stride;
-        let v_off = b * v_batch_stride + kv_h * v_head_stride;
+        let k_off = k_steps.start + b * k_steps.batch + kv_h * k_steps.head;
+        let v_off = v_steps.start + b * v_steps.batch + kv_h * v_steps.head;
         let mask_off = b * mask_batch_step + h * mask_head_step;
         let bias_off = b * bias_batch_step + h * bias_head_step;
 
         flash_attention_head(
             &q_data[q_off..q_off + q_head_stride],
-            &k_data[k_off..k_off + k_head_stride],
-            &v_data[v_off..v_off + v_head_stride],
+            &k_data[k_off..k_off + k_head_len],
+            &v_data[v_off..v_off + v_head_len],
             o_chunk,
             mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
             bias_data.map(|bd| &bd[bias_off..bias_off + mask_tile_len]),
@@ -410,6 +410,46 @@ where
         Layout::contiguous(shape),
         T::dtype(),
     )
+}
+
+/// mitune patch: where a key or value tensor's elements live: the offset of its first element and the steps
+/// between batches and between heads, rows of one head lying one after another.
+#[derive(Clone, Copy)]
+struct HeadSteps {
+    start: usize,
+    batch: usize,
+    head: usize,
+}
+
+/// mitune patch: K/V whose rows are contiguous within each head (`[b, h, seq, dim]` with strides
+/// `[sb, sh, dim, 1]`) are read in place, any other layout is copied to contiguous as before. A KV cache
+/// preallocated along the sequence and sliced to its filled prefix is such a view: copying it out on every decode
+/// step would cost what concatenating the cache costs.
+fn heads_in_place(tensor: FlexTensor) -> (FlexTensor, HeadSteps) {
+    let layout = tensor.layout();
+    let shape = layout.shape();
+    let strides = layout.strides();
+    if shape.num_dims() == 4 {
+        let (seq, dim) = (shape[2], shape[3]);
+        let rows_packed = (dim <= 1 || strides[3] == 1) && (seq <= 1 || strides[2] == dim as isize);
+        if rows_packed && strides[0] >= 0 && strides[1] >= 0 {
+            let steps = HeadSteps {
+                start: layout.start_offset(),
+                batch: strides[0] as usize,
+                head: strides[1] as usize,
+            };
+            return (tensor, steps);
+        }
+    }
+    let tensor = tensor.to_contiguous();
+    let shape = tensor.layout().shape();
+    let head = shape[2] * shape[3];
+    let steps = HeadSteps {
+        start: tensor.layout().start_offset(),
+        batch: shape[1] * head,
+        head,
+    };
+    (tensor, steps)
 }
 
 /// Gemm dispatch for flash attention block matmuls.
@@ -754,8 +794,9 @@ where
     }
 
     let query = query.to_contiguous();
-    let key = key.to_contiguous();
-    let value = value.to_contiguous();
+    // mitune patch: K/V read in place when each head's rows are contiguous (`heads_in_place`).
+    let (key, k_steps) = heads_in_place(key);
+    let (value, v_steps) = heads_in_place(value);
 
     let q_shape = query.layout().shape();
     let k_shape = key.layout().shape();
@@ -828,10 +869,9 @@ where
 
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
-    let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = kv_heads * k_head_stride;
-    let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = kv_heads * v_head_stride;
+    // mitune patch: the K/V spans of one head; where they start comes from `k_steps` / `v_steps`.
+    let k_head_len = seq_kv * head_dim;
+    let v_head_len = seq_kv * val_dim;
     let o_head_stride = seq_q * val_dim;
     let mask_tile_len = seq_q * seq_kv;
 
@@ -859,15 +899,15 @@ where
         // Map query head `h` to its shared K/V head (GQA/MQA).
         let kv_h = h / q_per_kv;
         let q_off = b * q_batch_stride + h * q_head_stride;
-        let k_off = b * k_batch_stride + kv_h * k_head_stride;
-        let v_off = b * v_batch_stride + kv_h * v_head_stride;
+        let k_off = k_steps.start + b * k_steps.batch + kv_h * k_steps.head;
+        let v_off = v_steps.start + b * v_steps.batch + kv_h * v_steps.head;
         let mask_off = b * mask_batch_step + h * mask_head_step;
         let bias_off = b * bias_batch_step + h * bias_head_step;
 
         naive_attention_head(
             &q_data[q_off..q_off + q_head_stride],
-            &k_data[k_off..k_off + k_head_stride],
-            &v_data[v_off..v_off + v_head_stride],
+            &k_data[k_off..k_off + k_head_len],
+            &v_data[v_off..v_off + v_head_len],
             o_chunk,
             scores,
             &params,
