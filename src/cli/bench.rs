@@ -7,7 +7,8 @@
 //! warm-up; tokens = batch × (image + text tokens). generate: greedy with the KV cache, one image + 32 text tokens
 //! per prompt (rows of 32, 30, 28, 26 text tokens, so batch 8 is left-padded), 32 new tokens, median of 3 runs
 //! after a warm-up; tokens/s counts generated tokens (prefill included in the time).
-use burn::optim::AdamWConfig;
+use crate::stages::adamw::FusedAdamW;
+use burn::optim::ModuleOptimizer;
 use clap::{Args as ClapArgs, Subcommand};
 use std::time::Instant;
 
@@ -280,7 +281,8 @@ fn train(
     let trainable = params::select(&all, &train).map_err(Error::input)?;
     let mut model = precision::store(params::freeze(model, &trainable), frozen);
     let param_mb = precision::param_bytes(&model) as f64 / 1e6;
-    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    // the trainer's AdamW (`stages::adamw`), defaults as burn's AdamWConfig
+    let mut optim = ModuleOptimizer::from(FusedAdamW::new(0.9, 0.999, 1e-5, 0.0));
     // One image then text per row; every text token is a target.
     let seq = n_img + p.text;
     let row: Vec<i64> = std::iter::repeat_n(p.vocab as i64 - 1, n_img)

@@ -1,6 +1,7 @@
 //! Training stages and the one step engine they all run through (`steps::Engine`): `trainer` (align, instruct,
 //! pretrain), `dpo`, `reward`, `grpo`, `ppo`; model building from the recipe, parameter groups, schedules, losses,
 //! run-state checkpoints, logging and held-out metrics; `run` orders the pipeline.
+pub mod adamw;
 pub mod build;
 pub mod checkpoints;
 pub mod dpo;

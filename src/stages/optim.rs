@@ -2,10 +2,11 @@
 //! state), AdamW per (part, decay) group with per-part learning rates, global-norm clipping, and saving/loading
 //! the moments for exact resume. Stages own their loops; this is the helper they call, not a base class.
 use burn::module::{Module, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use super::adamw::FusedAdamW;
 use super::checkpoints;
 use super::params::{self, ParamInfo};
 use crate::error::{Error, Result};
@@ -42,13 +43,14 @@ impl Groups {
                 ))),
             })
             .collect::<Result<_>>()?;
+        // burn's AdamW, fused into one pass per parameter on the CPU (`adamw.rs`; same bits)
         let adamw = |wd: f64| {
-            AdamWConfig::new()
-                .with_beta_1(betas[0] as f32)
-                .with_beta_2(betas[1] as f32)
-                .with_epsilon(*eps as f32)
-                .with_weight_decay(wd as f32)
-                .init()
+            ModuleOptimizer::from(FusedAdamW::new(
+                betas[0] as f32,
+                betas[1] as f32,
+                *eps as f32,
+                wd as f32,
+            ))
         };
         Ok(Groups {
             optims: BTreeMap::from([(true, adamw(*weight_decay)), (false, adamw(0.0))]),
