@@ -1,7 +1,8 @@
 //! Checks of the patched burn-flex kernels (vendor/burn-flex, PATCHES.md) against plain Rust references: the
 //! threaded element-wise paths (above 32K elements) must give exactly the single-threaded results, whatever the
 //! layout (contiguous, in place, broadcast, permuted); `exp` (libm's, threaded) and the sigmoid (on the patch's
-//! vectorising exp) must stay within a few ulp of the correctly rounded value over the whole f32 range.
+//! vectorising exp) must stay within a few ulp of the correctly rounded value over the whole f32 range; thin matrix
+//! products split over threads must give the one-thread bits.
 use burn::tensor::{Bool, Device, Tensor, TensorData, activation};
 
 fn vec_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -246,10 +246,7 @@ mod tests {
                 (p, sf) = fused.step(lr, p, g.clone(), sf);
                 (q, sp) = plain.step(lr, q, g, sp);
                 let bits = |t: &Tensor<2>| -> Vec<u32> {
-                    t.clone()
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap()
+                    crate::zoo::layers::to_vec(t.clone())
                         .iter()
                         .map(|x| x.to_bits())
                         .collect()
