@@ -78,55 +78,41 @@ fn update<const FIRST: bool>(p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut 
     }
 }
 
+/// `update::<F>` compiled with `$features` enabled (the same Rust, so the same bits).
+#[cfg(target_arch = "x86_64")]
+macro_rules! compiled_for {
+    ($name:ident, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const F: bool>(
+            p: &mut [f32],
+            g: &[f32],
+            m1: &mut [f32],
+            m2: &mut [f32],
+            c: &Consts,
+        ) {
+            update::<F>(p, g, m1, m2, c)
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+compiled_for!(update_avx512, "avx512f,avx2,fma");
+#[cfg(target_arch = "x86_64")]
+compiled_for!(update_avx2, "avx2,fma");
+
+type Update = unsafe fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &Consts);
+
 /// `update` compiled for the widest vectors the CPU has (AVX-512, else AVX2), chosen at run time.
 fn pass(first: bool, p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut [f32], c: &Consts) {
+    let pick = |first_step: Update, later: Update| if first { first_step } else { later };
+    let mut run: Update = pick(update::<true>, update::<false>);
     #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn v4<const F: bool>(
-            p: &mut [f32],
-            g: &[f32],
-            m1: &mut [f32],
-            m2: &mut [f32],
-            c: &Consts,
-        ) {
-            update::<F>(p, g, m1, m2, c)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn v3<const F: bool>(
-            p: &mut [f32],
-            g: &[f32],
-            m1: &mut [f32],
-            m2: &mut [f32],
-            c: &Consts,
-        ) {
-            update::<F>(p, g, m1, m2, c)
-        }
-        // Safety: each variant runs only where the CPU reports its features.
-        if std::is_x86_feature_detected!("avx512f") {
-            return unsafe {
-                if first {
-                    v4::<true>(p, g, m1, m2, c)
-                } else {
-                    v4::<false>(p, g, m1, m2, c)
-                }
-            };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return unsafe {
-                if first {
-                    v3::<true>(p, g, m1, m2, c)
-                } else {
-                    v3::<false>(p, g, m1, m2, c)
-                }
-            };
-        }
+    if std::is_x86_feature_detected!("avx512f") {
+        run = pick(update_avx512::<true>, update_avx512::<false>);
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        run = pick(update_avx2::<true>, update_avx2::<false>);
     }
-    if first {
-        update::<true>(p, g, m1, m2, c)
-    } else {
-        update::<false>(p, g, m1, m2, c)
-    }
+    // Safety: a variant compiled for CPU features runs only where the CPU reports them.
+    unsafe { run(p, g, m1, m2, c) }
 }
 
 impl Optimizer for FusedAdamW {

@@ -181,8 +181,9 @@ pub fn precision_of(
     };
     if (compute.is_some() || frozen == DType::BF16) && !device.supports_dtype(DType::BF16) {
         return Err(Error::input(format!(
-            "{key}: this device (MITUNE_DEVICE={}) has no bf16 tensors (wgpu's WGSL shaders lack them): set \
-             precision = \"f32\" and no frozen_dtype, or run on a backend with bf16 (flex on the CPU, vulkan, cuda)",
+            "{key}: this device (MITUNE_DEVICE={}) has no bf16 tensors (burn reports none: wgpu's WGSL shaders \
+             have none, and Vulkan has them only where the driver exposes bf16 shaders): set precision = \"f32\" \
+             and no frozen_dtype, or run on flex (the CPU) or cuda",
             std::env::var("MITUNE_DEVICE").unwrap_or_else(|_| "flex".into())
         )));
     }

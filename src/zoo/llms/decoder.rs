@@ -164,7 +164,7 @@ impl LlmSpec {
 }
 
 impl SelfAttention {
-    /// x: [b, t, d] -> [b, t, d]; `cache` holds this layer's past keys/values and is extended.
+    /// x: [b, t, d] -> [b, t, d]; `cache`: this layer's past keys/values (extended in place) and the positions to reserve when it is allocated.
     fn forward(
         &self,
         x: Tensor<3>,
