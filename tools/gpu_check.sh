@@ -11,6 +11,11 @@
 # bundle and its checksum file where it looks first, ~/.cache/tracel/tracel-llvm-<version>-linux-x64.tar.xz and
 # ~/.cache/tracel/tracel-llvm-<version>-linux-x64.checksums.json (copied from a machine that built it once), and
 # export TRACEL_LLVM_BUNDLER_SKIP_CHECKSUM_DOWNLOAD=1; then `tools/gpu_check.sh cuda`.
+#
+# A GPU machine without Rust (as this project's lent H200s, 2026-12-04): build here instead and carry the stripped
+# binaries — `target/release/mitune` and the test binaries `target/release/deps/{parity,gpu}-*` (built with
+# `cargo test --release --features wgpu --no-run`) — plus the Vulkan loader packages; the test binaries look for
+# fixtures under the build machine's checkout path (CARGO_MANIFEST_DIR), so link that path to the copy there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backend="${1:-vulkan}"
