@@ -101,18 +101,16 @@ compiled_for!(update_avx2, "avx2,fma");
 
 type Update = unsafe fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &Consts);
 
-/// `update` compiled for the widest vectors the CPU has (AVX-512, else AVX2), chosen at run time.
-fn pass(first: bool, p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut [f32], c: &Consts) {
+/// `update` compiled for the widest vectors the CPU has (AVX-512, else AVX2); callers run it only on this CPU.
+fn widest_update(first: bool) -> Update {
     let pick = |first_step: Update, later: Update| if first { first_step } else { later };
-    let mut run: Update = pick(update::<true>, update::<false>);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        run = pick(update_avx512::<true>, update_avx512::<false>);
+        return pick(update_avx512::<true>, update_avx512::<false>);
     } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        run = pick(update_avx2::<true>, update_avx2::<false>);
+        return pick(update_avx2::<true>, update_avx2::<false>);
     }
-    // Safety: a variant compiled for CPU features runs only where the CPU reports them.
-    unsafe { run(p, g, m1, m2, c) }
+    pick(update::<true>, update::<false>)
 }
 
 impl Optimizer for FusedAdamW {
@@ -144,8 +142,8 @@ impl Optimizer for FusedAdamW {
         // burn's scalar ops take f64 and compute in the element type: the same roundings here
         let c1 = 1f32 - b1.powi(time as i32);
         let c2 = 1f32 - b2.powi(time as i32);
-        let decay_rate = lr * self.weight_decay as f64;
-        let keep = (decay_rate != 0.0).then_some((1.0 - decay_rate) as f32);
+        // burn skips the decay when lr·wd = 0; multiplying by (1 - 0) = 1 gives the same bits
+        let keep = (1.0 - lr * self.weight_decay as f64) as f32;
         let lr = lr as f32;
 
         let (Some(mut p), Some(g)) = (f32_data(tensor), f32_data(grad)) else {
@@ -170,10 +168,10 @@ impl Optimizer for FusedAdamW {
             c1,
             c2,
             eps,
-            keep: keep.unwrap_or(1.0), // x · 1 = x to the bit: no decay is the same arithmetic
+            keep,
             lr,
         };
-        let first = time == 1;
+        let run = widest_update(time == 1);
         {
             let gs = g.as_slice::<f32>().expect("f32");
             let ps = p.as_mut_slice::<f32>().expect("f32");
@@ -183,7 +181,10 @@ impl Optimizer for FusedAdamW {
                 .zip(gs.par_chunks(PIECE))
                 .zip(m1s.par_chunks_mut(PIECE))
                 .zip(m2s.par_chunks_mut(PIECE))
-                .for_each(|(((p, g), m1), m2)| pass(first, p, g, m1, m2, &c));
+                .for_each(|(((p, g), m1), m2)| {
+                    // Safety: `widest_update` picked a variant this CPU supports.
+                    unsafe { run(p, g, m1, m2, &c) }
+                });
         }
         let state = AdamWState {
             momentum: AdaptiveMomentumState {

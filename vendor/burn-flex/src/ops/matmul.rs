@@ -281,6 +281,7 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_col_stride,
             rhs_row_stride,
             parallelism,
+            true,
         );
     }
 
@@ -318,7 +319,8 @@ fn split_cols(m: usize, n: usize, k: usize, parallelism: gemm::Parallelism) -> (
 }
 
 /// mitune patch: `gemm_call` into a row-major `[m, n]` output (`out_rs = n`), split into column blocks over
-/// rayon where `split_cols` says gemm would leave the other cores idle.
+/// rayon where `split` is asked for (callers already running products in parallel say no) and `split_cols` says
+/// gemm would leave the other cores idle.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_call_split<T: GemmScalar>(
     m: usize,
@@ -333,13 +335,19 @@ unsafe fn gemm_call_split<T: GemmScalar>(
     rhs_cs: isize,
     rhs_rs: isize,
     parallelism: gemm::Parallelism,
+    split: bool,
 ) {
     #[cfg(feature = "rayon")]
     {
         let (width, blocks) = split_cols(m, n, k, parallelism);
-        if blocks > 1 {
+        if split && blocks > 1 {
+            use crate::ops::SendMutPtr;
             use rayon::prelude::*;
-            let (out, lhs, rhs) = (SendPtr(out), SendPtr(lhs as *mut T), SendPtr(rhs as *mut T));
+            let (out, lhs, rhs) = (
+                SendMutPtr::new(out),
+                SendMutPtr::new(lhs as *mut T),
+                SendMutPtr::new(rhs as *mut T),
+            );
             (0..blocks).into_par_iter().for_each(|b| {
                 let c0 = b * width;
                 let cols = if b + 1 == blocks { n - c0 } else { width };
@@ -349,13 +357,13 @@ unsafe fn gemm_call_split<T: GemmScalar>(
                         m,
                         cols,
                         k,
-                        out.get().add(c0),
+                        out.ptr_add(c0),
                         1,
                         out_rs,
-                        lhs.get(),
+                        lhs.ptr_add(0),
                         lhs_cs,
                         lhs_rs,
-                        rhs.get().offset(c0 as isize * rhs_cs),
+                        rhs.ptr_add(0).offset(c0 as isize * rhs_cs),
                         rhs_cs,
                         rhs_rs,
                         gemm::Parallelism::None,
@@ -365,25 +373,11 @@ unsafe fn gemm_call_split<T: GemmScalar>(
             return;
         }
     }
+    let _ = split;
     unsafe {
         gemm_call(
             m, n, k, out, 1, out_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, parallelism,
         );
-    }
-}
-
-/// mitune patch: a raw pointer shared by the column blocks of `gemm_call_split` (they touch disjoint parts).
-#[cfg(feature = "rayon")]
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-#[cfg(feature = "rayon")]
-unsafe impl<T> Send for SendPtr<T> {}
-#[cfg(feature = "rayon")]
-unsafe impl<T> Sync for SendPtr<T> {}
-#[cfg(feature = "rayon")]
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
     }
 }
 
@@ -476,9 +470,9 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
     // Closure: run gemm for one batch slice at the given pointers
-    // mitune patch: the batch loops that run one product at a time call `gemm_call_split` (a decode step's
-    // [1, 1, d] @ [d, n] arrives here as one batch of m = 1); the batch-parallel loop keeps plain gemm calls.
-    let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism| {
+    // mitune patch: the batch loops that run one product at a time may split it (`gemm_call_split`; a decode
+    // step's [1, 1, d] @ [d, n] arrives here as one batch of m = 1); the batch-parallel loop does not.
+    let run_one = |out_ptr: *mut T, b: usize, parallelism: gemm::Parallelism, split: bool| {
         let lhs_off = lhs_start + batch_elem_offset(b, &broadcast_shape, &lhs_batch_strides);
         let rhs_off = rhs_start + batch_elem_offset(b, &broadcast_shape, &rhs_batch_strides);
         unsafe {
@@ -495,6 +489,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 rhs_col_stride,
                 rhs_row_stride,
                 parallelism,
+                split,
             );
         }
     };
@@ -511,7 +506,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism);
+                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism, true);
             }
         } else if total_ops >= BATCH_PARALLEL_THRESHOLD && batch_size > 1 {
             use rayon::prelude::*;
@@ -520,27 +515,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 .par_chunks_mut(out_matrix_size)
                 .enumerate()
                 .for_each(|(b, out_chunk)| {
-                    let lhs_off =
-                        lhs_start + batch_elem_offset(b, &broadcast_shape, &lhs_batch_strides);
-                    let rhs_off =
-                        rhs_start + batch_elem_offset(b, &broadcast_shape, &rhs_batch_strides);
-                    unsafe {
-                        gemm_call::<T>(
-                            m,
-                            n,
-                            k,
-                            out_chunk.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            lhs_data.as_ptr().offset(lhs_off),
-                            lhs_col_stride,
-                            lhs_row_stride,
-                            rhs_data.as_ptr().offset(rhs_off),
-                            rhs_col_stride,
-                            rhs_row_stride,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None, false);
                 });
         } else {
             for b in 0..batch_size {
@@ -548,6 +523,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                     out_data[b * out_matrix_size..].as_mut_ptr(),
                     b,
                     gemm::Parallelism::None,
+                    true,
                 );
             }
         }
@@ -561,6 +537,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 out_data[b * out_matrix_size..].as_mut_ptr(),
                 b,
                 gemm::Parallelism::None,
+                false,
             );
         }
     }
