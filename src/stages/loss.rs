@@ -2,7 +2,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{IndexingUpdateOp, Tensor};
 
-use crate::zoo::layers::{float_tensor, int_tensor};
+use crate::zoo::layers::{float_tensor, int_tensor, logprob};
 
 /// Summed next-token cross-entropy over supervised positions, from the LLM's final hidden states [b, t, d] and
 /// its LM head (`head`: [1, n, d] -> [1, n, v]): position i predicts ids[:, i+1] where labels[:, i+1] is true.
@@ -119,7 +119,14 @@ impl Supervised {
         let picked: Tensor<2> = hidden
             .reshape([b * t, d])
             .select(0, int_tensor(self.at.clone(), [n], &device));
-        let logp = log_softmax(head(picked.unsqueeze_dim(0)).squeeze_dim::<2>(0), 1); // [n, v]
+        let logits = head(picked.unsqueeze_dim(0)).squeeze_dim::<2>(0); // [n, v]
+        if !entropy {
+            // fused on the CPU backend: the [n, v] log-softmax and its gradient never materialise
+            if let Some(logp) = logprob::target_logprobs(&logits, &self.targets) {
+                return (logp, None);
+            }
+        }
+        let logp = log_softmax(logits, 1);
         let ent = entropy.then(|| {
             (logp.clone().exp() * logp.clone())
                 .sum_dim(1)

@@ -6,6 +6,8 @@ use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use super::flash;
+
 /// [b, kv_heads, t, d] -> [b, kv_heads * n_rep, t, d]
 pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
     if n_rep == 1 {
@@ -51,6 +53,19 @@ pub fn attend(
     v: Tensor<4>,
     mask: Option<&Tensor<4, Bool>>,
 ) -> Tensor<4> {
+    if let Some(o) = flash::attend(&q, &k, &v, mask) {
+        return o;
+    }
+    burn_attend(q, k, v, mask)
+}
+
+/// burn's attention (materialised under autodiff): the path on other devices and dtypes, and the tests' reference.
+pub fn burn_attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<&Tensor<4, Bool>>,
+) -> Tensor<4> {
     let [b, h, tq, _] = q.dims();
     let tk = k.dims()[2];
     // Expanded explicitly: the autodiff fallback's mask_fill is not documented to broadcast.
@@ -81,8 +96,11 @@ pub fn attend_grouped(
 ) -> Tensor<4> {
     let [b, h, tq, d] = q.dims();
     let [_, kvh, tk, _] = k.dims();
+    if let Some(o) = flash::attend(&q, &k, &v, Some(mask)) {
+        return o; // grouped natively
+    }
     if h == kvh {
-        return attend(q, k, v, Some(mask));
+        return burn_attend(q, k, v, Some(mask));
     }
     let g = h / kvh;
     let q = q.reshape([b, kvh, g * tq, d]);
@@ -91,7 +109,7 @@ pub fn attend_grouped(
         .unsqueeze_dim::<5>(1) // [b, 1, 1, tq, tk]
         .expand([b, kvh, g, tq, tk])
         .reshape([b, kvh, g * tq, tk]);
-    attend(q, k, v, Some(&mask)).reshape([b, h, tq, d])
+    burn_attend(q, k, v, Some(&mask)).reshape([b, h, tq, d])
 }
 
 #[cfg(test)]

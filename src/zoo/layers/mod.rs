@@ -1,7 +1,10 @@
 //! Building blocks shared by the zoo's families: activations, rotary embeddings, attention, norms.
 pub mod act;
 pub mod attention;
+mod cpu;
+pub mod flash;
 pub mod linear;
+pub mod logprob;
 pub mod mlp;
 pub mod norm;
 pub mod patch;

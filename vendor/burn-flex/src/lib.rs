@@ -48,3 +48,5 @@ pub use backend::{Flex, FlexDevice};
 pub use layout::Layout;
 pub use qtensor::FlexQTensor;
 pub use tensor::FlexTensor;
+// mitune patch: the vectorising exp, for kernels built on burn-flex tensors (mitune's fused attention).
+pub use threaded::exp_f32;
