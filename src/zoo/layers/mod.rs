@@ -3,6 +3,7 @@ pub mod act;
 pub mod attention;
 mod cpu;
 pub mod flash;
+pub mod fused;
 pub mod linear;
 pub mod logprob;
 pub mod mlp;

@@ -22,7 +22,12 @@ impl Norm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Norm::Layer(n) => n.forward(x),
-            Norm::Rms(n) => n.forward(x),
+            Norm::Rms(n) => rms(n, x),
         }
     }
+}
+
+/// `n.forward(x)`, fused on the CPU backend (`fused::rms_norm`: one pass forward and backward).
+pub fn rms<const D: usize>(n: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    super::fused::rms_norm(&x, &n.gamma.val(), n.epsilon).unwrap_or_else(|| n.forward(x))
 }

@@ -8,7 +8,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use super::LlmSpec;
 use crate::zoo::layers::mlp::GatedMlp;
-use crate::zoo::layers::{attention, precision, rope};
+use crate::zoo::layers::{attention, norm, precision, rope};
 
 #[derive(Module, Debug)]
 pub struct SelfAttention {
@@ -231,14 +231,17 @@ impl DecoderLayer {
         cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Tensor<3> {
         let a = self.self_attn.forward(
-            self.input_layernorm.forward(h.clone()),
+            norm::rms(&self.input_layernorm, h.clone()),
             &ctx.cos,
             &ctx.sin,
             &ctx.mask,
             cache,
         );
         let h = h + a;
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        h.clone()
+            + self
+                .mlp
+                .forward(norm::rms(&self.post_attention_layernorm, h))
     }
 }
 
@@ -273,7 +276,7 @@ impl Decoder {
             let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
             h = layer.forward(h, &ctx, slot);
         }
-        self.norm.forward(h)
+        norm::rms(&self.norm, h)
     }
 
     /// What every layer of one forward pass shares: the rotary tables for `positions` and the attention mask
