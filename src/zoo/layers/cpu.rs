@@ -1,7 +1,8 @@
 //! Helpers shared by the fused CPU kernels on burn-flex tensors (`flash`: attention, `logprob`: log-softmax at
 //! the targets): reading a tensor's storage in place, writing disjoint parts of one buffer from rayon tasks, and
 //! compiling a hot loop for the widest vectors the CPU has.
-use burn_flex::FlexTensor;
+use burn::tensor::{Shape, TensorData};
+use burn_flex::{FlexTensor, Layout};
 
 /// `t` itself when its strides are non-negative (the kernels read any such layout), else a contiguous copy.
 pub fn readable(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
@@ -78,6 +79,17 @@ pub fn lanes(
 #[inline(always)]
 pub fn max_of(a: f32, x: f32) -> f32 {
     if x > a { x } else { a }
+}
+
+/// A [b, h, t, d] view over a buffer laid out [b, t, h, d].
+pub fn bthd_view(buf: Vec<f32>, [b, h, t, d]: [usize; 4]) -> FlexTensor {
+    let (bytes, _, dtype) = TensorData::new(buf, [b * t * h * d]).into_parts();
+    let layout = Layout::new(
+        Shape::new([b, h, t, d]),
+        vec![(t * h * d) as isize, d as isize, (h * d) as isize, 1],
+        0,
+    );
+    FlexTensor::new(bytes, layout, dtype)
 }
 
 pub(crate) use widest;

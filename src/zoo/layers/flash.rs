@@ -27,11 +27,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorData};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{Bool, DType, Tensor};
+use burn_flex::FlexTensor;
 use gemm::{Parallelism, gemm};
 
-use super::cpu::{Out, lanes, max_of, readable, widest};
+use super::cpu::{Out, bthd_view, lanes, max_of, readable, widest};
 use rayon::prelude::*;
 
 /// Query rows per block: 64 rows × a few hundred keys of scores stay in L2 next to the K/V rows they read.
@@ -213,17 +213,6 @@ impl<E: bytemuck::Pod + burn::tensor::Element> View<'_, E> {
             + i2 as isize * self.strides[2];
         self.data[off as usize..].as_ptr()
     }
-}
-
-/// A [b, h, t, d] view over a buffer laid out [b, t, h, d].
-fn bthd_view(buf: Vec<f32>, [b, h, t, d]: [usize; 4]) -> FlexTensor {
-    let (bytes, _, dtype) = TensorData::new(buf, [b * t * h * d]).into_parts();
-    let layout = Layout::new(
-        Shape::new([b, h, t, d]),
-        vec![(t * h * d) as isize, d as isize, (h * d) as isize, 1],
-        0,
-    );
-    FlexTensor::new(bytes, layout, dtype)
 }
 
 /// Mask rows of one (batch, head): `row(q)` is the u8 row over keys (nonzero = masked).

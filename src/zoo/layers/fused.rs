@@ -19,7 +19,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::cpu::{lanes, widest};
+use super::cpu::{bthd_view, lanes, widest};
 
 /// Rows per rayon task (and per partial sum of RMSNorm's weight gradient: a fixed count, so fixed bits).
 const ROWS: usize = 16;
@@ -331,6 +331,150 @@ impl Backward<Flex, 2> for SwigluOp {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotary embedding in transformers' `rotate_half` convention, `x · cos + rotate_half(x) · sin` with
+/// rotate_half(x) = [−x₂, x₁], for x [b, h, t, d] (any strides) and tables [b or 1, 1, t, d], f32 on burn-flex;
+/// the gradient of x (the tables are constants). The result is laid out [b, t, h, d] in memory (a [b, h, t, d]
+/// view), so the attention output's swap back and merge of heads, and the gradient's, cost no copy. The same
+/// operations in the same order as `rope::apply`'s burn ops: the same bits. `None` elsewhere.
+pub fn rope(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>> {
+    let [b, _, t, d] = x.dims();
+    let ok = |m: &Tensor<4>| {
+        let [mb, mh, mt, md] = m.dims();
+        (mb == b || mb == 1) && mh == 1 && mt == t && md == d && m.dtype() == DType::F32
+    };
+    if x.dtype() != DType::F32 || d % 2 != 0 || !ok(cos) || !ok(sin) {
+        return None;
+    }
+    let tables = |m: &Tensor<4>| {
+        m.clone()
+            .try_into_primitive::<Flex>()
+            .or_else(|_| {
+                m.clone()
+                    .try_into_primitive::<Autodiff<Flex>>()
+                    .map(|a| a.into_primitive())
+            })
+            .or_else(|_| {
+                m.clone()
+                    .try_into_primitive::<Autodiff<Flex, BalancedCheckpointing>>()
+                    .map(|a| a.into_primitive())
+            })
+            .ok()
+    };
+    let (cos, sin) = (tables(cos)?, tables(sin)?);
+    if let Ok(x) = x.clone().try_into_primitive::<Flex>() {
+        return Some(Tensor::from_primitive::<Flex>(rotate(
+            &x, &cos, &sin, false,
+        )));
+    }
+    rope_tracked::<NoCheckpointing>(x, &cos, &sin)
+        .or_else(|| rope_tracked::<BalancedCheckpointing>(x, &cos, &sin))
+}
+
+fn rope_tracked<C: CheckpointStrategy>(
+    x: &Tensor<4>,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+) -> Option<Tensor<4>>
+where
+    burn::backend::DispatchTensor: burn::backend::DispatchKindConversion<Autodiff<Flex, C>>,
+{
+    let x = x.clone().try_into_primitive::<Autodiff<Flex, C>>().ok()?;
+    let out: FloatTensor<Autodiff<Flex, C>> =
+        match RopeOp.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = rotate(x.primitive(), cos, sin, false);
+                prep.finish((cos.clone(), sin.clone()), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(rotate(x.primitive(), cos, sin, false)),
+        };
+    Some(Tensor::from_primitive::<Autodiff<Flex, C>>(out))
+}
+
+#[derive(Debug)]
+struct RopeOp;
+
+impl Backward<Flex, 1> for RopeOp {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node {
+            grads.register::<Flex>(node.id, rotate(&dy, &cos, &sin, true));
+        }
+    }
+}
+
+widest! {
+    /// One row (d = 2·half): forward y₁ = x₁c₁ + (−x₂)s₁, y₂ = x₂c₂ + x₁s₂; backward (the transpose)
+    /// dx₁ = dy₁c₁ + dy₂s₂, dx₂ = dy₂c₂ + (−(dy₁s₁)) — burn's chain's operations in its order.
+    fn rotate_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32], back: bool) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = c.split_at(half);
+        let (s1, s2) = s.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        if back {
+            for i in 0..half {
+                y1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                y2[i] = x2[i] * c2[i] + -(x1[i] * s1[i]);
+            }
+        } else {
+            for i in 0..half {
+                y1[i] = x1[i] * c1[i] + -x2[i] * s1[i];
+                y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+            }
+        }
+    }
+}
+
+/// `t` itself when its last dim has unit stride and no stride is negative, else a contiguous copy.
+fn unit(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
+    let l = t.layout();
+    if l.strides()[3] == 1 && l.has_positive_strides() {
+        std::borrow::Cow::Borrowed(t)
+    } else {
+        std::borrow::Cow::Owned(t.to_contiguous())
+    }
+}
+
+/// The rotation (or its transpose, `back`) of x [b, h, t, d] into [b, t, h, d] memory.
+fn rotate(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, back: bool) -> FlexTensor {
+    let (x, cos, sin) = (unit(x), unit(cos), unit(sin));
+    let sh = x.layout().shape();
+    let [b, h, t, d] = [sh[0], sh[1], sh[2], sh[3]];
+    let at = |m: &FlexTensor, i: [usize; 3]| {
+        let (l, dims) = (m.layout(), m.layout().shape());
+        let s = l.strides();
+        let mut off = l.start_offset() as isize;
+        for (k, &i) in i.iter().enumerate() {
+            if dims[k] > 1 {
+                off += i as isize * s[k];
+            }
+        }
+        off as usize
+    };
+    let (xd, cd, sd) = (
+        x.storage::<f32>(),
+        cos.storage::<f32>(),
+        sin.storage::<f32>(),
+    );
+    let mut y = vec![0.0f32; b * t * h * d];
+    y.par_chunks_mut(h * d).enumerate().for_each(|(bt, rows)| {
+        let (bi, ti) = (bt / t, bt % t);
+        let (co, so) = (at(&cos, [bi, 0, ti]), at(&sin, [bi, 0, ti]));
+        for (hi, row) in rows.chunks_mut(d).enumerate() {
+            let xo = at(&x, [bi, hi, ti]);
+            rotate_row(&xd[xo..xo + d], &cd[co..co + d], &sd[so..so + d], row, back);
+        }
+    });
+    bthd_view(y, [b, h, t, d])
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::to_vec;
@@ -384,5 +528,35 @@ mod tests {
         // the inner backend runs the same kernel
         let inner = super::swiglu(&a.clone().inner(), &b.clone().inner()).unwrap();
         assert_eq!(to_vec(inner), to_vec(fused.inner()));
+    }
+
+    /// The fused rotation gives `rope::apply`'s burn ops' bits, forward and backward, on a strided x (the
+    /// projections' [b, t, h, d] viewed [b, h, t, d]) with per-row tables and with tables shared by the batch.
+    #[test]
+    fn fused_rope_equals_burns_rotation() {
+        let device = Device::flex().autodiff();
+        device.seed(8);
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let x: Tensor<4> = Tensor::random([b, t, h, d], Distribution::Default, &device)
+            .swap_dims(1, 2)
+            .require_grad();
+        for tb in [b, 1] {
+            let cos: Tensor<4> = Tensor::random([tb, 1, t, d], Distribution::Default, &device);
+            let sin: Tensor<4> = Tensor::random([tb, 1, t, d], Distribution::Default, &device);
+            let fused = super::rope(&x, &cos, &sin).expect("flex f32");
+            let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+            let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+            let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+            let reference = x.clone() * cos.clone() + rotated * sin.clone();
+            assert_eq!(to_vec(reference.clone()), to_vec(fused.clone()), "forward");
+            let w: Tensor<4> = Tensor::random([b, h, t, d], Distribution::Default, &device);
+            let gf = (fused * w.clone()).sum().backward();
+            let gr = (reference * w).sum().backward();
+            assert_eq!(
+                to_vec(x.grad(&gr).unwrap()),
+                to_vec(x.grad(&gf).unwrap()),
+                "backward"
+            );
+        }
     }
 }

@@ -139,6 +139,10 @@ impl Rope {
 
 /// x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1). x: [b, h, t, head_dim].
 pub fn apply(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    // one pass forward and backward on the CPU backend, the same bits (`fused::rope`)
+    if let Some(y) = super::fused::rope(&x, cos, sin) {
+        return y;
+    }
     let [b, h, t, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
