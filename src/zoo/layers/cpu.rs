@@ -13,6 +13,29 @@ pub fn readable(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
     }
 }
 
+/// A 4-D `t` itself when its last dim has unit stride and no stride is negative, else a contiguous copy.
+pub fn unit_rows(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
+    let l = t.layout();
+    if l.strides()[3] == 1 && l.has_positive_strides() {
+        std::borrow::Cow::Borrowed(t)
+    } else {
+        std::borrow::Cow::Owned(t.to_contiguous())
+    }
+}
+
+/// A flex tensor's f32 elements in row-major order: borrowed when it is contiguous from its offset, else a copy.
+pub fn row_major(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("contiguous")
+                .to_vec(),
+        ),
+    }
+}
+
 /// A raw pointer handed to rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub struct Out(pub *mut f32);
@@ -93,3 +116,23 @@ pub fn bthd_view(buf: Vec<f32>, [b, h, t, d]: [usize; 4]) -> FlexTensor {
 }
 
 pub(crate) use widest;
+
+/// Test helper: `got` equals `want` within `abs + rel·|want|` element-wise, and `want` is not all (near) zero.
+#[cfg(test)]
+pub fn assert_close<const D: usize>(
+    what: &str,
+    want: burn::tensor::Tensor<D>,
+    got: burn::tensor::Tensor<D>,
+    abs: f32,
+    rel: f32,
+) {
+    let (a, b) = (super::to_vec(want), super::to_vec(got));
+    assert_eq!(a.len(), b.len(), "{what}");
+    assert!(a.iter().any(|x| x.abs() > 1e-3), "{what}: all zero");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= abs + rel * x.abs(),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}

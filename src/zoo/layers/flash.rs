@@ -31,7 +31,7 @@ use burn::tensor::{Bool, DType, Tensor};
 use burn_flex::FlexTensor;
 use gemm::{Parallelism, gemm};
 
-use super::cpu::{Out, bthd_view, lanes, max_of, readable, widest};
+use super::cpu::{Out, bthd_view, lanes, max_of, readable, unit_rows, widest};
 use rayon::prelude::*;
 
 /// Query rows per block: 64 rows × a few hundred keys of scores stay in L2 next to the K/V rows they read.
@@ -215,27 +215,33 @@ impl<E: bytemuck::Pod + burn::tensor::Element> View<'_, E> {
     }
 }
 
-/// Mask rows of one (batch, head): `row(q)` is the u8 row over keys (nonzero = masked).
+/// The mask's rows (u8 over keys, nonzero = masked), read in place, or a copy when its key axis is strided.
 struct MaskRows<'a> {
-    view: Option<View<'a, u8>>,
+    mask: Option<std::borrow::Cow<'a, FlexTensor>>,
 }
 
-impl MaskRows<'_> {
+impl<'a> MaskRows<'a> {
+    fn new(mask: Option<&'a FlexTensor>) -> Self {
+        MaskRows {
+            mask: mask.map(unit_rows),
+        }
+    }
+
+    /// Row `q` of (batch `b`, head `h`) over the first `tk` keys; `None` without a mask.
     fn row(&self, b: usize, h: usize, q: usize, tk: usize) -> Option<&[u8]> {
-        let v = self.view.as_ref()?;
+        let v = View::<u8>::of(self.mask.as_deref()?);
         let bi = if v.dims[0] == 1 { 0 } else { b };
         let hi = if v.dims[1] == 1 { 0 } else { h };
         let off = v.offset as isize
             + bi as isize * v.strides[0]
             + hi as isize * v.strides[1]
             + q as isize * v.strides[2];
-        debug_assert_eq!(v.strides[3], 1);
         Some(&v.data[off as usize..off as usize + tk])
     }
 
     /// One past the last key any row of `rows` attends to (0: the block is fully masked).
     fn key_end(&self, b: usize, h: usize, rows: std::ops::Range<usize>, tk: usize) -> usize {
-        if self.view.is_none() {
+        if self.mask.is_none() {
             return tk;
         }
         let mut end = 0;
@@ -249,49 +255,78 @@ impl MaskRows<'_> {
     }
 }
 
-/// A contiguous copy of the mask when its key axis is strided (the row reads need unit stride).
-fn mask_rows(mask: Option<&FlexTensor>) -> Option<FlexTensor> {
-    let m = mask?;
-    let l = m.layout();
-    if l.strides()[3] == 1 && l.has_positive_strides() {
-        None
-    } else {
-        Some(m.to_contiguous())
-    }
-}
-
-/// S = Q_block Kᵀ · scale: rows × keys (row stride `keys`).
+/// dst = beta · B · M for a block B (rows × keys, row stride `keys`) and the first `keys` rows of (batch, KV head)
+/// of `m` (P V in the forward, dS K in the backward); dst rows `dst_rs` apart.
 ///
 /// # Safety
-/// `q` points at `rows` rows of `d` elements with strides `qs`, `k` at `keys` rows with strides `ks`, `s` holds
-/// rows × keys elements.
+/// `dst` must address rows × m's last dim elements at row stride `dst_rs`, written by no one else meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores(
-    s: *mut f32,
-    q: *const f32,
-    qs: [isize; 2],
-    k: *const f32,
-    ks: [isize; 2],
+unsafe fn block_rows_product(
+    dst: *mut f32,
+    dst_rs: usize,
+    block: &[f32],
     rows: usize,
     keys: usize,
-    d: usize,
-    scale: f32,
+    m: &View<f32>,
+    [b, kvh]: [usize; 2],
+    beta: f32,
 ) {
+    assert!(block.len() >= rows * keys && keys <= m.dims[2]);
     unsafe {
         gemm(
             rows,
+            m.dims[3],
+            keys,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            block.as_ptr(),
+            1,
+            keys as isize,
+            m.at(b, kvh, 0),
+            m.strides[3],
+            m.strides[2],
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// S = Q Kᵀ · scale for query rows `rows` of (batch, head) against the first `keys` keys of the KV head:
+/// `s` holds rows × keys (row stride `keys`). `[b, h, kv_head]` index the views.
+fn block_scores(
+    s: &mut [f32],
+    q: &View<f32>,
+    k: &View<f32>,
+    [b, h, kvh]: [usize; 3],
+    rows: std::ops::Range<usize>,
+    keys: usize,
+    scale: f32,
+) {
+    let (n, d) = (rows.len(), q.dims[3]);
+    assert!(s.len() >= n * keys && rows.end <= q.dims[2] && keys <= k.dims[2]);
+    // Safety: the views address rows of d elements inside their storage (`View::at` bounds the start; the rows
+    // lie within the tensors' extents), and `s` holds n × keys elements.
+    unsafe {
+        gemm(
+            n,
             keys,
             d,
-            s,
+            s.as_mut_ptr(),
             1,
             keys as isize,
             false,
-            q,
-            qs[1],
-            qs[0],
-            k,
-            ks[0],
-            ks[1],
+            q.at(b, h, rows.start),
+            q.strides[3],
+            q.strides[2],
+            k.at(b, kvh, 0),
+            k.strides[2],
+            k.strides[3],
             0.0,
             scale,
             false,
@@ -363,18 +398,10 @@ fn forward(
     mask: Option<&FlexTensor>,
     scale: f32,
 ) -> (FlexTensor, Vec<f32>) {
-    let (q, k, v) = (readable(q), readable(k), readable(v));
-    let mask_copy = mask_rows(mask);
-    let mask = mask_copy.as_ref().or(mask);
-    let (qv, kv, vv) = (
-        View::<f32>::of(&q),
-        View::<f32>::of(&k),
-        View::<f32>::of(&v),
-    );
-    let masks = MaskRows {
-        view: mask.map(View::<u8>::of),
-    };
-    let [b, h, tq, d] = qv.dims;
+    let ts = [q, k, v].map(readable);
+    let [qv, kv, vv] = ts.each_ref().map(|t| View::<f32>::of(t));
+    let masks = MaskRows::new(mask);
+    let [b, h, tq, _] = qv.dims;
     let [_, kvh, tk, dv] = vv.dims;
     let g = h / kvh;
     let mut o = vec![0.0f32; b * tq * h * dv];
@@ -393,48 +420,15 @@ fn forward(
                     continue; // zeros and −∞ already there
                 }
                 let s = &mut s[..rows * keys];
-                unsafe {
-                    scores(
-                        s.as_mut_ptr(),
-                        qv.at(bi, hi, q0),
-                        [qv.strides[2], qv.strides[3]],
-                        kv.at(bi, kvi, 0),
-                        [kv.strides[2], kv.strides[3]],
-                        rows,
-                        keys,
-                        d,
-                        scale,
-                    );
-                }
+                block_scores(s, &qv, &kv, [bi, hi, kvi], q0..q0 + rows, keys, scale);
                 for (r, row) in s.chunks_mut(keys).enumerate() {
                     let m = masks.row(bi, hi, q0 + r, tk).map(|m| &m[..keys]);
                     lse[q0 + r] = softmax_row(row, m);
                 }
                 // O rows of (bi, hi) in [b, tq, h, dv] memory: row stride h·dv.
                 let dst = out.at(((bi * tq + q0) * h + hi) * dv);
-                unsafe {
-                    gemm(
-                        rows,
-                        dv,
-                        keys,
-                        dst,
-                        1,
-                        (h * dv) as isize,
-                        false,
-                        s.as_ptr(),
-                        1,
-                        keys as isize,
-                        vv.at(bi, kvi, 0),
-                        vv.strides[3],
-                        vv.strides[2],
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+                // Safety: `dst` starts (bi, hi)'s rows q0.. of the [b, tq, h, dv] output, which this task alone writes.
+                unsafe { block_rows_product(dst, h * dv, s, rows, keys, &vv, [bi, kvi], 1.0) };
             }
         });
     (bthd_view(o, [b, h, tq, dv]), lse)
@@ -452,24 +446,9 @@ fn backward(
     mask: Option<&FlexTensor>,
     scale: f32,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let (q, k, v, o, grad) = (
-        readable(q),
-        readable(k),
-        readable(v),
-        readable(o),
-        readable(grad),
-    );
-    let mask_copy = mask_rows(mask);
-    let mask = mask_copy.as_ref().or(mask);
-    let (qv, kv, vv) = (
-        View::<f32>::of(&q),
-        View::<f32>::of(&k),
-        View::<f32>::of(&v),
-    );
-    let (ov, gv) = (View::<f32>::of(&o), View::<f32>::of(&grad));
-    let masks = MaskRows {
-        view: mask.map(View::<u8>::of),
-    };
+    let ts = [q, k, v, o, grad].map(readable);
+    let [qv, kv, vv, ov, gv] = ts.each_ref().map(|t| View::<f32>::of(t));
+    let masks = MaskRows::new(mask);
     let [b, h, tq, d] = qv.dims;
     let [_, kvh, tk, dvd] = vv.dims;
     let g = h / kvh;
@@ -501,19 +480,7 @@ fn backward(
                 let q_at = qv.at(bi, hi, q0);
                 let qs = [qv.strides[2], qv.strides[3]];
                 let g_at = gv.at(bi, hi, q0);
-                unsafe {
-                    scores(
-                        p.as_mut_ptr(),
-                        q_at,
-                        qs,
-                        kv.at(bi, kvi, 0),
-                        [kv.strides[2], kv.strides[3]],
-                        rows,
-                        keys,
-                        d,
-                        scale,
-                    );
-                }
+                block_scores(p, &qv, &kv, [bi, hi, kvi], q0..q0 + rows, keys, scale);
                 for (r, row) in p.chunks_mut(keys).enumerate() {
                     let m = masks.row(bi, hi, q0 + r, tk).map(|m| &m[..keys]);
                     probs_row(row, m, lse[q0 + r]);
@@ -579,29 +546,10 @@ fn backward(
                 for (r, (dpr, pr)) in dp.chunks_mut(keys).zip(p.chunks(keys)).enumerate() {
                     dscores_row(dpr, pr, dsum[r]);
                 }
+                // dQ rows = dS K · scale, into [b, tq, h, d] memory (this task's heads only)
                 unsafe {
-                    // dQ rows = dS K · scale, into [b, tq, h, d] memory
-                    gemm(
-                        rows,
-                        d,
-                        keys,
-                        dq_out.at(((bi * tq + q0) * h + hi) * d),
-                        1,
-                        (h * d) as isize,
-                        false,
-                        dp.as_ptr(),
-                        1,
-                        keys as isize,
-                        kv.at(bi, kvi, 0),
-                        kv.strides[3],
-                        kv.strides[2],
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    let dst = dq_out.at(((bi * tq + q0) * h + hi) * d);
+                    block_rows_product(dst, h * d, dp, rows, keys, &kv, [bi, kvi], scale);
                     // dK[keys] += dSᵀ Q · scale
                     gemm(
                         keys,
@@ -638,19 +586,12 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::super::attention::{build_mask, burn_attend, repeat_kv};
+    use super::super::cpu::assert_close;
     use super::super::to_vec;
     use burn::tensor::{Device, Distribution, Tensor};
 
     fn close<const D: usize>(what: &str, want: Tensor<D>, got: Tensor<D>) {
-        let (a, b) = (to_vec(want), to_vec(got));
-        assert_eq!(a.len(), b.len(), "{what}");
-        assert!(a.iter().any(|x| x.abs() > 1e-3), "{what}: all zero");
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (x - y).abs() <= 2e-6 + 1e-5 * x.abs(),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
+        assert_close(what, want, got, 2e-6, 1e-5);
     }
 
     /// Random [b, t, heads, d] projections viewed as [b, heads, t, d] (strided, as the models make them).

@@ -19,7 +19,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::cpu::{bthd_view, lanes, widest};
+use super::cpu::{bthd_view, lanes, row_major, unit_rows, widest};
 
 /// Rows per rayon task (and per partial sum of RMSNorm's weight gradient: a fixed count, so fixed bits).
 const ROWS: usize = 16;
@@ -56,7 +56,7 @@ fn apply2<O: Fused2, const DA: usize, const DB: usize>(
 /// The forward on two flex tensors: the output in `a`'s shape and the saved state.
 fn run<O: Fused2>(op: &O, a: &FlexTensor, b: &FlexTensor) -> (FlexTensor, O::Saved) {
     let shape = a.layout().shape().clone();
-    let (xa, xb) = (contiguous(a), contiguous(b));
+    let (xa, xb) = (row_major(a), row_major(b));
     let (out, saved) = op.forward(&xa, &xb, &shape);
     (FlexTensor::from_data(TensorData::new(out, shape)), saved)
 }
@@ -86,19 +86,6 @@ where
         OpsKind::UnTracked(prep) => prep.finish(run(&op, a.primitive(), b.primitive()).0),
     };
     Some(Tensor::from_primitive::<Autodiff<Flex, C>>(out))
-}
-
-/// A flex tensor's f32 elements in row-major order (borrowed when already so).
-fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(
-            t.to_contiguous()
-                .as_slice::<f32>()
-                .expect("contiguous")
-                .to_vec(),
-        ),
-    }
 }
 
 fn flex(values: Vec<f32>, shape: Shape) -> FlexTensor {
@@ -208,7 +195,7 @@ impl Backward<Flex, 2> for RmsNormOp {
         let x = ckpt.retrieve_node_output::<FlexTensor>(s.ids[0]);
         let g = ckpt.retrieve_node_output::<FlexTensor>(s.ids[1]);
         let (shape, gshape) = (x.layout().shape().clone(), g.layout().shape().clone());
-        let (xs, gs, dys) = (contiguous(&x), contiguous(&g), contiguous(&dy));
+        let (xs, gs, dys) = (row_major(&x), row_major(&g), row_major(&dy));
         let d = gs.len();
         let chunks = s.rstd.len().div_ceil(ROWS);
         let mut dx = nx.is_some().then(|| vec![0.0f32; xs.len()]);
@@ -313,7 +300,7 @@ impl Backward<Flex, 2> for SwigluOp {
         let a = ckpt.retrieve_node_output::<FlexTensor>(ops.state[0]);
         let b = ckpt.retrieve_node_output::<FlexTensor>(ops.state[1]);
         let shape = a.layout().shape().clone();
-        let (av, bv, dhv) = (contiguous(&a), contiguous(&b), contiguous(&dh));
+        let (av, bv, dhv) = (row_major(&a), row_major(&b), row_major(&dh));
         let (mut da, mut db) = (vec![0.0f32; av.len()], vec![0.0f32; av.len()]);
         da.par_chunks_mut(ELEMS)
             .zip(db.par_chunks_mut(ELEMS))
@@ -432,19 +419,9 @@ widest! {
     }
 }
 
-/// `t` itself when its last dim has unit stride and no stride is negative, else a contiguous copy.
-fn unit(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
-    let l = t.layout();
-    if l.strides()[3] == 1 && l.has_positive_strides() {
-        std::borrow::Cow::Borrowed(t)
-    } else {
-        std::borrow::Cow::Owned(t.to_contiguous())
-    }
-}
-
 /// The rotation (or its transpose, `back`) of x [b, h, t, d] into [b, t, h, d] memory.
 fn rotate(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, back: bool) -> FlexTensor {
-    let (x, cos, sin) = (unit(x), unit(cos), unit(sin));
+    let (x, cos, sin) = (unit_rows(x), unit_rows(cos), unit_rows(sin));
     let sh = x.layout().shape();
     let [b, h, t, d] = [sh[0], sh[1], sh[2], sh[3]];
     let at = |m: &FlexTensor, i: [usize; 3]| {
@@ -477,19 +454,12 @@ fn rotate(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, back: bool) -> Fle
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::assert_close;
     use super::super::to_vec;
     use burn::tensor::{Device, Distribution, Tensor, activation};
 
     fn close<const D: usize>(what: &str, want: Tensor<D>, got: Tensor<D>) {
-        let (a, b) = (to_vec(want), to_vec(got));
-        assert_eq!(a.len(), b.len(), "{what}");
-        assert!(a.iter().any(|x| x.abs() > 1e-3), "{what}: all zero");
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-6 + 2e-5 * x.abs(),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
+        assert_close(what, want, got, 1e-6, 2e-5);
     }
 
     /// The fused RMSNorm and SwiGLU against burn's ops: outputs, and gradients of every input (including the

@@ -22,7 +22,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::cpu::{Out, lanes, max_of, widest};
+use super::cpu::{Out, lanes, max_of, row_major, widest};
 
 /// Rows per rayon task: a few rows of 32K logits is enough work to amortise a task.
 const ROWS_PER_TASK: usize = 4;
@@ -99,19 +99,6 @@ impl Backward<Flex, 1> for LogprobBackward {
     }
 }
 
-/// `t`'s f32 elements, row-major (a copy only when `t` is not contiguous from offset 0).
-fn rows_of(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(
-            t.to_contiguous()
-                .as_slice::<f32>()
-                .expect("contiguous")
-                .to_vec(),
-        ),
-    }
-}
-
 widest! {
     /// The row's log-sum-exp (max + ln Σ exp(x − max)).
     fn row_lse(x: &[f32]) -> f32 {
@@ -138,7 +125,7 @@ widest! {
 fn forward(logits: &FlexTensor, targets: &[usize]) -> (FlexTensor, Vec<f32>) {
     let shape = logits.layout().shape();
     let (n, v) = (shape[0], shape[1]);
-    let x = rows_of(logits);
+    let x = row_major(logits);
     let mut lse = vec![0.0f32; n];
     let mut out = vec![0.0f32; n];
     lse.par_chunks_mut(ROWS_PER_TASK)
@@ -164,7 +151,7 @@ fn backward(
 ) -> FlexTensor {
     let shape = logits.layout().shape().clone();
     let (n, v) = (shape[0], shape[1]);
-    let g = rows_of(grad).into_owned();
+    let g = row_major(grad).into_owned();
     let in_place = logits.layout().contiguous_offsets() == Some((0, n * v))
         && logits
             .try_storage_mut::<f32>()
@@ -181,7 +168,7 @@ fn backward(
             });
         return logits;
     }
-    let x = rows_of(&logits);
+    let x = row_major(&logits);
     let mut d = vec![0.0f32; n * v]; // calloc: fresh zero pages, written once below
     let dst = Out(d.as_mut_ptr());
     (0..n.div_ceil(ROWS_PER_TASK))
