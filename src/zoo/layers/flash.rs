@@ -11,7 +11,8 @@
 //! row log-sum-exp L is kept. Backward recomputes P = exp(S − L) per block and accumulates dV += Pᵀ dO,
 //! dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K·scale, dK += dSᵀ Q·scale, so no [tq, tk] tensor outlives a block.
 //! Grouped-query attention reads K/V head `i / (h / kv_heads)` for query head `i` (transformers' `repeat_kv`
-//! order) without repeating them; backward runs one task per (batch, KV head) so dK/dV accumulate without locks.
+//! order) without repeating them; backward runs one task per (batch, query head), each accumulating its own share of
+//! dK/dV, and adds the shares of a KV head's group in head order afterwards (no locks, fixed bits).
 //! Products run on `gemm` (the crate burn-flex uses), one thread per task; tasks spread over rayon's pool. Every
 //! task sums in a fixed order, so results do not depend on the thread count.
 //!
@@ -453,22 +454,23 @@ fn backward(
     let [_, kvh, tk, dvd] = vv.dims;
     let g = h / kvh;
     let mut dq = vec![0.0f32; b * tq * h * d];
-    let mut dk = vec![0.0f32; b * tk * kvh * d];
-    let mut dv = vec![0.0f32; b * tk * kvh * dvd];
-    let (dq_out, dk_out, dv_out) = (
-        Out(dq.as_mut_ptr()),
-        Out(dk.as_mut_ptr()),
-        Out(dv.as_mut_ptr()),
-    );
-    (0..b * kvh).into_par_iter().for_each(|task| {
-        let (bi, kvi) = (task / kvh, task % kvh);
+    let dq_out = Out(dq.as_mut_ptr());
+    // Each query head's share of dK and dV ([b, h, tk, ·]), added per KV head below in head order: one task per
+    // (batch, query head) keeps every core busy at batch 1 with few KV heads, and the bits fixed.
+    let mut part_k = vec![0.0f32; b * h * tk * d];
+    let mut part_v = vec![0.0f32; b * h * tk * dvd];
+    let pieces = part_k
+        .par_chunks_mut((tk * d).max(1))
+        .zip(part_v.par_chunks_mut((tk * dvd).max(1)));
+    pieces.enumerate().for_each(|(task, (part_k, part_v))| {
+        let (bi, hi) = (task / h, task % h);
+        let kvi = hi / g;
         let block = BLOCK_Q.min(tq) * tk;
         let (mut p, mut dp) = (vec![0.0f32; block], vec![0.0f32; block]);
         let mut dsum = vec![0.0f32; BLOCK_Q];
-        // dK, dV rows of (bi, kvi) in [b, tk, kvh, ·] memory.
-        let dk_at = dk_out.at((bi * tk * kvh + kvi) * d);
-        let dv_at = dv_out.at((bi * tk * kvh + kvi) * dvd);
-        for hi in kvi * g..(kvi + 1) * g {
+        // this head's dK, dV rows: [tk, ·]
+        let (dk_at, dv_at) = (part_k.as_mut_ptr(), part_v.as_mut_ptr());
+        {
             let lse = &lse[(bi * h + hi) * tq..(bi * h + hi + 1) * tq];
             for q0 in (0..tq).step_by(BLOCK_Q) {
                 let rows = BLOCK_Q.min(tq - q0);
@@ -505,7 +507,7 @@ fn backward(
                         rows,
                         dv_at,
                         1,
-                        (kvh * dvd) as isize,
+                        dvd as isize,
                         true,
                         p.as_ptr(),
                         keys as isize,
@@ -557,7 +559,7 @@ fn backward(
                         rows,
                         dk_at,
                         1,
-                        (kvh * d) as isize,
+                        d as isize,
                         true,
                         dp.as_ptr(),
                         keys as isize,
@@ -578,9 +580,29 @@ fn backward(
     });
     (
         bthd_view(dq, [b, h, tq, d]),
-        bthd_view(dk, [b, kvh, tk, d]),
-        bthd_view(dv, [b, kvh, tk, dvd]),
+        bthd_view(sum_heads(&part_k, [b, h, kvh, tk, d]), [b, kvh, tk, d]),
+        bthd_view(sum_heads(&part_v, [b, h, kvh, tk, dvd]), [b, kvh, tk, dvd]),
     )
+}
+
+/// Per-query-head parts [b, h, tk, c] summed over each KV head's group, in head order, into [b, tk, kvh, c] memory.
+fn sum_heads(parts: &[f32], [b, h, kvh, tk, c]: [usize; 5]) -> Vec<f32> {
+    let g = h / kvh;
+    let mut out = vec![0.0f32; b * tk * kvh * c];
+    out.par_chunks_mut((kvh * c).max(1))
+        .enumerate()
+        .for_each(|(bt, row)| {
+            let (bi, ti) = (bt / tk, bt % tk);
+            for (kvi, dst) in row.chunks_mut(c).enumerate() {
+                for hi in kvi * g..(kvi + 1) * g {
+                    let src = &parts[((bi * h + hi) * tk + ti) * c..][..c];
+                    for (o, &x) in dst.iter_mut().zip(src) {
+                        *o += x;
+                    }
+                }
+            }
+        });
+    out
 }
 
 #[cfg(test)]
