@@ -1,9 +1,10 @@
-//! Row-wise and element-wise fused ops on burn-flex (f32) with their own backward: RMSNorm and SwiGLU's gate
-//! (silu(gate) · up).
+//! Row-wise and element-wise fused ops on burn-flex (f32) with their own backward: RMSNorm, SwiGLU's gate
+//! (silu(gate) · up) and RoPE.
 //!
-//! Why: burn's autodiff runs RMSNorm as seven full-size ops (cast, square, mean, add, sqrt, divide, scale) and
-//! SwiGLU's gate as three (sigmoid, multiply, multiply), each a pass over the activations that allocates its
-//! output, with backward chains twice as long; here each is one pass forward and one backward. Inner and autodiff
+//! Why: burn's autodiff runs RMSNorm as seven full-size ops (cast, square, mean, add, sqrt, divide, scale),
+//! SwiGLU's gate as three (sigmoid, multiply, multiply) and RoPE as five (neg, cat, two products, add), each a pass
+//! over the activations that allocates its output, with backward chains twice as long; here each is one pass
+//! forward and one backward. Inner and autodiff
 //! paths run the same kernel (a frozen reference reproduces its policy). Other devices and dtypes (bf16 inside an
 //! autocast scope) keep burn's ops: the functions return `None` and the caller falls back.
 use burn::backend::autodiff::NodeId;
