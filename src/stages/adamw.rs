@@ -78,39 +78,16 @@ fn update<const FIRST: bool>(p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut 
     }
 }
 
-/// `update::<F>` compiled with `$features` enabled (the same Rust, so the same bits).
-#[cfg(target_arch = "x86_64")]
-macro_rules! compiled_for {
-    ($name:ident, $features:literal) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const F: bool>(
-            p: &mut [f32],
-            g: &[f32],
-            m1: &mut [f32],
-            m2: &mut [f32],
-            c: &Consts,
-        ) {
-            update::<F>(p, g, m1, m2, c)
+crate::zoo::layers::cpu::widest! {
+    /// `update` for the first step or a later one, compiled for the widest vectors the CPU has (the same Rust, so
+    /// the same bits).
+    fn update_piece(p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut [f32], c: &Consts, first: bool) {
+        if first {
+            update::<true>(p, g, m1, m2, c)
+        } else {
+            update::<false>(p, g, m1, m2, c)
         }
-    };
-}
-#[cfg(target_arch = "x86_64")]
-compiled_for!(update_avx512, "avx512f,avx2,fma");
-#[cfg(target_arch = "x86_64")]
-compiled_for!(update_avx2, "avx2,fma");
-
-type Update = unsafe fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &Consts);
-
-/// `update` compiled for the widest vectors the CPU has (AVX-512, else AVX2); callers run it only on this CPU.
-fn widest_update(first: bool) -> Update {
-    let pick = |first_step: Update, later: Update| if first { first_step } else { later };
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return pick(update_avx512::<true>, update_avx512::<false>);
-    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        return pick(update_avx2::<true>, update_avx2::<false>);
     }
-    pick(update::<true>, update::<false>)
 }
 
 impl Optimizer for FusedAdamW {
@@ -171,7 +148,6 @@ impl Optimizer for FusedAdamW {
             keep,
             lr,
         };
-        let run = widest_update(time == 1);
         {
             let gs = g.as_slice::<f32>().expect("f32");
             let ps = p.as_mut_slice::<f32>().expect("f32");
@@ -181,10 +157,7 @@ impl Optimizer for FusedAdamW {
                 .zip(gs.par_chunks(PIECE))
                 .zip(m1s.par_chunks_mut(PIECE))
                 .zip(m2s.par_chunks_mut(PIECE))
-                .for_each(|(((p, g), m1), m2)| {
-                    // Safety: `widest_update` picked a variant this CPU supports.
-                    unsafe { run(p, g, m1, m2, &c) }
-                });
+                .for_each(|(((p, g), m1), m2)| update_piece(p, g, m1, m2, &c, time == 1));
         }
         let state = AdamWState {
             momentum: AdaptiveMomentumState {

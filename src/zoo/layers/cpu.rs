@@ -1,5 +1,5 @@
 //! Helpers shared by the fused CPU kernels on burn-flex tensors (`flash`: attention, `logprob`: log-softmax at
-//! the targets, `fused`: RMSNorm, SwiGLU, RoPE): reading a tensor's storage in place, writing disjoint parts of one buffer from rayon tasks, and
+//! the targets, `fused`: RMSNorm, SwiGLU, RoPE; `stages::adamw`'s update): reading a tensor's storage in place, writing disjoint parts of one buffer from rayon tasks, and
 //! compiling a hot loop for the widest vectors the CPU has.
 use burn::tensor::{Shape, TensorData};
 use burn_flex::{FlexTensor, Layout};

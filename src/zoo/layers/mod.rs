@@ -1,7 +1,7 @@
 //! Building blocks shared by the zoo's families: activations, rotary embeddings, attention, norms.
 pub mod act;
 pub mod attention;
-mod cpu;
+pub(crate) mod cpu;
 pub mod flash;
 pub mod fused;
 pub mod linear;

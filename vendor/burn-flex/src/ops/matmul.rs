@@ -479,45 +479,24 @@ fn sum_partials(ys: &mut [f32], partial: &[f32], j0: usize, n: usize) {
     }
 }
 
-/// mitune patch: `yp += Σ_i x[i] · rows[i]`, four rows per pass over yp (`yp + x0·w0 + x1·w1 + x2·w2 + x3·w3`,
-/// left to right), compiled for the widest vectors the CPU has.
-fn axpy_rows(yp: &mut [f32], x: &[f32], rows: &[&[f32]]) {
-    #[inline(always)]
-    fn body(yp: &mut [f32], x: &[f32], rows: &[&[f32]]) {
-        let mut i = 0;
-        while i + 4 <= rows.len() {
-            let (x0, x1, x2, x3) = (x[i], x[i + 1], x[i + 2], x[i + 3]);
-            let (w0, w1, w2, w3) = (rows[i], rows[i + 1], rows[i + 2], rows[i + 3]);
-            for ((((y, &a), &b), &c), &d) in yp.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
-                *y = *y + x0 * a + x1 * b + x2 * c + x3 * d;
-            }
-            i += 4;
+// mitune patch: `yp += Σ_i x[i] · rows[i]`, four rows per pass over yp (`yp + x0·w0 + x1·w1 + x2·w2 + x3·w3`,
+// left to right), compiled for the widest vectors the CPU has.
+crate::threaded::widest!(axpy_rows, [], (yp: &mut [f32], x: &[f32], rows: &[&[f32]]), {
+    let mut i = 0;
+    while i + 4 <= rows.len() {
+        let (x0, x1, x2, x3) = (x[i], x[i + 1], x[i + 2], x[i + 3]);
+        let (w0, w1, w2, w3) = (rows[i], rows[i + 1], rows[i + 2], rows[i + 3]);
+        for ((((y, &a), &b), &c), &d) in yp.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
+            *y = *y + x0 * a + x1 * b + x2 * c + x3 * d;
         }
-        for (&xi, wi) in x[i..].iter().zip(&rows[i..]) {
-            for (y, &a) in yp.iter_mut().zip(*wi) {
-                *y = *y + xi * a;
-            }
+        i += 4;
+    }
+    for (&xi, wi) in x[i..].iter().zip(&rows[i..]) {
+        for (y, &a) in yp.iter_mut().zip(*wi) {
+            *y = *y + xi * a;
         }
     }
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn v4(yp: &mut [f32], x: &[f32], rows: &[&[f32]]) {
-            body(yp, x, rows)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn v3(yp: &mut [f32], x: &[f32], rows: &[&[f32]]) {
-            body(yp, x, rows)
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            return unsafe { v4(yp, x, rows) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return unsafe { v3(yp, x, rows) };
-        }
-    }
-    body(yp, x, rows)
-}
+});
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
 #[inline]
