@@ -7,6 +7,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod model;
 pub mod recipe;
 pub mod report;
 pub mod stages;

@@ -342,7 +342,8 @@ fn reward_stage_trains_a_scalar_head_and_saves_it() {
         .expect("held-out line");
     assert_eq!(held["n"], 12, "6 held-out images x 2 pairs");
     let (rm, _) =
-        mitune::stages::reward::load(&run.join("rm/model"), &burn::tensor::Device::flex()).unwrap();
+        mitune::stages::reward_model::load(&run.join("rm/model"), &burn::tensor::Device::flex())
+            .unwrap();
     let w: Vec<f32> = mitune::zoo::layers::to_vec(rm.score.weight.val());
     assert!(w.iter().any(|&x| x != 0.0), "the head learned");
     // activation checkpointing per block runs and follows the plain run (a weak check of its gradients: the head

@@ -226,7 +226,7 @@ fn media_broken_mid_run_follow_the_policy() {
         writeln!(f, "{}", rec(id, img, "<image>\nWhat?", "An astronaut.")).unwrap();
     }
     let device = burn::tensor::Device::flex();
-    let built = mitune::stages::build::load_dir(&fixture("llava_clip_llama"), &device).unwrap();
+    let built = mitune::model::load_dir(&fixture("llava_clip_llama"), &device).unwrap();
     let rc: mitune::recipe::schema::Recipe = toml::from_str(&recipe(&d, "skip")).unwrap();
     let t = rc.stages["sft"].train().unwrap();
     let src = mitune::data::templates::training_source(t.template, &built.text).unwrap();
@@ -249,7 +249,7 @@ fn media_broken_mid_run_follow_the_policy() {
     assert_eq!(mb.ids.len(), 1, "the broken sample is left out");
     assert_eq!(mb.dropped.len(), 1);
     assert!(mb.dropped[0].1.contains("b.png"), "{:?}", mb.dropped);
-    let err = mitune::stages::trainer::to_input(&mb, &device)
+    let err = mitune::stages::backward::to_input(&mb, &device)
         .err()
         .unwrap();
     assert!(err.to_string().contains("failed to load"), "{err}");

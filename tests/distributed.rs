@@ -232,3 +232,112 @@ fn a_stuck_rank_ends_the_job_after_the_collective_timeout() {
     );
     assert!(t0.elapsed().as_secs() < 120, "took {:?}", t0.elapsed());
 }
+
+/// GRPO and PPO deal their rollouts over the ranks: each rank samples, scores and trains on its own micro-batches
+/// of prompts (here one of the two per global batch), rewards and advantage statistics are reduced over all of
+/// them, and the losses follow one process's.
+#[test]
+fn rl_stages_split_their_rollouts_over_two_ranks() {
+    let d = scratch("dist-rl");
+    let w = world(&d);
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    let rl = format!(
+        r#"
+[stages.grpo]
+kind = "grpo"
+data = {{ sources = [{{ path = {tr}, cap = 16 }}] }}
+template = "vicuna_v1"
+group = 2
+rewards = [{{ kind = "exact_match" }}, {{ kind = "format", pattern = "^[a-z ]+$", weight = 0.1 }}]
+loss_type = "dapo"
+scale_rewards = "batch"
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+
+[stages.ppo]
+kind = "ppo"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ path = {tr}, cap = 8 }}] }}
+template = "vicuna_v1"
+group = 1
+rewards = [{{ kind = "exact_match" }}, {{ kind = "format", pattern = "^[a-z]+$" }}]
+updates = 2
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+"#,
+        tr = p("prompts_train.jsonl"),
+    );
+    let write = |name: &str, runs: &str| {
+        let f = d.join(name);
+        // the released tiny shapes checkpoints: they sample varied answers (a randomly initialised model repeats
+        // its last token, and its rollouts give no gradient)
+        let ck = |n: &str| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("checkpoints")
+                .join(n);
+            format!("{:?}", p.display().to_string())
+        };
+        let tok = format!(
+            "tokenizer = {:?}\n",
+            w.join("tokenizer").display().to_string()
+        );
+        let text = common::tiny_pipeline("rl", &w, &d.join(runs), &["align", "grpo", "ppo"], &rl)
+            .replacen(
+                "preset = \"bench-tiny\"",
+                &format!("weights = {}", ck("shapes-vit")),
+                1,
+            )
+            .replacen(
+                "preset = \"bench-tiny\"",
+                &format!("weights = {}", ck("shapes-llm")),
+                1,
+            )
+            .replacen(&tok, "", 1);
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+    let (a, b) = (write("a.toml", "runs-a"), write("b.toml", "runs-b"));
+    let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let want = parsed(&losses(&d.join("runs-a/rl")));
+    assert_eq!(want.len(), 8, "4 align + 2 grpo + 2 ppo steps: {want:?}");
+    let (ok, err) = mpirun(&["train", b.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    assert_close(
+        &parsed(&losses(&d.join("runs-b/rl"))),
+        &want,
+        1e-5,
+        "GRPO/PPO on 2 ranks vs 1 process",
+    );
+    // the logged rollout statistics cover both ranks' rollouts
+    let stats = |run: &str| -> Vec<(f64, f64)> {
+        std::fs::read_to_string(d.join(run).join("rl/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("reward").is_some())
+            .map(|v| {
+                (
+                    v["reward"].as_f64().unwrap(),
+                    v["completion_length"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (one, two) = (stats("runs-a"), stats("runs-b"));
+    assert_eq!(one.len(), 4, "{one:?}");
+    for (x, y) in one.iter().zip(&two) {
+        assert!(
+            (x.0 - y.0).abs() < 1e-9 && (x.1 - y.1).abs() < 1e-9,
+            "{one:?} vs {two:?}"
+        );
+    }
+}

@@ -76,7 +76,7 @@ fn adapted_model_starts_equal_to_its_base() {
     let r = d.join("r.toml");
     std::fs::write(&r, recipe(&w, &d.join("runs"), r#"["q_proj", "v_proj"]"#)).unwrap();
     let (rc, _) = mitune::recipe::load(&r, &[]).unwrap();
-    let base = mitune::stages::build::build(&rc.model, false, &device)
+    let base = mitune::model::build(&rc.model, false, &device)
         .unwrap()
         .model;
     let f = Adapter::lora(4, 8.0, &["q_proj", "v_proj"], &["llm"]);

@@ -9,8 +9,9 @@ use common::{losses, run_mitune, scratch, world};
 use mitune::data::loader::{MicroBatch, micro_batch, micro_batch_rows, pack_rows};
 use mitune::data::sources::{Role, Sample};
 use mitune::data::templates;
+use mitune::model as build;
 use mitune::recipe::schema::{OnBad, Template};
-use mitune::stages::{build, params, trainer};
+use mitune::stages::{params, steps, trainer};
 use mitune::zoo::layers::to_vec;
 use mitune::zoo::mllm::Llava;
 use std::path::{Path, PathBuf};
@@ -345,7 +346,7 @@ fn frozen_parts_stay_bit_identical() {
     let (d, rc, built, device) = setup("freeze");
     let before = values(&built.model);
     let mut metrics = mitune::stages::log::Metrics::open(&d.join("metrics.jsonl")).unwrap();
-    let ctx = trainer::StageRun {
+    let ctx = steps::StageRun {
         name: "align",
         spec: &rc.stages["align"],
         dir: d.join("align"),

@@ -36,7 +36,7 @@ const HELP: &str = "commands: /image PATH (attach to the next message), /video D
 
 pub fn run(a: Args) -> Result<()> {
     let device = crate::default_device();
-    let built = crate::stages::build::load_dir(&a.model, &device)?;
+    let built = crate::model::load_dir(&a.model, &device)?;
     let template = templates::source(a.template, &built.text).map_err(|m| {
         Error::input(format!(
             "{m}: pass --template vicuna_v1 (LLaVA-1.5), llama_2, chatml or plain"

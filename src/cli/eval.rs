@@ -54,7 +54,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = crate::default_device();
-    let built = crate::stages::build::load_dir(&a.model, &device)?;
+    let built = crate::model::load_dir(&a.model, &device)?;
     let template = crate::data::templates::source(a.template, &built.text).map_err(|m| {
         Error::input(format!(
             "{m}: pass --template vicuna_v1 (LLaVA-1.5), llama_2, chatml or plain"

@@ -56,7 +56,7 @@ pub fn run(a: Args) -> Result<()> {
         frame_rate: a.frame_rate,
         ..Budget::default()
     };
-    crate::stages::build::apply_budget(
+    crate::model::apply_budget(
         &budget,
         "--fps / --max-frames / --frame-rate",
         &mut spec,

@@ -258,9 +258,9 @@ fn export(
                 )));
             }
         };
-        let b = crate::stages::build::load_dir(model, &device)?;
+        let b = crate::model::load_dir(model, &device)?;
         let template = b.text.chat_template.clone();
-        crate::stages::build::export(
+        crate::model::export(
             &b.model,
             &b.text,
             &b.processor,

@@ -103,11 +103,12 @@ fn plan(pts: &[(Point, Recipe, String)]) -> Vec<Vec<Option<usize>>> {
 /// is not there yet or the stage is not step-based.
 fn estimate(spec: &StageSpec, seed: u64) -> Option<usize> {
     let t = match spec {
-        StageSpec::Eval(_) => return None,
-        s => match s.train() {
-            Some(t) => t,
-            None => return None,
-        },
+        StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t,
+        StageSpec::Dpo(_)
+        | StageSpec::Reward(_)
+        | StageSpec::Grpo(_)
+        | StageSpec::Ppo(_)
+        | StageSpec::Eval(_) => return None,
     };
     if let Some(m) = t.max_steps {
         return Some(m);
@@ -122,12 +123,16 @@ fn estimate(spec: &StageSpec, seed: u64) -> Option<usize> {
 
 fn steps_of(rc: &Recipe, stage: &str) -> String {
     let spec = &rc.stages[stage];
-    match (spec, spec.train()) {
-        (StageSpec::Eval(_), _) => "eval".into(),
-        (_, Some(_)) => estimate(spec, rc.seed)
-            .map(|n| format!("~{n} steps"))
-            .unwrap_or_else(|| "steps: data not prepared yet".into()),
-        _ => "preference/RL stage".into(),
+    match spec {
+        StageSpec::Eval(_) => "eval".into(),
+        StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => {
+            estimate(spec, rc.seed)
+                .map(|n| format!("~{n} steps"))
+                .unwrap_or_else(|| "steps: data not prepared yet".into())
+        }
+        StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_) => {
+            "preference/RL stage".into()
+        }
     }
 }
 

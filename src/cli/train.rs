@@ -73,7 +73,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     // The model's spec from config files alone (weights that a stage of this run makes do not exist yet).
     let from_run = rc.model.from.as_ref().is_some_and(|d| !d.exists());
     if !from_run {
-        let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
+        let (spec, _, _) = crate::model::plan(&rc.model)?;
         let f = spec.features();
         if spec.native.is_some() {
             println!(
@@ -124,22 +124,17 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     }
     // each stage's own pixel budget is checked here, before any data or weights
     if !from_run {
-        let (spec, _, _) = crate::stages::build::plan(&rc.model)?;
+        let (spec, _, _) = crate::model::plan(&rc.model)?;
         for name in &rc.pipeline {
             if let Some(t) = rc.stages[name].train() {
                 let key = format!("stages.{name}.data");
                 let mut stage = spec.clone();
                 let null = &mut serde_json::Value::Null;
-                crate::stages::build::apply_budget(&t.data.budget(), &key, &mut stage, null)?;
+                crate::model::apply_budget(&t.data.budget(), &key, &mut stage, null)?;
                 // and each source's own budget over the stage's
                 for (i, src) in t.data.sources.iter().enumerate() {
                     let key = format!("{key}.sources[{i}]");
-                    crate::stages::build::apply_budget(
-                        &src.budget(),
-                        &key,
-                        &mut stage.clone(),
-                        null,
-                    )?;
+                    crate::model::apply_budget(&src.budget(), &key, &mut stage.clone(), null)?;
                 }
             }
         }
@@ -149,7 +144,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     }
     run::prepare_data(&rc)?;
     let device = crate::default_device();
-    let mut built = crate::stages::build::build(&rc.model, false, &device)?;
+    let mut built = crate::model::build(&rc.model, false, &device)?;
     let (base_spec, base_processor) = (built.model.spec.clone(), built.processor.clone());
     for name in &rc.pipeline {
         let dir = rc.output.join(&rc.name).join("validate");
@@ -159,7 +154,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         match &rc.stages[name] {
             StageSpec::Dpo(p) | StageSpec::Reward(p) => {
                 let load = |d, k: &str, list: &str| -> Result<_> {
-                    crate::stages::dpo::load_encode(
+                    crate::stages::pairs::load_encode(
                         d,
                         &built.text,
                         &template(p.template)?,
@@ -187,14 +182,14 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             }
             StageSpec::Grpo(r) | StageSpec::Ppo(r) => {
                 let list = |f: &str| dir.join(name).join(f);
-                let prompts = crate::stages::grpo::load_data(
+                let prompts = crate::stages::rl::load_data(
                     &r.data,
                     r.on_bad_sample,
                     &list("skipped.jsonl"),
                     &format!("stages.{name}.data"),
                 )?;
                 let held = match &r.heldout {
-                    Some(h) => crate::stages::grpo::load_data(
+                    Some(h) => crate::stages::rl::load_data(
                         h,
                         r.on_bad_sample,
                         &list("skipped-heldout.jsonl"),
@@ -208,7 +203,8 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
                     prompts.len()
                 );
             }
-            _ => {}
+            StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => {}
+            StageSpec::Eval(_) => {}
         }
         let Some(t) = rc.stages[name].train() else {
             continue;
@@ -218,11 +214,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         built.processor = base_processor.clone();
         built.text.configure(&base_spec);
         built.images.configure(&base_spec);
-        crate::stages::build::stage_budget(
-            &mut built,
-            &t.data.budget(),
-            &format!("stages.{name}.data"),
-        )?;
+        crate::model::stage_budget(&mut built, &t.data.budget(), &format!("stages.{name}.data"))?;
         let template = crate::data::templates::training_source(t.template, &built.text)
             .map_err(Error::input)?;
         // every bad sample is listed beside the run's outputs (nothing else of the run is written)

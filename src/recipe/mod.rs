@@ -331,6 +331,23 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 continue;
             }
             StageSpec::Ppo(g) => {
+                for (k, set) in [
+                    ("loss_type", g.loss_type.is_some()),
+                    ("epsilon_high", g.epsilon_high.is_some()),
+                    (
+                        "importance_sampling_level",
+                        g.importance_sampling_level.is_some(),
+                    ),
+                    ("scale_rewards", g.scale_rewards.is_some()),
+                ] {
+                    if set {
+                        errs.push(problem(
+                            r,
+                            &format!("{key}.{k}"),
+                            "a GRPO setting: PPO averages its clipped surrogate and value loss over the completion tokens, with GAE advantages whitened over the batch",
+                        ));
+                    }
+                }
                 check_rl(rc, g, i, &key, r, &exists, errs);
                 continue;
             }
@@ -350,7 +367,7 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                 check_pref(p, &key, r, &exists, errs);
                 continue;
             }
-            _ => stage.train().expect("a training stage"),
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t,
         };
         if t.batch.micro == 0 || t.batch.global % t.batch.micro != 0 {
             errs.push(problem(
@@ -681,6 +698,11 @@ fn check_rl(
     if g.updates == 0 {
         bad("updates", "must be at least 1".into());
     }
+    if let Some(e) = g.epsilon_high
+        && !(e > 0.0 && e.is_finite())
+    {
+        bad("epsilon_high", format!("{e} must be positive"));
+    }
     for (k, m) in g.sampling.problems() {
         bad(&format!("sampling.{k}"), m);
     }
@@ -757,6 +779,9 @@ fn check_rl(
     if g.data.sources.is_empty() {
         bad("data.sources", "empty: give at least one source".into());
     }
+    if let Some(a) = &g.adapter {
+        check_adapter(a, g.train.as_deref(), key, r, errs);
+    }
 }
 
 fn check_pref(
@@ -811,6 +836,9 @@ fn check_pref(
                 format!("source {j}: {} does not exist", s.path.display()),
             ));
         }
+    }
+    if let Some(a) = &p.adapter {
+        check_adapter(a, p.train.as_deref(), key, r, errs);
     }
 }
 

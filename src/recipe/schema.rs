@@ -227,6 +227,7 @@ impl StageSpec {
                     max_len: $s.max_len,
                     precision: $s.precision,
                     frozen_dtype: $s.frozen_dtype,
+                    adapter: $s.adapter.as_ref(),
                 }
             };
         }
@@ -294,6 +295,8 @@ pub struct Steps<'a> {
     pub max_len: usize,
     pub precision: Precision,
     pub frozen_dtype: Option<FrozenDtype>,
+    /// LoRA/QLoRA adapters (`adapter = { kind = "lora", ... }`), on every training stage kind.
+    pub adapter: Option<&'a Adapter>,
 }
 
 /// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
@@ -343,6 +346,9 @@ pub struct PrefStage {
     pub keep_last: usize,
     #[serde(default)]
     pub on_bad_sample: OnBad,
+    /// Train low-rank adapters instead of the targeted weights (LoRA; QLoRA over a quantized base), as on
+    /// align/instruct stages: `adapter = { kind = "lora", rank = 8, alpha = 16, targets = ["q_proj", "v_proj"] }`.
+    pub adapter: Option<Adapter>,
 }
 
 /// `kind = "grpo"` / `kind = "ppo"`: on-policy RL from prompts (with reference answers for rule rewards).
@@ -370,6 +376,22 @@ pub struct RlStage {
     /// Optimizer steps per rollout batch (GRPO's μ, PPO's epochs).
     #[serde(default = "one_usize")]
     pub updates: usize,
+    /// Activation checkpointing per LLM block during the updates (as on the other training stages).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
+    /// GRPO: how the per-token losses are averaged (TRL's `loss_type`): `grpo` (each completion's token mean,
+    /// then the mean over completions; default), `bnpo` (the token mean of each micro-batch, averaged over the
+    /// micro-batches), `dr_grpo` (the token sum over completions × max_new_tokens, Dr. GRPO), `dapo` (the token
+    /// sum over all completion tokens of the global batch, DAPO).
+    pub loss_type: Option<GrpoLoss>,
+    /// GRPO: the upper clip ε of the ratio (DAPO's clip-higher); default `clip_eps`.
+    pub epsilon_high: Option<f64>,
+    /// GRPO: `token` (default: a ratio per token) or `sequence` (GSPO: one ratio per completion, the exponential
+    /// of its mean token log-ratio).
+    pub importance_sampling_level: Option<SamplingLevel>,
+    /// GRPO: what divides the advantages r − mean(group): `group` (the group's std, default), `batch` (the std
+    /// of the whole global batch's rewards), `none` (Dr. GRPO: no scaling).
+    pub scale_rewards: Option<ScaleRewards>,
     /// PPO: discount γ of GAE (default 1).
     pub gamma: Option<f64>,
     /// PPO: λ of GAE (default 0.95).
@@ -406,9 +428,42 @@ pub struct RlStage {
     pub keep_last: usize,
     #[serde(default)]
     pub on_bad_sample: OnBad,
+    /// Train low-rank adapters instead of the targeted weights (LoRA; QLoRA over a quantized base), as on
+    /// align/instruct stages: `adapter = { kind = "lora", rank = 8, alpha = 16, targets = ["q_proj", "v_proj"] }`.
+    pub adapter: Option<Adapter>,
 }
 fn four() -> usize {
     4
+}
+
+/// GRPO's loss normalisations (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpoLoss {
+    #[default]
+    Grpo,
+    Bnpo,
+    DrGrpo,
+    Dapo,
+}
+
+/// Where GRPO's importance ratio is taken: per token (GRPO) or per completion (GSPO).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingLevel {
+    #[default]
+    Token,
+    Sequence,
+}
+
+/// What GRPO divides the centred rewards by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    #[default]
+    Group,
+    Batch,
+    None,
 }
 fn kl_beta() -> f64 {
     0.04

@@ -7,84 +7,21 @@
 //! losses (SimPO, ORPO) use neither. Metrics per logged step use TRL's names: loss, rewards/chosen,
 //! rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
 use burn::module::Module;
-use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::build::{Built, export};
+use super::backward::{hidden_backward, to_input};
 use super::loss;
+use super::pairs::{EncPair, PrefSetup, pair_batch, setup};
 use super::pref_loss::{PairLogps, PrefLoss, losses};
-use super::steps::{self, Batches, Engine};
-use super::trainer::{self, StageRun, to_input};
-use crate::data::contract::{self, Bad};
-use crate::data::loader::{MicroBatch, micro_batch};
-use crate::data::preference::{Pair, load_pairs};
-use crate::data::sources::{Role, Sample};
-use crate::data::templates::{self, Encoded};
-use crate::data::tokenizer::TextProcessor;
+use super::steps::{self, Engine, Micro, StageRun};
+use crate::data::loader::MicroBatch;
 use crate::error::{Error, Result, read_json};
-use crate::recipe::schema::{OnBad, Part, PrefData, PrefStage, Reference};
+use crate::model::{Built, export};
+use crate::recipe::schema::{Part, PrefStage, Reference};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
-
-/// An encoded pair: (chosen, rejected), both with only the response supervised.
-type EncPair = (Encoded, Encoded);
-
-fn sample(p: &Pair, response: &str) -> Sample {
-    let mut messages = p.history.clone();
-    messages.push((Role::Assistant, response.to_string()));
-    Sample {
-        id: p.id.clone(),
-        origin: p.id.clone(),
-        source: 0,
-        images: p.images.clone(),
-        videos: vec![],
-        messages,
-        raw_text: None,
-        meta: serde_json::Value::Null,
-    }
-}
-
-/// Loads every source, encodes both responses, applies the bad-sample policy (every bad pair listed in `list`,
-/// JSONL: `<stage>/skipped.jsonl` for the training pairs, `skipped-heldout.jsonl` for the held-out ones).
-#[allow(clippy::too_many_arguments)]
-pub fn load_encode(
-    data: &PrefData,
-    text: &TextProcessor,
-    template: &str,
-    max_len: usize,
-    on_bad: OnBad,
-    list: &Path,
-    key: &str,
-) -> Result<Vec<EncPair>> {
-    let mut out = vec![];
-    let mut bad = vec![];
-    for s in &data.sources {
-        let (mut pairs, b) = load_pairs(s.format, &s.path, s.images.as_deref())?;
-        bad.extend(b);
-        if let Some(c) = s.cap {
-            pairs.truncate(c);
-        }
-        for (k, p) in pairs.into_iter().enumerate() {
-            let i = out.len();
-            let enc = |r: &str| templates::encode_last(text, template, &sample(&p, r), i, max_len);
-            match (enc(&p.chosen), enc(&p.rejected)) {
-                (Ok(c), Ok(r)) => out.push((c, r)),
-                (Err(e), _) | (_, Err(e)) => bad.push(Bad::new(
-                    format!("{}:{k} ({})", s.path.display(), p.id),
-                    e.kind,
-                    e.reason,
-                )),
-            }
-        }
-    }
-    contract::settle(&bad, on_bad, list, key, "pair")?;
-    if out.is_empty() {
-        return Err(Error::input(format!("{key}: no usable pair")));
-    }
-    Ok(out)
-}
 
 /// Supervised target count per row (position 0 predicts nothing).
 fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
@@ -233,61 +170,6 @@ fn pair_losses(
     Ok((l, c, r, pc, pr))
 }
 
-/// A chunk's chosen rows then its rejected rows as one micro-batch of 2 × pairs (DPO and reward stages).
-pub(super) fn pair_batch(chunk: &[&EncPair], b: &Built) -> MicroBatch {
-    let rows: Vec<&Encoded> = chunk
-        .iter()
-        .map(|p| &p.0)
-        .chain(chunk.iter().map(|p| &p.1))
-        .collect();
-    micro_batch(&rows, b.text.pad_id(), &b.images)
-}
-
-/// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.
-pub struct PrefSetup {
-    pub pairs: Vec<EncPair>,
-    pub heldout: Vec<EncPair>,
-    pub batches: Batches,
-}
-
-pub fn setup(eng: &Engine, spec: &PrefStage, start: &Built) -> Result<PrefSetup> {
-    // each split lists its own bad pairs (the held-out split's never overwrite the training split's)
-    let load = |d: &PrefData, k: &str, list: &str| {
-        load_encode(
-            d,
-            &start.text,
-            &eng.template,
-            spec.max_len,
-            spec.on_bad_sample,
-            &eng.dir.join(list),
-            &format!("{}.{k}", eng.key),
-        )
-    };
-    let pairs = load(&spec.data, "data", "skipped.jsonl")?;
-    let heldout = match &spec.heldout {
-        Some(h) => load(h, "heldout", "skipped-heldout.jsonl")?,
-        None => vec![],
-    };
-    let batches = Batches::new(
-        &eng.key,
-        "pairs",
-        spec.batch.global,
-        eng.seed,
-        pairs.iter().map(|p| !p.0.images.is_empty()).collect(),
-        pairs
-            .iter()
-            .map(|p| p.0.ids.len().max(p.1.ids.len()))
-            .collect(),
-        spec.epochs,
-        spec.max_steps,
-    )?;
-    Ok(PrefSetup {
-        pairs,
-        heldout,
-        batches,
-    })
-}
-
 /// Runs the stage from `start` (the reference; also the policy unless `resume` names a checkpoint).
 pub fn run(
     ctx: StageRun,
@@ -364,22 +246,19 @@ pub fn run(
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
     let mut sums = Sums::default();
+    let ckpt = spec.checkpoint_activations;
     for step in eng.range() {
         eng.begin(step);
         let batch = batches.at(step);
-        let mut acc = GradientsAccumulator::<Llava>::new();
-        let mut step_loss = 0.0;
-        // this step's metric sums; data parallel: each rank takes every N-th micro-batch (`crate::dist`)
-        let mut mine = Sums::default();
         let chunks: Vec<&[usize]> = batch.chunks(spec.batch.micro).collect();
-        for chunk in crate::dist::shard(chunks.len()).map(|k| chunks[k]) {
-            let chunk: Vec<&EncPair> = chunk.iter().map(|&i| &pairs[i]).collect();
+        let up = eng.accumulate(model, step, chunks.len(), 7, |k, model| {
+            let chunk: Vec<&EncPair> = chunks[k].iter().map(|&i| &pairs[i]).collect();
             let mb = pair_batch(&chunk, &start);
             let input = to_input(&mb, device)?;
             let tail = |hidden| -> Result<_> {
                 let parts = pair_losses(
                     &loss_kind,
-                    &model,
+                    model,
                     hidden,
                     &mb,
                     &chunk,
@@ -389,25 +268,20 @@ pub fn run(
                 )?;
                 Ok((parts.0.clone().sum().div_scalar(batch.len() as f64), parts))
             };
-            let ckpt = spec.checkpoint_activations;
-            let (v, g, (l, c, r, pc, pr)) =
-                trainer::hidden_backward(&model, &model, &input, ckpt, tail)?;
-            step_loss += v;
+            let (loss, grads, (l, c, r, pc, pr)) =
+                hidden_backward(model, model, &input, ckpt, tail)?;
+            let mut mine = Sums::default();
             mine.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
-            acc.accumulate(&model, g);
-        }
-        let mut s = [step_loss, 0., 0., 0., 0., 0., 0., 0.];
-        s[1..].copy_from_slice(&mine.to_sums());
-        let grads = eng.all_reduce(&model, acc.grads(), &mut s);
-        let step_loss = s[0];
-        sums.add_sums(&s[1..]);
-        let norm;
-        (model, norm) = eng.update(model, step, step_loss, grads)?;
+            let sums = mine.to_sums().to_vec();
+            Ok(Micro { loss, grads, sums })
+        })?;
+        sums.add_sums(&up.sums);
+        model = up.model;
         eng.end(
             &model,
             step,
-            step_loss,
-            norm,
+            up.loss,
+            up.norm,
             None,
             || std::mem::take(&mut sums).json(),
             |tmp| save(&model, tmp),
@@ -442,6 +316,6 @@ pub fn run(
         ));
         eng.metrics.write(line)?;
     }
-    eng.finish(|dir| save(&model, &dir.join("model")))?;
+    let model = eng.finish_model(model, save, |_, _| Ok(()))?;
     Ok(Built { model, ..start })
 }

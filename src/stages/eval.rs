@@ -4,10 +4,10 @@
 use burn::module::Module;
 use std::path::Path;
 
-use super::build::Built;
 use super::log::Metrics;
 use crate::error::{Error, Result, read_json};
 use crate::eval::{Options, Report, run_task};
+use crate::model::Built;
 use crate::recipe::schema::{EvalStage, Template};
 
 pub fn is_done(dir: &Path) -> bool {

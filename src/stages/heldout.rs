@@ -5,12 +5,12 @@
 //! over several references, multiple choice, POPE F1, CIDEr) is the eval stage's.
 use burn::module::Module;
 
-use super::build::Built;
 use crate::data::sources::{self, Role};
 use crate::data::templates;
 use crate::error::{Error, Result};
 use crate::eval::metrics::vqa_normalize;
 use crate::generate::{GenConfig, generate, stop_ids};
+use crate::model::Built;
 use crate::recipe::schema::{Heldout, Source};
 use crate::zoo::mllm::MmInput;
 

@@ -1,8 +1,13 @@
-//! Training stages and the one step engine they all run through (`steps::Engine`): `trainer` (align, instruct,
-//! pretrain), `dpo`, `reward`, `grpo`, `ppo`; model building from the recipe, parameter groups, schedules, losses,
-//! run-state checkpoints, logging and held-out metrics; `run` orders the pipeline.
+//! Training stages and the one step engine they all run through (`steps::Engine`: the prologue, the step body —
+//! micro-batches sharded over ranks, accumulated, all-reduced, the update —, adapters, the step tail, checkpoints,
+//! the final save). One file per stage kind, its loss in view: `trainer` (align, instruct, pretrain), `dpo`,
+//! `reward`, `grpo`, `ppo`; no stage file imports another: what several share has its own file (`backward`:
+//! the backward pass with activation checkpointing; `adapters`; `pairs`: preference pairs; `reward_model`; `rl`
+//! and `rollout`: prompts, rollouts and rewards). Also model building from the recipe, parameter groups,
+//! schedules, losses, run-state checkpoints, logging and held-out metrics; `run` orders the pipeline.
 pub mod adamw;
-pub mod build;
+pub mod adapters;
+pub mod backward;
 pub mod checkpoints;
 pub mod dpo;
 pub mod eval;
@@ -11,10 +16,13 @@ pub mod heldout;
 pub mod log;
 pub mod loss;
 pub mod optim;
+pub mod pairs;
 pub mod params;
 pub mod ppo;
 pub mod pref_loss;
 pub mod reward;
+pub mod reward_model;
+pub mod rl;
 pub mod rollout;
 pub mod run;
 pub mod schedule;

@@ -7,23 +7,21 @@
 //! completion tokens. Logged: reward, KL, entropy, clip fraction, value loss, completion length.
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::{Module, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
-use super::build::{self, Built, export};
-use super::grpo::{RlSetup, response_logps};
+use super::backward::{hidden_backward, to_input};
 use super::loss;
-use super::steps::Engine;
-use super::trainer::{StageRun, to_input};
+use super::rl::{RlSetup, global_stats, response_logps};
+use super::steps::{Engine, Micro, StageRun};
 use crate::checkpoint::safetensors_io::{ToWrite, WeightStore, write_file};
 use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
-use crate::error::Result;
-
+use crate::error::{Error, Result};
+use crate::model::{self, Built, export};
 use crate::recipe::schema::{Part, RlStage};
 use crate::zoo::layers::{float_tensor, to_vec};
-use crate::zoo::mllm::Llava;
+use crate::zoo::mllm::{Backbone, Llava};
 
 const VALUE_FILE: &str = "value_head.safetensors";
 
@@ -51,6 +49,18 @@ impl PolicyValue {
     }
 }
 
+impl Backbone for PolicyValue {
+    fn llava(&self) -> &Llava {
+        &self.llava
+    }
+    fn map_llava(self, f: impl FnOnce(Llava) -> Result<Llava>) -> Result<Self> {
+        Ok(PolicyValue {
+            llava: f(self.llava)?,
+            value: self.value,
+        })
+    }
+}
+
 /// GAE over one completion: token rewards and values (same length), γ, λ -> (advantages, returns).
 pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, Vec<f64>) {
     let n = rewards.len();
@@ -67,16 +77,42 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
     (adv, ret)
 }
 
-/// Whitening as TRL's `masked_whiten`: (x − mean) / sqrt(var + 1e-8), unbiased variance, mean shifted back out.
+/// Whitening as TRL's `masked_whiten`: (x − mean) / sqrt(var + 1e-8), unbiased variance, mean shifted back out;
+/// over the values of every rank of a data-parallel job (`x`: this rank's).
 pub fn whiten(x: &mut [f64]) {
-    let n = x.len() as f64;
+    let mut s = [x.iter().sum::<f64>(), x.len() as f64];
+    crate::dist::sum_f64(&mut s, "the advantages' all-reduce");
+    let n = s[1];
     if n < 2.0 {
         return;
     }
-    let mean = x.iter().sum::<f64>() / n;
-    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let mean = s[0] / n;
+    let mut d = [x.iter().map(|v| (v - mean).powi(2)).sum::<f64>()];
+    crate::dist::sum_f64(&mut d, "the advantages' all-reduce");
+    let var = d[0] / (n - 1.0);
     for v in x.iter_mut() {
         *v = (*v - mean) / (var + 1e-8).sqrt();
+    }
+}
+
+/// One micro-batch of rollouts ready for the updates: rows, the sampler's per-token log-probs and values, and
+/// per-token advantages and returns (over positions 1..t, 0 outside the completion).
+struct Work<'r> {
+    rows: Vec<&'r Encoded>,
+    old: Vec<Vec<f32>>,
+    vals: Vec<Vec<f32>>,
+    advs: Vec<Vec<f64>>,
+    rets: Vec<Vec<f64>>,
+}
+
+impl Work<'_> {
+    /// (row, position) of every completion token, in row order.
+    fn completion_tokens(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.rows.iter().enumerate().flat_map(|(i, r)| {
+            (0..r.ids.len() - 1)
+                .filter(|&k| r.labels[k + 1])
+                .map(move |k| (i, k))
+        })
     }
 }
 
@@ -143,7 +179,7 @@ pub fn run(
     train.push(Part::Head.name().into());
     let pv = match &resume {
         Some(ck) => {
-            let mut pv = PolicyValue::new(build::load_dir(ck, device)?.model, device);
+            let mut pv = PolicyValue::new(model::load_dir(ck, device)?.model, device);
             load_value(&mut pv, ck, device)?;
             pv
         }
@@ -170,136 +206,159 @@ pub fn run(
         )?;
         save_value(m, out)
     };
-    let per = spec.batch.micro * spec.group;
     for step in eng.range() {
         eng.begin(step);
         let frozen = pv.valid();
-        let (rolls, scores) = rl.rollouts(step, spec, &frozen.llava, &start, &inner)?;
-        let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
-        // old log-probs and values, reference log-probs (no gradients), per row over positions 1..t
-        let (mut old, mut refs, mut vals) = (vec![], vec![], vec![]);
-        for chunk in rows.chunks(per) {
-            let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
+        // this rank's rollouts, one entry per micro-batch of prompts
+        let chunks = rl.rollouts(step, spec, &frozen.llava, &start, &inner)?;
+        let mut work: Vec<Option<Work>> = vec![];
+        // [KL sum, completion tokens] over the ranks' rollouts
+        let mut sums = [0.0f64; 2];
+        for c in &chunks {
+            let Some(c) = c else {
+                work.push(None);
+                continue;
+            };
+            let rows: Vec<&Encoded> = c.rolls.iter().map(|r| &r.row).collect();
+            // old log-probs and values, reference log-probs (no gradients), per row over positions 1..t
+            let mb = micro_batch(&rows, start.text.pad_id(), &start.images);
             let input = to_input(&mb, &inner)?;
-            let lens: Vec<usize> = chunk.iter().map(|r| r.ids.len() - 1).collect();
+            let lens: Vec<usize> = rows.iter().map(|r| r.ids.len() - 1).collect();
             let (hidden, v) = frozen.forward(&input)?;
             let t = v.dims()[1];
-            old.extend(rows_of(
-                response_logps(&frozen.llava, hidden, &mb, false).0,
-                &lens,
-            ));
-            vals.extend(rows_of(v.slice([0..chunk.len(), 0..t - 1]), &lens));
+            let old = rows_of(response_logps(&frozen.llava, hidden, &mb, false).0, &lens);
+            let vals = rows_of(v.slice([0..rows.len(), 0..t - 1]), &lens);
             let hidden = reference.hidden(&input)?;
-            refs.extend(rows_of(
-                response_logps(&reference, hidden, &mb, false).0,
-                &lens,
-            ));
-        }
-        // token rewards, GAE over each completion (positions where the next token is a target)
-        let (mut advs, mut rets) = (vec![], vec![]);
-        let mut kl_sum = 0.0;
-        let mut n_tok = 0usize;
-        for (i, r) in rows.iter().enumerate() {
-            let pos: Vec<usize> = (0..r.ids.len() - 1).filter(|&k| r.labels[k + 1]).collect();
-            let kl: Vec<f64> = pos
-                .iter()
-                .map(|&k| (old[i][k] - refs[i][k]) as f64)
-                .collect();
-            kl_sum += kl.iter().sum::<f64>();
-            n_tok += pos.len();
-            let mut tr: Vec<f64> = kl.iter().map(|k| -spec.kl_beta * k).collect();
-            if let Some(last) = tr.last_mut() {
-                *last += scores[i];
+            let refs = rows_of(response_logps(&reference, hidden, &mb, false).0, &lens);
+            // token rewards, GAE over each completion (positions where the next token is a target)
+            let (mut advs, mut rets) = (vec![], vec![]);
+            for (i, r) in rows.iter().enumerate() {
+                let pos: Vec<usize> = (0..r.ids.len() - 1).filter(|&k| r.labels[k + 1]).collect();
+                let kl: Vec<f64> = pos
+                    .iter()
+                    .map(|&k| (old[i][k] - refs[i][k]) as f64)
+                    .collect();
+                sums[0] += kl.iter().sum::<f64>();
+                sums[1] += pos.len() as f64;
+                let mut tr: Vec<f64> = kl.iter().map(|k| -spec.kl_beta * k).collect();
+                if let Some(last) = tr.last_mut() {
+                    *last += c.rewards[i];
+                }
+                let v: Vec<f64> = pos.iter().map(|&k| vals[i][k] as f64).collect();
+                let (a, ret) = gae(&tr, &v, gamma, lam);
+                // scatter back to full positions (zeros outside the completion)
+                let mut fa = vec![0.0; r.ids.len() - 1];
+                let mut fr = vec![0.0; r.ids.len() - 1];
+                for (j, &k) in pos.iter().enumerate() {
+                    fa[k] = a[j];
+                    fr[k] = ret[j];
+                }
+                advs.push(fa);
+                rets.push(fr);
             }
-            let v: Vec<f64> = pos.iter().map(|&k| vals[i][k] as f64).collect();
-            let (a, ret) = gae(&tr, &v, gamma, lam);
-            // scatter back to full positions (zeros outside the completion)
-            let mut fa = vec![0.0; r.ids.len() - 1];
-            let mut fr = vec![0.0; r.ids.len() - 1];
-            for (j, &k) in pos.iter().enumerate() {
-                fa[k] = a[j];
-                fr[k] = ret[j];
-            }
-            advs.push(fa);
-            rets.push(fr);
+            work.push(Some(Work {
+                rows,
+                old,
+                vals,
+                advs,
+                rets,
+            }));
         }
-        // whiten the advantages over all completion tokens of the batch
-        let mut flat: Vec<f64> = rows
+        crate::dist::sum_f64(&mut sums, "the KL and token counts' all-reduce");
+        let (kl_sum, n_tok) = (sums[0], sums[1] as usize);
+        // whiten the advantages over all completion tokens of the batch (every rank's)
+        let mut flat: Vec<f64> = work
             .iter()
-            .enumerate()
-            .flat_map(|(i, r)| {
-                (0..r.ids.len() - 1)
-                    .filter(|&k| r.labels[k + 1])
-                    .map(move |k| (i, k))
-            })
-            .map(|(i, k)| advs[i][k])
+            .flatten()
+            .flat_map(|w| w.completion_tokens().map(|(i, k)| w.advs[i][k]))
             .collect();
         whiten(&mut flat);
         let mut it = flat.into_iter();
-        for (i, r) in rows.iter().enumerate() {
-            for k in 0..r.ids.len() - 1 {
-                if r.labels[k + 1] {
-                    advs[i][k] = it.next().unwrap();
-                }
+        for w in work.iter_mut().flatten() {
+            for (i, k) in w.completion_tokens().collect::<Vec<_>>() {
+                w.advs[i][k] = it.next().unwrap_or(0.0);
             }
         }
-        let (mut clipped, mut ent_sum, mut vf_sum, mut step_loss, mut norm) =
-            (0.0, 0.0, 0.0, 0.0, 0.0);
+        let mine: Vec<f64> = chunks
+            .iter()
+            .flatten()
+            .flat_map(|c| c.rewards.iter().copied())
+            .collect();
+        let (reward, _, _, n_rolls) = global_stats(&mine);
+        let mut lengths = [chunks
+            .iter()
+            .flatten()
+            .flat_map(|c| c.rolls.iter().map(|r| r.tokens as f64))
+            .sum::<f64>()];
+        crate::dist::sum_f64(&mut lengths, "the completion lengths' all-reduce");
+        // [clipped tokens, value loss sum, entropy sum] over the updates
+        let mut stats = [0.0f64; 3];
+        let (mut step_loss, mut norm) = (0.0, 0.0);
         for _ in 0..spec.updates {
-            let mut acc = GradientsAccumulator::<PolicyValue>::new();
-            let mut update_loss = 0.0;
-            for (c, chunk) in rows.chunks(per).enumerate() {
-                let span = c * per..c * per + chunk.len();
-                let mb = micro_batch(chunk, start.text.pad_id(), &start.images);
-                let (hidden, v) = pv.forward(&to_input(&mb, device)?)?;
-                let (logp, ent) = response_logps(&pv.llava, hidden, &mb, true);
-                let [n, w] = logp.dims();
-                let mask = loss::target_mask(&mb.labels, device);
-                let as64 = |rows: &[Vec<f32>]| -> Vec<Vec<f64>> {
-                    rows.iter()
-                        .map(|r| r.iter().map(|&x| x as f64).collect())
-                        .collect()
-                };
-                let old_t = padded(&as64(&old[span.clone()]), w, device);
-                let vold_t = padded(&as64(&vals[span.clone()]), w, device);
-                let adv_t = padded(&advs[span.clone()], w, device);
-                let ret_t = padded(&rets[span.clone()], w, device);
-                let ratio = (logp - old_t).exp();
-                let e = spec.clip_eps;
-                let pg = (ratio.clone() * adv_t.clone())
-                    .min_pair(ratio.clone().clamp(1.0 - e, 1.0 + e) * adv_t)
-                    .neg();
-                let v = v.slice([0..n, 0..w]);
-                let v_clip = vold_t.clone() + (v.clone() - vold_t).clamp(-e, e);
-                let vf = (v - ret_t.clone())
-                    .powi_scalar(2)
-                    .max_pair((v_clip - ret_t).powi_scalar(2))
-                    .mul_scalar(0.5);
-                let per_tok = pg + vf.clone().mul_scalar(vf_coef);
-                let l = (per_tok * mask.clone())
-                    .sum()
-                    .div_scalar(n_tok.max(1) as f64);
-                update_loss += l.clone().into_scalar::<f32>() as f64;
-                let (rv, mv) = (to_vec(ratio), to_vec(mask.clone()));
-                clipped += rv
-                    .iter()
-                    .zip(&mv)
-                    .filter(|(r, m)| {
-                        **m > 0.0 && ((**r as f64) < 1.0 - e || (**r as f64) > 1.0 + e)
-                    })
-                    .count() as f64;
-                vf_sum += to_vec(vf * mask.clone())
-                    .iter()
-                    .map(|&x| x as f64)
-                    .sum::<f64>();
-                if let Some(en) = ent {
-                    ent_sum += to_vec(en * mask).iter().map(|&x| x as f64).sum::<f64>();
-                }
-                acc.accumulate(&pv, GradientsParams::from_grads(l.backward(), &pv));
-            }
             // each update is checked before it touches the weights
-            (pv, norm) = eng.update(pv, step, update_loss, acc.grads())?;
-            step_loss += update_loss / spec.updates as f64;
+            let up = eng.accumulate(pv, step, work.len(), 3, |c, pv| {
+                let w = work[c].as_ref().ok_or_else(|| {
+                    Error::input(format!("ppo: micro-batch {c} has no rollouts on this rank"))
+                })?;
+                let mb = micro_batch(&w.rows, start.text.pad_id(), &start.images);
+                let input = to_input(&mb, device)?;
+                let tail = |hidden: Tensor<3>| -> Result<_> {
+                    let [b, t, _] = hidden.dims();
+                    let v = pv.value.forward(hidden.clone()).reshape([b, t]);
+                    let (logp, ent) = response_logps(&pv.llava, hidden, &mb, true);
+                    let [n, wd] = logp.dims();
+                    let mask = loss::target_mask(&mb.labels, device);
+                    let as64 = |rows: &[Vec<f32>]| -> Vec<Vec<f64>> {
+                        rows.iter()
+                            .map(|r| r.iter().map(|&x| x as f64).collect())
+                            .collect()
+                    };
+                    let old_t = padded(&as64(&w.old), wd, device);
+                    let vold_t = padded(&as64(&w.vals), wd, device);
+                    let adv_t = padded(&w.advs, wd, device);
+                    let ret_t = padded(&w.rets, wd, device);
+                    let ratio = (logp - old_t).exp();
+                    let e = spec.clip_eps;
+                    let pg = (ratio.clone() * adv_t.clone())
+                        .min_pair(ratio.clone().clamp(1.0 - e, 1.0 + e) * adv_t)
+                        .neg();
+                    let v = v.slice([0..n, 0..wd]);
+                    let v_clip = vold_t.clone() + (v.clone() - vold_t).clamp(-e, e);
+                    let vf = (v - ret_t.clone())
+                        .powi_scalar(2)
+                        .max_pair((v_clip - ret_t).powi_scalar(2))
+                        .mul_scalar(0.5);
+                    let per_tok = pg + vf.clone().mul_scalar(vf_coef);
+                    let l = (per_tok * mask.clone())
+                        .sum()
+                        .div_scalar(n_tok.max(1) as f64);
+                    let (rv, mv) = (to_vec(ratio), to_vec(mask.clone()));
+                    let clipped = rv
+                        .iter()
+                        .zip(&mv)
+                        .filter(|(r, m)| {
+                            **m > 0.0 && ((**r as f64) < 1.0 - e || (**r as f64) > 1.0 + e)
+                        })
+                        .count() as f64;
+                    let vf_sum = to_vec(vf * mask.clone())
+                        .iter()
+                        .map(|&x| x as f64)
+                        .sum::<f64>();
+                    let ent_sum = ent.map_or(0.0, |en| {
+                        to_vec(en * mask).iter().map(|&x| x as f64).sum::<f64>()
+                    });
+                    Ok((l, vec![clipped, vf_sum, ent_sum]))
+                };
+                let ckpt = spec.checkpoint_activations;
+                let (loss, grads, sums) = hidden_backward(pv, &pv.llava, &input, ckpt, tail)?;
+                Ok(Micro { loss, grads, sums })
+            })?;
+            pv = up.model;
+            norm = up.norm;
+            for (a, b) in stats.iter_mut().zip(&up.sums) {
+                *a += b;
+            }
+            step_loss += up.loss / spec.updates as f64;
         }
         eng.end(
             &pv,
@@ -311,17 +370,17 @@ pub fn run(
                 let tok = (n_tok * spec.updates).max(1) as f64;
                 serde_json::json!({
                     "loss": step_loss,
-                    "reward": scores.iter().sum::<f64>() / scores.len() as f64,
-                    "kl": kl_sum / n_tok.max(1) as f64, "entropy": ent_sum / tok, "clip_fraction": clipped / tok,
-                    "value_loss": vf_sum / tok,
-                    "completion_length": rolls.iter().map(|x| x.tokens).sum::<usize>() as f64 / rolls.len() as f64,
+                    "reward": reward,
+                    "kl": kl_sum / n_tok.max(1) as f64, "entropy": stats[2] / tok, "clip_fraction": stats[0] / tok,
+                    "value_loss": stats[1] / tok,
+                    "completion_length": lengths[0] / n_rolls.max(1) as f64,
                 })
             },
             |tmp| save(&pv, tmp),
         )?;
     }
     rl.heldout(&mut eng, &pv.llava.valid(), &start, total, "after", &inner)?;
-    eng.finish(|dir| save(&pv, &dir.join("model")))?;
+    let pv = eng.finish_model(pv, save, |_, _| Ok(()))?;
     Ok(Built {
         model: pv.llava,
         ..start

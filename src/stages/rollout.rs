@@ -5,13 +5,13 @@
 use burn::tensor::Device;
 use regex::Regex;
 
-use super::build::Built;
 use crate::data::images::ImageProcessor;
 use crate::data::preference::PromptItem;
 use crate::data::templates::{self, Encoded};
 use crate::error::{Error, Result};
 use crate::eval::metrics;
 use crate::generate::{GenConfig, Prompt, generate_batch};
+use crate::model::Built;
 use crate::zoo::mllm::Llava;
 
 pub use crate::recipe::schema::{RewardSpec, Sampling};

@@ -5,13 +5,14 @@
 use burn::tensor::Device;
 use std::path::{Path, PathBuf};
 
-use super::build::{self, Built};
 use super::checkpoints;
 use super::heldout::{self, Score};
 use super::log::Metrics;
-use super::trainer::{self, StageRun};
+use super::steps::StageRun;
+use super::trainer;
 use crate::data::shapes;
 use crate::error::{Error, Result, read_json};
+use crate::model::{self, Built};
 use crate::recipe::schema::{Init, Prepare, Recipe, StageSpec, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,68 +179,17 @@ pub fn train(
             evals.push((name.clone(), reports));
             continue;
         }
-        if matches!(
-            spec,
-            StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_)
-        ) {
-            if checkpoints::is_done(&dir) {
-                crate::say!("[{name}] already done; skipping");
-                current = None;
-                continue;
-            }
-            write_stage_recipe(&dir, resolved_toml)?;
-            let resume = if existing == Existing::Resume {
-                checkpoints::list(&dir).pop()
-            } else {
-                None
-            };
-            // The starting weights are the reference, also when the policy resumes from a checkpoint.
-            let start = init_model(rc, &run, i, spec.init(), &mut current, device)?;
-            let ctx = StageRun {
-                name,
-                spec,
-                dir: dir.clone(),
-                seed: rc.seed,
-                device,
-                metrics: &mut metrics,
-            };
-            let trained = match spec {
-                StageSpec::Reward(p) => super::reward::run(ctx, p, start, resume)?,
-                StageSpec::Dpo(p) => super::dpo::run(ctx, p, start, resume)?,
-                StageSpec::Grpo(g) => super::grpo::run(ctx, g, start, resume, &run)?,
-                StageSpec::Ppo(g) => super::ppo::run(ctx, g, start, resume, &run)?,
-                _ => unreachable!("matched above"),
-            };
-            // a reward model's backbone is not a generator: no held-out generation row for it
-            if !matches!(spec, StageSpec::Reward(_))
-                && let Some(s) = heldout_row(
-                    rc,
-                    &trained,
-                    spec.template().expect("a training stage"),
-                    &dir.join("heldout.json"),
-                    &mut metrics,
-                    name,
-                )?
-            {
-                table.push((name.clone(), s));
-            }
-            current = Some(trained);
-            continue;
-        }
-        let t = spec.train().expect("a training stage");
         if checkpoints::is_done(&dir) {
             crate::say!("[{name}] already done; skipping");
             current = None;
-            if rc.heldout.is_some() {
+            // its held-out row, as it was logged (or computed now, if the run stopped between the two)
+            if rc.heldout.is_some() && generates(spec) {
                 let file = dir.join("heldout.json");
-                let done = if file.exists() {
-                    None
+                let s = if file.exists() {
+                    read_json(&file).map(Some)?
                 } else {
-                    Some(build::load_dir(&dir.join("model"), device)?)
-                };
-                let s = match &done {
-                    Some(b) => heldout_row(rc, b, t.template, &file, &mut metrics, name)?,
-                    None => read_json(&file).map(Some)?,
+                    let b = model::load_dir(&dir.join("model"), device)?;
+                    heldout_row(rc, &b, train_template(spec), &file, &mut metrics, name)?
                 };
                 table.extend(s.map(|s| (name.clone(), s)));
             }
@@ -251,26 +201,26 @@ pub fn train(
         } else {
             None
         };
-        let mut built = match &resume {
-            Some(ck) => build::load_dir(ck, device)?,
-            None if i == 0 && t.init.is_none() => {
-                build::build(&rc.model, t.data.pad_to_square, device)?
-            }
-            None => init_model(rc, &run, i, t.init.as_ref(), &mut current, device)?,
+        let mut start = match &resume {
+            // the checkpoint holds everything these kinds need; the others keep their start as the reference
+            Some(ck) if !keeps_reference(spec) => model::load_dir(ck, device)?,
+            _ => init_model(rc, &run, i, spec.init(), &mut current, device)?,
         };
-        built.images.set_pad_to_square(t.data.pad_to_square);
-        build::stage_budget(&mut built, &t.data.budget(), &format!("stages.{name}.data"))?;
-        if i == 0
-            && let Some(s) = heldout_row(
-                rc,
-                &built,
-                t.template,
-                &run.join("heldout-init.json"),
-                &mut metrics,
-                "init",
-            )?
-        {
-            table.push(("init".into(), s));
+        if let Some(t) = spec.train() {
+            start.images.set_pad_to_square(t.data.pad_to_square);
+            model::stage_budget(&mut start, &t.data.budget(), &format!("stages.{name}.data"))?;
+            if i == 0
+                && let Some(s) = heldout_row(
+                    rc,
+                    &start,
+                    t.template,
+                    &run.join("heldout-init.json"),
+                    &mut metrics,
+                    "init",
+                )?
+            {
+                table.push(("init".into(), s));
+            }
         }
         let ctx = StageRun {
             name,
@@ -280,15 +230,17 @@ pub fn train(
             device,
             metrics: &mut metrics,
         };
-        let trained = trainer::run(ctx, built, resume)?;
-        if let Some(s) = heldout_row(
-            rc,
-            &trained,
-            t.template,
-            &dir.join("heldout.json"),
-            &mut metrics,
-            name,
-        )? {
+        let trained = run_stage(ctx, start, resume, &run)?;
+        if generates(spec)
+            && let Some(s) = heldout_row(
+                rc,
+                &trained,
+                train_template(spec),
+                &dir.join("heldout.json"),
+                &mut metrics,
+                name,
+            )?
+        {
             table.push((name.clone(), s));
         }
         current = Some(trained);
@@ -311,6 +263,52 @@ pub fn train(
         eprintln!("run saved in {}", run.display());
     }
     Ok(run)
+}
+
+/// The registry of training stage kinds: the recipe's kind → the file that runs it. Every match on `StageSpec`
+/// in this file is exhaustive, so a new kind that is not registered here does not compile.
+fn run_stage(ctx: StageRun, start: Built, resume: Option<PathBuf>, run: &Path) -> Result<Built> {
+    match ctx.spec {
+        StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => {
+            trainer::run(ctx, start, resume)
+        }
+        StageSpec::Dpo(p) => super::dpo::run(ctx, p, start, resume),
+        StageSpec::Reward(p) => super::reward::run(ctx, p, start, resume),
+        StageSpec::Grpo(g) => super::grpo::run(ctx, g, start, resume, run),
+        StageSpec::Ppo(g) => super::ppo::run(ctx, g, start, resume, run),
+        StageSpec::Eval(_) => Err(Error::input(format!(
+            "stages.{}: an eval stage trains nothing",
+            ctx.name
+        ))),
+    }
+}
+
+/// Whether a stage kind keeps its starting model beside the trained one (the reference of the policy stages),
+/// so that a resumed run needs the start as well as the checkpoint.
+fn keeps_reference(spec: &StageSpec) -> bool {
+    match spec {
+        StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => false,
+        StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_) => true,
+        StageSpec::Eval(_) => false,
+    }
+}
+
+/// Whether the stage's model generates (a held-out row after it): not a reward model's backbone.
+fn generates(spec: &StageSpec) -> bool {
+    match spec {
+        StageSpec::Align(_)
+        | StageSpec::Instruct(_)
+        | StageSpec::Pretrain(_)
+        | StageSpec::Dpo(_)
+        | StageSpec::Grpo(_)
+        | StageSpec::Ppo(_) => true,
+        StageSpec::Reward(_) | StageSpec::Eval(_) => false,
+    }
+}
+
+/// The template a training stage trains with.
+fn train_template(spec: &StageSpec) -> Template {
+    spec.template().unwrap_or(Template::Tokenizer)
 }
 
 /// The stage's folder with the resolved recipe in it (rank 0's; the other ranks of a data-parallel job leave
@@ -341,8 +339,8 @@ fn init_model(
 ) -> Result<Built> {
     if let Some(init) = init {
         return match (&init.from_stage, &init.checkpoint) {
-            (Some(from), _) => build::load_dir(&run.join(from).join("model"), device),
-            (_, Some(ck)) => build::load_dir(ck, device),
+            (Some(from), _) => model::load_dir(&run.join(from).join("model"), device),
+            (_, Some(ck)) => model::load_dir(ck, device),
             _ => unreachable!("validated: exactly one of from_stage/checkpoint"),
         };
     }
@@ -354,8 +352,8 @@ fn init_model(
         .rev()
         .find(|n| rc.stages[n.as_str()].trains());
     match prev {
-        Some(p) => build::load_dir(&run.join(p).join("model"), device),
-        None => build::build(&rc.model, false, device),
+        Some(p) => model::load_dir(&run.join(p).join("model"), device),
+        None => model::build(&rc.model, false, device),
     }
 }
 

@@ -2,20 +2,33 @@
 //! of a step for the stages that batch their own items (`Batches`: a pure function of seed and epoch, so a resumed
 //! run sees the same batches).
 use burn::module::Module;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::log::{Metrics, Progress};
+use super::adapters::{self, Adapted};
+use super::log::Metrics;
+use super::log::Progress;
 use super::optim::{self, Groups};
-use super::trainer::StageRun;
 use super::{checkpoints, schedule};
 use crate::data::loader::Order;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{FrozenDtype, Mix, Part, Precision, Steps};
+use crate::recipe::schema::{FrozenDtype, Mix, Part, Precision, StageSpec, Steps};
 use crate::zoo::layers::precision;
+use crate::zoo::mllm::Backbone;
+
+/// What the pipeline hands a training stage: its name and spec, its folder, the recipe's seed, the device and the
+/// run's metrics log.
+pub struct StageRun<'a> {
+    pub name: &'a str,
+    pub spec: &'a StageSpec,
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub device: &'a Device,
+    pub metrics: &'a mut Metrics,
+}
 
 pub struct Batches {
     order: Order,
@@ -102,7 +115,7 @@ pub fn policy(
     device: &Device,
 ) -> Result<crate::zoo::mllm::Llava> {
     match resume {
-        Some(ck) => Ok(super::build::load_dir(ck, device)?.model),
+        Some(ck) => Ok(crate::model::load_dir(ck, device)?.model),
         None => Ok(start.clone()),
     }
 }
@@ -160,6 +173,25 @@ pub struct Engine<'a> {
     pub frozen: DType,
     /// bf16 products while the stage runs (`precision = "bf16-mixed" | "bf16"`); None in f32.
     _autocast: precision::Autocast,
+    /// The stage's adapters once `start` attached them (`adapter = {...}`).
+    adapted: Option<Adapted>,
+}
+
+/// What one micro-batch gives the engine: the value of its loss (its share of the step's loss), its gradients,
+/// and the stage's numbers to log (summed over the micro-batches and the ranks).
+pub struct Micro {
+    pub loss: f64,
+    pub grads: GradientsParams,
+    pub sums: Vec<f64>,
+}
+
+/// One optimizer update: the model after it, the gradient norm before clipping, the update's loss and the
+/// stage's sums over every micro-batch of every rank.
+pub struct Update<M> {
+    pub model: M,
+    pub norm: f64,
+    pub loss: f64,
+    pub sums: Vec<f64>,
 }
 
 /// A stage's `precision` and `frozen_dtype` → (the compute dtype of matrix products, None = f32; the storage
@@ -220,21 +252,28 @@ impl<'a> Engine<'a> {
             comm: None,
             frozen,
             _autocast: precision::autocast(compute),
+            adapted: None,
         })
     }
 
-    /// The parts that learn: the recipe's `train`, else the stage kind's default.
+    /// The parts that learn in full: the recipe's `train`, else the stage kind's default (with adapters, only
+    /// the connector and a stage's own head of it: `adapters::default_parts`).
     pub fn train(&self, default: &[Part]) -> Vec<String> {
-        match self.s.train {
-            Some(t) => t.to_vec(),
-            None => default.iter().map(|p| p.name().to_string()).collect(),
+        match (self.s.train, self.s.adapter) {
+            (Some(t), _) => t.to_vec(),
+            (None, Some(a)) => adapters::default_parts(default, a)
+                .iter()
+                .map(|p| p.name().to_string())
+                .collect(),
+            (None, None) => default.iter().map(|p| p.name().to_string()).collect(),
         }
     }
 
     /// The second half, once the data fixed `total`: `model` holds the weights to start from (the checkpoint's on
-    /// resume, loaded by the stage, which knows its own extra files); restores parameter ids and optimizer moments
-    /// from `resume`, freezes all but `train`, prints the stage's line (`what` says what it trains on).
-    pub fn start<M: Module>(
+    /// resume, loaded by the stage, which knows its own extra files); attaches the stage's adapters (the
+    /// checkpoint's on resume), restores parameter ids and optimizer moments from `resume`, freezes all but
+    /// `train` (and the adapters), prints the stage's line (`what` says what it trains on).
+    pub fn start<M: Backbone>(
         &mut self,
         model: M,
         total: usize,
@@ -244,6 +283,13 @@ impl<'a> Engine<'a> {
     ) -> Result<M> {
         self.total = total;
         let mut model = model;
+        let mut train = train.to_vec();
+        if let Some(a) = self.s.adapter {
+            let adapted;
+            (model, adapted) = Adapted::attach(model, a, &train, resume, &self.key, self.device)?;
+            train.push(adapters::FACTORS.into());
+            self.adapted = Some(adapted);
+        }
         if let Some(ck) = resume {
             (model, self.first) = self.groups.resume(model, ck)?;
             crate::say!(
@@ -254,7 +300,7 @@ impl<'a> Engine<'a> {
             );
             self.last_good = Some(ck.to_path_buf());
         }
-        let model = self.groups.select(model, train, self.name)?;
+        let model = self.groups.select(model, &train, self.name)?;
         // trained weights in f32 (a previous stage may hand over bf16-stored frozen ones), frozen per frozen_dtype
         let model = precision::store(model, self.frozen);
         if precision::compute().is_some() || self.frozen == DType::BF16 {
@@ -369,11 +415,46 @@ impl<'a> Engine<'a> {
             .step(model, grads, self.s.clip_grad_norm, self.factor))
     }
 
+    /// One optimizer update made of `n` micro-batches — the step body every stage shares: this rank takes its
+    /// share of them (`crate::dist::shard`: every N-th), `micro(i, &model)` computes micro-batch i (its loss
+    /// value, gradients and `width` numbers to log), the gradients are accumulated, then gradients, loss and
+    /// numbers are summed over the ranks, and the update is made — refused before it touches the weights when
+    /// the loss is not finite.
+    pub fn accumulate<M: Module>(
+        &mut self,
+        model: M,
+        step: usize,
+        n: usize,
+        width: usize,
+        mut micro: impl FnMut(usize, &M) -> Result<Micro>,
+    ) -> Result<Update<M>> {
+        let mut acc = GradientsAccumulator::<M>::new();
+        // [loss, the stage's numbers...] of this rank's micro-batches (all of them in one process)
+        let mut s = vec![0.0f64; 1 + width];
+        for i in crate::dist::shard(n) {
+            let m = micro(i, &model)?;
+            s[0] += m.loss;
+            for (a, b) in s[1..].iter_mut().zip(&m.sums) {
+                *a += b;
+            }
+            acc.accumulate(&model, m.grads);
+        }
+        let grads = self.all_reduce(&model, acc.grads(), &mut s);
+        let loss = s[0];
+        let (model, norm) = self.update(model, step, loss, grads)?;
+        Ok(Update {
+            model,
+            norm,
+            loss,
+            sums: s.split_off(1),
+        })
+    }
+
     /// The tail of step `step`: the fault point, progress, the metrics line when due (the stage's `line` plus
     /// stage, step, lr, grad_norm, step_s; due every `log_every` steps, at step 1 and at the last), and a
     /// checkpoint every `save_every` steps (`write` saves the model's files into the folder it is given).
     #[allow(clippy::too_many_arguments)]
-    pub fn end<M: Module>(
+    pub fn end<M: Backbone>(
         &mut self,
         model: &M,
         step: usize,
@@ -410,6 +491,10 @@ impl<'a> Engine<'a> {
                 &optim::state(model, done, self.total),
                 |tmp| {
                     write(tmp)?;
+                    // the base weights (HF files skip adapters) + the adapter, as `start` reads them back
+                    if let Some(a) = &self.adapted {
+                        a.save(model, tmp, &tmp.join("adapter"))?;
+                    }
                     fault_point(self.name, done, Some("checkpoint"));
                     self.groups.save(tmp)
                 },
@@ -436,9 +521,35 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Ends the stage with its final model: `save(model, dir)` writes a model's files into `dir`, `after(model,
+    /// stage dir)` whatever else the stage releases. `<stage>/model/` holds the model — with adapters, merged
+    /// (what later stages, generate and transformers load), beside `adapter/` (PEFT) over `base/` (unmerged).
+    pub fn finish_model<M: Backbone>(
+        mut self,
+        model: M,
+        save: impl Fn(&M, &Path) -> Result<()>,
+        after: impl FnOnce(&M, &Path) -> Result<()>,
+    ) -> Result<M> {
+        let adapted = self.adapted.take();
+        self.finish(|dir| {
+            let m = match &adapted {
+                Some(a) => {
+                    let base = dir.join("base");
+                    save(&model, &base)?;
+                    a.save(&model, &base, &dir.join("adapter"))?;
+                    Adapted::merge(model)?
+                }
+                None => model,
+            };
+            save(&m, &dir.join("model"))?;
+            after(&m, dir)?;
+            Ok(m)
+        })
+    }
+
     /// Ends the stage: `save` writes the final model into the stage's folder, then the done marker (a stage is done
     /// only once its model is complete).
-    pub fn finish<T>(self, save: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    fn finish<T>(self, save: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
         if let Some(p) = &self.progress {
             p.finish();
         }

@@ -4,70 +4,23 @@
 //! an exact resume needs (weights, optimizer moments, parameter ids, step); the data order and learning rate are
 //! pure functions of the step, so nothing else is state.
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Tensor};
-use std::path::{Path, PathBuf};
+use burn::optim::GradientsParams;
+use burn::tensor::Device;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::build::{Built, export};
-use super::log::Metrics;
+use super::backward::{hidden_backward, to_input};
 use super::loss;
-use super::steps::Engine;
-use crate::checkpoint::peft;
+use super::steps::{Engine, Micro, StageRun};
 use crate::data::contract::{self, Bad, Kind};
 use crate::data::images::ImageProcessor;
 use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
-use crate::recipe::schema::{Adapter, Part, StageSpec};
-use crate::zoo::layers::float_tensor;
-use crate::zoo::lora;
-use crate::zoo::mllm::{Llava, Media, MmInput};
-
-pub struct StageRun<'a> {
-    pub name: &'a str,
-    pub spec: &'a StageSpec,
-    pub dir: PathBuf,
-    pub seed: u64,
-    pub device: &'a Device,
-    pub metrics: &'a mut Metrics,
-}
-
-/// The model's input for a micro-batch; a sample left out for media that failed to decode is an error here (the
-/// stages whose rows come in pairs or groups cannot drop one: the trainer applies `on_bad_sample` before this).
-pub fn to_input(mb: &MicroBatch, device: &Device) -> Result<MmInput> {
-    if let Some((_, why)) = mb.dropped.first() {
-        return Err(Error::input(format!(
-            "{} sample(s) of this batch failed to load (changed on disk since the dataset's checks?): {why}",
-            mb.dropped.len()
-        )));
-    }
-    let pixels = match &mb.pixels {
-        Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
-        Ok(None) => None,
-        Err(e) => return Err(Error::input(format!("image failed to load: {e}"))),
-    };
-    let videos = match &mb.videos {
-        Ok(Some((v, shape))) => Some(float_tensor(v.clone(), *shape, device)),
-        Ok(None) => None,
-        Err(e) => return Err(Error::input(format!("video frame failed to load: {e}"))),
-    };
-    let mut input = MmInput::new(mb.ids.clone(), mb.attention.clone(), pixels)
-        .with_rows(mb.image_sizes.clone(), mb.images_per_row.clone())
-        .with_grids(mb.image_grids.clone());
-    if !mb.instructions.is_empty()
-        && let Some(Media::Images(p)) = input.media.pop()
-    {
-        input.media.push(Media::InstructedImages {
-            pixels: p,
-            instructions: mb.instructions.clone(),
-        });
-    }
-    Ok(input
-        .with_videos(videos, mb.video_grids.clone(), mb.video_seconds.clone())
-        .with_segments(mb.segments.clone()))
-}
+use crate::model::{Built, export};
+use crate::recipe::schema::Part;
+use crate::zoo::mllm::Llava;
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).
 pub fn micro_loss(
@@ -99,97 +52,12 @@ pub fn micro_grads(
     Ok((v, g))
 }
 
-/// Value and gradients (for `module`'s parameters) of `tail(final hidden states of llava)` — a loss, plus whatever
-/// else the stage wants back as `T` — in one plain backward pass, or with activations checkpointed per LLM block
-/// when `checkpoint` (`checkpointed_backward`). Every training stage that reads the LLM's hidden states goes
-/// through here.
-pub fn hidden_backward<M: Module, T>(
-    module: &M,
-    llava: &Llava,
-    input: &MmInput,
-    checkpoint: bool,
-    tail: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, T)>,
-) -> Result<(f64, GradientsParams, T)> {
-    if checkpoint {
-        return checkpointed_backward(module, llava, input, tail);
-    }
-    let (l, extra) = tail(llava.hidden(input)?)?;
-    let value = l.clone().into_scalar::<f32>() as f64;
-    Ok((
-        value,
-        GradientsParams::from_grads(l.backward(), module),
-        extra,
-    ))
-}
-
-fn checkpointed_backward<M: Module, T>(
-    module: &M,
-    llava: &Llava,
-    input: &MmInput,
-    tail: impl FnOnce(Tensor<3>) -> Result<(Tensor<1>, T)>,
-) -> Result<(f64, GradientsParams, T)> {
-    let x0 = llava.input_embeds(input)?;
-    let positions = llava.positions(input)?;
-    let segments = (!input.segments.is_empty()).then_some(input.segments.as_slice());
-    let dec = llava.language_model.decoder();
-    let ctx = dec.context(&x0, &positions, &input.attention, segments);
-    // forward without autodiff (the inner backend), keeping each block's input
-    let inner_ctx = ctx.inner();
-    let mut h = x0.clone().inner();
-    let mut inputs = Vec::with_capacity(dec.layers.len());
-    for layer in &dec.layers {
-        inputs.push(h.clone());
-        h = layer.valid().forward(h, &inner_ctx, None);
-    }
-    // final norm and the tail under autodiff from the last block's output
-    let last = Tensor::from_inner(h).require_grad();
-    let (l, extra) = tail(dec.norm.forward(last.clone()))?;
-    let value = l.clone().into_scalar::<f32>() as f64;
-    let grads = l.backward();
-    let mut dy = last.grad(&grads);
-    let mut acc = GradientsAccumulator::<M>::new();
-    acc.accumulate(module, GradientsParams::from_grads(grads, module));
-    for (layer, x) in dec.layers.iter().zip(inputs).rev() {
-        let Some(g) = dy else { break };
-        let x = Tensor::from_inner(x).require_grad();
-        let y = layer.forward(x.clone(), &ctx, None);
-        let grads = (y * Tensor::from_inner(g)).sum().backward();
-        dy = x.grad(&grads);
-        acc.accumulate(module, GradientsParams::from_grads(grads, module));
-    }
-    if let Some(g) = dy.filter(|_| x0.is_tracked()) {
-        let grads = (x0 * Tensor::from_inner(g)).sum().backward();
-        acc.accumulate(module, GradientsParams::from_grads(grads, module));
-    }
-    Ok((value, acc.grads(), extra))
-}
-
-fn default_train(kind: &str, adapter: Option<&Adapter>) -> Vec<Part> {
-    if let Some(a) = adapter {
-        // LLaVA's LoRA recipe: adapters on the LLM, the connector trained in full.
-        return [Part::Connector]
-            .into_iter()
-            .filter(|p| !a.parts.iter().any(|a| a == p.name()))
-            .collect();
-    }
+/// The parts that learn when the recipe names none (with adapters: `adapters::default_parts`).
+fn default_train(kind: &str) -> Vec<Part> {
     match kind {
         "align" => vec![Part::Connector],
         "instruct" => vec![Part::Connector, Part::Llm],
         _ => vec![Part::Encoder, Part::Connector, Part::Llm],
-    }
-}
-
-/// The stage's adapters: where they are, and which parts train in full beside them (PEFT's modules_to_save).
-struct Adapted<'a> {
-    spec: &'a Adapter,
-    targets: Vec<lora::Linear>,
-    to_save: Vec<String>,
-}
-
-impl Adapted<'_> {
-    /// Saves the adapter (PEFT layout) into `out`, naming `base` (where the unmerged model was saved).
-    fn save(&self, model: &Llava, base: &Path, out: &Path) -> Result<()> {
-        peft::save(model, self.spec, &self.targets, &self.to_save, base, out)
     }
 }
 
@@ -308,28 +176,10 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         )));
     }
 
-    // Which parameters learn; with adapters, the adapters too (attached before resume: their ids are saved).
-    let mut train = eng.train(&default_train(kind, spec.adapter.as_ref()));
-    let mut model = built.model;
-    let adapted = match &spec.adapter {
-        Some(a) => {
-            let targets = lora::resolve(&model, a, &format!("stages.{name}.adapter"))?;
-            model = lora::attach(model, a, &targets, eng.device)?;
-            if let Some(ck) = &resume {
-                model = peft::load(model, &ck.join("adapter"), &targets, eng.device)?;
-            }
-            let to_save = train.clone();
-            train.push(r"re:\.lora\.[ab]$".into());
-            Some(Adapted {
-                spec: a,
-                targets,
-                to_save,
-            })
-        }
-        None => None,
-    };
+    // Which parameters learn in full (the engine attaches adapters and trains them too)
+    let train = eng.train(&default_train(kind));
     let mut model = eng.start(
-        model,
+        built.model,
         total,
         resume.as_deref(),
         &train,
@@ -383,29 +233,24 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         }
         micros.retain(|mb| !mb.ids.is_empty());
         let global_sup: usize = micros.iter().map(|m| m.supervised).sum();
-        let mut acc = GradientsAccumulator::<Llava>::new();
         let norm = global_sup.max(1) as f64;
-        // [loss, tokens, real tokens] of this rank's micro-batches (all of them in one process)
-        let mut sums = [0.0f64; 3];
-        for i in crate::dist::shard(micros.len()) {
+        let (ckpt, device) = (spec.checkpoint_activations, eng.device);
+        // numbers summed over the step: [tokens, real tokens]
+        let up = eng.accumulate(model, step, micros.len(), 2, |i, m| {
             let mb = &micros[i];
-            let (v, g) = micro_grads(&model, mb, eng.device, norm, spec.checkpoint_activations)?;
-            sums[0] += v;
-            sums[1] += mb.tokens as f64;
-            sums[2] += mb.real as f64;
-            acc.accumulate(&model, g);
-        }
-        let grads = eng.all_reduce(&model, acc.grads(), &mut sums);
-        let (loss_val, tokens, real) = (sums[0], sums[1] as usize, sums[2] as usize);
-        let norm;
-        (model, norm) = eng.update(model, step, loss_val, grads)?;
+            let (loss, grads) = micro_grads(m, mb, device, norm, ckpt)?;
+            let sums = vec![mb.tokens as f64, mb.real as f64];
+            Ok(Micro { loss, grads, sums })
+        })?;
+        let (loss_val, tokens, real) = (up.loss, up.sums[0] as usize, up.sums[1] as usize);
+        model = up.model;
         tokens_since += tokens;
         let secs = clock.elapsed().as_secs_f64().max(1e-9);
         eng.end(
             &model,
             step,
             loss_val,
-            norm,
+            up.norm,
             Some(tokens as f64 / eng.step_secs()),
             || {
                 serde_json::json!({
@@ -415,14 +260,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
                     "padding": 1.0 - real as f64 / tokens.max(1) as f64,
                 })
             },
-            |tmp| match &adapted {
-                // base weights (HF files skip adapters) + the adapter, as the resume above reads them
-                Some(a) => {
-                    save(&model, None, tmp)?;
-                    a.save(&model, tmp, &tmp.join("adapter"))
-                }
-                None => save(&model, None, tmp),
-            },
+            |tmp| save(&model, None, tmp),
         )?;
         let done = step + 1;
         if let Some((every, ed)) = &eval_data
@@ -448,24 +286,15 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         };
         (p, crate::checkpoint::safetensors_io::store_dtype(e.dtype))
     });
-    // The stage's model: the full LLaVA directory, plus the released part when the recipe asks for one.
-    // With adapters: `model/` holds them merged (what later stages, generate and transformers load), `adapter/`
-    // the PEFT adapter over `base/` (the unmerged weights).
-    built.model = eng.finish(|dir| {
-        let m = match &adapted {
-            Some(a) => {
-                let base = dir.join("base");
-                save(&model, None, &base)?;
-                a.save(&model, &base, &dir.join("adapter"))?;
-                lora::merge(model)
-            }
-            None => model,
-        };
-        save(&m, None, &dir.join("model"))?;
-        if let Some(p) = part {
-            save(&m, Some(p), &dir.join("export"))?;
-        }
-        Ok(m)
-    })?;
+    // The stage's model: the full LLaVA directory (with adapters, merged, beside `adapter/` over `base/`), plus
+    // the released part when the recipe asks for one.
+    built.model = eng.finish_model(
+        model,
+        |m, out| save(m, None, out),
+        |m, dir| match part {
+            Some(p) => save(m, Some(p), &dir.join("export")),
+            None => Ok(()),
+        },
+    )?;
     Ok(built)
 }

@@ -45,6 +45,23 @@ pub struct Llava {
     pub spec: LlavaSpec,
 }
 
+/// A model built around a LLaVA: the LLaVA itself, or a stage's model with its own layers beside it (the reward
+/// model's score, PPO's value head). Adapters attach to its LLaVA, and their PEFT files describe that LLaVA.
+pub trait Backbone: Module + Sized {
+    fn llava(&self) -> &Llava;
+    /// The same model with its LLaVA replaced by `f(llava)`.
+    fn map_llava(self, f: impl FnOnce(Llava) -> Result<Llava>) -> Result<Self>;
+}
+
+impl Backbone for Llava {
+    fn llava(&self) -> &Llava {
+        self
+    }
+    fn map_llava(self, f: impl FnOnce(Llava) -> Result<Llava>) -> Result<Self> {
+        f(self)
+    }
+}
+
 /// What fills a batch's placeholder positions, in reading order (row by row). One variant per modality: a new
 /// modality (video frames, audio) is a new variant here and an arm in `Llava::input_embeds`, not a field threaded
 /// through every signature.

@@ -1,0 +1,330 @@
+//! What the RL stages (grpo, ppo) share: prompts loaded and encoded through the template, the step batches, the
+//! reward terms (rules, reward models) and their weighted sum per rollout, rollouts dealt over the ranks of a
+//! data-parallel job micro-batch by micro-batch, statistics over all ranks' rollouts, held-out greedy reward,
+//! and the policy's per-token log-probs of the completion tokens.
+use burn::tensor::{Device, Tensor};
+use std::path::Path;
+
+use super::loss;
+use super::reward_model::{self, RewardModel};
+use super::rollout::{self, RewardSpec, Rollout};
+use super::steps::{Batches, Engine};
+use crate::data::contract;
+use crate::data::loader::MicroBatch;
+use crate::data::preference::{PromptItem, load_prompts};
+use crate::data::templates::Encoded;
+use crate::error::{Error, Result};
+use crate::generate::GenConfig;
+use crate::model::Built;
+use crate::recipe::schema::{OnBad, PromptData, RlStage};
+use crate::zoo::mllm::Llava;
+
+/// One micro-batch of prompts' rollouts (prompt-major: each prompt's `group` completions in turn) and the
+/// weighted reward of each.
+pub struct Chunk {
+    pub rolls: Vec<Rollout>,
+    pub rewards: Vec<f64>,
+}
+
+/// Mean and standard deviation (population and unbiased) of values spread over the ranks (`mine`: this rank's),
+/// and their count; in one process, those of `mine`.
+pub fn global_stats(mine: &[f64]) -> (f64, f64, f64, usize) {
+    let mut s = [mine.iter().sum::<f64>(), mine.len() as f64];
+    crate::dist::sum_f64(&mut s, "the rollout statistics' all-reduce");
+    let (n, mean) = (s[1], s[0] / s[1].max(1.0));
+    let mut d = [mine.iter().map(|x| (x - mean).powi(2)).sum::<f64>()];
+    crate::dist::sum_f64(&mut d, "the rollout statistics' all-reduce");
+    (
+        mean,
+        (d[0] / n.max(1.0)).sqrt(),
+        (d[0] / (n - 1.0).max(1.0)).sqrt(),
+        n as usize,
+    )
+}
+
+/// Loads prompts and applies the bad-sample policy.
+/// `list`: where every bad prompt is written (JSONL).
+pub fn load_data(
+    data: &PromptData,
+    on_bad: OnBad,
+    list: &Path,
+    key: &str,
+) -> Result<Vec<PromptItem>> {
+    let mut out = vec![];
+    let mut bad = vec![];
+    for s in &data.sources {
+        let (mut p, b) = load_prompts(&s.path, s.images.as_deref())?;
+        bad.extend(b);
+        if let Some(c) = s.cap {
+            p.truncate(c);
+        }
+        out.extend(p);
+    }
+    contract::settle(&bad, on_bad, list, key, "prompt")?;
+    if out.is_empty() {
+        return Err(Error::input(format!("{key}: no usable prompt")));
+    }
+    Ok(out)
+}
+
+/// The reward models a stage names, loaded once: (term index, model).
+pub fn reward_models(
+    specs: &[RewardSpec],
+    run: &Path,
+    device: &Device,
+) -> Result<Vec<(usize, RewardModel, Built)>> {
+    let mut out = vec![];
+    for (j, s) in specs.iter().enumerate() {
+        if let RewardSpec::Model {
+            from_stage, path, ..
+        } = s
+        {
+            let dir = match (from_stage, path) {
+                (Some(st), _) => run.join(st).join("model"),
+                (_, Some(p)) => p.clone(),
+                _ => return Err(Error::input("a model reward needs from_stage or path")),
+            };
+            let (rm, b) = reward_model::load(&dir, device)?;
+            out.push((j, rm, b));
+        }
+    }
+    Ok(out)
+}
+
+/// Weighted reward of every rollout.
+pub fn rewards(
+    specs: &[RewardSpec],
+    models: &[(usize, RewardModel, Built)],
+    rolls: &[Rollout],
+    prompts: &[PromptItem],
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut total = vec![0.0; rolls.len()];
+    for (j, s) in specs.iter().enumerate() {
+        if let Some((_, rm, b)) = models.iter().find(|m| m.0 == j) {
+            let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
+            for (k, chunk) in rows.chunks(16).enumerate() {
+                for (i, v) in reward_model::score(rm, chunk, b, device)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    total[k * 16 + i] += s.weight() * v as f64;
+                }
+            }
+            continue;
+        }
+        for (i, r) in rolls.iter().enumerate() {
+            let v = s
+                .rule(&r.text, prompts[r.prompt].answer.as_deref())?
+                .unwrap_or(0.0);
+            total[i] += s.weight() * v;
+        }
+    }
+    Ok(total)
+}
+
+/// Mean greedy reward on held-out prompts (rule terms only).
+pub fn heldout_reward(
+    model: &Llava,
+    b: &Built,
+    template: &str,
+    items: &[PromptItem],
+    specs: &[RewardSpec],
+    max_new: usize,
+    device: &Device,
+) -> Result<f64> {
+    let ids: Vec<Vec<i64>> = items
+        .iter()
+        .map(|p| rollout::encode_prompt(b, template, p).map_err(Error::input))
+        .collect::<Result<_>>()?;
+    let cfg = GenConfig::greedy(max_new, crate::generate::stop_ids(model, &b.text));
+    let mut sum = [0.0];
+    let chunks: Vec<Vec<usize>> = (0..items.len())
+        .collect::<Vec<_>>()
+        .chunks(16)
+        .map(<[usize]>::to_vec)
+        .collect();
+    // data parallel: each rank answers every N-th chunk, the scores are summed
+    for chunk in crate::dist::shard(chunks.len()).map(|k| &chunks[k]) {
+        let rolls = rollout::sample(model, b, items, &ids, chunk, 1, &cfg, 0, device)?;
+        for r in &rolls {
+            for s in specs {
+                sum[0] += s.weight()
+                    * s.rule(&r.text, items[r.prompt].answer.as_deref())?
+                        .unwrap_or(0.0);
+            }
+        }
+    }
+    crate::dist::sum_f64(&mut sum, "the held-out rewards' all-reduce");
+    Ok(sum[0] / items.len().max(1) as f64)
+}
+
+/// Per-token log-probs [b, t-1] (and entropies) of a micro-batch's response tokens from `model`'s final hidden
+/// states, the LM head on those positions only; 0 elsewhere (every use masks to the response). GRPO and PPO.
+pub fn response_logps(
+    model: &Llava,
+    hidden: Tensor<3>,
+    mb: &MicroBatch,
+    entropy: bool,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let head = |h| model.language_model.logits(h);
+    loss::supervised_token_logps(hidden, head, &mb.ids, &mb.labels, entropy)
+}
+
+/// What the RL stages (grpo, ppo) share: prompts encoded through the template, held-out prompts, the step
+/// batches, reward models, the sampler settings.
+pub struct RlSetup {
+    pub template: String,
+    pub prompts: Vec<PromptItem>,
+    pub prompt_ids: Vec<Vec<i64>>,
+    pub held: Vec<PromptItem>,
+    pub batches: Batches,
+    pub models: Vec<(usize, RewardModel, Built)>,
+    /// The rule terms (held-out scoring uses only these).
+    pub rules: Vec<RewardSpec>,
+    pub cfg: GenConfig,
+}
+
+impl RlSetup {
+    /// Reads the stage's prompts with the engine's template and seed; `run_dir` holds the reward models'
+    /// stages.
+    pub fn new(
+        eng: &Engine,
+        spec: &RlStage,
+        start: &Built,
+        run_dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let (key, dir, seed) = (&eng.key, &eng.dir, eng.seed);
+        let template = eng.template.clone();
+        let prompts = load_data(
+            &spec.data,
+            spec.on_bad_sample,
+            &dir.join("skipped.jsonl"),
+            &format!("{key}.data"),
+        )?;
+        let held = match &spec.heldout {
+            Some(h) => load_data(
+                h,
+                spec.on_bad_sample,
+                &dir.join("skipped-heldout.jsonl"),
+                &format!("{key}.heldout"),
+            )?,
+            None => vec![],
+        };
+        let prompt_ids: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                rollout::encode_prompt(start, &template, p)
+                    .map_err(|m| Error::input(format!("{key}.data: prompt {}: {m}", p.id)))
+            })
+            .collect::<Result<_>>()?;
+        let max_new = spec.sampling.max_new_tokens;
+        if let Some(i) = prompt_ids
+            .iter()
+            .position(|ids| ids.len() + max_new > spec.max_len)
+        {
+            return Err(Error::input(format!(
+                "{key}: prompt {} has {} tokens; with max_new_tokens {max_new} it exceeds max_len {}",
+                prompts[i].id,
+                prompt_ids[i].len(),
+                spec.max_len
+            )));
+        }
+        let batches = Batches::new(
+            key,
+            "prompts",
+            spec.batch.global,
+            seed,
+            prompts.iter().map(|p| !p.images.is_empty()).collect(),
+            prompt_ids.iter().map(Vec::len).collect(),
+            spec.epochs,
+            spec.max_steps,
+        )?;
+        let mut cfg = GenConfig::greedy(
+            max_new,
+            crate::generate::stop_ids(&start.model, &start.text),
+        );
+        cfg.temperature = spec.sampling.temperature;
+        cfg.top_p = spec.sampling.top_p;
+        cfg.top_k = spec.sampling.top_k;
+        cfg.seed = seed;
+        Ok(RlSetup {
+            template,
+            prompts,
+            prompt_ids,
+            held,
+            batches,
+            models: reward_models(&spec.rewards, run_dir, device)?,
+            rules: spec
+                .rewards
+                .iter()
+                .filter(|r| !matches!(r, RewardSpec::Model { .. }))
+                .cloned()
+                .collect(),
+            cfg,
+        })
+    }
+
+    /// This rank's rollouts of step `step`, one entry per micro-batch of `micro` prompts of the step's global
+    /// batch (None for the other ranks' micro-batches: `crate::dist::shard` gives each rank the same share that
+    /// `Engine::accumulate` gives it for the updates): the `group` completions of each prompt sampled with
+    /// `sampler` (the current policy, inner device), and their rewards. Each completion is seeded by its place in
+    /// the global batch, so the rollouts are the same however many ranks share them.
+    pub fn rollouts(
+        &mut self,
+        step: usize,
+        spec: &RlStage,
+        sampler: &Llava,
+        start: &Built,
+        device: &Device,
+    ) -> Result<Vec<Option<Chunk>>> {
+        let which = self.batches.at(step);
+        let chunks: Vec<&[usize]> = which.chunks(spec.batch.micro).collect();
+        let mut out: Vec<Option<Chunk>> = (0..chunks.len()).map(|_| None).collect();
+        for c in crate::dist::shard(chunks.len()) {
+            let first = ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
+            let rolls = rollout::sample(
+                sampler,
+                start,
+                &self.prompts,
+                &self.prompt_ids,
+                chunks[c],
+                spec.group,
+                &self.cfg,
+                first,
+                device,
+            )?;
+            let rewards = rewards(&spec.rewards, &self.models, &rolls, &self.prompts, device)?;
+            out[c] = Some(Chunk { rolls, rewards });
+        }
+        Ok(out)
+    }
+
+    /// Logs the mean greedy rule reward on the held-out prompts (`when` = before / after).
+    pub fn heldout(
+        &self,
+        eng: &mut Engine,
+        model: &Llava,
+        start: &Built,
+        step: usize,
+        when: &str,
+        device: &Device,
+    ) -> Result<()> {
+        if self.held.is_empty() || self.rules.is_empty() {
+            return Ok(());
+        }
+        let h = heldout_reward(
+            model,
+            start,
+            &self.template,
+            &self.held,
+            &self.rules,
+            self.cfg.max_new_tokens,
+            device,
+        )?;
+        eng.note(&format!("held-out reward {when}: {h:.3}"));
+        eng.metrics
+            .write(serde_json::json!({"stage": eng.name, "step": step, "heldout_reward": h}))
+    }
+}

@@ -1,0 +1,308 @@
+//! Every capability in every stage kind: the step engine attaches LoRA adapters, checkpoints activations and
+//! resumes the same way for align/instruct, dpo, reward, grpo and ppo. A tiny pipeline on the shapes world
+//! (the released tiny shapes checkpoints): align → dpo → reward → grpo → ppo, each later stage with adapters, and GRPO with its
+//! loss variants.
+mod common;
+
+use common::{losses, run_mitune, scratch, world};
+use mitune::checkpoint::safetensors_io::WeightStore;
+use std::path::Path;
+
+fn mitune(args: &[&str]) -> (bool, String) {
+    run_mitune(args, None)
+}
+
+const LORA: &str =
+    r#"adapter = { kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"] }"#;
+
+/// The released tiny checkpoints (a model that samples varied answers: a randomly initialised one repeats its
+/// last token, and its rollouts teach nothing).
+fn checkpoint(name: &str) -> String {
+    format!(
+        "{:?}",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("checkpoints")
+            .join(name)
+            .display()
+            .to_string()
+    )
+}
+
+/// align → dpo → rm (reward) → rl (grpo) → ppo on the shapes checkpoints, runs under `out`; `grpo` and `ppo` are extra lines of those
+/// stages' tables.
+fn recipe(w: &Path, out: &Path, grpo: &str, ppo: &str) -> String {
+    let p = |f: &str| format!("{:?}", w.join(f).display().to_string());
+    format!(
+        r#"name = "every"
+seed = 5
+pipeline = ["align", "dpo", "rm", "rl", "ppo"]
+output = {out:?}
+
+[model.encoder]
+kind = "clip_vit"
+weights = {vit}
+feature_layer = -1
+
+[model.connector]
+kind = "mlp"
+depth = 2
+
+[model.llm]
+kind = "llama"
+weights = {llm}
+
+[stages.align]
+kind = "align"
+data = {{ sources = [{{ kind = "llava_json", path = {cap} }}] }}
+template = "plain"
+batch = {{ global = 8, micro = 8 }}
+optim = {{ kind = "adamw", lr = 3e-3 }}
+max_steps = 2
+max_len = 64
+
+[stages.dpo]
+kind = "dpo"
+data = {{ sources = [{{ format = "pairs", path = {pref}, cap = 16 }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+{LORA}
+
+[stages.rm]
+kind = "reward"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ format = "pairs", path = {pref}, cap = 16 }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 256
+log_every = 1
+{LORA}
+
+[stages.rl]
+kind = "grpo"
+init = {{ from_stage = "dpo" }}
+data = {{ sources = [{{ path = {tr}, cap = 16 }}] }}
+template = "vicuna_v1"
+group = 2
+rewards = [{{ kind = "exact_match" }}, {{ kind = "model", from_stage = "rm", weight = 0.5 }}]
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+save_every = 1
+adapter = {{ kind = "lora", rank = 4, alpha = 8, targets = ["q_proj", "v_proj"], parts = ["encoder", "llm"] }}
+{grpo}
+
+[stages.ppo]
+kind = "ppo"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ path = {tr}, cap = 8 }}] }}
+template = "vicuna_v1"
+group = 1
+rewards = [{{ kind = "model", from_stage = "rm" }}, {{ kind = "exact_match" }}]
+kl_beta = 0.1
+updates = 2
+sampling = {{ max_new_tokens = 4 }}
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 512
+log_every = 1
+{LORA}
+{ppo}
+"#,
+        out = out.display().to_string(),
+        vit = checkpoint("shapes-vit"),
+        llm = checkpoint("shapes-llm"),
+        cap = p("captions_train.json"),
+        pref = p("preference_train.jsonl"),
+        tr = p("prompts_train.jsonl"),
+    )
+}
+
+fn lines(run: &Path, stage: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == stage && v.get("loss").is_some())
+        .collect()
+}
+
+fn tensors(dir: &Path) -> WeightStore {
+    WeightStore::open_files(&[dir.join("model.safetensors")]).unwrap()
+}
+
+#[test]
+fn adapters_on_every_stage_kind_save_peft_and_merge() {
+    let d = scratch("stages-lora");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    std::fs::write(&r, recipe(&w, &d.join("runs"), "", "")).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.join("runs/every");
+    for stage in ["dpo", "rm", "rl", "ppo"] {
+        let s = run.join(stage);
+        for f in [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "base/config.json",
+            "model/config.json",
+        ] {
+            assert!(s.join(f).exists(), "{stage}: {f}");
+        }
+        let l = lines(&run, stage);
+        assert!(l.len() >= 2, "{stage}: {l:?}");
+        assert!(l.iter().all(|v| v["loss"].as_f64().unwrap().is_finite()));
+        // the adapter's factors are in PEFT's names; the connector trains in full beside them
+        let a = WeightStore::open_files(&[s.join("adapter/adapter_model.safetensors")]).unwrap();
+        let names: Vec<String> = a.keys().map(String::from).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("language_model") && n.ends_with("q_proj.lora_A.weight")),
+            "{stage}: {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.contains("multi_modal_projector")),
+            "{stage}: {names:?}"
+        );
+        // merged = base + the learned low-rank update on the targets; every other weight is the base's
+        let (base, merged) = (tensors(&s.join("base")), tensors(&s.join("model")));
+        let q = "model.language_model.layers.0.self_attn.q_proj.weight";
+        let k = "model.language_model.layers.0.self_attn.k_proj.weight";
+        let key = |st: &WeightStore, n: &str| {
+            st.get(n)
+                .or_else(|_| {
+                    st.get(&n.replacen("model.language_model.", "language_model.model.", 1))
+                })
+                .unwrap()
+                .values
+        };
+        assert!(
+            key(&base, q) != key(&merged, q),
+            "{stage}: q_proj learned nothing"
+        );
+        assert!(
+            key(&base, k) == key(&merged, k),
+            "{stage}: k_proj is not a target"
+        );
+    }
+    // the reward model and PPO's value head are saved beside both the base and the merged model
+    assert!(run.join("rm/model/score.safetensors").exists());
+    assert!(run.join("rm/base/score.safetensors").exists());
+    assert!(run.join("ppo/model/value_head.safetensors").exists());
+    // GRPO's adapters reach the vision tower (LoRA on the encoder during RL)
+    let a = WeightStore::open_files(&[run.join("rl/adapter/adapter_model.safetensors")]).unwrap();
+    let names: Vec<&str> = a.keys().collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("vision_tower") && n.contains("lora_B")),
+        "{names:?}"
+    );
+    // B starts at zero, so the adapted policy starts equal to its reference: DPO's first loss is ln 2, GRPO's
+    // and PPO's first KL is 0
+    let dpo = lines(&run, "dpo");
+    assert!(
+        (dpo[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4,
+        "{}",
+        dpo[0]
+    );
+    for stage in ["rl", "ppo"] {
+        let l = lines(&run, stage);
+        assert!(
+            l[0]["kl"].as_f64().unwrap().abs() < 1e-5,
+            "{stage}: {}",
+            l[0]
+        );
+    }
+    // an adapter on a part that is trained in full is refused with its key
+    let bad = recipe(&w, &d.join("runs"), "train = [\"llm\"]", "");
+    std::fs::write(&r, bad).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(!ok && err.contains("stages.rl.adapter.parts"), "{err}");
+    // a target that matches nothing in the adapter's parts stops the stage naming the key
+    let bad = recipe(&w, &d.join("runs2"), "", "").replace(
+        "targets = [\"q_proj\", \"v_proj\"], parts",
+        "targets = [\"no_such_proj\"], parts",
+    );
+    std::fs::write(&r, bad).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.rl.adapter.targets") && err.contains("no_such_proj"),
+        "{err}"
+    );
+}
+
+/// GRPO's family (loss types, clip-higher, GSPO, reward scaling) runs end to end with adapters and activation
+/// checkpointing; a killed GRPO run with adapters resumes to the same losses.
+#[test]
+fn grpo_variants_run_and_a_killed_adapted_run_resumes_exactly() {
+    let d = scratch("stages-grpo");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let one = |grpo: &str, out: &str| {
+        recipe(&w, &d.join(out), grpo, "")
+            .replace(
+                "pipeline = [\"align\", \"dpo\", \"rm\", \"rl\", \"ppo\"]",
+                "pipeline = [\"align\", \"dpo\", \"rm\", \"rl\"]",
+            )
+            .replace(
+                "max_steps = 2\nmax_len = 512\nlog_every = 1\nsave_every = 1",
+                "max_steps = 4\nmax_len = 512\nlog_every = 1\nsave_every = 1",
+            )
+    };
+    // plain vs activation checkpointing: the same losses
+    let variants = [
+        "loss_type = \"dapo\"\nepsilon_high = 0.28\nupdates = 2",
+        "loss_type = \"dr_grpo\"\nscale_rewards = \"none\"",
+        "loss_type = \"bnpo\"\nimportance_sampling_level = \"sequence\"\nscale_rewards = \"batch\"\nupdates = 2",
+    ];
+    for (i, v) in variants.iter().enumerate() {
+        let mut got = vec![];
+        for extra in ["", "\ncheckpoint_activations = true"] {
+            let out = format!("v{i}{}", extra.len());
+            std::fs::write(&r, one(&format!("{v}{extra}"), &out)).unwrap();
+            let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+            assert!(ok, "{v}: {err}");
+            let l = lines(&d.join(out).join("every"), "rl");
+            assert_eq!(l.len(), 4, "{v}: {l:?}");
+            got.push(l);
+        }
+        for (a, b) in got[0].iter().zip(&got[1]) {
+            let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < 1e-4 * (1.0 + x.abs()),
+                "{v}: plain {x} vs checkpointed {y}"
+            );
+        }
+    }
+    // GRPO-only keys are refused on PPO
+    let bad = recipe(&w, &d.join("runs"), "", "loss_type = \"dapo\"");
+    std::fs::write(&r, bad).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(!ok && err.contains("stages.ppo.loss_type"), "{err}");
+    // kill after step 3's update, resume: the same losses as the uninterrupted run
+    let (a, b) = common::train_kill_resume(&d, "every", "rl", |out| one(variants[0], out));
+    let rl = |v: &[((String, u64), String)]| -> Vec<String> {
+        v.iter()
+            .filter(|((s, _), _)| s == "rl")
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    assert_eq!(rl(&a).len(), 4, "{a:?}");
+    assert_eq!(rl(&a), rl(&b));
+    assert_eq!(
+        losses(&d.join("runs-a/every")).len(),
+        losses(&d.join("runs-b/every")).len()
+    );
+}
