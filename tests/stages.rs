@@ -306,3 +306,148 @@ fn grpo_variants_run_and_a_killed_adapted_run_resumes_exactly() {
         losses(&d.join("runs-b/every")).len()
     );
 }
+
+/// The shapes world's preference pairs as KTO records (chosen desirable, rejected undesirable), in TRL's
+/// unpaired layout plus the image; `extra` lines appended.
+fn kto_records(w: &Path, extra: &str) -> std::path::PathBuf {
+    let mut out = String::new();
+    for l in std::fs::read_to_string(w.join("preference_train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(16)
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for (k, label) in [("chosen", true), ("rejected", false)] {
+            let r = serde_json::json!({
+                "id": format!("{}-{k}", v["id"].as_str().unwrap()), "image": v["image"], "prompt": v["prompt"],
+                "completion": v[k], "label": label,
+            });
+            out.push_str(&format!("{r}\n"));
+        }
+    }
+    out.push_str(extra);
+    let f = w.join("kto_train.jsonl");
+    std::fs::write(&f, out).unwrap();
+    f
+}
+
+fn kto_recipe(w: &Path, out: &Path, kto: &Path, extra: &str) -> String {
+    let held = format!(
+        "{:?}",
+        w.join("preference_heldout.jsonl").display().to_string()
+    );
+    recipe(w, out, "", "").replace(
+        "pipeline = [\"align\", \"dpo\", \"rm\", \"rl\", \"ppo\"]",
+        "pipeline = [\"align\", \"kto\"]",
+    ) + &format!(
+        r#"
+[stages.kto]
+kind = "kto"
+data = {{ sources = [{{ format = "kto", path = {kto:?} }}] }}
+heldout = {{ sources = [{{ format = "pairs", path = {held}, cap = 4 }}] }}
+template = "vicuna_v1"
+beta = 0.5
+undesirable_weight = 1.5
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 4
+max_len = 256
+log_every = 1
+save_every = 1
+{LORA}
+{extra}
+"#,
+        kto = kto.display().to_string(),
+    )
+}
+
+/// KTO on unpaired examples (TRL's layout with images, and pairs read unpaired for the held-out split), with
+/// adapters: it starts at the loss of equal policy and reference, logs TRL's metrics, a killed run resumes exactly,
+/// and a record whose label is not a boolean is a located error.
+#[test]
+fn kto_stage_trains_on_unpaired_examples() {
+    let d = scratch("stages-kto");
+    let w = world(&d);
+    let kto = kto_records(&w, "");
+    let r = d.join("r.toml");
+    std::fs::write(&r, kto_recipe(&w, &d.join("runs"), &kto, "")).unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let run = d.join("runs/every");
+    let l = lines(&run, "kto");
+    assert_eq!(l.len(), 5, "4 steps + the held-out line: {l:?}");
+    // step 1: π = π_ref, so ρ = 0 and the KL baseline z = 0: every loss is w·(1 − σ(0)) = w/2; the first batch's
+    // desirable and undesirable counts weigh 1 and 1.5
+    let (nd, nu) = (
+        l[0]["count/chosen"].as_f64().unwrap(),
+        l[0]["count/rejected"].as_f64().unwrap(),
+    );
+    assert_eq!(nd + nu, 4.0, "{}", l[0]);
+    let want = (0.5 * nd + 0.75 * nu) / 4.0;
+    assert!(
+        (l[0]["loss"].as_f64().unwrap() - want).abs() < 1e-4,
+        "{} vs {want}",
+        l[0]
+    );
+    assert!(l[0]["kl"].as_f64().unwrap().abs() < 1e-4, "{}", l[0]);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(l[3][k].is_number(), "{k}: {}", l[3]);
+    }
+    assert_eq!(l[4]["heldout"], true);
+    // cap = 4 examples: the first 2 held-out pairs, unpaired
+    assert_eq!(
+        (
+            l[4]["count/chosen"].as_f64(),
+            l[4]["count/rejected"].as_f64()
+        ),
+        (Some(2.0), Some(2.0)),
+        "{}",
+        l[4]
+    );
+    assert!(run.join("kto/adapter/adapter_config.json").exists());
+    assert!(run.join("kto/model/config.json").exists());
+    // killed after step 3, resumed: the same losses
+    let (a, b) = common::train_kill_resume(&d, "every", "kto", |out| {
+        kto_recipe(&w, &d.join(out), &kto, "")
+    });
+    assert_eq!(a, b);
+    // a label that is not a boolean: the record is named, with what to write
+    let bad = kto_records(
+        &w,
+        "{\"id\": \"odd\", \"image\": \"images/train/00000.png\", \"prompt\": \"<image>\\nWhat?\", \"completion\": \"x\", \"label\": \"yes\"}\n",
+    );
+    std::fs::write(&r, kto_recipe(&w, &d.join("runs-bad"), &bad, "")).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap(), "--data"]);
+    assert!(
+        !ok && err.contains("kto_train.jsonl:33")
+            && err.contains("odd")
+            && err.contains("`label` must be true"),
+        "{err}"
+    );
+    // with on_bad_sample = "skip" it is listed and training goes on
+    std::fs::write(
+        &r,
+        kto_recipe(&w, &d.join("runs-skip"), &bad, "on_bad_sample = \"skip\""),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let skipped = std::fs::read_to_string(d.join("runs-skip/every/kto/skipped.jsonl")).unwrap();
+    assert!(skipped.contains("odd"), "{skipped}");
+    // micro-batches of one have no other completion for the KL baseline
+    std::fs::write(
+        &r,
+        kto_recipe(&w, &d.join("runs"), &kto, "").replace(
+            "batch = { global = 4, micro = 2 }\noptim = { kind = \"adamw\", lr = 1e-3 }\nmax_steps = 4",
+            "batch = { global = 4, micro = 1 }\noptim = { kind = \"adamw\", lr = 1e-3 }\nmax_steps = 4",
+        ),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(!ok && err.contains("stages.kto.batch"), "{err}");
+}

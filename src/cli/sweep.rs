@@ -108,6 +108,7 @@ fn estimate(spec: &StageSpec, seed: u64) -> Option<usize> {
         | StageSpec::Reward(_)
         | StageSpec::Grpo(_)
         | StageSpec::Ppo(_)
+        | StageSpec::Kto(_)
         | StageSpec::Eval(_) => return None,
     };
     if let Some(m) = t.max_steps {
@@ -130,9 +131,11 @@ fn steps_of(rc: &Recipe, stage: &str) -> String {
                 .map(|n| format!("~{n} steps"))
                 .unwrap_or_else(|| "steps: data not prepared yet".into())
         }
-        StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_) => {
-            "preference/RL stage".into()
-        }
+        StageSpec::Dpo(_)
+        | StageSpec::Reward(_)
+        | StageSpec::Grpo(_)
+        | StageSpec::Ppo(_)
+        | StageSpec::Kto(_) => "preference/RL stage".into(),
     }
 }
 

@@ -203,6 +203,29 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
                     prompts.len()
                 );
             }
+            StageSpec::Kto(k) => {
+                let list = |f: &str| dir.join(name).join(f);
+                let load = |d, k_: &str, f: &str| {
+                    crate::stages::kto::load_encode(
+                        d,
+                        &built,
+                        &template(k.template)?,
+                        k,
+                        &list(f),
+                        &format!("stages.{name}.{k_}"),
+                    )
+                };
+                let ex = load(&k.data, "data", "skipped.jsonl")?;
+                let held = match &k.heldout {
+                    Some(h) => load(h, "heldout", "skipped-heldout.jsonl")?.len(),
+                    None => 0,
+                };
+                let good = ex.iter().filter(|e| e.0.label).count();
+                println!(
+                    "stages.{name}: {} examples ok ({good} desirable), {held} held-out examples",
+                    ex.len()
+                );
+            }
             StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => {}
             StageSpec::Eval(_) => {}
         }

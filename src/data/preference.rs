@@ -14,7 +14,9 @@
 //! - `trl`: TRL's conversational vision DPO (`prompt`/`chosen`/`rejected` message lists with typed content,
 //!   `images`).
 //!
-//! Prompts-only records (`{id, image, prompt, answer?}`) for PPO/GRPO are read by `prompts`.
+//! Prompts-only records (`{id, image, prompt, answer?}`) for PPO/GRPO are read by `load_prompts`; unpaired
+//! completions for KTO (`{id, image|images, prompt | conversations, completion, label}`, TRL's unpaired layout, or
+//! any pair layout read as a desirable chosen and an undesirable rejected example) by `load_unpaired`.
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +24,7 @@ use super::contract::{Bad, Kind};
 use super::sources::{Role, read_records};
 use crate::error::Result;
 
-pub use crate::recipe::schema::PairFormat;
+pub use crate::recipe::schema::{PairFormat, UnpairedFormat};
 
 #[derive(Debug, Clone)]
 pub struct Pair {
@@ -32,6 +34,17 @@ pub struct Pair {
     pub history: Vec<(Role, String)>,
     pub chosen: String,
     pub rejected: String,
+}
+
+/// One completion of a prompt, labelled desirable (`true`) or undesirable, for KTO.
+#[derive(Debug, Clone)]
+pub struct Unpaired {
+    pub id: String,
+    pub images: Vec<PathBuf>,
+    /// The conversation so far, ending with the user turn the completion answers; `<image>` markers included.
+    pub history: Vec<(Role, String)>,
+    pub completion: String,
+    pub label: bool,
 }
 
 /// A prompt for on-policy stages (PPO, GRPO), with an optional reference answer for rule rewards.
@@ -394,6 +407,92 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
                     format!("image {} does not exist", f.display()),
                 )),
                 None => good.push(p),
+            },
+            Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
+        }
+    }
+    Ok((good, bad))
+}
+
+/// Loads unpaired examples for KTO; bad records come back with their reasons. A pair layout gives two examples per
+/// pair (`ID/chosen` desirable, `ID/rejected` undesirable), as TRL's `unpair_preference_dataset`.
+pub fn load_unpaired(
+    fmt: UnpairedFormat,
+    path: &Path,
+    images_dir: Option<&Path>,
+) -> Result<(Vec<Unpaired>, Vec<Bad>)> {
+    if let Some(pf) = fmt.paired() {
+        let (pairs, bad) = load_pairs(pf, path, images_dir)?;
+        let mut out = vec![];
+        for p in pairs {
+            for (tag, completion, label) in [
+                ("chosen", &p.chosen, true),
+                ("rejected", &p.rejected, false),
+            ] {
+                out.push(Unpaired {
+                    id: format!("{}/{tag}", p.id),
+                    images: p.images.clone(),
+                    history: p.history.clone(),
+                    completion: completion.clone(),
+                    label,
+                });
+            }
+        }
+        return Ok((out, bad));
+    }
+    let base = images_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    let (mut good, mut bad) = (vec![], vec![]);
+    for (i, rec) in read_records(path)?.iter().enumerate() {
+        let Some(r) = rec.value_or_bad(path, &mut bad) else {
+            continue;
+        };
+        let id = id_of(r, i);
+        let item = (|| -> std::result::Result<Unpaired, String> {
+            let images = image_paths(r, &base)?;
+            let mut history = match (r.get("conversations"), r.get("prompt")) {
+                (Some(c), _) => llava_turns(c)?,
+                (None, Some(Value::String(p))) => vec![(Role::User, p.clone())],
+                // TRL's conversational layout: the prompt as a message list
+                (None, Some(m @ Value::Array(_))) => trl_messages(m)?,
+                _ => return Err("no `prompt` or `conversations`".into()),
+            };
+            if history.last().map(|t| t.0) != Some(Role::User) {
+                return Err("the prompt must end with a user turn".into());
+            }
+            place_images(&mut history, images.len())?;
+            let completion = response(r.get("completion"))
+                .map_err(|_| "no `completion` (the response to label)".to_string())?;
+            if completion.trim().is_empty() {
+                return Err("an empty completion".into());
+            }
+            let label = match r.get("label") {
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(format!(
+                        "`label` must be true (desirable) or false (undesirable), got {other}"
+                    ));
+                }
+                None => return Err("no `label` (true: desirable, false: undesirable)".into()),
+            };
+            Ok(Unpaired {
+                id: id.clone(),
+                images,
+                history,
+                completion,
+                label,
+            })
+        })();
+        let at = format!("{}{} ({id})", path.display(), rec.at);
+        match item {
+            Ok(u) => match u.images.iter().find(|f| !f.is_file()) {
+                Some(f) => bad.push(Bad::new(
+                    at,
+                    Kind::MissingMedia,
+                    format!("image {} does not exist", f.display()),
+                )),
+                None => good.push(u),
             },
             Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
         }

@@ -93,6 +93,7 @@ fn stage(r: &Resolved, name: &str, v: &toml::Value, errs: &mut Vec<Problem>) -> 
         }
         "grpo" => section::<schema::RlStage>(r, &key, rest.clone(), errs).map(StageSpec::Grpo),
         "ppo" => section::<schema::RlStage>(r, &key, rest.clone(), errs).map(StageSpec::Ppo),
+        "kto" => section::<schema::KtoStage>(r, &key, rest.clone(), errs).map(StageSpec::Kto),
         other => {
             errs.push(problem(
                 r,
@@ -365,6 +366,10 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                     }
                 }
                 check_pref(p, &key, r, &exists, errs);
+                continue;
+            }
+            StageSpec::Kto(k) => {
+                check_kto(k, &key, r, &exists, errs);
                 continue;
             }
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => t,
@@ -839,6 +844,60 @@ fn check_pref(
     }
     if let Some(a) = &p.adapter {
         check_adapter(a, p.train.as_deref(), key, r, errs);
+    }
+}
+
+fn check_kto(
+    k: &schema::KtoStage,
+    key: &str,
+    r: &Resolved,
+    exists: &dyn Fn(&Path) -> bool,
+    errs: &mut Vec<Problem>,
+) {
+    let mut bad = |k: &str, m: String| errs.push(problem(r, &format!("{key}.{k}"), m));
+    if k.batch.micro < 2 || k.batch.global % k.batch.micro != 0 {
+        bad(
+            "batch",
+            format!(
+                "global {} must be a multiple of micro {}, and micro at least 2 (KTO's KL baseline pairs each \
+                 prompt with another example's completion of the micro-batch)",
+                k.batch.global, k.batch.micro
+            ),
+        );
+    }
+    if !(k.beta > 0.0 && k.beta.is_finite()) {
+        bad("beta", format!("{} must be positive", k.beta));
+    }
+    for (name, w) in [
+        ("desirable_weight", k.desirable_weight),
+        ("undesirable_weight", k.undesirable_weight),
+    ] {
+        if !(w >= 0.0 && w.is_finite()) {
+            bad(name, format!("{w} must be >= 0"));
+        }
+    }
+    if k.max_len < 2 {
+        bad("max_len", "must be at least 2".into());
+    }
+    if k.data.sources.is_empty() {
+        bad("data.sources", "empty: give at least one source".into());
+    }
+    for (j, s) in k
+        .data
+        .sources
+        .iter()
+        .chain(k.heldout.iter().flat_map(|h| h.sources.iter()))
+        .enumerate()
+    {
+        if !exists(&s.path) {
+            bad(
+                "data.sources",
+                format!("source {j}: {} does not exist", s.path.display()),
+            );
+        }
+    }
+    if let Some(a) = &k.adapter {
+        check_adapter(a, k.train.as_deref(), key, r, errs);
     }
 }
 

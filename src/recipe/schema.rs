@@ -163,6 +163,8 @@ pub enum StageSpec {
     Grpo(RlStage),
     /// PPO (RLHF): policy + value head, per-token KL penalty to the reference, GAE, clipped surrogate.
     Ppo(RlStage),
+    /// Kahneman–Tversky optimisation on unpaired desirable / undesirable completions (TRL's KTOTrainer).
+    Kto(KtoStage),
 }
 
 impl StageSpec {
@@ -176,6 +178,7 @@ impl StageSpec {
             StageSpec::Reward(_) => "reward",
             StageSpec::Grpo(_) => "grpo",
             StageSpec::Ppo(_) => "ppo",
+            StageSpec::Kto(_) => "kto",
         }
     }
     /// The stage's own seed (`stages.NAME.seed`), when it sets one.
@@ -185,6 +188,7 @@ impl StageSpec {
             StageSpec::Eval(e) => e.seed,
             StageSpec::Dpo(p) | StageSpec::Reward(p) => p.seed,
             StageSpec::Grpo(r) | StageSpec::Ppo(r) => r.seed,
+            StageSpec::Kto(k) => k.seed,
         }
     }
     /// The align/instruct/pretrain settings; None for the other kinds.
@@ -202,6 +206,7 @@ impl StageSpec {
             StageSpec::Eval(e) => e.init.as_ref(),
             StageSpec::Dpo(p) | StageSpec::Reward(p) => p.init.as_ref(),
             StageSpec::Grpo(r) | StageSpec::Ppo(r) => r.init.as_ref(),
+            StageSpec::Kto(k) => k.init.as_ref(),
         }
     }
     /// Whether the stage writes a model (`<stage>/model`) that later stages can start from.
@@ -235,6 +240,7 @@ impl StageSpec {
             StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(view!(t)),
             StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(view!(p)),
             StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(view!(r)),
+            StageSpec::Kto(k) => Some(view!(k)),
             StageSpec::Eval(_) => None,
         }
     }
@@ -246,6 +252,7 @@ impl StageSpec {
             }
             StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(p.template),
             StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(r.template),
+            StageSpec::Kto(k) => Some(k.template),
             StageSpec::Eval(_) => None,
         }
     }
@@ -515,6 +522,105 @@ pub struct PrefSource {
     pub images: Option<PathBuf>,
     /// Use at most this many pairs of the source.
     pub cap: Option<usize>,
+}
+
+/// `kind = "kto"`: Kahneman–Tversky optimisation (Ethayarajh et al. 2024) of the model of an earlier stage on
+/// unpaired completions labelled desirable or undesirable, against a frozen copy of the starting model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KtoStage {
+    pub init: Option<Init>,
+    /// Default: connector and LLM.
+    pub train: Option<Vec<String>>,
+    pub data: UnpairedData,
+    /// Held-out examples: loss and rewards at the end of the stage.
+    pub heldout: Option<UnpairedData>,
+    pub template: Template,
+    /// β of the implied reward β·log(π/π_ref) (TRL's default 0.1).
+    #[serde(default = "dpo_beta")]
+    pub beta: f64,
+    /// Weight of the desirable examples' losses (TRL's `desirable_weight`).
+    #[serde(default = "one")]
+    pub desirable_weight: f64,
+    /// Weight of the undesirable examples' losses (TRL's `undesirable_weight`).
+    #[serde(default = "one")]
+    pub undesirable_weight: f64,
+    /// In examples: `global` per optimizer step, `micro` per forward (at least 2: the KL baseline pairs each
+    /// prompt with another example's completion of the micro-batch).
+    pub batch: Batch,
+    pub optim: Optim,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "one")]
+    pub clip_grad_norm: f64,
+    #[serde(default = "one")]
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    pub max_len: usize,
+    /// Activation checkpointing per LLM block (as on the other training stages).
+    #[serde(default)]
+    pub checkpoint_activations: bool,
+    #[serde(default)]
+    pub precision: Precision,
+    pub frozen_dtype: Option<FrozenDtype>,
+    pub seed: Option<u64>,
+    #[serde(default = "ten")]
+    pub log_every: usize,
+    #[serde(default = "hundred")]
+    pub save_every: usize,
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub on_bad_sample: OnBad,
+    /// LoRA/QLoRA adapters, as on every training stage.
+    pub adapter: Option<Adapter>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnpairedData {
+    pub sources: Vec<UnpairedSource>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnpairedSource {
+    /// `kto` (TRL's unpaired layout plus media: `{id, image|images, prompt | conversations, completion, label}`)
+    /// or a preference-pair layout (`pairs`, `llava_rlhf`, …), each pair read as a desirable chosen and an
+    /// undesirable rejected example (TRL's `unpair_preference_dataset`).
+    pub format: UnpairedFormat,
+    pub path: PathBuf,
+    pub images: Option<PathBuf>,
+    /// Use at most this many examples of the source.
+    pub cap: Option<usize>,
+}
+
+/// The layouts a KTO stage reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpairedFormat {
+    Kto,
+    Pairs,
+    LlavaRlhf,
+    RlhfV,
+    Vlfeedback,
+    Llamafactory,
+    Trl,
+}
+
+impl UnpairedFormat {
+    /// The pair layout whose pairs are read unpaired; None for `kto` itself.
+    pub fn paired(self) -> Option<PairFormat> {
+        match self {
+            UnpairedFormat::Kto => None,
+            UnpairedFormat::Pairs => Some(PairFormat::Pairs),
+            UnpairedFormat::LlavaRlhf => Some(PairFormat::LlavaRlhf),
+            UnpairedFormat::RlhfV => Some(PairFormat::RlhfV),
+            UnpairedFormat::Vlfeedback => Some(PairFormat::Vlfeedback),
+            UnpairedFormat::Llamafactory => Some(PairFormat::Llamafactory),
+            UnpairedFormat::Trl => Some(PairFormat::Trl),
+        }
+    }
 }
 
 /// `kind = "eval"`: evaluates the model of an earlier stage (default: the previous one) on benchmark tasks.

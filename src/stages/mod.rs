@@ -1,7 +1,7 @@
 //! Training stages and the one step engine they all run through (`steps::Engine`: the prologue, the step body —
 //! micro-batches sharded over ranks, accumulated, all-reduced, the update —, adapters, the step tail, checkpoints,
 //! the final save). One file per stage kind, its loss in view: `trainer` (align, instruct, pretrain), `dpo`,
-//! `reward`, `grpo`, `ppo`; no stage file imports another: what several share has its own file (`backward`:
+//! `reward`, `grpo`, `ppo`, `kto`; no stage file imports another: what several share has its own file (`backward`:
 //! the backward pass with activation checkpointing; `adapters`; `pairs`: preference pairs; `reward_model`; `rl`
 //! and `rollout`: prompts, rollouts and rewards). Also model building from the recipe, parameter groups,
 //! schedules, losses, run-state checkpoints, logging and held-out metrics; `run` orders the pipeline.
@@ -13,6 +13,7 @@ pub mod dpo;
 pub mod eval;
 pub mod grpo;
 pub mod heldout;
+pub mod kto;
 pub mod log;
 pub mod loss;
 pub mod optim;

@@ -18,13 +18,24 @@ use crate::recipe::schema::{OnBad, PrefData, PrefStage};
 pub type EncPair = (Encoded, Encoded);
 
 fn sample(p: &Pair, response: &str) -> Sample {
-    let mut messages = p.history.clone();
+    response_sample(&p.id, &p.images, &p.history, response)
+}
+
+/// A prompt (`history`, ending with the user turn, and its images) answered by `response`: the sample whose
+/// last assistant turn alone is supervised (`templates::encode_last`). Preference pairs and KTO's examples.
+pub fn response_sample(
+    id: &str,
+    images: &[std::path::PathBuf],
+    history: &[(Role, String)],
+    response: &str,
+) -> Sample {
+    let mut messages = history.to_vec();
     messages.push((Role::Assistant, response.to_string()));
     Sample {
-        id: p.id.clone(),
-        origin: p.id.clone(),
+        id: id.to_string(),
+        origin: id.to_string(),
         source: 0,
-        images: p.images.clone(),
+        images: images.to_vec(),
         videos: vec![],
         messages,
         raw_text: None,

@@ -276,6 +276,7 @@ fn run_stage(ctx: StageRun, start: Built, resume: Option<PathBuf>, run: &Path) -
         StageSpec::Reward(p) => super::reward::run(ctx, p, start, resume),
         StageSpec::Grpo(g) => super::grpo::run(ctx, g, start, resume, run),
         StageSpec::Ppo(g) => super::ppo::run(ctx, g, start, resume, run),
+        StageSpec::Kto(k) => super::kto::run(ctx, k, start, resume),
         StageSpec::Eval(_) => Err(Error::input(format!(
             "stages.{}: an eval stage trains nothing",
             ctx.name
@@ -288,7 +289,11 @@ fn run_stage(ctx: StageRun, start: Built, resume: Option<PathBuf>, run: &Path) -
 fn keeps_reference(spec: &StageSpec) -> bool {
     match spec {
         StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => false,
-        StageSpec::Dpo(_) | StageSpec::Reward(_) | StageSpec::Grpo(_) | StageSpec::Ppo(_) => true,
+        StageSpec::Dpo(_)
+        | StageSpec::Reward(_)
+        | StageSpec::Grpo(_)
+        | StageSpec::Ppo(_)
+        | StageSpec::Kto(_) => true,
         StageSpec::Eval(_) => false,
     }
 }
@@ -301,7 +306,8 @@ fn generates(spec: &StageSpec) -> bool {
         | StageSpec::Pretrain(_)
         | StageSpec::Dpo(_)
         | StageSpec::Grpo(_)
-        | StageSpec::Ppo(_) => true,
+        | StageSpec::Ppo(_)
+        | StageSpec::Kto(_) => true,
         StageSpec::Reward(_) | StageSpec::Eval(_) => false,
     }
 }
