@@ -89,12 +89,13 @@ fn parsed(l: &[((String, u64), String)]) -> Vec<((String, u64), f64)> {
         .collect()
 }
 
-/// Same steps, losses within `tol` relative.
+/// Same steps, losses within `tol` relative; a loss near 0 (GRPO's first step: each group's advantages sum to 0,
+/// so its value is rounding noise summed in another order on two ranks) within `tol` · 1e-3 absolute.
 fn assert_close(got: &[((String, u64), f64)], want: &[((String, u64), f64)], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
     for ((kg, g), (kw, w)) in got.iter().zip(want) {
         assert_eq!(kg, kw, "{what}");
-        let rel = (g - w).abs() / w.abs().max(1e-12);
+        let rel = (g - w).abs() / w.abs().max(1e-3);
         assert!(rel <= tol, "{what}: {kg:?} loss {g} vs {w} (rel {rel:.2e})");
     }
 }

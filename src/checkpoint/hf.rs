@@ -5,13 +5,13 @@ use burn::tensor::Device;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
-use super::keys;
 use super::params::{Collector, Loader};
 use super::safetensors_io::{WeightStore, write_file};
 use crate::error::{Error, Result, read_json};
 use crate::zoo::anyres::AnyRes;
 use crate::zoo::connectors::ConnectorSpec;
 use crate::zoo::encoders::{FeatureSelect, VisionSpec};
+use crate::zoo::keys;
 use crate::zoo::llms::LlmSpec;
 use crate::zoo::llms::config::parse_act;
 use crate::zoo::mllm::{Llava, LlavaSpec};
@@ -198,7 +198,7 @@ pub fn load_llava(dir: &Path, device: &Device) -> Result<Llava> {
     let keys: &dyn Fn(&str) -> Vec<String> = if super::instructblip::is_instructblip(&spec) {
         &super::instructblip::keys
     } else if super::qwen2vl::is_qwen2vl(&spec) {
-        &super::qwen2vl::keys
+        &keys::qwen2vl
     } else {
         &keys::llava
     };
@@ -467,7 +467,7 @@ pub fn save_llava(model: &Llava, out: &Path, dtype: Dtype, assets: Option<&Path>
     let keys: &dyn Fn(&str) -> Vec<String> = if instructblip {
         &super::instructblip::keys
     } else if qwen {
-        &super::qwen2vl::keys
+        &keys::qwen2vl
     } else {
         &keys::llava
     };

@@ -2,7 +2,6 @@
 //! model is composed from, tokenizer and processor files.
 pub mod hf;
 pub mod instructblip;
-pub mod keys;
 pub mod params;
 pub mod peft;
 pub mod qwen2vl;

@@ -94,7 +94,7 @@ impl<'a> Loader<'a> {
         let mut unexpected: Vec<&str> = self
             .store
             .keys()
-            .filter(|k| !self.used.contains(*k) && !super::keys::ignorable(k))
+            .filter(|k| !self.used.contains(*k) && !crate::zoo::keys::ignorable(k))
             .collect();
         unexpected.sort();
         if let Some(k) = unexpected.first() {

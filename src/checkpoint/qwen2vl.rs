@@ -161,36 +161,6 @@ pub fn video_processor(n: &NativeRes, image: &Value) -> Value {
     out
 }
 
-/// Keys of a Qwen2-VL checkpoint for a mitune module path (the first is what mitune writes).
-pub fn keys(path: &str) -> Vec<String> {
-    if let Some(rest) = path.strip_prefix("vision_tower.") {
-        vec![format!("visual.{rest}"), format!("model.visual.{rest}")]
-    } else if let Some(rest) = path.strip_prefix("multi_modal_projector.") {
-        let rest = if let Some(r) = rest.strip_prefix("fc1.") {
-            format!("mlp.0.{r}")
-        } else if let Some(r) = rest.strip_prefix("fc2.") {
-            format!("mlp.2.{r}")
-        } else {
-            rest.to_string()
-        };
-        vec![
-            format!("visual.merger.{rest}"),
-            format!("model.visual.merger.{rest}"),
-        ]
-    } else if let Some(rest) = path.strip_prefix("language_model.") {
-        if rest.starts_with("lm_head.") {
-            vec![rest.to_string()]
-        } else {
-            vec![
-                format!("model.{rest}"),
-                format!("model.language_model.{rest}"),
-            ]
-        }
-    } else {
-        vec![path.to_string()]
-    }
-}
-
 /// The config.json transformers reads for this model (5.x layout: `text_config` nested).
 pub fn config(spec: &LlavaSpec) -> Value {
     let v25 = matches!(&spec.vision, VisionSpec::Qwen2Vit(v) if v.is_v25());

@@ -8,7 +8,13 @@ use std::path::PathBuf;
 
 // The connector spec stays with its component file (`zoo/connectors/`, which owns each connector's settings,
 // HF mapping and forward); the rest of the schema is defined here.
-use crate::zoo::connectors::ConnectorSpec;
+// The zoo owns the model's names and specs; the recipe composes them with the stage, data and optimiser specs.
+pub use crate::zoo::connectors::ConnectorSpec;
+pub use crate::zoo::encoders::EncoderFamily;
+pub use crate::zoo::llms::config::LlmFamily;
+pub use crate::zoo::lora::{Adapter, AdapterKind};
+pub use crate::zoo::parts::Part;
+pub use crate::zoo::sizing::Budget;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,32 +261,6 @@ impl StageSpec {
             StageSpec::Kto(k) => Some(k.template),
             StageSpec::Eval(_) => None,
         }
-    }
-}
-
-/// The parts of a model that `train = [...]`, `optim.part_lr` and adapters' `parts` name (a recipe writes their
-/// names; the code holds this enum).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Part {
-    Encoder,
-    Connector,
-    Llm,
-    /// A stage's own layers beside the LLaVA: the reward model's score, PPO's value head.
-    Head,
-}
-
-impl Part {
-    pub const ALL: [Part; 4] = [Part::Encoder, Part::Connector, Part::Llm, Part::Head];
-    pub fn name(self) -> &'static str {
-        match self {
-            Part::Encoder => "encoder",
-            Part::Connector => "connector",
-            Part::Llm => "llm",
-            Part::Head => "head",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Part> {
-        Part::ALL.into_iter().find(|p| p.name() == s)
     }
 }
 
@@ -701,59 +681,6 @@ pub struct TrainStage {
     pub adapter: Option<Adapter>,
 }
 
-/// Low-rank adapters on Linear weights (burn's built-in LoRA/QLoRA), saved in PEFT's layout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Adapter {
-    pub kind: AdapterKind,
-    pub rank: usize,
-    pub alpha: f64,
-    /// PEFT's `lora_dropout`; only 0 is implemented so far.
-    #[serde(default)]
-    pub dropout: f64,
-    /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's
-    /// transformers name (`model.language_model.layers.0.self_attn.q_proj`), as PEFT's `target_modules`.
-    pub targets: Vec<String>,
-    /// Which parts the targets apply to: `llm` (default), `encoder`, `connector`.
-    #[serde(default = "llm_part")]
-    pub parts: Vec<String>,
-    /// QLoRA only: the base's width, 8 (default) or 4 (symmetric, per tensor).
-    pub bits: Option<u8>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdapterKind {
-    Lora,
-    /// LoRA over a quantized base, as QLoRA.
-    Qlora,
-}
-
-impl Adapter {
-    /// A plain LoRA adapter (tests, benchmarks).
-    pub fn lora(rank: usize, alpha: f64, targets: &[&str], parts: &[&str]) -> Self {
-        Adapter {
-            kind: AdapterKind::Lora,
-            rank,
-            alpha,
-            dropout: 0.0,
-            targets: targets.iter().map(|t| t.to_string()).collect(),
-            parts: parts.iter().map(|t| t.to_string()).collect(),
-            bits: None,
-        }
-    }
-    /// The quantization width of the base (None: LoRA over the float base).
-    pub fn quant_bits(&self) -> Option<u8> {
-        match self.kind {
-            AdapterKind::Lora => None,
-            AdapterKind::Qlora => Some(self.bits.unwrap_or(8)),
-        }
-    }
-}
-
-fn llm_part() -> Vec<String> {
-    vec!["llm".into()]
-}
 fn one() -> f64 {
     1.0
 }
@@ -945,25 +872,6 @@ pub struct DataSpec {
     pub max_frames: Option<usize>,
     /// The rate a clip directory's frames were extracted at (default: `fps`, every frame read).
     pub frame_rate: Option<f64>,
-}
-
-/// A native-resolution model's image and clip budget as a recipe sets it (`model.*` or `stages.NAME.data.*`);
-/// `None` keeps what the checkpoint says.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Budget {
-    pub min_pixels: Option<u64>,
-    pub max_pixels: Option<u64>,
-    pub video_min_pixels: Option<u64>,
-    pub video_max_pixels: Option<u64>,
-    pub fps: Option<f64>,
-    pub max_frames: Option<usize>,
-    pub frame_rate: Option<f64>,
-}
-
-impl Budget {
-    pub fn is_empty(&self) -> bool {
-        *self == Budget::default()
-    }
 }
 
 impl ModelSpec {
@@ -1323,30 +1231,6 @@ fn one_f64() -> f64 {
 }
 fn thirty_two_usize() -> usize {
     32
-}
-
-/// An encoder family as recipes name it (`[model.encoder] kind = "clip_vit"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EncoderFamily {
-    ClipVit,
-    SiglipVit,
-    Dinov2,
-    /// BLIP-2 / InstructBLIP's vision tower (`Blip2VisionModel`, `InstructBlipVisionModel`).
-    BlipVision,
-    /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
-    Fused,
-    /// Qwen2-VL's native-resolution ViT (`Qwen2VisionTransformerPretrainedModel`).
-    Qwen2Vit,
-}
-
-/// An LLM family as recipes name it (`[model.llm] kind = "llama"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LlmFamily {
-    Llama,
-    Mistral,
-    Qwen2,
 }
 
 /// One task of an evaluation: `{ task = "pope", data = "...", shots = 2 }` in a recipe, or `mitune eval` flags.

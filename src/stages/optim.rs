@@ -86,7 +86,7 @@ impl Groups {
             params::select(&all, train).map_err(|m| Error::input(format!("stages.{stage}.{m}")))?;
         self.group_of = trainable
             .iter()
-            .map(|p| (p.id, (params::part_of(&p.path), p.decay)))
+            .map(|p| (p.id, (crate::zoo::parts::part_of(&p.path), p.decay)))
             .collect();
         self.n_train = trainable.iter().map(|p| p.numel).sum();
         self.n_all = all.iter().map(|p| p.numel).sum();

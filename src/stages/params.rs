@@ -7,23 +7,7 @@ use burn::tensor::Tensor;
 use regex::Regex;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::recipe::schema::Part;
-
-/// The component a parameter path belongs to, as recipes name them. Models that wrap the LLaVA (the reward model)
-/// keep it under `llava.`; their own layers (the scalar `score` head) are the part `head`.
-pub fn part_of(path: &str) -> Part {
-    let path = path.strip_prefix("llava.").unwrap_or(path);
-    if path.starts_with("score.") || path.starts_with("value.") {
-        Part::Head
-    } else if path.starts_with("vision_tower.") {
-        Part::Encoder
-    } else if path.starts_with("multi_modal_projector.") || path == "image_newline" {
-        // LLaVA-NeXT's end-of-row embedding learns with the projector (LLaVA-NeXT's own training unfreezes both)
-        Part::Connector
-    } else {
-        Part::Llm
-    }
-}
+use crate::zoo::parts::{Part, part_of};
 
 #[derive(Debug, Clone)]
 pub struct ParamInfo {

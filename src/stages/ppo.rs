@@ -136,6 +136,10 @@ fn padded(rows: &[Vec<f64>], w: usize, device: &Device) -> Tensor<2> {
 }
 
 fn save_value(pv: &PolicyValue, dir: &Path) -> Result<()> {
+    // data parallel: rank 0 alone writes (every rank holds the same head)
+    if !crate::dist::writer() {
+        return Ok(());
+    }
     let w = to_vec(pv.value.weight.val());
     write_file(
         &dir.join(VALUE_FILE),

@@ -60,6 +60,10 @@ impl RewardModel {
         out: &Path,
     ) -> Result<()> {
         export(&self.llava, text, processor, Some(template), None, out)?;
+        // data parallel: rank 0 alone writes (every rank holds the same head)
+        if !crate::dist::writer() {
+            return Ok(());
+        }
         let w = to_vec(self.score.weight.val()); // [d, 1] = HF's [1, d] transposed: same values
         write_file(
             &out.join(SCORE_FILE),

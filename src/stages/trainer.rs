@@ -19,8 +19,8 @@ use crate::data::loader::{self, MicroBatch, Order};
 use crate::data::prepare::{self, Prepared};
 use crate::error::{Error, Result};
 use crate::model::{Built, export};
-use crate::recipe::schema::Part;
 use crate::zoo::mllm::Llava;
+use crate::zoo::parts::Part;
 
 /// Summed masked CE of one micro-batch (on whatever device the model lives).
 pub fn micro_loss(

@@ -7,13 +7,67 @@ use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup, ParamId, QLor
 use burn::tensor::quantization::{Calibration, QuantValue};
 use burn::tensor::{Device, Tensor};
 use regex::Regex;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::checkpoint::keys;
 use crate::error::{Error, Result};
-use crate::recipe::schema::Adapter;
-use crate::stages::params::part_of;
+use crate::zoo::keys;
 use crate::zoo::mllm::Llava;
+use crate::zoo::parts::{Part, part_of};
+
+/// Low-rank adapters on Linear weights (burn's built-in LoRA/QLoRA), saved in PEFT's layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adapter {
+    pub kind: AdapterKind,
+    pub rank: usize,
+    pub alpha: f64,
+    /// PEFT's `lora_dropout`; only 0 is implemented so far.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names (`q_proj`: every Linear so named) or `re:<regex>` matched in full against the module's
+    /// transformers name (`model.language_model.layers.0.self_attn.q_proj`), as PEFT's `target_modules`.
+    pub targets: Vec<String>,
+    /// Which parts the targets apply to: `llm` (default), `encoder`, `connector`.
+    #[serde(default = "llm_part")]
+    pub parts: Vec<String>,
+    /// QLoRA only: the base's width, 8 (default) or 4 (symmetric, per tensor).
+    pub bits: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    Lora,
+    /// LoRA over a quantized base, as QLoRA.
+    Qlora,
+}
+
+impl Adapter {
+    /// A plain LoRA adapter (tests, benchmarks).
+    pub fn lora(rank: usize, alpha: f64, targets: &[&str], parts: &[&str]) -> Self {
+        Adapter {
+            kind: AdapterKind::Lora,
+            rank,
+            alpha,
+            dropout: 0.0,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            parts: parts.iter().map(|t| t.to_string()).collect(),
+            bits: None,
+        }
+    }
+    /// The quantization width of the base (None: LoRA over the float base).
+    pub fn quant_bits(&self) -> Option<u8> {
+        match self.kind {
+            AdapterKind::Lora => None,
+            AdapterKind::Qlora => Some(self.bits.unwrap_or(8)),
+        }
+    }
+}
+
+fn llm_part() -> Vec<String> {
+    vec!["llm".into()]
+}
 
 /// One Linear weight an adapter may target.
 #[derive(Debug, Clone)]
@@ -24,7 +78,7 @@ pub struct Linear {
     /// the module's transformers 5 name (`model.language_model.layers.0.self_attn.q_proj`)
     pub module: String,
     /// encoder, connector or llm
-    pub part: crate::recipe::schema::Part,
+    pub part: Part,
 }
 
 /// The transformers 5 name of a burn parameter path (`LlavaForConditionalGeneration`'s native layout; the

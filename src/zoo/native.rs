@@ -13,7 +13,7 @@
 //! model's positions.
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::schema::Budget;
+use crate::zoo::sizing::Budget;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NativeRes {

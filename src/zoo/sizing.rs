@@ -28,3 +28,22 @@ impl Sizing {
         }
     }
 }
+
+/// A native-resolution model's image and clip budget as a recipe sets it (`model.*` or `stages.NAME.data.*`);
+/// `None` keeps what the checkpoint says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Budget {
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+    pub frame_rate: Option<f64>,
+}
+
+impl Budget {
+    pub fn is_empty(&self) -> bool {
+        *self == Budget::default()
+    }
+}

@@ -1,6 +1,6 @@
 //! Linear / MLP projector: linear → (act → linear) × (depth − 1), token count unchanged. transformers'
 //! `LlavaMultiModalProjector` is depth 2 with keys `linear_1`, `linear_2` (`layers.{i}` here; mapped in
-//! `checkpoint::keys::projector`). Other depths save with LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`).
+//! `zoo::keys::projector`). Other depths save with LLaVA's `mm_projector_type` (`linear`, `mlp3x_gelu`).
 use crate::zoo::layers::linear::{Linear, LinearConfig};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};

@@ -27,8 +27,6 @@ pub use fused::{Fused, FusedSpec};
 pub use qwen2vl::{Qwen2Vit, Qwen2VitSpec};
 pub use vit::VisionTower;
 
-pub use crate::recipe::schema::EncoderFamily;
-
 /// Everything needed to build an encoder; derived from config.json or a preset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
@@ -421,4 +419,19 @@ impl Encoder {
             }
         }
     }
+}
+
+/// An encoder family as recipes name it (`[model.encoder] kind = "clip_vit"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderFamily {
+    ClipVit,
+    SiglipVit,
+    Dinov2,
+    /// BLIP-2 / InstructBLIP's vision tower (`Blip2VisionModel`, `InstructBlipVisionModel`).
+    BlipVision,
+    /// Several towers on the same image, features concatenated per patch (`towers = [...]`).
+    Fused,
+    /// Qwen2-VL's native-resolution ViT (`Qwen2VisionTransformerPretrainedModel`).
+    Qwen2Vit,
 }

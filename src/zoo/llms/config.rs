@@ -6,8 +6,6 @@ use crate::zoo::layers::rope::{Rope, RopeScaling};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-pub use crate::recipe::schema::LlmFamily;
-
 impl LlmFamily {
     pub fn hf_model_type(self) -> &'static str {
         match self {
@@ -259,4 +257,13 @@ impl LlmSpec {
         let layer = attn + 3 * d * f + 2 * d;
         v * d * if self.tie_word_embeddings { 1 } else { 2 } + self.num_layers * layer + d
     }
+}
+
+/// An LLM family as recipes name it (`[model.llm] kind = "llama"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmFamily {
+    Llama,
+    Mistral,
+    Qwen2,
 }

@@ -1,4 +1,5 @@
-//! Explicit key tables between mitune's module paths and HuggingFace checkpoint names, in one place.
+//! Explicit key tables between mitune's module paths and HuggingFace checkpoint names, in one place: the zoo's
+//! names for its modules, read by checkpoint I/O (`checkpoint::hf`) and the adapters' PEFT names (`zoo::lora`).
 //! Module fields carry HF names, so most paths map by prefix; norms' `gamma`/`beta` become `weight`/`bias`
 //! (done by the loader) and the projector's `layers.{i}` become `linear_{i+1}`. The first candidate is the name
 //! mitune writes; the others are accepted on read (transformers 4.x hub layout and 5.x native layout).
@@ -13,7 +14,7 @@ pub fn llava(path: &str) -> Vec<String> {
             .iter()
             .any(|p| path.starts_with(&format!("multi_modal_projector.{p}")))
     {
-        return super::qwen2vl::keys(path);
+        return qwen2vl(path);
     }
     if path.starts_with("vision_tower.towers.") {
         // a fused encoder's towers: mitune's own layout, by module path
@@ -118,5 +119,35 @@ mod tests {
             llava("vision_tower.post_layernorm.bias")[1],
             "vision_tower.post_layernorm.bias"
         );
+    }
+}
+
+/// Keys of a Qwen2-VL checkpoint for a mitune module path (the first is what mitune writes).
+pub fn qwen2vl(path: &str) -> Vec<String> {
+    if let Some(rest) = path.strip_prefix("vision_tower.") {
+        vec![format!("visual.{rest}"), format!("model.visual.{rest}")]
+    } else if let Some(rest) = path.strip_prefix("multi_modal_projector.") {
+        let rest = if let Some(r) = rest.strip_prefix("fc1.") {
+            format!("mlp.0.{r}")
+        } else if let Some(r) = rest.strip_prefix("fc2.") {
+            format!("mlp.2.{r}")
+        } else {
+            rest.to_string()
+        };
+        vec![
+            format!("visual.merger.{rest}"),
+            format!("model.visual.merger.{rest}"),
+        ]
+    } else if let Some(rest) = path.strip_prefix("language_model.") {
+        if rest.starts_with("lm_head.") {
+            vec![rest.to_string()]
+        } else {
+            vec![
+                format!("model.{rest}"),
+                format!("model.language_model.{rest}"),
+            ]
+        }
+    } else {
+        vec![path.to_string()]
     }
 }
