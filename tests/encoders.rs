@@ -8,7 +8,7 @@ mod common;
 use burn::tensor::{Device, Tensor};
 use common::{fixture, max_abs_diff};
 use mitune::checkpoint::hf::{Part, save_part, vision_spec_of};
-use mitune::checkpoint::keys;
+use mitune::zoo::keys;
 use mitune::checkpoint::params::Loader;
 use mitune::checkpoint::safetensors_io::WeightStore;
 use mitune::checkpoint::{Composition, compose_llava, load_llava, save_llava};
