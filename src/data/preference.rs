@@ -367,7 +367,8 @@ pub fn load_pairs(
     Ok((good, bad))
 }
 
-/// Loads prompts for on-policy stages: `{id, image|images, prompt | conversations, answer?}`.
+/// Loads prompts for on-policy stages: `{id, image|images, prompt | conversations, answer?}`; a `pairs` record's
+/// `chosen` is its reference answer when it has no `answer`.
 pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<PromptItem>, Vec<Bad>)> {
     let base = images_dir
         .map(Path::to_path_buf)
@@ -385,7 +386,8 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
                 (None, Some(p)) => vec![(Role::User, p.to_string())],
                 _ => return Err("no `prompt` or `conversations`".into()),
             };
-            let mut answer = s(r, "answer").map(str::to_string);
+            // a preference pair (`pairs` layout) reads as a prompt whose chosen response is the reference answer
+            let mut answer = s(r, "answer").or(s(r, "chosen")).map(str::to_string);
             if history.last().map(|t| t.0) == Some(Role::Assistant) {
                 // a LLaVA record: its last answer is the reference
                 answer = answer.or(history.pop().map(|t| t.1));
