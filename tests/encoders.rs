@@ -8,12 +8,12 @@ mod common;
 use burn::tensor::{Device, Tensor};
 use common::{fixture, max_abs_diff};
 use mitune::checkpoint::hf::{Part, save_part, vision_spec_of};
-use mitune::zoo::keys;
 use mitune::checkpoint::params::Loader;
 use mitune::checkpoint::safetensors_io::WeightStore;
 use mitune::checkpoint::{Composition, compose_llava, load_llava, save_llava};
 use mitune::zoo::connectors::ConnectorSpec;
 use mitune::zoo::encoders::{Encoder, EncoderFamily, FeatureSelect, VisionSpec};
+use mitune::zoo::keys;
 use mitune::zoo::layers::{float_tensor, to_vec};
 use mitune::zoo::mllm::MmInput;
 

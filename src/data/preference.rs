@@ -367,9 +367,14 @@ pub fn load_pairs(
     Ok((good, bad))
 }
 
-/// Loads prompts for on-policy stages: `{id, image|images, prompt | conversations, answer?}`; a `pairs` record's
-/// `chosen` is its reference answer when it has no `answer`.
-pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<PromptItem>, Vec<Bad>)> {
+/// Reads one record per line (or JSON array item) of `path` with `parse(record, image folder, id)`: an item whose
+/// images all exist, or a bad record naming file, line and id (a missing image is missing media).
+fn read_each<T>(
+    path: &Path,
+    images_dir: Option<&Path>,
+    images_of: impl Fn(&T) -> &[PathBuf],
+    parse: impl Fn(&Value, &Path, &str) -> std::result::Result<T, String>,
+) -> Result<(Vec<T>, Vec<Bad>)> {
     let base = images_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -379,8 +384,31 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
             continue;
         };
         let id = id_of(r, i);
-        let item = (|| -> std::result::Result<PromptItem, String> {
-            let images = image_paths(r, &base)?;
+        let at = format!("{}{} ({id})", path.display(), rec.at);
+        match parse(r, &base, &id) {
+            Ok(item) => match images_of(&item).iter().find(|f| !f.is_file()) {
+                Some(f) => bad.push(Bad::new(
+                    at,
+                    Kind::MissingMedia,
+                    format!("image {} does not exist", f.display()),
+                )),
+                None => good.push(item),
+            },
+            Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
+        }
+    }
+    Ok((good, bad))
+}
+
+/// Loads prompts for on-policy stages: `{id, image|images, prompt | conversations, answer?}`; a `pairs` record's
+/// `chosen` is its reference answer when it has no `answer`.
+pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<PromptItem>, Vec<Bad>)> {
+    read_each(
+        path,
+        images_dir,
+        |p: &PromptItem| &p.images,
+        |r, base, id| {
+            let images = image_paths(r, base)?;
             let mut history = match (r.get("conversations"), s(r, "prompt").or(s(r, "question"))) {
                 (Some(c), _) => llava_turns(c)?,
                 (None, Some(p)) => vec![(Role::User, p.to_string())],
@@ -394,26 +422,13 @@ pub fn load_prompts(path: &Path, images_dir: Option<&Path>) -> Result<(Vec<Promp
             }
             place_images(&mut history, images.len())?;
             Ok(PromptItem {
-                id: id.clone(),
+                id: id.to_string(),
                 images,
                 history,
                 answer,
             })
-        })();
-        let at = format!("{}{} ({id})", path.display(), rec.at);
-        match item {
-            Ok(p) => match p.images.iter().find(|f| !f.is_file()) {
-                Some(f) => bad.push(Bad::new(
-                    at,
-                    Kind::MissingMedia,
-                    format!("image {} does not exist", f.display()),
-                )),
-                None => good.push(p),
-            },
-            Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
-        }
-    }
-    Ok((good, bad))
+        },
+    )
 }
 
 /// Loads unpaired examples for KTO; bad records come back with their reasons. A pair layout gives two examples per
@@ -442,17 +457,12 @@ pub fn load_unpaired(
         }
         return Ok((out, bad));
     }
-    let base = images_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
-    let (mut good, mut bad) = (vec![], vec![]);
-    for (i, rec) in read_records(path)?.iter().enumerate() {
-        let Some(r) = rec.value_or_bad(path, &mut bad) else {
-            continue;
-        };
-        let id = id_of(r, i);
-        let item = (|| -> std::result::Result<Unpaired, String> {
-            let images = image_paths(r, &base)?;
+    read_each(
+        path,
+        images_dir,
+        |u: &Unpaired| &u.images,
+        |r, base, id| {
+            let images = image_paths(r, base)?;
             let mut history = match (r.get("conversations"), r.get("prompt")) {
                 (Some(c), _) => llava_turns(c)?,
                 (None, Some(Value::String(p))) => vec![(Role::User, p.clone())],
@@ -479,25 +489,12 @@ pub fn load_unpaired(
                 None => return Err("no `label` (true: desirable, false: undesirable)".into()),
             };
             Ok(Unpaired {
-                id: id.clone(),
+                id: id.to_string(),
                 images,
                 history,
                 completion,
                 label,
             })
-        })();
-        let at = format!("{}{} ({id})", path.display(), rec.at);
-        match item {
-            Ok(u) => match u.images.iter().find(|f| !f.is_file()) {
-                Some(f) => bad.push(Bad::new(
-                    at,
-                    Kind::MissingMedia,
-                    format!("image {} does not exist", f.display()),
-                )),
-                None => good.push(u),
-            },
-            Err(reason) => bad.push(Bad::new(at, Kind::Record, reason)),
-        }
-    }
-    Ok((good, bad))
+        },
+    )
 }
