@@ -16,9 +16,10 @@ use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
 use super::backward::{hidden_backward, to_input};
+use super::batches::Batches;
 use super::loss;
 use super::pairs::response_sample;
-use super::steps::{self, Batches, Engine, Micro, StageRun};
+use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::contract::{self, Bad};
 use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::preference::{Unpaired, load_unpaired};

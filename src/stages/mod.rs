@@ -8,6 +8,7 @@
 pub mod adamw;
 pub mod adapters;
 pub mod backward;
+pub mod batches;
 pub mod checkpoints;
 pub mod dpo;
 pub mod eval;

@@ -3,7 +3,8 @@
 //! chunk of pairs as one micro-batch (its chosen rows, then its rejected rows).
 use std::path::Path;
 
-use super::steps::{Batches, Engine};
+use super::batches::Batches;
+use super::steps::Engine;
 use crate::data::contract::{self, Bad};
 use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::preference::{Pair, load_pairs};

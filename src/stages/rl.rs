@@ -5,10 +5,11 @@
 use burn::tensor::{Device, Tensor};
 use std::path::Path;
 
+use super::batches::Batches;
 use super::loss;
 use super::reward_model::{self, RewardModel};
 use super::rollout::{self, RewardSpec, Rollout};
-use super::steps::{Batches, Engine};
+use super::steps::Engine;
 use crate::data::contract;
 use crate::data::loader::MicroBatch;
 use crate::data::preference::{PromptItem, load_prompts};

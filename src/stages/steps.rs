@@ -1,6 +1,6 @@
-//! The step engine every training stage runs its loop through (`Engine`), and which items make the global batch
-//! of a step for the stages that batch their own items (`Batches`: a pure function of seed and epoch, so a resumed
-//! run sees the same batches).
+//! The step engine every training stage runs its loop through (`Engine`): the prologue, the step body
+//! (`accumulate`), adapters, the step tail, checkpoints and the final save; and the fault points the crash tests
+//! use.
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{DType, Device};
@@ -12,10 +12,9 @@ use super::log::Metrics;
 use super::log::Progress;
 use super::optim::{self, Groups};
 use super::{checkpoints, schedule};
-use crate::data::loader::Order;
 use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
-use crate::recipe::schema::{FrozenDtype, Mix, Part, Precision, StageSpec, Steps};
+use crate::recipe::schema::{FrozenDtype, Part, Precision, StageSpec, Steps};
 use crate::zoo::layers::precision;
 use crate::zoo::mllm::Backbone;
 
@@ -28,60 +27,6 @@ pub struct StageRun<'a> {
     pub seed: u64,
     pub device: &'a Device,
     pub metrics: &'a mut Metrics,
-}
-
-pub struct Batches {
-    order: Order,
-    pub per_epoch: usize,
-    pub total: usize,
-    cache: Option<(usize, Vec<Vec<usize>>)>,
-}
-
-impl Batches {
-    /// Batches of `global` items drawn from `len.len()` items (grouped by modality and length like the trainer's).
-    /// `what` names the items in the error when there are too few.
-    pub fn new(
-        key: &str,
-        what: &str,
-        global: usize,
-        seed: u64,
-        has_image: Vec<bool>,
-        len: Vec<usize>,
-        epochs: f64,
-        max_steps: Option<usize>,
-    ) -> Result<Self> {
-        let n = len.len();
-        let order = Order {
-            mix: Mix::Mixed,
-            global,
-            seed,
-            sources: vec![((0..n).collect(), 1.0)],
-            has_image,
-            len,
-        };
-        let per_epoch = order.steps_per_epoch();
-        let total = max_steps.unwrap_or((epochs * per_epoch as f64).floor() as usize);
-        if total == 0 {
-            return Err(Error::input(format!(
-                "{key}: {n} usable {what} make no full global batch of {global}; lower batch.global or add data"
-            )));
-        }
-        Ok(Batches {
-            order,
-            per_epoch,
-            total,
-            cache: None,
-        })
-    }
-
-    /// Item indices of step `step`'s global batch.
-    pub fn at(&mut self, step: usize) -> Vec<usize> {
-        let epoch = step / self.per_epoch;
-        if self.cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.cache = Some((epoch, self.order.epoch(epoch)));
-        }
-        self.cache.as_ref().unwrap().1[step % self.per_epoch].clone()
-    }
 }
 
 /// Dies abruptly (no unwinding, no cleanup, as SIGKILL would) when `MITUNE_FAULT_ABORT_AT_STEP` names this
@@ -134,19 +79,20 @@ fn poison(stage: &str, done: usize, loss: f64) -> f64 {
 /// must not differ between them: the prologue (the stage's data seed, its template, optimizer groups, resume of
 /// parameter ids and moments, which parameters learn) and the tail of each step (non-finite check *before* the
 /// update, the fault point, progress, the metrics line, checkpoint) and the end (final model, done marker).
-/// Each stage file keeps its own loss and micro-batch loop in view and calls it:
+/// Each stage file keeps its own loss — what one micro-batch computes — in view and calls it:
 ///
 /// ```text
-/// let mut eng = Engine::new(ctx, &text)?;                 // seed, template, groups
+/// let mut eng = Engine::new(ctx, &text)?;                 // seed, template, groups, precision
 /// ... read data with eng.seed / eng.template, count steps ...
-/// model = eng.start(model, total, resume, &train, what)?;  // resume ids + moments, freeze, one line
+/// model = eng.start(model, total, resume, &train, what)?;  // adapters, resume ids + moments, freeze, one line
 /// for step in eng.range() {
 ///     eng.begin(step);
-///     ... forward, backward, accumulate ...
-///     (model, norm) = eng.update(model, step, loss, grads)?;   // once per optimizer update
-///     eng.end(&model, step, loss, norm, tok_s, || line, |tmp| save(&model, tmp))?;
+///     let up = eng.accumulate(model, step, n_micro, width, |i, m| {
+///         ... micro-batch i: loss, gradients (backward::hidden_backward), numbers to log ...
+///     })?;                                                  // once per optimizer update
+///     eng.end(&up.model, step, up.loss, up.norm, tok_s, || line, |tmp| save(&up.model, tmp))?;
 /// }
-/// eng.finish(|dir| save(&model, &dir.join("model")))?;
+/// eng.finish_model(model, save, |m, dir| ...)?;            // model/ (merged), adapter/, base/, done marker
 /// ```
 pub struct Engine<'a> {
     pub name: &'a str,
