@@ -29,6 +29,9 @@ pub struct GenConfig {
     pub repetition_penalty: f64,
     pub seed: u64,
     pub eos: Vec<i64>,
+    /// Ids never generated (transformers' `suppress_tokens`): the media placeholders, which a completion must not
+    /// hold (a sampled `<image>` id would ask for an image the row does not have).
+    pub suppress: Vec<i64>,
     /// Generation stops once the decoded output contains one of these (the string stays in the output, as
     /// transformers' `stop_strings`; callers cut it).
     pub stop: Vec<String>,
@@ -44,6 +47,7 @@ impl GenConfig {
             repetition_penalty: 1.0,
             seed: 0,
             eos,
+            suppress: vec![],
             stop: vec![],
         }
     }
@@ -122,6 +126,11 @@ fn argmax(v: &[f64]) -> usize {
 /// Picks the next id from log-probs `logp`, `seen` = ids of the row so far (prompt + output).
 fn choose(logp: &[f64], seen: &[i64], cfg: &GenConfig, rng: &mut StdRng) -> usize {
     let mut scores = logp.to_vec();
+    for &id in &cfg.suppress {
+        if let Some(s) = scores.get_mut(id as usize) {
+            *s = f64::NEG_INFINITY;
+        }
+    }
     if cfg.repetition_penalty != 1.0 {
         // transformers divides positive scores and multiplies negative ones; on log-probs (all <= 0) that is
         // the multiply, applied once per distinct id.
@@ -343,6 +352,21 @@ pub fn stop_ids(model: &Llava, text: &crate::data::tokenizer::TextProcessor) -> 
     eos
 }
 
+/// The media placeholder ids of a model (image; video and the vision start/end markers for native-resolution
+/// models): what a sampled
+/// completion that is trained on again must not hold.
+pub fn media_ids(model: &Llava) -> Vec<i64> {
+    let mut ids = vec![model.spec.image_token_id];
+    if let Some(n) = &model.spec.native {
+        ids.extend(
+            [n.video_token_id, n.vision_start_id, n.vision_end_id]
+                .into_iter()
+                .flatten(),
+        );
+    }
+    ids
+}
+
 /// The text before the first stop string (all of it when none occurs).
 pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
     let end = stop
@@ -379,6 +403,22 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut rng = StdRng::seed_from_u64(0);
         assert_eq!(choose(&[-2.0, -0.5, -0.5], &[], &cfg(), &mut rng), 1);
+    }
+
+    #[test]
+    fn suppressed_ids_are_never_chosen() {
+        // id 1 is the most likely, suppressed: greedy takes id 2, sampling never draws 1
+        let c = GenConfig {
+            suppress: vec![1],
+            ..cfg()
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(choose(&[-2.0, -0.1, -1.0], &[], &c, &mut rng), 2);
+        let c = GenConfig {
+            temperature: 1.0,
+            ..c
+        };
+        assert!((0..200).all(|_| choose(&[-2.0, -0.1, -1.0], &[], &c, &mut rng) != 1));
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Sampling {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             eos,
+            suppress: vec![],
             stop: self.stop.clone(),
         };
         cfg.check()

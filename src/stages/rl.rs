@@ -138,7 +138,8 @@ pub fn heldout_reward(
         .iter()
         .map(|p| rollout::encode_prompt(b, template, p).map_err(Error::input))
         .collect::<Result<_>>()?;
-    let cfg = GenConfig::greedy(max_new, crate::generate::stop_ids(model, &b.text));
+    let mut cfg = GenConfig::greedy(max_new, crate::generate::stop_ids(model, &b.text));
+    cfg.suppress = crate::generate::media_ids(model);
     let mut sum = [0.0];
     let chunks: Vec<Vec<usize>> = (0..items.len())
         .collect::<Vec<_>>()
@@ -250,6 +251,8 @@ impl RlSetup {
         cfg.top_p = spec.sampling.top_p;
         cfg.top_k = spec.sampling.top_k;
         cfg.seed = seed;
+        // a sampled placeholder id would ask for an image the rollout's row does not have when it is trained on
+        cfg.suppress = crate::generate::media_ids(&start.model);
         Ok(RlSetup {
             template,
             prompts,

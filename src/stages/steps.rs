@@ -501,6 +501,9 @@ impl<'a> Engine<'a> {
         }
         let out = save(&self.dir)?;
         checkpoints::mark_done(&self.dir, self.total)?;
+        // data parallel: rank 0 wrote the model; a later stage that starts from it (`init = { from_stage }`) reads
+        // it on every rank
+        crate::dist::barrier();
         Ok(out)
     }
 }
