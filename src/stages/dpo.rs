@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::backward::{hidden_backward, to_input};
 use super::loss;
-use super::pairs::{EncPair, PrefSetup, pair_batch, setup};
+use super::pairs::{EncPair, PrefSetup, pair_batch, sequence_logps, setup};
 use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::loader::MicroBatch;
@@ -31,16 +31,6 @@ fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
         .collect()
 }
 
-/// Summed response log-probs of a pair micro-batch's rows under a model on any device: the reference's (the
-/// policy's come from its hidden states in `pair_losses`).
-fn logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Tensor<1>> {
-    let hidden = model.hidden(&to_input(mb, device)?)?;
-    let head = |h| model.language_model.logits(h);
-    Ok(loss::supervised_logp_rows(
-        hidden, head, &mb.ids, &mb.labels,
-    ))
-}
-
 /// Reference log-probs (chosen, rejected) of every pair, computed with `reference` in micro-batches.
 fn reference_table(
     reference: &Llava,
@@ -52,7 +42,7 @@ fn reference_table(
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let l = logps(reference, &pair_batch(&chunk, b), device)?;
+        let l = sequence_logps(reference, &pair_batch(&chunk, b), device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -152,7 +142,7 @@ fn pair_losses(
     let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
         RefModel::None => (vec![0.0; m], vec![0.0; m]),
         RefModel::Frozen(r) => {
-            let l = logps(r, mb, &device.clone().inner())?;
+            let l = sequence_logps(r, mb, &device.clone().inner())?;
             let v = to_vec(l);
             (v[..m].to_vec(), v[m..].to_vec())
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use super::backward::{hidden_backward, to_input};
 use super::batches::Batches;
 use super::loss;
-use super::pairs::response_sample;
+use super::pairs::{response_sample, sequence_logps};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::contract::{self, Bad};
 use crate::data::loader::{MicroBatch, micro_batch};
@@ -29,6 +29,11 @@ use crate::model::{Built, export};
 use crate::recipe::schema::{KtoStage, Part, UnpairedData};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
+
+/// Summed completion log-probs [rows] of a micro-batch under a model without gradients.
+fn logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Vec<f32>> {
+    Ok(to_vec(sequence_logps(model, mb, device)?))
+}
 
 /// An example as read and as encoded (its completion supervised).
 pub type Example = (Unpaired, Encoded);
@@ -89,15 +94,6 @@ fn kl_rows(
             })
         })
         .collect()
-}
-
-/// Summed completion log-probs [rows] of a micro-batch under a model without gradients.
-fn logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Vec<f32>> {
-    let hidden = model.hidden(&to_input(mb, device)?)?;
-    let head = |h| model.language_model.logits(h);
-    Ok(to_vec(loss::supervised_logp_rows(
-        hidden, head, &mb.ids, &mb.labels,
-    )))
 }
 
 /// KTO's settings.

@@ -1,7 +1,10 @@
 //! Preference pairs as the paired stages (dpo, reward) train on them: every source loaded, both responses encoded
 //! through the template with only the response supervised, the bad-sample policy applied, the step batches, and a
 //! chunk of pairs as one micro-batch (its chosen rows, then its rejected rows).
+use burn::tensor::{Device, Tensor};
 use std::path::Path;
+
+use super::backward::to_input;
 
 use super::batches::Batches;
 use super::steps::Engine;
@@ -14,6 +17,7 @@ use crate::data::tokenizer::TextProcessor;
 use crate::error::{Error, Result};
 use crate::model::Built;
 use crate::recipe::schema::{OnBad, PrefData, PrefStage};
+use crate::zoo::mllm::Llava;
 
 /// An encoded pair: (chosen, rejected), both with only the response supervised.
 pub type EncPair = (Encoded, Encoded);
@@ -137,4 +141,14 @@ pub fn setup(eng: &Engine, spec: &PrefStage, start: &Built) -> Result<PrefSetup>
         heldout,
         batches,
     })
+}
+
+/// Summed response log-probs [rows] of a micro-batch under a model on any device (a frozen reference's, or a
+/// policy's without gradients): DPO's reference, KTO's reference and KL rows.
+pub fn sequence_logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Tensor<1>> {
+    let hidden = model.hidden(&to_input(mb, device)?)?;
+    let head = |h| model.language_model.logits(h);
+    Ok(super::loss::supervised_logp_rows(
+        hidden, head, &mb.ids, &mb.labels,
+    ))
 }

@@ -202,8 +202,7 @@ pub fn train(
             None
         };
         let mut start = match &resume {
-            // the checkpoint holds everything these kinds need; the others keep their start as the reference
-            Some(ck) if !keeps_reference(spec) => model::load_dir(ck, device)?,
+            Some(ck) if !needs_start_on_resume(spec) => model::load_dir(ck, device)?,
             _ => init_model(rc, &run, i, spec.init(), &mut current, device)?,
         };
         if let Some(t) = spec.train() {
@@ -284,9 +283,9 @@ fn run_stage(ctx: StageRun, start: Built, resume: Option<PathBuf>, run: &Path) -
     }
 }
 
-/// Whether a stage kind keeps its starting model beside the trained one (the reference of the policy stages),
-/// so that a resumed run needs the start as well as the checkpoint.
-fn keeps_reference(spec: &StageSpec) -> bool {
+/// Whether a resumed stage needs its starting model besides the checkpoint: the reference of DPO, GRPO, PPO and
+/// KTO, and the tokenizer and processor the reward stage saves with; align/instruct/pretrain checkpoints hold all.
+fn needs_start_on_resume(spec: &StageSpec) -> bool {
     match spec {
         StageSpec::Align(_) | StageSpec::Instruct(_) | StageSpec::Pretrain(_) => false,
         StageSpec::Dpo(_)

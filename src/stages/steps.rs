@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::adapters::{self, Adapted};
-use super::log::Metrics;
-use super::log::Progress;
+use super::log::{Metrics, Progress};
 use super::optim::{self, Groups};
 use super::{checkpoints, schedule};
 use crate::data::tokenizer::TextProcessor;
@@ -318,7 +317,7 @@ impl<'a> Engine<'a> {
     /// Data parallel (`mpirun`, `crate::dist`): sums this step's gradients and `scalars` (the loss and counts
     /// of this rank's share of the global batch) over the ranks, so every rank applies the same update of the
     /// whole global batch. Returns `grads` untouched in one process.
-    pub fn all_reduce<M: Module>(
+    fn all_reduce<M: Module>(
         &mut self,
         model: &M,
         grads: GradientsParams,
@@ -336,7 +335,7 @@ impl<'a> Engine<'a> {
 
     /// One optimizer update of step `step` with `loss` (the value the gradients came from): refused before it
     /// touches the weights when the loss is not finite. Returns the model and the gradient norm before clipping.
-    pub fn update<M: Module>(
+    fn update<M: Module>(
         &mut self,
         model: M,
         step: usize,
