@@ -116,13 +116,11 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
         "losses after the checkpoint-write kills differ"
     );
 
-    // A fresh run (`runs-c`):
-    let c = d.join("c.toml");
-    std::fs::write(&c, recipe(&w, &d.join("runs-c"))).unwrap();
-    let run = d.join("runs-c/crash");
-    // SIGKILL at pseudo-random moments (a fixed LCG, so a sequence can be replayed), resuming each time: the
-    // first in start-up, then each once the run has logged a randomly chosen further step, plus a random few
-    // milliseconds — so kills land in steps, checkpoint writes and final saves however fast this machine is.
+    // Fresh runs (`runs-c0`, `runs-c1`, …) killed by SIGKILL at pseudo-random moments (a fixed LCG, so a sequence
+    // can be replayed), resuming each time: the first in start-up, then each once the run has logged one further
+    // step, plus a random few milliseconds — so kills land in steps, checkpoint writes and final saves however fast
+    // this machine is. A tiny step takes ~10 ms, so one run may finish before three kills land (seen on CI): then
+    // another fresh run is killed the same way, each checked against the uninterrupted losses, until three have.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let mut rand = |n: u64| {
         x = x
@@ -131,78 +129,87 @@ fn sigkill_at_random_moments_resumes_to_the_same_losses() {
         (x >> 33) % n
     };
     let mut killed = 0;
-    let mut finished = false;
-    for round in 0..12 {
-        let target = if round == 0 {
-            0
-        } else {
-            (logged(&run) + 1 + rand(2) as usize).min(10)
-        };
-        let log = d.join(format!("round-{round}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mitune"))
-            .args(["train", c.to_str().unwrap(), "--resume"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        let start_up = Duration::from_millis(20 + rand(200));
-        let mut due: Option<Instant> = None;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "round {round}: the run failed on its own: {}",
-                    std::fs::read_to_string(&log).unwrap()
-                );
-                finished = true;
-                break;
-            }
-            if due.is_none()
-                && (target == 0 && t0.elapsed() >= start_up || target > 0 && logged(&run) >= target)
-            {
-                due = Some(Instant::now() + Duration::from_micros(rand(8000)));
-            }
-            if due.is_some_and(|t| Instant::now() >= t) {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(300),
-                "round {round} hangs"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if finished {
+    for pass in 0..4 {
+        if killed >= 3 {
             break;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        killed += 1;
-        eprintln!(
-            "round {round}: killed after {:?} (target {target} steps logged); checkpoints align {:?}, instruct {:?}",
-            t0.elapsed(),
-            checkpoints(&run.join("align")),
-            checkpoints(&run.join("instruct"))
+        let c = d.join(format!("c{pass}.toml"));
+        std::fs::write(&c, recipe(&w, &d.join(format!("runs-c{pass}")))).unwrap();
+        let run = d.join(format!("runs-c{pass}/crash"));
+        let mut finished = false;
+        for round in 0..12 {
+            let target = if round == 0 {
+                0
+            } else {
+                (logged(&run) + 1).min(10)
+            };
+            let log = d.join(format!("pass-{pass}-round-{round}.log"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_mitune"))
+                .args(["train", c.to_str().unwrap(), "--resume"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let t0 = Instant::now();
+            let start_up = Duration::from_millis(20 + rand(100));
+            let mut due: Option<Instant> = None;
+            loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    assert!(
+                        st.success(),
+                        "pass {pass} round {round}: the run failed on its own: {}",
+                        std::fs::read_to_string(&log).unwrap()
+                    );
+                    finished = true;
+                    break;
+                }
+                if due.is_none()
+                    && (target == 0 && t0.elapsed() >= start_up
+                        || target > 0 && logged(&run) >= target)
+                {
+                    due = Some(Instant::now() + Duration::from_micros(rand(8000)));
+                }
+                if due.is_some_and(|t| Instant::now() >= t) {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(300),
+                    "pass {pass} round {round} hangs"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if finished {
+                break;
+            }
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            killed += 1;
+            eprintln!(
+                "pass {pass} round {round}: killed after {:?} (target {target} steps logged); checkpoints align {:?}, instruct {:?}",
+                t0.elapsed(),
+                checkpoints(&run.join("align")),
+                checkpoints(&run.join("instruct"))
+            );
+        }
+        if !finished {
+            let (ok, err) = run_mitune(&["train", c.to_str().unwrap(), "--resume"], None);
+            assert!(ok, "{err}");
+        }
+        assert!(run.join("instruct/done.json").exists());
+        assert_eq!(
+            losses(&run),
+            want,
+            "pass {pass}: losses after its kills differ from the uninterrupted run"
+        );
+        assert!(
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            "every metrics line parses"
         );
     }
-    assert!(killed >= 3, "only {killed} kills landed");
-    if !finished {
-        let (ok, err) = run_mitune(&["train", c.to_str().unwrap(), "--resume"], None);
-        assert!(ok, "{err}");
-    }
-    assert!(run.join("instruct/done.json").exists());
-    assert_eq!(
-        losses(&run),
-        want,
-        "losses after {killed} kills differ from the uninterrupted run"
-    );
-    assert!(
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
-        "every metrics line parses"
-    );
+    assert!(killed >= 3, "only {killed} kills landed in four runs");
 }
 
 /// A checkpoint write that fails (here the process's file-size limit, `ulimit -f`, which fails writes with
