@@ -451,3 +451,122 @@ fn kto_stage_trains_on_unpaired_examples() {
     let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
     assert!(!ok && err.contains("stages.kto.batch"), "{err}");
 }
+
+/// GRPO scored by a program of the user's (`kind = "command"`): it reads each rollout as a JSON line and prints a
+/// score; when it fails mid-stage (a non-zero exit, its stderr in the error) no update is made with the step's
+/// rewards, the last checkpoint stays, and `--resume` once it is fixed gives the losses of a run that never failed.
+#[test]
+fn a_reward_command_scores_rollouts_and_its_failure_loses_nothing() {
+    let d = scratch("stages-command");
+    let w = world(&d);
+    let script = d.join("score.sh");
+    let seen = d.join("seen.jsonl");
+    // the score: the JSON line's length mod 3 (varied, so groups have signal), every line kept for the checks below
+    let working = format!(
+        "tee -a {:?} | awk '{{ print length($0) % 3 }}'\n",
+        seen.display().to_string()
+    );
+    // fails from its 5th call: steps 1 and 2 (two micro-batches each) are scored, step 3 is not
+    let failing = format!(
+        "n=$(cat {c:?} 2>/dev/null || echo 0); echo $((n + 1)) > {c:?}\n\
+         if [ \"$n\" -ge 4 ]; then echo 'reward server down' >&2; exit 2; fi\n{working}",
+        c = d.join("calls").display().to_string()
+    );
+    let one = |out: &str| {
+        recipe(&w, &d.join(out), "", "")
+            .replace(
+                "pipeline = [\"align\", \"dpo\", \"rm\", \"rl\", \"ppo\"]",
+                "pipeline = [\"align\", \"rl\"]",
+            )
+            .replace("init = { from_stage = \"dpo\" }", "init = { from_stage = \"align\" }")
+            .replace(
+                "rewards = [{ kind = \"exact_match\" }, { kind = \"model\", from_stage = \"rm\", weight = 0.5 }]",
+                &format!(
+                    "rewards = [{{ kind = \"command\", command = [\"sh\", {:?}], timeout_s = 60 }}]",
+                    script.display().to_string()
+                ),
+            )
+            .replace(
+                "max_steps = 2\nmax_len = 512\nlog_every = 1\nsave_every = 1",
+                "max_steps = 4\nmax_len = 512\nlog_every = 1\nsave_every = 1",
+            )
+    };
+    let (a, b) = (d.join("a.toml"), d.join("b.toml"));
+    std::fs::write(&a, one("runs-a")).unwrap();
+    std::fs::write(&b, one("runs-b")).unwrap();
+    std::fs::write(&script, &working).unwrap();
+    let (ok, err) = mitune(&["train", a.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let want = lines(&d.join("runs-a/every"), "rl");
+    assert_eq!(want.len(), 4);
+    // 4 steps × 4 prompts × group 2 rollouts, each a JSON line with what a scorer needs
+    let read = std::fs::read_to_string(&seen).unwrap();
+    assert_eq!(read.lines().count(), 32);
+    for l in read.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for k in [
+            "id",
+            "prompt",
+            "conversation",
+            "completion",
+            "answer",
+            "images",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing from {l}");
+        }
+        assert!(v["images"][0].as_str().unwrap().ends_with(".png"), "{l}");
+    }
+    assert!(
+        want.iter()
+            .any(|l| l["reward"].as_f64().unwrap() != want[0]["reward"].as_f64().unwrap()),
+        "the command's scores reach the logged reward: {want:?}"
+    );
+
+    std::fs::write(&script, &failing).unwrap();
+    let (ok, err) = mitune(&["train", b.to_str().unwrap()]);
+    assert!(!ok, "the failing command should stop the stage");
+    assert!(
+        err.contains("reward 0")
+            && err.contains("exit status: 2")
+            && err.contains("reward server down"),
+        "{err}"
+    );
+    let run = d.join("runs-b/every");
+    assert_eq!(
+        lines(&run, "rl").len(),
+        2,
+        "step 3 was logged with a broken reward"
+    );
+    let ckpts: Vec<String> = mitune::stages::checkpoints::list(&run.join("rl"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into())
+        .collect();
+    assert_eq!(ckpts, ["step-000001", "step-000002"]);
+    std::fs::write(&script, &working).unwrap();
+    let (ok, err) = mitune(&["train", b.to_str().unwrap(), "--resume"]);
+    assert!(ok, "{err}");
+    let got = lines(&run, "rl");
+    assert_eq!(got.len(), 4);
+    for (x, y) in want.iter().zip(&got) {
+        assert_eq!(
+            x["loss"], y["loss"],
+            "resumed after the failure: {x} vs {y}"
+        );
+        assert_eq!(x["reward"], y["reward"]);
+    }
+
+    // an empty command is refused before anything runs
+    std::fs::write(
+        &b,
+        one("runs-c").replace(
+            &format!("[\"sh\", {:?}]", script.display().to_string()),
+            "[]",
+        ),
+    )
+    .unwrap();
+    let (ok, err) = mitune(&["validate", b.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.rl.rewards") && err.contains("command is empty"),
+        "{err}"
+    );
+}

@@ -723,7 +723,8 @@ fn check_rl(
     if g.rewards.is_empty() {
         bad(
             "rewards",
-            "empty: name at least one reward (exact_match, yes_no, format, model)".into(),
+            "empty: name at least one reward (exact_match, yes_no, format, iou, command, model)"
+                .into(),
         );
     }
     for (j, w) in g.rewards.iter().enumerate() {
@@ -731,6 +732,41 @@ fn check_rl(
             RewardSpec::Format { pattern, .. } => {
                 if let Err(e) = regex::Regex::new(pattern) {
                     bad("rewards", format!("reward {j}: pattern {pattern:?}: {e}"));
+                }
+            }
+            RewardSpec::Iou {
+                threshold: Some(t), ..
+            } if !(*t > 0.0 && *t <= 1.0) => {
+                bad(
+                    "rewards",
+                    format!("reward {j}: threshold {t} must be in (0, 1]"),
+                );
+            }
+            RewardSpec::Command {
+                command, timeout_s, ..
+            } => {
+                if let Some(prog) = command.first()
+                    && prog.contains('/')
+                    && !exists(Path::new(prog))
+                {
+                    bad(
+                        "rewards",
+                        format!("reward {j}: command {prog} does not exist"),
+                    );
+                }
+                if command.is_empty() || command[0].trim().is_empty() {
+                    bad(
+                        "rewards",
+                        format!(
+                            "reward {j}: command is empty: name a program, e.g. [\"python3\", \"score.py\"]"
+                        ),
+                    );
+                }
+                if !(*timeout_s > 0.0 && timeout_s.is_finite()) {
+                    bad(
+                        "rewards",
+                        format!("reward {j}: timeout_s {timeout_s} must be positive"),
+                    );
                 }
             }
             RewardSpec::Model {

@@ -1217,6 +1217,24 @@ pub enum RewardSpec {
         #[serde(default = "one_f64")]
         weight: f64,
     },
+    /// IoU of the first box in the completion with the reference's box (each the first four numbers of the text:
+    /// `[x1, y1, x2, y2]`, `{"bbox_2d": [...]}`, `(x1,y1),(x2,y2)`); with `threshold`, 1 when IoU ≥ threshold.
+    Iou {
+        threshold: Option<f64>,
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
+    /// A program of the user's: reads one JSON line per rollout on stdin (`id`, `prompt`, `conversation`,
+    /// `completion`, `answer`, `images`), prints one number per line (stages::rewards).
+    Command {
+        /// The program and its arguments, run without a shell: `["python3", "score.py"]`.
+        command: Vec<String>,
+        /// Seconds it may take for one micro-batch of rollouts before it is killed and the stage stops.
+        #[serde(default = "sixty_f64")]
+        timeout_s: f64,
+        #[serde(default = "one_f64")]
+        weight: f64,
+    },
     /// The score of a reward model (a `kind = "reward"` stage of this pipeline, or its saved directory).
     Model {
         from_stage: Option<String>,
@@ -1228,6 +1246,9 @@ pub enum RewardSpec {
 
 fn one_f64() -> f64 {
     1.0
+}
+fn sixty_f64() -> f64 {
+    60.0
 }
 fn thirty_two_usize() -> usize {
     32

@@ -2,8 +2,8 @@
 //! micro-batches sharded over ranks, accumulated, all-reduced, the update —, adapters, the step tail, checkpoints,
 //! the final save). One file per stage kind, its loss in view: `trainer` (align, instruct, pretrain), `dpo`,
 //! `reward`, `grpo`, `ppo`, `kto`; no stage file imports another: what several share has its own file (`backward`:
-//! the backward pass with activation checkpointing; `adapters`; `pairs`: preference pairs; `reward_model`; `rl`
-//! and `rollout`: prompts, rollouts and rewards). Also model building from the recipe, parameter groups,
+//! the backward pass with activation checkpointing; `adapters`; `pairs`: preference pairs; `reward_model`; `rl`,
+//! `rollout` and `rewards`: prompts, rollouts and their rewards). Also model building from the recipe, parameter groups,
 //! schedules, losses, run-state checkpoints, logging and held-out metrics; `run` orders the pipeline.
 pub mod adamw;
 pub mod adapters;
@@ -24,6 +24,7 @@ pub mod ppo;
 pub mod pref_loss;
 pub mod reward;
 pub mod reward_model;
+pub mod rewards;
 pub mod rl;
 pub mod rollout;
 pub mod run;

@@ -7,13 +7,13 @@ use std::path::Path;
 
 use super::batches::Batches;
 use super::loss;
-use super::reward_model::{self, RewardModel};
-use super::rollout::{self, RewardSpec, Rollout};
+use super::reward_model::RewardModel;
+use super::rewards::{RewardSpec, reward_models, rewards};
+use super::rollout::{self, Rollout};
 use super::steps::Engine;
 use crate::data::contract;
 use crate::data::loader::MicroBatch;
 use crate::data::preference::{PromptItem, load_prompts};
-use crate::data::templates::Encoded;
 use crate::error::{Error, Result};
 use crate::generate::GenConfig;
 use crate::model::Built;
@@ -68,63 +68,7 @@ pub fn load_data(
     Ok(out)
 }
 
-/// The reward models a stage names, loaded once: (term index, model).
-pub fn reward_models(
-    specs: &[RewardSpec],
-    run: &Path,
-    device: &Device,
-) -> Result<Vec<(usize, RewardModel, Built)>> {
-    let mut out = vec![];
-    for (j, s) in specs.iter().enumerate() {
-        if let RewardSpec::Model {
-            from_stage, path, ..
-        } = s
-        {
-            let dir = match (from_stage, path) {
-                (Some(st), _) => run.join(st).join("model"),
-                (_, Some(p)) => p.clone(),
-                _ => return Err(Error::input("a model reward needs from_stage or path")),
-            };
-            let (rm, b) = reward_model::load(&dir, device)?;
-            out.push((j, rm, b));
-        }
-    }
-    Ok(out)
-}
-
-/// Weighted reward of every rollout.
-pub fn rewards(
-    specs: &[RewardSpec],
-    models: &[(usize, RewardModel, Built)],
-    rolls: &[Rollout],
-    prompts: &[PromptItem],
-    device: &Device,
-) -> Result<Vec<f64>> {
-    let mut total = vec![0.0; rolls.len()];
-    for (j, s) in specs.iter().enumerate() {
-        if let Some((_, rm, b)) = models.iter().find(|m| m.0 == j) {
-            let rows: Vec<&Encoded> = rolls.iter().map(|r| &r.row).collect();
-            for (k, chunk) in rows.chunks(16).enumerate() {
-                for (i, v) in reward_model::score(rm, chunk, b, device)?
-                    .into_iter()
-                    .enumerate()
-                {
-                    total[k * 16 + i] += s.weight() * v as f64;
-                }
-            }
-            continue;
-        }
-        for (i, r) in rolls.iter().enumerate() {
-            let v = s
-                .rule(&r.text, prompts[r.prompt].answer.as_deref())?
-                .unwrap_or(0.0);
-            total[i] += s.weight() * v;
-        }
-    }
-    Ok(total)
-}
-
-/// Mean greedy reward on held-out prompts (rule terms only).
+/// Mean greedy reward on held-out prompts (the terms other than reward models).
 pub fn heldout_reward(
     model: &Llava,
     b: &Built,
@@ -149,13 +93,9 @@ pub fn heldout_reward(
     // data parallel: each rank answers every N-th chunk, the scores are summed
     for chunk in crate::dist::shard(chunks.len()).map(|k| &chunks[k]) {
         let rolls = rollout::sample(model, b, items, &ids, chunk, 1, &cfg, 0, device)?;
-        for r in &rolls {
-            for s in specs {
-                sum[0] += s.weight()
-                    * s.rule(&r.text, items[r.prompt].answer.as_deref())?
-                        .unwrap_or(0.0);
-            }
-        }
+        sum[0] += rewards(specs, &[], &rolls, items, device)?
+            .iter()
+            .sum::<f64>();
     }
     crate::dist::sum_f64(&mut sum, "the held-out rewards' all-reduce");
     Ok(sum[0] / items.len().max(1) as f64)
@@ -182,7 +122,7 @@ pub struct RlSetup {
     pub held: Vec<PromptItem>,
     pub batches: Batches,
     pub models: Vec<(usize, RewardModel, Built)>,
-    /// The rule terms (held-out scoring uses only these).
+    /// The terms other than reward models (held-out scoring uses only these).
     pub rules: Vec<RewardSpec>,
     pub cfg: GenConfig,
 }

@@ -1,51 +1,17 @@
 //! On-policy pieces shared by the RL stages (GRPO, PPO): prompts encoded through the chat template, completions
 //! sampled with the KV cache (each completion its own seeded RNG, so a step's rollouts are a pure function of the
-//! weights and the step), rows re-encoded as prompt + completion with only the completion supervised, and the
-//! rule rewards a recipe can name.
+//! weights and the step), rows re-encoded as prompt + completion with only the completion supervised.
 use burn::tensor::Device;
-use regex::Regex;
 
 use crate::data::images::ImageProcessor;
 use crate::data::preference::PromptItem;
 use crate::data::templates::{self, Encoded};
-use crate::error::{Error, Result};
-use crate::eval::metrics;
+use crate::error::Result;
 use crate::generate::{GenConfig, Prompt, generate_batch};
 use crate::model::Built;
 use crate::zoo::mllm::Llava;
 
-pub use crate::recipe::schema::{RewardSpec, Sampling};
-
-impl RewardSpec {
-    pub fn weight(&self) -> f64 {
-        match self {
-            RewardSpec::ExactMatch { weight }
-            | RewardSpec::YesNo { weight }
-            | RewardSpec::Format { weight, .. }
-            | RewardSpec::Model { weight, .. } => *weight,
-        }
-    }
-
-    /// The rule's reward of `completion` (None for the model term, scored in batch by the stage).
-    pub fn rule(&self, completion: &str, reference: Option<&str>) -> Result<Option<f64>> {
-        let answer = completion.trim().lines().next().unwrap_or("").trim();
-        Ok(match self {
-            RewardSpec::ExactMatch { .. } => {
-                Some(reference.map_or(0.0, |r| metrics::vqa_accuracy(answer, &[r.to_string()])))
-            }
-            RewardSpec::YesNo { .. } => Some(reference.map_or(0.0, |r| {
-                let want = metrics::vqa_normalize(r) == "yes";
-                f64::from(u8::from(metrics::pope_is_yes(answer) == want))
-            })),
-            RewardSpec::Format { pattern, .. } => {
-                let re = Regex::new(pattern)
-                    .map_err(|e| Error::input(format!("reward pattern {pattern:?}: {e}")))?;
-                Some(f64::from(u8::from(re.is_match(completion.trim()))))
-            }
-            RewardSpec::Model { .. } => None,
-        })
-    }
-}
+pub use crate::recipe::schema::Sampling;
 
 /// One sampled completion, ready for the loss.
 pub struct Rollout {
