@@ -8,7 +8,7 @@ use common::*;
 use mitune::checkpoint::load_llava;
 use mitune::data::images::ImageProcessor;
 use mitune::data::tokenizer::TextProcessor;
-use mitune::generate::{GenConfig, Prompt, generate_batch};
+use mitune::generate::{GenConfig, Prompt, generate_batch, generate_groups};
 use mitune::zoo::mllm::Llava;
 
 struct Case {
@@ -123,6 +123,58 @@ fn seeded_sampling_is_reproducible_and_batch_independent() {
     assert_ne!(a, run(&all, &other), "another seed, other samples");
     let greedy = run(&all, &GenConfig::greedy(8, vec![]));
     assert_ne!(a, greedy, "sampling at temperature 1 differs from greedy");
+}
+
+/// RL rollouts: G completions of a prompt from one prefill whose cache is copied G times sample exactly what G
+/// separate copies of the prompt (seeded index, index + 1, …) sample, however rows finish.
+#[test]
+fn a_group_shares_its_prompt_prefill_and_samples_as_separate_copies() {
+    let device = Device::flex();
+    for name in MODELS {
+        let c = case(name, &device);
+        let mut cfg = GenConfig {
+            temperature: 1.0,
+            seed: 3,
+            ..GenConfig::greedy(8, c.model.spec.llm.eos_token_ids.clone())
+        };
+        let (group, which) = (3, [0usize, 2]);
+        let shared = || {
+            let mut p = prompts(&c, &which, &device);
+            for (i, p) in p.iter_mut().enumerate() {
+                p.index = (i * group) as u64;
+            }
+            p
+        };
+        // ids sampled early in two rows as stops too, so rows leave the batch at different steps
+        let probe = generate_groups(&c.model, shared(), group, &cfg, None, |_, _| {}).unwrap();
+        cfg.eos
+            .extend([probe[0].output_ids[2], probe[4].output_ids[4]]);
+        let g = generate_groups(&c.model, shared(), group, &cfg, None, |_, _| {}).unwrap();
+        let mut copies = vec![];
+        for (i, &w) in which.iter().enumerate() {
+            for k in 0..group {
+                let mut p = prompts(&c, &[w], &device).remove(0);
+                p.index = (i * group + k) as u64;
+                copies.push(p);
+            }
+        }
+        let want = generate_batch(&c.model, copies, &cfg, None, |_, _| {}).unwrap();
+        assert_eq!(g.len(), want.len());
+        let lens: Vec<usize> = g.iter().map(|x| x.output_ids.len()).collect();
+        assert!(
+            lens.iter().any(|&l| l < 8),
+            "{name}: every row ran to the end: {lens:?}"
+        );
+        for (r, (a, b)) in g.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.output_ids, b.output_ids,
+                "{name}: row {r} (lengths {lens:?})"
+            );
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < 1e-4, "{name}: row {r} log-prob {x} vs {y}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `mitune bench train|generate --preset NAME [--json]`: step time, tokens/s and peak memory of LLaVA presets
+//! `mitune bench train|generate|rollout --preset NAME [--json]`: step time, tokens/s and peak memory of LLaVA presets
 //! with random weights, f32. `tools/bench_train.py` / `tools/bench_generate.py` build the same models in
 //! PyTorch + transformers (+ PEFT) and print the same JSON fields, so the two are run one after the other on the
 //! same machine and compared (README "Performance"). Timing lives here, never in tests.
@@ -6,7 +6,9 @@
 //! train: one AdamW step per batch (every text token a target), median step time over the measured steps after
 //! warm-up; tokens = batch × (image + text tokens). generate: greedy with the KV cache, one image + 32 text tokens
 //! per prompt (rows of 32, 30, 28, 26 text tokens, so batch 8 is left-padded), 32 new tokens, median of 3 runs
-//! after a warm-up; tokens/s counts generated tokens (prefill included in the time).
+//! after a warm-up; tokens/s counts generated tokens (prefill included in the time). rollout: RL sampling, 4 of
+//! those prompts × 8 completions at temperature 1, 32 new tokens each (`tools/bench_rollout.py`: transformers'
+//! `generate(num_return_sequences=8)`).
 use crate::stages::adamw::FusedAdamW;
 use burn::optim::ModuleOptimizer;
 use clap::{Args as ClapArgs, Subcommand};
@@ -14,7 +16,7 @@ use std::time::Instant;
 
 use crate::data::loader::MicroBatch;
 use crate::error::{Error, Result};
-use crate::generate::{GenConfig, Prompt, generate_batch};
+use crate::generate::{GenConfig, Prompt, generate_batch, generate_groups};
 use crate::recipe::schema::Adapter;
 use crate::recipe::schema::Precision;
 use crate::stages::steps::precision_of;
@@ -28,6 +30,7 @@ use crate::zoo::llms::LlmFamily;
 use crate::zoo::lora;
 use crate::zoo::mllm::{Llava, LlavaSpec};
 use crate::zoo::presets;
+use burn::tensor::Device;
 
 #[derive(Subcommand)]
 pub enum Args {
@@ -35,6 +38,9 @@ pub enum Args {
     Train(Opts),
     /// Greedy generation at batch 1 and 8: `tiny`, `small` (or `all`).
     Generate(Opts),
+    /// RL rollouts: 4 prompts × 8 sampled completions, each prompt prefilled once for its group (`shared`) and
+    /// once per completion (`per_copy`, as `generate(num_return_sequences=8)` expands it): `tiny`, `small`.
+    Rollout(Opts),
 }
 
 #[derive(ClapArgs)]
@@ -144,6 +150,14 @@ pub fn run(args: Args) -> Result<()> {
             let picked = pick(&GENERATE.iter().map(|p| p.0).collect::<Vec<_>>(), &o.preset)?;
             for p in GENERATE.iter().filter(|p| picked.contains(&p.0)) {
                 for r in generate(p, o.steps)? {
+                    emit(&r, o.json);
+                }
+            }
+        }
+        Args::Rollout(o) => {
+            let picked = pick(&GENERATE.iter().map(|p| p.0).collect::<Vec<_>>(), &o.preset)?;
+            for p in GENERATE.iter().filter(|p| picked.contains(&p.0)) {
+                for r in rollout(p, o.steps)? {
                     emit(&r, o.json);
                 }
             }
@@ -346,6 +360,91 @@ fn median(mut times: Vec<f64>) -> f64 {
     times[times.len() / 2]
 }
 
+/// Row `r` of the generate and rollout benches: one image + `GEN_TEXT − 2·(r mod 4)` text tokens, its pixels.
+fn bench_prompt(r: usize, n_img: usize, vocab: usize, size: usize, device: &Device) -> Prompt {
+    let ids: Vec<i64> = std::iter::repeat_n(vocab as i64 - 1, n_img)
+        .chain(
+            (0..(GEN_TEXT - 2 * (r % 4)) as i64)
+                .map(|i| 1 + (i * 7 + r as i64) % (vocab as i64 - 2)),
+        )
+        .collect();
+    let px: Vec<f32> = (0..3 * size * size)
+        .map(|i| (((i + r) % 255) as f32 / 127.0) - 1.0)
+        .collect();
+    Prompt {
+        instructions: vec![],
+        ids,
+        pixels: Some(float_tensor(px, [1, 3, size, size], device)),
+        sizes: vec![],
+        videos: None,
+        index: r as u64,
+    }
+}
+
+const ROLLOUT_PROMPTS: usize = 4;
+const ROLLOUT_GROUP: usize = 8;
+
+/// 4 prompts × 8 completions sampled at temperature 1 (32 new tokens each, no stop): the prompt prefilled once
+/// per group against once per completion; median of `runs` (default 3) after a warm-up.
+fn rollout(
+    &(name, size_preset, vocab, layer, tied): &(&str, &str, usize, i64, bool),
+    runs: Option<usize>,
+) -> Result<Vec<serde_json::Value>> {
+    let device = crate::default_device();
+    device.seed(0);
+    let spec = spec(size_preset, size_preset, vocab, layer, tied)?;
+    let n_img = spec.image_tokens();
+    let size = spec.vision.input_size();
+    let model = spec.init(&device);
+    let cfg = GenConfig {
+        temperature: 1.0,
+        seed: 1,
+        ..GenConfig::greedy(GEN_NEW, vec![])
+    };
+    let (np, g) = (ROLLOUT_PROMPTS, ROLLOUT_GROUP);
+    let mut out = vec![];
+    for shared in [true, false] {
+        let mut times = vec![];
+        for i in 0..1 + runs.unwrap_or(3).max(1) {
+            let t0 = Instant::now();
+            let got = if shared {
+                let prompts = (0..np)
+                    .map(|r| Prompt {
+                        index: (r * g) as u64,
+                        ..bench_prompt(r, n_img, vocab, size, &device)
+                    })
+                    .collect();
+                generate_groups(&model, prompts, g, &cfg, None, |_, _| {})?
+            } else {
+                let prompts = (0..np * g)
+                    .map(|k| Prompt {
+                        index: k as u64,
+                        ..bench_prompt(k / g, n_img, vocab, size, &device)
+                    })
+                    .collect();
+                generate_batch(&model, prompts, &cfg, None, |_, _| {})?
+            };
+            if got.len() != np * g || got.iter().any(|x| x.output_ids.len() != GEN_NEW) {
+                return Err(Error::input(
+                    "bench rollout: a completion stopped before its 32 tokens",
+                ));
+            }
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let med = median(times);
+        out.push(serde_json::json!({
+            "framework": "mitune", "preset": name, "prefill": if shared { "shared" } else { "per_copy" },
+            "prompts": np, "group": g, "image_tokens": n_img, "prompt_tokens": n_img + GEN_TEXT,
+            "new_tokens": GEN_NEW, "seconds_median": med,
+            "rollout_tokens_per_s": (np * g * GEN_NEW) as f64 / med,
+            "threads": rayon::current_num_threads(), "cpu": cpu_model(),
+        }));
+    }
+    Ok(out)
+}
+
 fn generate(
     &(name, size_preset, vocab, layer, tied): &(&str, &str, usize, i64, bool),
     runs: Option<usize>,
@@ -360,25 +459,7 @@ fn generate(
     for batch in [1usize, 8] {
         let prompts = || -> Vec<Prompt> {
             (0..batch)
-                .map(|r| {
-                    let ids: Vec<i64> = std::iter::repeat_n(vocab as i64 - 1, n_img)
-                        .chain(
-                            (0..(GEN_TEXT - 2 * (r % 4)) as i64)
-                                .map(|i| 1 + (i * 7 + r as i64) % (vocab as i64 - 2)),
-                        )
-                        .collect();
-                    let px: Vec<f32> = (0..3 * size * size)
-                        .map(|i| (((i + r) % 255) as f32 / 127.0) - 1.0)
-                        .collect();
-                    Prompt {
-                        instructions: vec![],
-                        ids,
-                        pixels: Some(float_tensor(px, [1, 3, size, size], &device)),
-                        sizes: vec![],
-                        videos: None,
-                        index: r as u64,
-                    }
-                })
+                .map(|r| bench_prompt(r, n_img, vocab, size, &device))
                 .collect()
         };
         let cfg = GenConfig::greedy(GEN_NEW, vec![]);

@@ -1,13 +1,14 @@
 //! On-policy pieces shared by the RL stages (GRPO, PPO): prompts encoded through the chat template, completions
-//! sampled with the KV cache (each completion its own seeded RNG, so a step's rollouts are a pure function of the
-//! weights and the step), rows re-encoded as prompt + completion with only the completion supervised.
+//! sampled with the KV cache (each prompt prefilled once for its group; each completion its own seeded RNG, so a
+//! step's rollouts are a pure function of the weights and the step), rows re-encoded as prompt + completion with
+//! only the completion supervised.
 use burn::tensor::Device;
 
 use crate::data::images::ImageProcessor;
 use crate::data::preference::PromptItem;
 use crate::data::templates::{self, Encoded};
 use crate::error::Result;
-use crate::generate::{GenConfig, Prompt, generate_batch};
+use crate::generate::{GenConfig, Prompt, generate_groups};
 use crate::model::Built;
 use crate::zoo::mllm::Llava;
 
@@ -58,19 +59,18 @@ pub fn sample(
         let ins = b
             .text
             .instructions(prompts[p].history.iter().map(|(_, c)| c.as_str()))?;
-        for k in 0..group {
-            batch.push(Prompt {
-                instructions: ins.clone(),
-                ids: prompt_ids[p].clone(),
-                pixels: pixels.clone(),
-                sizes: sizes.clone(),
-                videos: None,
-                index: first + (i * group + k) as u64,
-            });
-            owner.push(p);
-        }
+        batch.push(Prompt {
+            instructions: ins,
+            ids: prompt_ids[p].clone(),
+            pixels,
+            sizes,
+            videos: None,
+            index: first + (i * group) as u64,
+        });
+        owner.extend(std::iter::repeat_n(p, group));
     }
-    let out = generate_batch(model, batch, cfg, None, |_, _| {})?;
+    // each prompt encoded and prefilled once, its cache shared by its group's completions
+    let out = generate_groups(model, batch, group, cfg, None, |_, _| {})?;
     let mut rollouts = vec![];
     for (g, p) in out.into_iter().zip(owner) {
         let mut ids = prompt_ids[p].clone();
