@@ -252,6 +252,7 @@ group = 2
 rewards = [{{ kind = "exact_match" }}, {{ kind = "format", pattern = "^[a-z ]+$", weight = 0.1 }}]
 loss_type = "dapo"
 scale_rewards = "batch"
+dynamic_sampling = 2
 sampling = {{ max_new_tokens = 4 }}
 batch = {{ global = 4, micro = 2 }}
 optim = {{ kind = "adamw", lr = 1e-3 }}

@@ -221,3 +221,186 @@ fn chat_template_ids_match_transformers() {
         );
     }
 }
+
+/// GRPO's loss family and KTO against plain PyTorch on the fixture model (tools/make_rl_loss_fixture.py: TRL's
+/// formulas over transformers' log-probs of three prompt + completion rows, one image each): for every
+/// `loss_type` × `importance_sampling_level`, and KTO with its KL baseline and class weights, the loss within 1e-4
+/// and the gradients of the connector's first layer and an LLM MLP within 1e-4 of their largest entry.
+#[test]
+fn grpo_family_and_kto_losses_and_gradients_match_pytorch() {
+    use mitune::recipe::schema::{GrpoLoss, SamplingLevel};
+    use mitune::stages::grpo::{Norm, Objective, token_loss};
+    use mitune::stages::kto::{Kto, kto_losses};
+    use mitune::stages::loss;
+    let device = mitune::default_device().autodiff();
+    let name = "llava_clip_llama";
+    let model = load_llava(&fixture(name), &device).unwrap();
+    let e = expected_file(name, "rl_losses");
+    let m = &e.meta;
+    let list = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let rows: Vec<Vec<i64>> = m["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| list(r).iter().map(|&x| x as i64).collect())
+        .collect();
+    let t = rows.iter().map(Vec::len).max().unwrap();
+    let labels: Vec<Vec<bool>> = m["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut l: Vec<bool> = r
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_bool().unwrap())
+                .collect();
+            l.resize(t, false);
+            l
+        })
+        .collect();
+    let attention: Vec<Vec<bool>> = rows
+        .iter()
+        .map(|r| (0..t).map(|i| i < r.len()).collect())
+        .collect();
+    let ids: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.resize(t, 3);
+            r
+        })
+        .collect();
+    let (shape, px) = e.tensor("pixel_values");
+    let pixels = float_tensor(px, [shape[0], shape[1], shape[2], shape[3]], &device);
+    let input = MmInput::new(ids.clone(), attention, Some(pixels));
+    let n = rows.len();
+    // per-row values over positions 1..t, as the stage passes π_old's and the reference's log-probs
+    let per_row = |key: &str| -> Vec<Vec<f32>> {
+        let (_, v) = e.tensor(key);
+        (0..n)
+            .map(|i| v[i * (t - 1)..(i + 1) * (t - 1)].to_vec())
+            .collect()
+    };
+    let (old, reference) = (per_row("grpo.old"), per_row("grpo.ref"));
+    let adv = list(&m["advantages"]);
+    // d loss / d (connector linear_1, layers.1 down_proj), torch layout [out, in]
+    let check = |l: burn::tensor::Tensor<1>, want: f64, what: &str, prefix: &str| {
+        let got = to_vec(l.clone())[0] as f64;
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{what}: loss {got} vs PyTorch {want}"
+        );
+        let grads = l.backward();
+        let lin = model.multi_modal_projector.as_mlp().unwrap().layers[0]
+            .weight
+            .val();
+        let down = model.language_model.decoder().layers[1]
+            .mlp
+            .down_proj
+            .weight
+            .val();
+        for (g, key) in [
+            (lin.grad(&grads), "linear_1"),
+            (down.grad(&grads), "down_proj"),
+        ] {
+            let g = to_vec(g.expect("a gradient").transpose());
+            let (_, want) = e.tensor(&format!("{prefix}.grad.{key}"));
+            let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+            let rel = max_abs_diff(&g, &want) / scale;
+            assert!(
+                rel < 1e-4,
+                "{what}: d loss / d {key} relative error {rel:.2e}"
+            );
+        }
+    };
+    for (level, lname) in [
+        (SamplingLevel::Token, "token"),
+        (SamplingLevel::Sequence, "sequence"),
+    ] {
+        for (kind, kname) in [
+            (GrpoLoss::Grpo, "grpo"),
+            (GrpoLoss::Bnpo, "bnpo"),
+            (GrpoLoss::DrGrpo, "dr_grpo"),
+            (GrpoLoss::Dapo, "dapo"),
+        ] {
+            let hidden = model.hidden(&input).unwrap();
+            let head = |h| model.language_model.logits(h);
+            let (logp, _) = loss::supervised_token_logps(hidden, head, &ids, &labels, false);
+            let mask = loss::target_mask(&labels, &device);
+            let tokens: f64 = labels.iter().flatten().filter(|&&x| x).count() as f64;
+            let obj = Objective {
+                clip_low: m["epsilon"].as_f64().unwrap(),
+                clip_high: m["epsilon_high"].as_f64().unwrap(),
+                level,
+                kl_beta: m["kl_beta"].as_f64().unwrap(),
+            };
+            let norm = Norm {
+                kind,
+                rows: n,
+                tokens,
+                micros: 1,
+                max_new_tokens: m["max_new_tokens"].as_u64().unwrap() as usize,
+            };
+            let (l, _) = token_loss(
+                logp,
+                mask,
+                &adv,
+                Some(&old),
+                Some(&reference),
+                &obj,
+                &norm,
+                &device,
+            );
+            let key = format!("{lname}.{kname}");
+            check(
+                l,
+                m["grpo"][&key].as_f64().unwrap(),
+                &key,
+                &format!("grpo.{key}"),
+            );
+        }
+    }
+    let k = &m["kto"];
+    let kto = Kto {
+        beta: k["beta"].as_f64().unwrap(),
+        desirable_weight: k["desirable_weight"].as_f64().unwrap(),
+        undesirable_weight: k["undesirable_weight"].as_f64().unwrap(),
+    };
+    let f32s = |v: &serde_json::Value| -> Vec<f32> { list(v).iter().map(|&x| x as f32).collect() };
+    let kto_labels: Vec<bool> = k["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_bool().unwrap())
+        .collect();
+    let hidden = model.hidden(&input).unwrap();
+    let head = |h| model.language_model.logits(h);
+    let lp = loss::supervised_logp_rows(hidden, head, &ids, &labels);
+    let (losses, z) = kto_losses(
+        &kto,
+        lp,
+        &f32s(&k["reference"]),
+        &f32s(&k["kl_policy"]),
+        &f32s(&k["kl_reference"]),
+        &kto_labels,
+        &device,
+    );
+    assert!(
+        (z - k["z"].as_f64().unwrap()).abs() < 1e-5,
+        "KL baseline {z}"
+    );
+    check(
+        losses.sum().div_scalar(n as f64),
+        k["loss"].as_f64().unwrap(),
+        "kto",
+        "kto",
+    );
+}

@@ -263,7 +263,7 @@ fn grpo_variants_run_and_a_killed_adapted_run_resumes_exactly() {
     };
     // plain vs activation checkpointing: the same losses
     let variants = [
-        "loss_type = \"dapo\"\nepsilon_high = 0.28\nupdates = 2",
+        "loss_type = \"dapo\"\nepsilon_high = 0.28\nupdates = 2\ndynamic_sampling = 2",
         "loss_type = \"dr_grpo\"\nscale_rewards = \"none\"",
         "loss_type = \"bnpo\"\nimportance_sampling_level = \"sequence\"\nscale_rewards = \"batch\"\nupdates = 2",
     ];
@@ -276,6 +276,14 @@ fn grpo_variants_run_and_a_killed_adapted_run_resumes_exactly() {
             assert!(ok, "{v}: {err}");
             let l = lines(&d.join(out).join("every"), "rl");
             assert_eq!(l.len(), 4, "{v}: {l:?}");
+            // DAPO's dynamic sampling: groups whose rewards are all equal were seen and refilled
+            if v.contains("dynamic_sampling") {
+                let f = |k: &str| l.iter().map(|x| x[k].as_f64().unwrap()).sum::<f64>();
+                assert!(
+                    f("frac_reward_zero_std") > 0.0 && f("refill_rounds") > 0.0,
+                    "{v}: {l:?}"
+                );
+            }
             got.push(l);
         }
         for (a, b) in got[0].iter().zip(&got[1]) {

@@ -340,6 +340,7 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
                         g.importance_sampling_level.is_some(),
                     ),
                     ("scale_rewards", g.scale_rewards.is_some()),
+                    ("dynamic_sampling", g.dynamic_sampling.is_some()),
                 ] {
                     if set {
                         errs.push(problem(

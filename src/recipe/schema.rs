@@ -379,6 +379,11 @@ pub struct RlStage {
     /// GRPO: what divides the advantages r − mean(group): `group` (the group's std, default), `batch` (the std
     /// of the whole global batch's rewards), `none` (Dr. GRPO: no scaling).
     pub scale_rewards: Option<ScaleRewards>,
+    /// GRPO: DAPO's dynamic sampling, as the most refill rounds per micro-batch: a group whose rewards are all
+    /// equal (no advantage, no signal) is dropped and replaced by a group of another prompt (the prompts the same
+    /// micro-batch has at the following steps), up to this many rounds; a micro-batch still short trains on the
+    /// groups it has. Off by default.
+    pub dynamic_sampling: Option<usize>,
     /// PPO: discount γ of GAE (default 1).
     pub gamma: Option<f64>,
     /// PPO: λ of GAE (default 0.95).

@@ -14,8 +14,11 @@
 //! completions; `bnpo` each micro-batch's token mean, averaged over the micro-batches; `dr_grpo` the token sum
 //! over (completions × max_new_tokens); `dapo` the token sum over all completion tokens. π_old = the policy that
 //! sampled (ρ = 1 in value at the first update; `updates` > 1 reuses the rollouts). The reference is the stage's
-//! starting model. Logged: reward mean/std, KL, clip fraction (TRL's: clipped where the clip binds), entropy,
-//! completion length, loss; held-out greedy reward before and after the stage.
+//! starting model. `dynamic_sampling = N` (DAPO): a group whose rewards are all equal is dropped and refilled from
+//! other prompts, up to N rounds per micro-batch (`rl::RlSetup::rollouts`). Logged: reward mean/std (of the
+//! sampled groups), `frac_reward_zero_std` (TRL's: the share of groups whose rewards are all equal),
+//! `refill_rounds`, KL, clip fraction (TRL's: clipped where the clip binds), entropy, completion length, loss;
+//! held-out greedy reward before and after the stage.
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -232,8 +235,27 @@ pub fn run(
             .flatten()
             .flat_map(|c| c.rewards.iter().copied())
             .collect();
-        // over every rank's rollouts: the logged reward mean and std, the batch std of scale_rewards = "batch"
-        let (mean, std, batch_std, n_rolls) = global_stats(&mine);
+        // over every rank's rollouts: the batch std of scale_rewards = "batch" and the count of the trained ones;
+        // the logged reward mean and std of the sampled ones (before dynamic sampling replaced any group), the
+        // share of their groups without signal, the refill rounds
+        let (_, _, batch_std, n_rolls) = global_stats(&mine);
+        let sampled: Vec<f64> = chunks
+            .iter()
+            .flatten()
+            .flat_map(|c| c.sampled.iter().copied())
+            .collect();
+        let (mean, std, _, _) = global_stats(&sampled);
+        let mut dyn_sums = [
+            chunks
+                .iter()
+                .flatten()
+                .flat_map(|c| c.sampled.chunks(spec.group))
+                .filter(|g| g.iter().all(|&r| r == g[0]))
+                .count() as f64,
+            chunks.iter().flatten().map(|c| c.sampled.len() / spec.group).sum::<usize>() as f64,
+            chunks.iter().flatten().map(|c| c.refills as f64).sum::<f64>(),
+        ];
+        crate::dist::sum_f64(&mut dyn_sums, "the group statistics' all-reduce");
         let mut counts = [chunks
             .iter()
             .flatten()
@@ -321,6 +343,8 @@ pub fn run(
                     "loss": step_loss, "reward": mean, "reward_std": std,
                     "kl": stats[1] / toks, "clip_fraction": stats[2] / toks, "entropy": stats[3] / toks,
                     "completion_length": counts[0] / n_rolls.max(1) as f64,
+                    "frac_reward_zero_std": dyn_sums[0] / dyn_sums[1].max(1.0),
+                    "refill_rounds": dyn_sums[2],
                 })
             },
             |tmp| save(&model, tmp),

@@ -25,6 +25,42 @@ use crate::zoo::mllm::Llava;
 pub struct Chunk {
     pub rolls: Vec<Rollout>,
     pub rewards: Vec<f64>,
+    /// The rewards of the micro-batch's own prompts' rollouts (before dynamic sampling replaced any group): what
+    /// the logged reward and `frac_reward_zero_std` describe.
+    pub sampled: Vec<f64>,
+    /// Dynamic sampling's refill rounds.
+    pub refills: usize,
+}
+
+/// Seed offset of refill round r's completions (round r samples with indices `first + r·REFILL_SEEDS + …`), far
+/// beyond any step's own indices.
+const REFILL_SEEDS: u64 = 1 << 40;
+
+/// Whether a group's rewards all equal its first (no advantage, no signal).
+fn flat(rewards: &[f64]) -> bool {
+    rewards.iter().all(|&r| r == rewards[0])
+}
+
+/// A group's rollouts and their rewards.
+type Group = (Vec<Rollout>, Vec<f64>);
+
+/// Splits rollouts into groups of `g`: those with signal onto `kept`, the others onto `dropped` (when given).
+fn split(
+    rolls: Vec<Rollout>,
+    rewards: &[f64],
+    g: usize,
+    kept: &mut Vec<Group>,
+    mut dropped: Option<&mut Vec<Group>>,
+) {
+    let mut it = rolls.into_iter();
+    for r in rewards.chunks(g) {
+        let grp: Vec<Rollout> = it.by_ref().take(g).collect();
+        match (flat(r), dropped.as_deref_mut()) {
+            (false, _) => kept.push((grp, r.to_vec())),
+            (true, Some(d)) => d.push((grp, r.to_vec())),
+            (true, None) => {}
+        }
+    }
 }
 
 /// Mean and standard deviation (population and unbiased) of values spread over the ranks (`mine`: this rank's),
@@ -224,25 +260,80 @@ impl RlSetup {
         device: &Device,
     ) -> Result<Vec<Option<Chunk>>> {
         let which = self.batches.at(step);
-        let chunks: Vec<&[usize]> = which.chunks(spec.batch.micro).collect();
+        let micro = spec.batch.micro;
+        let chunks: Vec<Vec<usize>> = which.chunks(micro).map(<[usize]>::to_vec).collect();
         let mut out: Vec<Option<Chunk>> = (0..chunks.len()).map(|_| None).collect();
+        let g = spec.group;
         for c in crate::dist::shard(chunks.len()) {
-            let first = ((step * spec.batch.global + c * spec.batch.micro) * spec.group) as u64;
-            let rolls = rollout::sample(
-                sampler,
-                start,
-                &self.prompts,
-                &self.prompt_ids,
-                chunks[c],
-                spec.group,
-                &self.cfg,
-                first,
-                device,
-            )?;
-            let rewards = rewards(&spec.rewards, &self.models, &rolls, &self.prompts, device)?;
-            out[c] = Some(Chunk { rolls, rewards });
+            let first = ((step * spec.batch.global + c * micro) * g) as u64;
+            let (rolls, rewards) = self.sample(spec, sampler, start, &chunks[c], first, device)?;
+            let sampled = rewards.clone();
+            let (rolls, rewards, refills) = match spec.dynamic_sampling {
+                Some(rounds) if rounds > 0 && rewards.chunks(g).any(flat) => {
+                    // DAPO's dynamic sampling, per micro-batch (each is one rank's, so the result does not
+                    // depend on how many ranks share the step): groups without signal are dropped and refilled
+                    // from the prompts this micro-batch has at the following steps, seeded apart
+                    let (mut kept, mut dropped) = (vec![], vec![]);
+                    split(rolls, &rewards, g, &mut kept, Some(&mut dropped));
+                    let mut round = 0;
+                    while kept.len() < chunks[c].len() && round < rounds {
+                        round += 1;
+                        let later = self.batches.at((step + round) % self.batches.total);
+                        let Some(cand) = later.chunks(micro).nth(c).map(<[usize]>::to_vec) else {
+                            break;
+                        };
+                        let first = first + round as u64 * REFILL_SEEDS;
+                        let (r, w) = self.sample(spec, sampler, start, &cand, first, device)?;
+                        split(r, &w, g, &mut kept, None);
+                    }
+                    // still short: the dropped groups fill the micro-batch (zero advantage: only their KL
+                    // term acts), so every micro-batch keeps its size
+                    kept.truncate(chunks[c].len());
+                    let short = chunks[c].len() - kept.len();
+                    kept.extend(dropped.into_iter().take(short));
+                    let (rolls, rewards): (Vec<_>, Vec<_>) = kept.into_iter().unzip();
+                    (
+                        rolls.into_iter().flatten().collect(),
+                        rewards.into_iter().flatten().collect(),
+                        round,
+                    )
+                }
+                _ => (rolls, rewards, 0),
+            };
+            out[c] = Some(Chunk {
+                rolls,
+                rewards,
+                sampled,
+                refills,
+            });
         }
         Ok(out)
+    }
+
+    /// The `group` completions of each prompt in `which` (completion k of the prompt at position i seeded with
+    /// index `first + i·group + k`) and their rewards.
+    fn sample(
+        &self,
+        spec: &RlStage,
+        sampler: &Llava,
+        start: &Built,
+        which: &[usize],
+        first: u64,
+        device: &Device,
+    ) -> Result<(Vec<Rollout>, Vec<f64>)> {
+        let rolls = rollout::sample(
+            sampler,
+            start,
+            &self.prompts,
+            &self.prompt_ids,
+            which,
+            spec.group,
+            &self.cfg,
+            first,
+            device,
+        )?;
+        let rewards = rewards(&spec.rewards, &self.models, &rolls, &self.prompts, device)?;
+        Ok((rolls, rewards))
     }
 
     /// Logs the mean greedy rule reward on the held-out prompts (`when` = before / after).
