@@ -419,6 +419,36 @@ fn kto_stage_trains_on_unpaired_examples() {
     );
     assert!(run.join("kto/adapter/adapter_config.json").exists());
     assert!(run.join("kto/model/config.json").exists());
+    // `eval_every = 2`: the held-out examples also after step 2, and the run itself unchanged
+    let evals = |out: &str, extra: &str| {
+        std::fs::write(&r, kto_recipe(&w, &d.join(out), &kto, extra)).unwrap();
+        let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        lines(&d.join(out).join("every"), "kto")
+            .into_iter()
+            .filter(|x| x["heldout"] == true)
+            .collect::<Vec<_>>()
+    };
+    let every = evals("runs-eval", "eval_every = 2");
+    let steps: Vec<u64> = every.iter().map(|x| x["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4], "{every:?}");
+    assert_eq!(
+        every[1]["loss"], l[4]["loss"],
+        "evaluating mid-stage changed the run"
+    );
+    // without a held-out set there is nothing to evaluate: refused before anything runs
+    let text = kto_recipe(&w, &d.join("runs-x"), &kto, "eval_every = 2");
+    let cut: String = text
+        .lines()
+        .filter(|x| !x.starts_with("heldout = "))
+        .map(|x| format!("{x}\n"))
+        .collect();
+    std::fs::write(&r, cut).unwrap();
+    let (ok, err) = mitune(&["validate", r.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("stages.kto.eval_every") && err.contains("heldout"),
+        "{err}"
+    );
     // killed after step 3, resumed: the same losses
     let (a, b) = common::train_kill_resume(&d, "every", "kto", |out| {
         kto_recipe(&w, &d.join(out), &kto, "")

@@ -298,6 +298,23 @@ fn cross_check(rc: &Recipe, r: &Resolved, raw_stages: &[String], errs: &mut Vec<
             let head = matches!(stage, StageSpec::Reward(_) | StageSpec::Ppo(_));
             check_trained(&st, head, &key, r, errs);
         }
+        // `eval_every` evaluates the stage's `heldout` set: without one it would do nothing
+        let held = match stage {
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => Some((p.eval_every, p.heldout.is_some())),
+            StageSpec::Grpo(g) | StageSpec::Ppo(g) => Some((g.eval_every, g.heldout.is_some())),
+            StageSpec::Kto(k) => Some((k.eval_every, k.heldout.is_some())),
+            StageSpec::Align(_)
+            | StageSpec::Instruct(_)
+            | StageSpec::Pretrain(_)
+            | StageSpec::Eval(_) => None,
+        };
+        if let Some((Some(_), false)) = held {
+            errs.push(problem(
+                r,
+                &format!("{key}.eval_every"),
+                "needs a held-out set to evaluate: add heldout = { sources = [...] } to the stage",
+            ));
+        }
         let t = match stage {
             StageSpec::Eval(e) => {
                 check_eval(e, &key, r, &exists, errs);
@@ -597,6 +614,9 @@ fn check_trained(st: &schema::Steps, head: bool, key: &str, r: &Resolved, errs: 
     }
     if st.max_len < 2 {
         bad("max_len", format!("{}: must be at least 2", st.max_len));
+    }
+    if st.eval_every == Some(0) {
+        bad("eval_every", "0: must be at least 1".into());
     }
 }
 

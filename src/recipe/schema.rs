@@ -222,8 +222,9 @@ impl StageSpec {
     /// The settings every training kind shares, as the step engine reads them (None for `eval`).
     pub fn steps(&self) -> Option<Steps<'_>> {
         macro_rules! view {
-            ($s:expr) => {
+            ($s:expr, $eval_every:expr) => {
                 Steps {
+                    eval_every: $eval_every,
                     train: $s.train.as_deref(),
                     template: $s.template,
                     optim: &$s.optim,
@@ -243,10 +244,12 @@ impl StageSpec {
             };
         }
         match self {
-            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => Some(view!(t)),
-            StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(view!(p)),
-            StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(view!(r)),
-            StageSpec::Kto(k) => Some(view!(k)),
+            StageSpec::Align(t) | StageSpec::Instruct(t) | StageSpec::Pretrain(t) => {
+                Some(view!(t, t.eval.as_ref().map(|e| e.every)))
+            }
+            StageSpec::Dpo(p) | StageSpec::Reward(p) => Some(view!(p, p.eval_every)),
+            StageSpec::Grpo(r) | StageSpec::Ppo(r) => Some(view!(r, r.eval_every)),
+            StageSpec::Kto(k) => Some(view!(k, k.eval_every)),
             StageSpec::Eval(_) => None,
         }
     }
@@ -284,6 +287,8 @@ pub struct Steps<'a> {
     pub frozen_dtype: Option<FrozenDtype>,
     /// LoRA/QLoRA adapters (`adapter = { kind = "lora", ... }`), on every training stage kind.
     pub adapter: Option<&'a Adapter>,
+    /// Held-out evaluation every N steps (`eval.every` of align/instruct/pretrain, `eval_every` of the others).
+    pub eval_every: Option<usize>,
 }
 
 /// `kind = "dpo"` / `kind = "reward"`: preference optimisation of the model of an earlier stage (the policy), against a frozen
@@ -297,6 +302,8 @@ pub struct PrefStage {
     pub data: PrefData,
     /// Held-out pairs: preference accuracy and margin at the end of the stage.
     pub heldout: Option<PrefData>,
+    /// Also evaluate `heldout` every N optimizer steps.
+    pub eval_every: Option<usize>,
     pub template: Template,
     /// DPO only; default `{ kind = "sigmoid", beta = 0.1 }`.
     pub loss: Option<PrefLoss>,
@@ -348,6 +355,8 @@ pub struct RlStage {
     pub data: PromptData,
     /// Held-out prompts: greedy answers scored by the rule rewards before and after the stage.
     pub heldout: Option<PromptData>,
+    /// Also score `heldout` every N optimizer steps.
+    pub eval_every: Option<usize>,
     pub template: Template,
     /// Completions sampled per prompt (G).
     #[serde(default = "four")]
@@ -520,6 +529,8 @@ pub struct KtoStage {
     pub data: UnpairedData,
     /// Held-out examples: loss and rewards at the end of the stage.
     pub heldout: Option<UnpairedData>,
+    /// Also evaluate `heldout` every N optimizer steps.
+    pub eval_every: Option<usize>,
     pub template: Template,
     /// β of the implied reward β·log(π/π_ref) (TRL's default 0.1).
     #[serde(default = "dpo_beta")]

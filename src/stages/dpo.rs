@@ -235,6 +235,40 @@ pub fn run(
     let save = |m: &Llava, out: &Path| {
         export(m, &start.text, &start.processor, Some(&template), None, out)
     };
+    // the held-out pairs' losses and accuracy (at the end, and every `eval_every` steps)
+    let evaluate = |eng: &mut Engine, model: &Llava, step: usize| -> Result<()> {
+        if heldout.is_empty() {
+            return Ok(());
+        }
+        let valid = model.valid();
+        let mut s = Sums::default();
+        for chunk in heldout.chunks(spec.batch.micro) {
+            let chunk: Vec<&EncPair> = chunk.iter().collect();
+            let mb = pair_batch(&chunk, &start);
+            let hidden = valid.hidden(&to_input(&mb, &inner)?)?;
+            let (l, c, rj, pc, pr) = pair_losses(
+                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &inner,
+            )?;
+            s.add(
+                &to_vec(l),
+                &to_vec(c),
+                &to_vec(rj),
+                &to_vec(pc),
+                &to_vec(pr),
+            );
+        }
+        let mut line = s.json();
+        line["stage"] = eng.name.into();
+        line["step"] = step.into();
+        line["heldout"] = true.into();
+        eng.note(&format!(
+            "step {step}: held-out pairs: accuracy {:.1}%, margin {:.3}",
+            100.0 * s.correct as f64 / s.n.max(1) as f64,
+            (s.chosen - s.rejected) / s.n.max(1) as f64
+        ));
+        eng.metrics.write(line)?;
+        Ok(())
+    };
     let mut sums = Sums::default();
     let ckpt = spec.checkpoint_activations;
     for step in eng.range() {
@@ -276,36 +310,11 @@ pub fn run(
             || std::mem::take(&mut sums).json(),
             |tmp| save(&model, tmp),
         )?;
-    }
-    if !heldout.is_empty() {
-        let valid = model.valid();
-        let mut s = Sums::default();
-        for chunk in heldout.chunks(spec.batch.micro) {
-            let chunk: Vec<&EncPair> = chunk.iter().collect();
-            let mb = pair_batch(&chunk, &start);
-            let hidden = valid.hidden(&to_input(&mb, &inner)?)?;
-            let (l, c, rj, pc, pr) = pair_losses(
-                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &inner,
-            )?;
-            s.add(
-                &to_vec(l),
-                &to_vec(c),
-                &to_vec(rj),
-                &to_vec(pc),
-                &to_vec(pr),
-            );
+        if eng.eval_due(step) {
+            evaluate(&mut eng, &model, step + 1)?;
         }
-        let mut line = s.json();
-        line["stage"] = eng.name.into();
-        line["step"] = total.into();
-        line["heldout"] = true.into();
-        eng.note(&format!(
-            "held-out pairs: accuracy {:.1}%, margin {:.3}",
-            100.0 * s.correct as f64 / s.n.max(1) as f64,
-            (s.chosen - s.rejected) / s.n.max(1) as f64
-        ));
-        eng.metrics.write(line)?;
     }
+    evaluate(&mut eng, &model, total)?;
     let model = eng.finish_model(model, save, |_, _| Ok(()))?;
     Ok(Built { model, ..start })
 }

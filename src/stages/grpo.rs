@@ -252,8 +252,16 @@ pub fn run(
                 .flat_map(|c| c.sampled.chunks(spec.group))
                 .filter(|g| g.iter().all(|&r| r == g[0]))
                 .count() as f64,
-            chunks.iter().flatten().map(|c| c.sampled.len() / spec.group).sum::<usize>() as f64,
-            chunks.iter().flatten().map(|c| c.refills as f64).sum::<f64>(),
+            chunks
+                .iter()
+                .flatten()
+                .map(|c| c.sampled.len() / spec.group)
+                .sum::<usize>() as f64,
+            chunks
+                .iter()
+                .flatten()
+                .map(|c| c.refills as f64)
+                .sum::<f64>(),
         ];
         crate::dist::sum_f64(&mut dyn_sums, "the group statistics' all-reduce");
         let mut counts = [chunks
@@ -349,6 +357,10 @@ pub fn run(
             },
             |tmp| save(&model, tmp),
         )?;
+        if eng.eval_due(step) {
+            let when = format!("at step {}", step + 1);
+            rl.heldout(&mut eng, &model.valid(), &start, step + 1, &when, &inner)?;
+        }
     }
     rl.heldout(&mut eng, &model.valid(), &start, total, "after", &inner)?;
     let model = eng.finish_model(model, save, |_, _| Ok(()))?;

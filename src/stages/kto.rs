@@ -234,6 +234,38 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
     };
     let mut logged = vec![0.0f64; 10];
     let ckpt = spec.checkpoint_activations;
+    // the held-out examples' loss and rewards (at the end, and every `eval_every` steps)
+    let evaluate = |eng: &mut Engine, model: &Llava, step: usize| -> Result<()> {
+        if heldout.is_empty() {
+            return Ok(());
+        }
+        let valid = model.valid();
+        let mut s = vec![0.0f64; 10];
+        for chunk in heldout.chunks(spec.batch.micro) {
+            let chunk: Vec<&Example> = chunk.iter().collect();
+            let (mb, refs, kp, kr, labels) = prepare(&chunk, &valid)?;
+            let lp = logps(&valid, &mb, &inner)?;
+            let lpt = float_tensor(lp.clone(), [lp.len()], &inner);
+            let (losses, z) = kto_losses(&k, lpt, &refs, &kp, &kr, &labels, &inner);
+            let rho: Vec<f64> = lp.iter().zip(&refs).map(|(p, r)| (p - r) as f64).collect();
+            for (a, b) in s
+                .iter_mut()
+                .zip(sums(&k, &to_vec(losses), &rho, &lp, &labels, z))
+            {
+                *a += b;
+            }
+        }
+        let mut line = json(&s);
+        line["stage"] = eng.name.into();
+        line["step"] = step.into();
+        line["heldout"] = true.into();
+        eng.note(&format!(
+            "step {step}: held-out examples: loss {:.4}, rewards chosen {:.3} / rejected {:.3}",
+            line["loss"], line["rewards/chosen"], line["rewards/rejected"]
+        ));
+        eng.metrics.write(line)?;
+        Ok(())
+    };
     for step in eng.range() {
         eng.begin(step);
         let batch = batches.at(step);
@@ -268,34 +300,11 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
             || json(&std::mem::replace(&mut logged, vec![0.0; 10])),
             |tmp| save(&model, tmp),
         )?;
-    }
-    if !heldout.is_empty() {
-        let valid = model.valid();
-        let mut s = vec![0.0f64; 10];
-        for chunk in heldout.chunks(spec.batch.micro) {
-            let chunk: Vec<&Example> = chunk.iter().collect();
-            let (mb, refs, kp, kr, labels) = prepare(&chunk, &valid)?;
-            let lp = logps(&valid, &mb, &inner)?;
-            let lpt = float_tensor(lp.clone(), [lp.len()], &inner);
-            let (losses, z) = kto_losses(&k, lpt, &refs, &kp, &kr, &labels, &inner);
-            let rho: Vec<f64> = lp.iter().zip(&refs).map(|(p, r)| (p - r) as f64).collect();
-            for (a, b) in s
-                .iter_mut()
-                .zip(sums(&k, &to_vec(losses), &rho, &lp, &labels, z))
-            {
-                *a += b;
-            }
+        if eng.eval_due(step) {
+            evaluate(&mut eng, &model, step + 1)?;
         }
-        let mut line = json(&s);
-        line["stage"] = eng.name.into();
-        line["step"] = total.into();
-        line["heldout"] = true.into();
-        eng.note(&format!(
-            "held-out examples: loss {:.4}, rewards chosen {:.3} / rejected {:.3}",
-            line["loss"], line["rewards/chosen"], line["rewards/rejected"]
-        ));
-        eng.metrics.write(line)?;
     }
+    evaluate(&mut eng, &model, total)?;
     let model = eng.finish_model(model, save, |_, _| Ok(()))?;
     Ok(Built { model, ..start })
 }

@@ -382,6 +382,10 @@ pub fn run(
             },
             |tmp| save(&pv, tmp),
         )?;
+        if eng.eval_due(step) {
+            let when = format!("at step {}", step + 1);
+            rl.heldout(&mut eng, &pv.llava.valid(), &start, step + 1, &when, &inner)?;
+        }
     }
     rl.heldout(&mut eng, &pv.llava.valid(), &start, total, "after", &inner)?;
     let pv = eng.finish_model(pv, save, |_, _| Ok(()))?;

@@ -90,6 +90,30 @@ pub fn run(
     let save = |m: &RewardModel, out: &std::path::Path| {
         m.save(&start.text, &start.processor, &template, out)
     };
+    // the held-out pairs' accuracy and margin (at the end, and every `eval_every` steps)
+    let evaluate = |eng: &mut Engine, rm: &RewardModel, step: usize| -> Result<()> {
+        if heldout.is_empty() {
+            return Ok(());
+        }
+        let valid = rm.valid();
+        let (n, ok, margin) = accuracy(
+            &valid,
+            &heldout,
+            spec.batch.micro,
+            &start,
+            &device.clone().inner(),
+        )?;
+        let a = ok as f64 / n.max(1) as f64;
+        eng.note(&format!(
+            "step {step}: held-out pairs: accuracy {:.1}% ({ok}/{n}), margin {:.3}",
+            100.0 * a,
+            margin / n.max(1) as f64
+        ));
+        eng.metrics.write(serde_json::json!({
+            "stage": eng.name, "step": step, "heldout": true, "accuracy": a, "margin": margin / n.max(1) as f64, "n": n,
+        }))?;
+        Ok(())
+    };
     for step in eng.range() {
         eng.begin(step);
         let batch = batches.at(step);
@@ -136,26 +160,11 @@ pub fn run(
             },
             |tmp| save(&rm, tmp),
         )?;
+        if eng.eval_due(step) {
+            evaluate(&mut eng, &rm, step + 1)?;
+        }
     }
-    if !heldout.is_empty() {
-        let valid = rm.valid();
-        let (n, ok, margin) = accuracy(
-            &valid,
-            &heldout,
-            spec.batch.micro,
-            &start,
-            &device.clone().inner(),
-        )?;
-        let a = ok as f64 / n.max(1) as f64;
-        eng.note(&format!(
-            "held-out pairs: accuracy {:.1}% ({ok}/{n}), margin {:.3}",
-            100.0 * a,
-            margin / n.max(1) as f64
-        ));
-        eng.metrics.write(serde_json::json!({
-            "stage": eng.name, "step": total, "heldout": true, "accuracy": a, "margin": margin / n.max(1) as f64, "n": n,
-        }))?;
-    }
+    evaluate(&mut eng, &rm, total)?;
     let rm = eng.finish_model(rm, save, |_, _| Ok(()))?;
     Ok(Built {
         model: rm.llava,

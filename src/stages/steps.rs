@@ -201,6 +201,15 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// Whether the stage evaluates its held-out set after step `step` (0-based, as the loop counts): every
+    /// `eval_every` steps, short of the last (the stage's end evaluates after it anyway).
+    pub fn eval_due(&self, step: usize) -> bool {
+        let done = step + 1;
+        self.s
+            .eval_every
+            .is_some_and(|e| e > 0 && done % e == 0 && done < self.total)
+    }
+
     /// The parts that learn in full: the recipe's `train`, else the stage kind's default (with adapters, only
     /// the connector and a stage's own head of it: `adapters::default_parts`).
     pub fn train(&self, default: &[Part]) -> Vec<String> {
