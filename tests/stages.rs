@@ -608,3 +608,56 @@ fn a_reward_command_scores_rollouts_and_its_failure_loses_nothing() {
         "{err}"
     );
 }
+
+/// `pack = true` on dpo and reward: each micro-batch's chosen and rejected responses share rows (attention within
+/// each sequence, positions restarting), with less padding and the losses of the unpacked stages (1e-5).
+#[test]
+fn packed_preference_stages_give_the_unpacked_losses() {
+    let d = scratch("stages-pack");
+    let w = world(&d);
+    let r = d.join("r.toml");
+    let run = |out: &str, pack: bool| {
+        let mut text = recipe(&w, &d.join(out), "", "").replace(
+            "pipeline = [\"align\", \"dpo\", \"rm\", \"rl\", \"ppo\"]",
+            "pipeline = [\"align\", \"dpo\", \"rm\"]",
+        );
+        // room for several sequences per row
+        text = text.replace("max_len = 256\n", "max_len = 640\n");
+        if pack {
+            text = text.replace("max_len = 640\n", "max_len = 640\npack = true\n");
+            assert_eq!(text.matches("pack = true").count(), 2);
+        }
+        std::fs::write(&r, text).unwrap();
+        let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let run = d.join(out).join("every");
+        (lines(&run, "dpo"), lines(&run, "rm"))
+    };
+    let (dpo_a, rm_a) = run("plain", false);
+    let (dpo_b, rm_b) = run("packed", true);
+    // the packed rows carry less padding
+    let pad = |l: &[serde_json::Value]| {
+        l.iter()
+            .map(|x| x["padding"].as_f64().unwrap())
+            .sum::<f64>()
+    };
+    assert!(
+        pad(&dpo_b) < pad(&dpo_a),
+        "padding packed {} vs unpacked {}",
+        pad(&dpo_b),
+        pad(&dpo_a)
+    );
+    for (what, a, b) in [("dpo", &dpo_a, &dpo_b), ("rm", &rm_a, &rm_b)] {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            for k in ["loss", "accuracy", "rewards/margins"] {
+                if let (Some(u), Some(v)) = (x[k].as_f64(), y[k].as_f64()) {
+                    assert!(
+                        (u - v).abs() < 1e-5 * (1.0 + u.abs()),
+                        "{what} {k}: unpacked {u} vs packed {v}"
+                    );
+                }
+            }
+        }
+    }
+}

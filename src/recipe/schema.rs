@@ -304,6 +304,10 @@ pub struct PrefStage {
     pub heldout: Option<PrefData>,
     /// Also evaluate `heldout` every N optimizer steps.
     pub eval_every: Option<usize>,
+    /// Sequence packing: each micro-batch's chosen and rejected responses share rows of up to `max_len` tokens
+    /// (attention within each, positions restarting), so the losses are the unpacked ones with less padding.
+    #[serde(default)]
+    pub pack: bool,
     pub template: Template,
     /// DPO only; default `{ kind = "sigmoid", beta = 0.1 }`.
     pub loss: Option<PrefLoss>,

@@ -12,24 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::backward::{hidden_backward, to_input};
-use super::loss;
-use super::pairs::{EncPair, PrefSetup, pair_batch, sequence_logps, setup};
+use super::pairs::{EncPair, PairBatch, PrefSetup, pack_cap, setup};
 use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Engine, Micro, StageRun};
-use crate::data::loader::MicroBatch;
 use crate::error::{Error, Result, read_json};
 use crate::model::{Built, export};
 use crate::recipe::schema::{Part, PrefStage, Reference};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
-
-/// Supervised target count per row (position 0 predicts nothing).
-fn targets(labels: &[Vec<bool>]) -> Vec<f32> {
-    labels
-        .iter()
-        .map(|r| r.iter().skip(1).filter(|&&l| l).count().max(1) as f32)
-        .collect()
-}
 
 /// Reference log-probs (chosen, rejected) of every pair, computed with `reference` in micro-batches.
 fn reference_table(
@@ -37,12 +27,13 @@ fn reference_table(
     pairs: &[EncPair],
     b: &Built,
     micro: usize,
+    pack: Option<usize>,
     device: &Device,
 ) -> Result<Vec<(f32, f32)>> {
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let l = sequence_logps(reference, &pair_batch(&chunk, b), device)?;
+        let l = PairBatch::new(&chunk, b, pack).logps_of(reference, device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -72,6 +63,9 @@ struct Sums {
     correct: usize,
     logp_c: f64,
     logp_r: f64,
+    /// tokens computed (padding included) and the sequences' own tokens
+    tokens: f64,
+    real: f64,
 }
 
 impl Sums {
@@ -87,7 +81,7 @@ impl Sums {
         }
     }
     /// As numbers to sum over the ranks of a data-parallel job (`from_sums` reads them back).
-    fn to_sums(&self) -> [f64; 7] {
+    fn to_sums(&self) -> [f64; 9] {
         [
             self.n as f64,
             self.loss,
@@ -96,6 +90,8 @@ impl Sums {
             self.correct as f64,
             self.logp_c,
             self.logp_r,
+            self.tokens,
+            self.real,
         ]
     }
     fn add_sums(&mut self, s: &[f64]) {
@@ -106,6 +102,8 @@ impl Sums {
         self.correct += s[4] as usize;
         self.logp_c += s[5];
         self.logp_r += s[6];
+        self.tokens += s[7];
+        self.real += s[8];
     }
     /// The logged means since the last line (the engine adds stage, step, lr, grad_norm).
     fn json(&self) -> serde_json::Value {
@@ -116,18 +114,20 @@ impl Sums {
             "rewards/margins": (self.chosen - self.rejected) / n,
             "rewards/accuracies": self.correct as f64 / n,
             "logps/chosen": self.logp_c / n, "logps/rejected": self.logp_r / n,
+            // share of the computed tokens that are padding (pack = true lowers it)
+            "padding": 1.0 - self.real / self.tokens.max(1.0),
         })
     }
 }
 
-/// Loss, rewards and policy log-probs of one micro-batch of pairs (`mb` = `pair_batch(chunk)`), from the policy's
+/// Loss, rewards and policy log-probs of one micro-batch of pairs (`pb` = `PairBatch::new(chunk)`), from the policy's
 /// final hidden states over it; the reference's log-probs come from `reference` or the cache.
 #[allow(clippy::too_many_arguments)]
 fn pair_losses(
     kind: &PrefLoss,
     policy: &Llava,
     hidden: Tensor<3>,
-    mb: &MicroBatch,
+    pb: &PairBatch,
     chunk: &[&EncPair],
     reference: &RefModel,
     cached: &[(f32, f32)],
@@ -135,14 +135,14 @@ fn pair_losses(
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
     let m = chunk.len();
     let head = |h| policy.language_model.logits(h);
-    let rows_logp = loss::supervised_logp_rows(hidden, head, &mb.ids, &mb.labels);
-    let counts = targets(&mb.labels);
+    let rows_logp = pb.logps(hidden, head);
+    let counts = pb.counts();
     let pc = rows_logp.clone().slice([0..m]);
     let pr = rows_logp.slice([m..2 * m]);
     let (rc, rr): (Vec<f32>, Vec<f32>) = match reference {
         RefModel::None => (vec![0.0; m], vec![0.0; m]),
         RefModel::Frozen(r) => {
-            let l = sequence_logps(r, mb, &device.clone().inner())?;
+            let l = pb.logps_of(r, &device.clone().inner())?;
             let v = to_vec(l);
             (v[..m].to_vec(), v[m..].to_vec())
         }
@@ -175,6 +175,7 @@ pub fn run(
         mut batches,
     } = setup(&eng, spec, &start)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
+    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
     let device = eng.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();
@@ -194,8 +195,8 @@ pub fn run(
             } else {
                 let r = eng.frozen_copy(start.model.valid(), &train)?;
                 let c = Cache {
-                    train: reference_table(&r, &pairs, &start, spec.batch.micro, &inner)?,
-                    heldout: reference_table(&r, &heldout, &start, spec.batch.micro, &inner)?,
+                    train: reference_table(&r, &pairs, &start, spec.batch.micro, pack, &inner)?,
+                    heldout: reference_table(&r, &heldout, &start, spec.batch.micro, pack, &inner)?,
                 };
                 if crate::dist::writer() {
                     crate::error::write_json_atomic(&f, &c)?;
@@ -244,10 +245,10 @@ pub fn run(
         let mut s = Sums::default();
         for chunk in heldout.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().collect();
-            let mb = pair_batch(&chunk, &start);
-            let hidden = valid.hidden(&to_input(&mb, &inner)?)?;
+            let pb = PairBatch::new(&chunk, &start, pack);
+            let hidden = valid.hidden(&to_input(&pb.mb, &inner)?)?;
             let (l, c, rj, pc, pr) = pair_losses(
-                &loss_kind, &valid, hidden, &mb, &chunk, &reference, held_cache, &inner,
+                &loss_kind, &valid, hidden, &pb, &chunk, &reference, held_cache, &inner,
             )?;
             s.add(
                 &to_vec(l),
@@ -256,6 +257,8 @@ pub fn run(
                 &to_vec(pc),
                 &to_vec(pr),
             );
+            s.tokens += pb.mb.tokens as f64;
+            s.real += pb.mb.real as f64;
         }
         let mut line = s.json();
         line["stage"] = eng.name.into();
@@ -275,16 +278,16 @@ pub fn run(
         eng.begin(step);
         let batch = batches.at(step);
         let chunks: Vec<&[usize]> = batch.chunks(spec.batch.micro).collect();
-        let up = eng.accumulate(model, step, chunks.len(), 7, |k, model| {
+        let up = eng.accumulate(model, step, chunks.len(), 9, |k, model| {
             let chunk: Vec<&EncPair> = chunks[k].iter().map(|&i| &pairs[i]).collect();
-            let mb = pair_batch(&chunk, &start);
-            let input = to_input(&mb, device)?;
+            let pb = PairBatch::new(&chunk, &start, pack);
+            let input = to_input(&pb.mb, device)?;
             let tail = |hidden| -> Result<_> {
                 let parts = pair_losses(
                     &loss_kind,
                     model,
                     hidden,
-                    &mb,
+                    &pb,
                     &chunk,
                     &reference,
                     train_cache,
@@ -296,6 +299,7 @@ pub fn run(
                 hidden_backward(model, model, &input, ckpt, tail)?;
             let mut mine = Sums::default();
             mine.add(&to_vec(l), &to_vec(c), &to_vec(r), &to_vec(pc), &to_vec(pr));
+            (mine.tokens, mine.real) = (pb.mb.tokens as f64, pb.mb.real as f64);
             let sums = mine.to_sums().to_vec();
             Ok(Micro { loss, grads, sums })
         })?;

@@ -28,6 +28,20 @@ pub fn supervised_logp_rows(
     ids: &[Vec<i64>],
     labels: &[Vec<bool>],
 ) -> Tensor<1> {
+    let b = hidden.dims()[0];
+    supervised_logp_by(hidden, head, ids, labels, |r, _| r, b)
+}
+
+/// `supervised_logp_rows` summed per sequence instead of per row, for packed rows: `owner(r, i)` names the
+/// sequence (of `n_out`) that token i of row r belongs to, asked for each supervised token. [n_out]
+pub fn supervised_logp_by(
+    hidden: Tensor<3>,
+    head: impl Fn(Tensor<3>) -> Tensor<3>,
+    ids: &[Vec<i64>],
+    labels: &[Vec<bool>],
+    owner: impl Fn(usize, usize) -> usize,
+    n_out: usize,
+) -> Tensor<1> {
     let [b, t, _] = hidden.dims();
     let device = hidden.device();
     let sel = Supervised::of(ids, labels, t);
@@ -37,17 +51,20 @@ pub fn supervised_logp_rows(
         return hidden
             .slice([0..b, 0..1, 0..1])
             .reshape([b])
-            .mul_scalar(0.0);
+            .sum()
+            .mul_scalar(0.0)
+            .repeat_dim(0, n_out);
     }
     let (logp, _) = sel.logps(hidden, head, false);
-    // each row's sum: a [b, n] 0/1 matrix times the picked log-probs
-    let mut onehot = vec![0.0f32; b * n];
+    // each sequence's sum: a [n_out, n] 0/1 matrix times the picked log-probs
+    let mut onehot = vec![0.0f32; n_out * n];
     for (j, &at) in sel.at.iter().enumerate() {
-        onehot[(at as usize / t) * n + j] = 1.0;
+        let (r, i) = (at as usize / t, at as usize % t);
+        onehot[owner(r, i + 1) * n + j] = 1.0;
     }
-    float_tensor(onehot, [b, n], &device)
+    float_tensor(onehot, [n_out, n], &device)
         .matmul(logp.unsqueeze_dim(1))
-        .reshape([b])
+        .reshape([n_out])
 }
 
 /// Per-token log-probs of the supervised next tokens, laid out as `token_logps` lays them ([b, t-1], position i

@@ -9,7 +9,7 @@ use super::backward::to_input;
 use super::batches::Batches;
 use super::steps::Engine;
 use crate::data::contract::{self, Bad};
-use crate::data::loader::{MicroBatch, micro_batch};
+use crate::data::loader::{MicroBatch, micro_batch_rows, pack_rows};
 use crate::data::preference::{Pair, load_pairs};
 use crate::data::sources::{Role, Sample};
 use crate::data::templates::{self, Encoded};
@@ -88,14 +88,117 @@ pub fn load_encode(
     Ok(out)
 }
 
-/// A chunk's chosen rows then its rejected rows as one micro-batch of 2 × pairs (DPO and reward stages).
-pub fn pair_batch(chunk: &[&EncPair], b: &Built) -> MicroBatch {
-    let rows: Vec<&Encoded> = chunk
-        .iter()
-        .map(|p| &p.0)
-        .chain(chunk.iter().map(|p| &p.1))
-        .collect();
-    micro_batch(&rows, b.text.pad_id(), &b.images)
+/// A chunk of m pairs as one micro-batch of 2m sequences (DPO and reward stages): its chosen responses, then its
+/// rejected ones — a row each, or with `pack = Some(cap)` packed into rows of up to `cap` tokens (first fit, as
+/// the trainer packs; positions restart and attention stays within each sequence, so every sequence's numbers are
+/// its unpacked ones, with less padding). Sequence k < m is pair k's chosen, m + k its rejected.
+pub struct PairBatch {
+    pub mb: MicroBatch,
+    /// the sequences of each row, in order
+    rows: Vec<Vec<usize>>,
+    /// 2m
+    pub n: usize,
+}
+
+impl PairBatch {
+    pub fn new(chunk: &[&EncPair], b: &Built, pack: Option<usize>) -> Self {
+        let seqs: Vec<&Encoded> = chunk
+            .iter()
+            .map(|p| &p.0)
+            .chain(chunk.iter().map(|p| &p.1))
+            .collect();
+        let n = seqs.len();
+        let rows: Vec<Vec<usize>> = match pack {
+            Some(cap) => {
+                let len: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+                pack_rows(&(0..n).collect::<Vec<_>>(), &len, cap)
+            }
+            None => (0..n).map(|i| vec![i]).collect(),
+        };
+        let by_row: Vec<Vec<&Encoded>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| seqs[i]).collect())
+            .collect();
+        let mb = micro_batch_rows(&by_row, b.text.pad_id(), &b.images, pack.is_some());
+        PairBatch { mb, rows, n }
+    }
+
+    /// The sequence that token `i` of row `r` belongs to.
+    fn owner(&self, r: usize, i: usize) -> usize {
+        match self.mb.segments.get(r) {
+            Some(seg) => self.rows[r][(seg[i] as usize).saturating_sub(1)],
+            None => self.rows[r][0],
+        }
+    }
+
+    /// Summed response log-probs of each sequence [2m] from final hidden states and an LM head.
+    pub fn logps(&self, hidden: Tensor<3>, head: impl Fn(Tensor<3>) -> Tensor<3>) -> Tensor<1> {
+        let mb = &self.mb;
+        super::loss::supervised_logp_by(
+            hidden,
+            head,
+            &mb.ids,
+            &mb.labels,
+            |r, i| self.owner(r, i),
+            self.n,
+        )
+    }
+
+    /// `logps` under a model on any device without gradients (a frozen reference's).
+    pub fn logps_of(&self, model: &Llava, device: &Device) -> Result<Tensor<1>> {
+        let hidden = model.hidden(&to_input(&self.mb, device)?)?;
+        Ok(self.logps(hidden, |h| model.language_model.logits(h)))
+    }
+
+    /// Response tokens of each sequence (at least 1) [2m].
+    pub fn counts(&self) -> Vec<f32> {
+        let mut c = vec![0.0f32; self.n];
+        for (r, labels) in self.mb.labels.iter().enumerate() {
+            for (i, &l) in labels.iter().enumerate() {
+                if l {
+                    c[self.owner(r, i)] += 1.0;
+                }
+            }
+        }
+        c.iter().map(|&x| x.max(1.0)).collect()
+    }
+
+    /// (row, position) of each sequence's last response token [2m].
+    pub fn last_targets(&self) -> Vec<(usize, usize)> {
+        let mut last = vec![(0, 0); self.n];
+        let mut seen = vec![false; self.n];
+        for (r, labels) in self.mb.labels.iter().enumerate() {
+            for (i, &l) in labels.iter().enumerate() {
+                if l {
+                    let k = self.owner(r, i);
+                    (last[k], seen[k]) = ((r, i), true);
+                }
+            }
+        }
+        // a sequence without response tokens (none: encoding refuses them) scores at its row's last token
+        for k in 0..self.n {
+            if !seen[k] {
+                let r = self
+                    .rows
+                    .iter()
+                    .position(|row| row.contains(&k))
+                    .unwrap_or(0);
+                last[k] = (r, self.mb.ids[r].len() - 1);
+            }
+        }
+        last
+    }
+}
+
+/// `pack = true` of a preference stage: only for models with a fixed number of tokens per image.
+pub fn pack_cap(pack: bool, max_len: usize, b: &Built, key: &str) -> Result<Option<usize>> {
+    if pack && (b.model.spec.anyres.is_some() || b.model.spec.native.is_some()) {
+        return Err(Error::input(format!(
+            "{key}.pack: sequence packing takes models with a fixed number of tokens per image (LLaVA-1.5 layout); \
+             this model tiles images (AnyRes) or uses M-RoPE positions: set pack = false"
+        )));
+    }
+    Ok(pack.then_some(max_len))
 }
 
 /// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.

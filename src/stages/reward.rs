@@ -9,9 +9,9 @@ use burn::tensor::{Device, Tensor};
 use std::path::PathBuf;
 
 use super::backward::{hidden_backward, to_input};
-use super::pairs::{EncPair, PrefSetup, pair_batch, setup};
+use super::pairs::{EncPair, PairBatch, PrefSetup, pack_cap, setup};
 use super::pref_loss::bradley_terry;
-use super::reward_model::{self, RewardModel, last_targets};
+use super::reward_model::{self, RewardModel};
 use super::steps::{Engine, Micro, StageRun};
 use crate::error::Result;
 use crate::model::Built;
@@ -23,10 +23,11 @@ fn pair_rewards(
     rm: &RewardModel,
     chunk: &[&EncPair],
     b: &Built,
+    pack: Option<usize>,
     device: &Device,
 ) -> Result<(Tensor<1>, Tensor<1>)> {
-    let mb = pair_batch(chunk, b);
-    let r = rm.rewards(&to_input(&mb, device)?, &last_targets(&mb.labels))?;
+    let pb = PairBatch::new(chunk, b, pack);
+    let r = rm.rewards(&to_input(&pb.mb, device)?, &pb.last_targets())?;
     Ok(split_pairs(r))
 }
 
@@ -42,12 +43,13 @@ fn accuracy(
     pairs: &[EncPair],
     micro: usize,
     b: &Built,
+    pack: Option<usize>,
     device: &Device,
 ) -> Result<(usize, usize, f64)> {
     let (mut n, mut ok, mut margin) = (0, 0, 0.0);
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let (c, r) = pair_rewards(rm, &chunk, b, device)?;
+        let (c, r) = pair_rewards(rm, &chunk, b, pack, device)?;
         for (x, y) in to_vec(c).into_iter().zip(to_vec(r)) {
             n += 1;
             ok += usize::from(x > y);
@@ -71,6 +73,7 @@ pub fn run(
         heldout,
         mut batches,
     } = setup(&eng, spec, &start)?;
+    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
     let train = eng.train(&[Part::Connector, Part::Llm, Part::Head]);
     let rm = match &resume {
@@ -101,6 +104,7 @@ pub fn run(
             &heldout,
             spec.batch.micro,
             &start,
+            pack,
             &device.clone().inner(),
         )?;
         let a = ok as f64 / n.max(1) as f64;
@@ -121,9 +125,9 @@ pub fn run(
         // numbers summed over the step: [pairs, correct, loss sum, margin sum]
         let up = eng.accumulate(rm, step, chunks.len(), 4, |k, rm| {
             let chunk: Vec<&EncPair> = chunks[k].iter().map(|&i| &pairs[i]).collect();
-            let mb = pair_batch(&chunk, &start);
-            let input = to_input(&mb, device)?;
-            let last = last_targets(&mb.labels);
+            let pb = PairBatch::new(&chunk, &start, pack);
+            let input = to_input(&pb.mb, device)?;
+            let last = pb.last_targets();
             let tail = |hidden| -> Result<_> {
                 let (c, r) = split_pairs(rm.score_at(hidden, &last));
                 let l = bradley_terry(c.clone(), r.clone());

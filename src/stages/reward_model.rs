@@ -33,23 +33,21 @@ impl RewardModel {
         RewardModel { llava, score }
     }
 
-    /// Rewards [b]: the head on the final hidden state at `last[b]` (each row's last response token).
-    pub fn rewards(&self, input: &MmInput, last: &[usize]) -> Result<Tensor<1>> {
+    /// Rewards [n]: the head on the final hidden state at each (row, position) of `last` (each sequence's last
+    /// response token).
+    pub fn rewards(&self, input: &MmInput, last: &[(usize, usize)]) -> Result<Tensor<1>> {
         Ok(self.score_at(self.llava.hidden(input)?, last))
     }
 
-    /// The head on final hidden states h [b, t, d] at `last[b]`: [b].
-    pub fn score_at(&self, h: Tensor<3>, last: &[usize]) -> Tensor<1> {
+    /// The head on final hidden states h [b, t, d] at the (row, position) pairs `last`: [n].
+    pub fn score_at(&self, h: Tensor<3>, last: &[(usize, usize)]) -> Tensor<1> {
         let [b, t, d] = h.dims();
-        let idx: Vec<i64> = last
-            .iter()
-            .enumerate()
-            .map(|(r, &k)| (r * t + k) as i64)
-            .collect();
+        let n = last.len();
+        let idx: Vec<i64> = last.iter().map(|&(r, k)| (r * t + k) as i64).collect();
         let picked = h
             .reshape([b * t, d])
-            .select(0, int_tensor(idx, [b], &self.score.weight.device()));
-        self.score.forward(picked).reshape([b])
+            .select(0, int_tensor(idx, [n], &self.score.weight.device()));
+        self.score.forward(picked).reshape([n])
     }
 
     pub fn save(
@@ -115,10 +113,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<(RewardModel, Built)> {
 }
 
 /// Index of each row's last supervised token (the end of the response).
-pub fn last_targets(labels: &[Vec<bool>]) -> Vec<usize> {
+pub fn last_targets(labels: &[Vec<bool>]) -> Vec<(usize, usize)> {
     labels
         .iter()
-        .map(|r| r.iter().rposition(|&l| l).unwrap_or(r.len() - 1))
+        .enumerate()
+        .map(|(i, r)| (i, r.iter().rposition(|&l| l).unwrap_or(r.len() - 1)))
         .collect()
 }
 
