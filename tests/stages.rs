@@ -609,8 +609,8 @@ fn a_reward_command_scores_rollouts_and_its_failure_loses_nothing() {
     );
 }
 
-/// `pack = true` on dpo and reward: each micro-batch's chosen and rejected responses share rows (attention within
-/// each sequence, positions restarting), with less padding and the losses of the unpacked stages (1e-5).
+/// `pack = true` on dpo, reward and kto: each micro-batch's sequences share rows (attention within each sequence,
+/// positions restarting), with less padding and the losses of the unpacked stages (1e-5).
 #[test]
 fn packed_preference_stages_give_the_unpacked_losses() {
     let d = scratch("stages-pack");
@@ -635,6 +635,30 @@ fn packed_preference_stages_give_the_unpacked_losses() {
     };
     let (dpo_a, rm_a) = run("plain", false);
     let (dpo_b, rm_b) = run("packed", true);
+    // KTO: its examples and KL rows packed
+    let kto = kto_records(&w, "");
+    let kto_run = |out: &str, extra: &str| {
+        let text =
+            kto_recipe(&w, &d.join(out), &kto, extra).replace("max_len = 256\n", "max_len = 640\n");
+        std::fs::write(&r, text).unwrap();
+        let (ok, err) = mitune(&["train", r.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        lines(&d.join(out).join("every"), "kto")
+    };
+    let (kto_a, kto_b) = (
+        kto_run("kto-plain", ""),
+        kto_run("kto-packed", "pack = true"),
+    );
+    assert_eq!(kto_a.len(), kto_b.len());
+    for (x, y) in kto_a.iter().zip(&kto_b) {
+        for k in ["loss", "kl", "rewards/chosen", "rewards/rejected"] {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() < 1e-5 * (1.0 + u.abs()),
+                "kto {k}: unpacked {u} vs packed {v}"
+            );
+        }
+    }
     // the packed rows carry less padding
     let pad = |l: &[serde_json::Value]| {
         l.iter()

@@ -535,6 +535,9 @@ pub struct KtoStage {
     pub heldout: Option<UnpairedData>,
     /// Also evaluate `heldout` every N optimizer steps.
     pub eval_every: Option<usize>,
+    /// Sequence packing: each micro-batch's examples (and KL rows) share rows of up to `max_len` tokens.
+    #[serde(default)]
+    pub pack: bool,
     pub template: Template,
     /// β of the implied reward β·log(π/π_ref) (TRL's default 0.1).
     #[serde(default = "dpo_beta")]

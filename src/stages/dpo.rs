@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::backward::{hidden_backward, to_input};
-use super::pairs::{EncPair, PairBatch, PrefSetup, pack_cap, setup};
+use super::pairs::{self, EncPair, PrefSetup, SeqBatch, pack_cap, setup};
 use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::error::{Error, Result, read_json};
@@ -33,7 +33,7 @@ fn reference_table(
     let mut out = vec![];
     for chunk in pairs.chunks(micro.max(1)) {
         let chunk: Vec<&EncPair> = chunk.iter().collect();
-        let l = PairBatch::new(&chunk, b, pack).logps_of(reference, device)?;
+        let l = pairs::pairs(&chunk, b, pack).logps_of(reference, device)?;
         let v = to_vec(l);
         let m = chunk.len();
         out.extend((0..m).map(|k| (v[k], v[m + k])));
@@ -120,14 +120,14 @@ impl Sums {
     }
 }
 
-/// Loss, rewards and policy log-probs of one micro-batch of pairs (`pb` = `PairBatch::new(chunk)`), from the policy's
+/// Loss, rewards and policy log-probs of one micro-batch of pairs (`pb` = `pairs::pairs(chunk)`), from the policy's
 /// final hidden states over it; the reference's log-probs come from `reference` or the cache.
 #[allow(clippy::too_many_arguments)]
 fn pair_losses(
     kind: &PrefLoss,
     policy: &Llava,
     hidden: Tensor<3>,
-    pb: &PairBatch,
+    pb: &SeqBatch,
     chunk: &[&EncPair],
     reference: &RefModel,
     cached: &[(f32, f32)],
@@ -245,7 +245,7 @@ pub fn run(
         let mut s = Sums::default();
         for chunk in heldout.chunks(spec.batch.micro) {
             let chunk: Vec<&EncPair> = chunk.iter().collect();
-            let pb = PairBatch::new(&chunk, &start, pack);
+            let pb = pairs::pairs(&chunk, &start, pack);
             let hidden = valid.hidden(&to_input(&pb.mb, &inner)?)?;
             let (l, c, rj, pc, pr) = pair_losses(
                 &loss_kind, &valid, hidden, &pb, &chunk, &reference, held_cache, &inner,
@@ -280,7 +280,7 @@ pub fn run(
         let chunks: Vec<&[usize]> = batch.chunks(spec.batch.micro).collect();
         let up = eng.accumulate(model, step, chunks.len(), 9, |k, model| {
             let chunk: Vec<&EncPair> = chunks[k].iter().map(|&i| &pairs[i]).collect();
-            let pb = PairBatch::new(&chunk, &start, pack);
+            let pb = pairs::pairs(&chunk, &start, pack);
             let input = to_input(&pb.mb, device)?;
             let tail = |hidden| -> Result<_> {
                 let parts = pair_losses(

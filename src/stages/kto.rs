@@ -17,11 +17,9 @@ use std::path::{Path, PathBuf};
 
 use super::backward::{hidden_backward, to_input};
 use super::batches::Batches;
-use super::loss;
-use super::pairs::{response_sample, sequence_logps};
+use super::pairs::{SeqBatch, pack_cap, response_sample};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::contract::{self, Bad};
-use crate::data::loader::{MicroBatch, micro_batch};
 use crate::data::preference::{Unpaired, load_unpaired};
 use crate::data::templates::{self, Encoded};
 use crate::error::{Error, Result};
@@ -30,9 +28,9 @@ use crate::recipe::schema::{KtoStage, Part, UnpairedData};
 use crate::zoo::layers::{float_tensor, to_vec};
 use crate::zoo::mllm::Llava;
 
-/// Summed completion log-probs [rows] of a micro-batch under a model without gradients.
-fn logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Vec<f32>> {
-    Ok(to_vec(sequence_logps(model, mb, device)?))
+/// Summed completion log-probs of each sequence of a micro-batch under a model without gradients.
+fn logps(model: &Llava, sb: &SeqBatch, device: &Device) -> Result<Vec<f32>> {
+    Ok(to_vec(sb.logps_of(model, device)?))
 }
 
 /// An example as read and as encoded (its completion supervised).
@@ -196,6 +194,7 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
         spec.max_steps,
     )?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
+    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
     let k = Kto {
         beta: spec.beta,
         desirable_weight: spec.desirable_weight,
@@ -217,14 +216,10 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
     // One micro-batch: its rows, the reference's log-probs, the KL rows' log-probs under policy and reference.
     let prepare = |chunk: &[&Example], policy: &Llava| -> Result<_> {
         let rows: Vec<&Encoded> = chunk.iter().map(|e| &e.1).collect();
-        let mb = micro_batch(&rows, start.text.pad_id(), &start.images);
+        let mb = SeqBatch::new(&rows, &start, pack);
         let refs = logps(&reference, &mb, &inner)?;
         let kl = kl_rows(chunk, &start, &template, spec.max_len, &key)?;
-        let kl_mb = micro_batch(
-            &kl.iter().collect::<Vec<_>>(),
-            start.text.pad_id(),
-            &start.images,
-        );
+        let kl_mb = SeqBatch::new(&kl.iter().collect::<Vec<_>>(), &start, pack);
         let (kp, kr) = (
             logps(policy, &kl_mb, &inner)?,
             logps(&reference, &kl_mb, &inner)?,
@@ -273,10 +268,9 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
         let up = eng.accumulate(model, step, chunks.len(), 10, |c, m| {
             let chunk: Vec<&Example> = chunks[c].iter().map(|&i| &examples[i]).collect();
             let (mb, refs, kp, kr, labels) = prepare(&chunk, &m.valid())?;
-            let input = to_input(&mb, device)?;
+            let input = to_input(&mb.mb, device)?;
             let tail = |hidden| -> Result<_> {
-                let head = |h| m.language_model.logits(h);
-                let lp = loss::supervised_logp_rows(hidden, head, &mb.ids, &mb.labels);
+                let lp = mb.logps(hidden, |h| m.language_model.logits(h));
                 let (losses, z) = kto_losses(&k, lp.clone(), &refs, &kp, &kr, &labels, device);
                 let l = losses.clone().sum().div_scalar(batch.len() as f64);
                 Ok((l, (losses, lp, z)))

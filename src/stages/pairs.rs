@@ -1,6 +1,7 @@
 //! Preference pairs as the paired stages (dpo, reward) train on them: every source loaded, both responses encoded
 //! through the template with only the response supervised, the bad-sample policy applied, the step batches, and a
-//! chunk of pairs as one micro-batch (its chosen rows, then its rejected rows).
+//! chunk of pairs as one micro-batch (its chosen responses, then its rejected ones, packed or a row each:
+//! `SeqBatch`, which KTO's examples use too).
 use burn::tensor::{Device, Tensor};
 use std::path::Path;
 
@@ -88,25 +89,30 @@ pub fn load_encode(
     Ok(out)
 }
 
-/// A chunk of m pairs as one micro-batch of 2m sequences (DPO and reward stages): its chosen responses, then its
-/// rejected ones — a row each, or with `pack = Some(cap)` packed into rows of up to `cap` tokens (first fit, as
-/// the trainer packs; positions restart and attention stays within each sequence, so every sequence's numbers are
-/// its unpacked ones, with less padding). Sequence k < m is pair k's chosen, m + k its rejected.
-pub struct PairBatch {
+/// Sequences (each with its response supervised) as one micro-batch: a row each, or with `pack = Some(cap)` packed
+/// into rows of up to `cap` tokens (first fit, as the trainer packs; positions restart and attention stays within
+/// each sequence, so every sequence's numbers are its unpacked ones, with less padding). The preference stages'
+/// micro-batches: DPO's and the reward model's pairs (`pairs`), KTO's examples and KL rows.
+pub struct SeqBatch {
     pub mb: MicroBatch,
     /// the sequences of each row, in order
     rows: Vec<Vec<usize>>,
-    /// 2m
+    /// sequences
     pub n: usize,
 }
 
-impl PairBatch {
-    pub fn new(chunk: &[&EncPair], b: &Built, pack: Option<usize>) -> Self {
-        let seqs: Vec<&Encoded> = chunk
-            .iter()
-            .map(|p| &p.0)
-            .chain(chunk.iter().map(|p| &p.1))
-            .collect();
+/// A chunk of m pairs as 2m sequences: sequence k < m is pair k's chosen response, m + k its rejected.
+pub fn pairs(chunk: &[&EncPair], b: &Built, pack: Option<usize>) -> SeqBatch {
+    let seqs: Vec<&Encoded> = chunk
+        .iter()
+        .map(|p| &p.0)
+        .chain(chunk.iter().map(|p| &p.1))
+        .collect();
+    SeqBatch::new(&seqs, b, pack)
+}
+
+impl SeqBatch {
+    pub fn new(seqs: &[&Encoded], b: &Built, pack: Option<usize>) -> Self {
         let n = seqs.len();
         let rows: Vec<Vec<usize>> = match pack {
             Some(cap) => {
@@ -120,7 +126,7 @@ impl PairBatch {
             .map(|r| r.iter().map(|&i| seqs[i]).collect())
             .collect();
         let mb = micro_batch_rows(&by_row, b.text.pad_id(), &b.images, pack.is_some());
-        PairBatch { mb, rows, n }
+        SeqBatch { mb, rows, n }
     }
 
     /// The sequence that token `i` of row `r` belongs to.
@@ -131,7 +137,7 @@ impl PairBatch {
         }
     }
 
-    /// Summed response log-probs of each sequence [2m] from final hidden states and an LM head.
+    /// Summed response log-probs of each sequence [n] from final hidden states and an LM head.
     pub fn logps(&self, hidden: Tensor<3>, head: impl Fn(Tensor<3>) -> Tensor<3>) -> Tensor<1> {
         let mb = &self.mb;
         super::loss::supervised_logp_by(
@@ -144,13 +150,14 @@ impl PairBatch {
         )
     }
 
-    /// `logps` under a model on any device without gradients (a frozen reference's).
+    /// `logps` under a model on any device without gradients (a frozen reference's, or a policy's for KTO's KL
+    /// rows).
     pub fn logps_of(&self, model: &Llava, device: &Device) -> Result<Tensor<1>> {
         let hidden = model.hidden(&to_input(&self.mb, device)?)?;
         Ok(self.logps(hidden, |h| model.language_model.logits(h)))
     }
 
-    /// Response tokens of each sequence (at least 1) [2m].
+    /// Response tokens of each sequence (at least 1) [n].
     pub fn counts(&self) -> Vec<f32> {
         let mut c = vec![0.0f32; self.n];
         for (r, labels) in self.mb.labels.iter().enumerate() {
@@ -163,7 +170,7 @@ impl PairBatch {
         c.iter().map(|&x| x.max(1.0)).collect()
     }
 
-    /// (row, position) of each sequence's last response token [2m].
+    /// (row, position) of each sequence's last response token [n].
     pub fn last_targets(&self) -> Vec<(usize, usize)> {
         let mut last = vec![(0, 0); self.n];
         let mut seen = vec![false; self.n];
@@ -190,7 +197,8 @@ impl PairBatch {
     }
 }
 
-/// `pack = true` of a preference stage: only for models with a fixed number of tokens per image.
+/// `pack = true` of a preference stage (dpo, reward, kto): only for models with a fixed number of tokens per
+/// image.
 pub fn pack_cap(pack: bool, max_len: usize, b: &Built, key: &str) -> Result<Option<usize>> {
     if pack && (b.model.spec.anyres.is_some() || b.model.spec.native.is_some()) {
         return Err(Error::input(format!(
@@ -244,14 +252,4 @@ pub fn setup(eng: &Engine, spec: &PrefStage, start: &Built) -> Result<PrefSetup>
         heldout,
         batches,
     })
-}
-
-/// Summed response log-probs [rows] of a micro-batch under a model on any device (a frozen reference's, or a
-/// policy's without gradients): DPO's reference, KTO's reference and KL rows.
-pub fn sequence_logps(model: &Llava, mb: &MicroBatch, device: &Device) -> Result<Tensor<1>> {
-    let hidden = model.hidden(&to_input(mb, device)?)?;
-    let head = |h| model.language_model.logits(h);
-    Ok(super::loss::supervised_logp_rows(
-        hidden, head, &mb.ids, &mb.labels,
-    ))
 }

@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use std::path::PathBuf;
 
 use super::backward::{hidden_backward, to_input};
-use super::pairs::{EncPair, PairBatch, PrefSetup, pack_cap, setup};
+use super::pairs::{self, EncPair, PrefSetup, pack_cap, setup};
 use super::pref_loss::bradley_terry;
 use super::reward_model::{self, RewardModel};
 use super::steps::{Engine, Micro, StageRun};
@@ -26,7 +26,7 @@ fn pair_rewards(
     pack: Option<usize>,
     device: &Device,
 ) -> Result<(Tensor<1>, Tensor<1>)> {
-    let pb = PairBatch::new(chunk, b, pack);
+    let pb = pairs::pairs(chunk, b, pack);
     let r = rm.rewards(&to_input(&pb.mb, device)?, &pb.last_targets())?;
     Ok(split_pairs(r))
 }
@@ -125,7 +125,7 @@ pub fn run(
         // numbers summed over the step: [pairs, correct, loss sum, margin sum]
         let up = eng.accumulate(rm, step, chunks.len(), 4, |k, rm| {
             let chunk: Vec<&EncPair> = chunks[k].iter().map(|&i| &pairs[i]).collect();
-            let pb = PairBatch::new(&chunk, &start, pack);
+            let pb = pairs::pairs(&chunk, &start, pack);
             let input = to_input(&pb.mb, device)?;
             let last = pb.last_targets();
             let tail = |hidden| -> Result<_> {
