@@ -236,7 +236,8 @@ fn a_stuck_rank_ends_the_job_after_the_collective_timeout() {
 
 /// GRPO and PPO deal their rollouts over the ranks: each rank samples, scores and trains on its own micro-batches
 /// of prompts (here one of the two per global batch), rewards and advantage statistics are reduced over all of
-/// them, and the losses follow one process's.
+/// them, and the losses follow one process's; so do the reward model's and KTO's (micro-batches of pairs and
+/// examples dealt over the ranks).
 #[test]
 fn rl_stages_split_their_rollouts_over_two_ranks() {
     let d = scratch("dist-rl");
@@ -274,8 +275,31 @@ optim = {{ kind = "adamw", lr = 1e-3 }}
 max_steps = 2
 max_len = 512
 log_every = 1
+
+[stages.rm]
+kind = "reward"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ format = "pairs", path = {pairs}, cap = 16 }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 384
+log_every = 1
+
+[stages.kto]
+kind = "kto"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ format = "pairs", path = {pairs}, cap = 16 }}] }}
+template = "vicuna_v1"
+batch = {{ global = 8, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 2
+max_len = 384
+log_every = 1
 "#,
         tr = p("prompts_train.jsonl"),
+        pairs = p("preference_train.jsonl"),
     );
     let write = |name: &str, runs: &str| {
         let f = d.join(name);
@@ -291,18 +315,24 @@ log_every = 1
             "tokenizer = {:?}\n",
             w.join("tokenizer").display().to_string()
         );
-        let text = common::tiny_pipeline("rl", &w, &d.join(runs), &["align", "grpo", "ppo"], &rl)
-            .replacen(
-                "preset = \"bench-tiny\"",
-                &format!("weights = {}", ck("shapes-vit")),
-                1,
-            )
-            .replacen(
-                "preset = \"bench-tiny\"",
-                &format!("weights = {}", ck("shapes-llm")),
-                1,
-            )
-            .replacen(&tok, "", 1);
+        let text = common::tiny_pipeline(
+            "rl",
+            &w,
+            &d.join(runs),
+            &["align", "grpo", "ppo", "rm", "kto"],
+            &rl,
+        )
+        .replacen(
+            "preset = \"bench-tiny\"",
+            &format!("weights = {}", ck("shapes-vit")),
+            1,
+        )
+        .replacen(
+            "preset = \"bench-tiny\"",
+            &format!("weights = {}", ck("shapes-llm")),
+            1,
+        )
+        .replacen(&tok, "", 1);
         std::fs::write(&f, text).unwrap();
         f
     };
@@ -310,14 +340,18 @@ log_every = 1
     let (ok, err) = run_mitune(&["train", a.to_str().unwrap()], None);
     assert!(ok, "{err}");
     let want = parsed(&losses(&d.join("runs-a/rl")));
-    assert_eq!(want.len(), 8, "4 align + 2 grpo + 2 ppo steps: {want:?}");
+    assert_eq!(
+        want.len(),
+        12,
+        "4 align + 2 grpo + 2 ppo + 2 reward + 2 kto steps: {want:?}"
+    );
     let (ok, err) = mpirun(&["train", b.to_str().unwrap()], &[]);
     assert!(ok, "{err}");
     assert_close(
         &parsed(&losses(&d.join("runs-b/rl"))),
         &want,
         1e-5,
-        "GRPO/PPO on 2 ranks vs 1 process",
+        "GRPO/PPO/reward/KTO on 2 ranks vs 1 process",
     );
     // the logged rollout statistics cover both ranks' rollouts
     let stats = |run: &str| -> Vec<(f64, f64)> {
