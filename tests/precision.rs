@@ -133,6 +133,89 @@ fn bf16_runs_follow_f32_and_resume_exactly() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The reward model and KTO under `precision = "bf16-mixed"`: their first step computes what f32 computes (a zero
+/// head scores every response 0: Bradley–Terry ln 2; KTO with π = π_ref: each loss its weight / 2), their later
+/// steps follow f32 within bf16's rounding and differ from it (the bf16 path ran).
+#[test]
+fn reward_and_kto_stages_run_in_bf16() {
+    let d = scratch("precision-pref");
+    let w = world(&d);
+    let pairs = format!(
+        "{:?}",
+        w.join("preference_probes_train.jsonl")
+            .display()
+            .to_string()
+    );
+    let extra = format!(
+        r#"
+[stages.rm]
+kind = "reward"
+data = {{ sources = [{{ format = "pairs", path = {pairs} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 3
+max_len = 384
+log_every = 1
+
+[stages.kto]
+kind = "kto"
+init = {{ from_stage = "align" }}
+data = {{ sources = [{{ format = "pairs", path = {pairs} }}] }}
+template = "vicuna_v1"
+batch = {{ global = 4, micro = 2 }}
+optim = {{ kind = "adamw", lr = 1e-3 }}
+max_steps = 3
+max_len = 384
+log_every = 1
+"#
+    );
+    let run = |tag: &str, precision: Option<&str>| {
+        let mut r =
+            common::tiny_pipeline("pref", &w, &d.join(tag), &["align", "rm", "kto"], &extra);
+        if let Some(p) = precision {
+            r = r.replace(
+                "max_len = 384\nlog_every = 1\n",
+                &format!("max_len = 384\nlog_every = 1\nprecision = {p:?}\n"),
+            );
+            assert!(r.matches("\nprecision = ").count() >= 2);
+        }
+        let f = d.join(format!("{tag}.toml"));
+        std::fs::write(&f, r).unwrap();
+        let (ok, err) = run_mitune(&["train", f.to_str().unwrap()], None);
+        assert!(ok, "{tag}: {err}");
+        numbers(&d.join(tag).join("pref"))
+    };
+    let (a, b) = (run("f32", None), run("mixed", Some("bf16-mixed")));
+    assert_eq!(a.len(), 4 + 3 + 3, "{a:?}");
+    let at = |v: &[((String, u64), f64)], s: &str, k: u64| {
+        v.iter().find(|(j, _)| j.0 == s && j.1 == k).unwrap().1
+    };
+    assert!(
+        (at(&b, "rm", 1) - std::f64::consts::LN_2).abs() < 1e-6,
+        "{b:?}"
+    );
+    for stage in ["rm", "kto"] {
+        let first = (at(&a, stage, 1) - at(&b, stage, 1)).abs();
+        assert!(
+            first < 1e-5,
+            "{stage} step 1: f32 {} vs bf16-mixed {}",
+            at(&a, stage, 1),
+            at(&b, stage, 1)
+        );
+        let later: Vec<f64> = (2..=3)
+            .map(|k| (at(&a, stage, k) - at(&b, stage, k)).abs() / at(&a, stage, k).abs().max(1e-6))
+            .collect();
+        eprintln!("{stage}: relative difference to f32 at steps 2, 3: {later:?}");
+        assert!(later.iter().all(|&x| x < 5e-2), "{stage}: {later:?}");
+        assert!(
+            later.iter().any(|&x| x > 0.0),
+            "{stage}: the bf16 path did not run"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// `mitune validate` names a wrong precision value and a contradictory `frozen_dtype` before anything runs.
 #[test]
 fn bad_precision_settings_are_named() {
