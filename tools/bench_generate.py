@@ -33,6 +33,19 @@ def build(p):
     return LlavaForConditionalGeneration(cfg).float().eval(), (size // patch) ** 2, size, vocab
 
 
+def inputs(n, n_img, size, vocab):
+    """Row r: one image + 32 - 2 (r mod 4) text tokens, left-padded; its pixels. (ids, attention mask, pixels)"""
+    rows = []
+    for r in range(n):
+        k = TEXT - 2 * (r % 4)
+        rows.append([vocab - 1] * n_img + [1 + (i * 7 + r) % (vocab - 2) for i in range(k)])
+    t = max(len(x) for x in rows)
+    ids = torch.tensor([[0] * (t - len(x)) + x for x in rows])
+    mask = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in rows])
+    pixels = torch.stack([(torch.arange(3 * size * size) + r) % 255 for r in range(n)]).float()
+    return ids, mask, pixels.reshape(n, 3, size, size) / 127.0 - 1.0
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else None
     torch.manual_seed(0)
@@ -41,15 +54,8 @@ def main():
             continue
         model, n_img, size, vocab = build(p)
         for batch in (1, 8):
-            rows = []
-            for r in range(batch):
-                n = TEXT - 2 * (r % 4)
-                rows.append([vocab - 1] * n_img + [1 + (i * 7 + r) % (vocab - 2) for i in range(n)])
-            t = max(len(x) for x in rows)
-            ids = torch.tensor([[0] * (t - len(x)) + x for x in rows])
-            mask = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in rows])
-            pixels = torch.stack([(torch.arange(3 * size * size) + r) % 255 for r in range(batch)]).float()
-            pixels = pixels.reshape(batch, 3, size, size) / 127.0 - 1.0
+            ids, mask, pixels = inputs(batch, n_img, size, vocab)
+            t = ids.shape[1]
             times = []
             for i in range(4):
                 t0 = time.perf_counter()

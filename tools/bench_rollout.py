@@ -11,7 +11,7 @@ import time
 
 import torch
 from bench_common import cpu_model
-from bench_generate import NEW, PRESETS, TEXT, build
+from bench_generate import NEW, PRESETS, TEXT, build, inputs
 
 PROMPTS, GROUP = 4, 8
 
@@ -23,15 +23,8 @@ def main():
         if only and p[0] != only:
             continue
         model, n_img, size, vocab = build(p)
-        rows = []
-        for r in range(PROMPTS):
-            n = TEXT - 2 * (r % 4)
-            rows.append([vocab - 1] * n_img + [1 + (i * 7 + r) % (vocab - 2) for i in range(n)])
-        t = max(len(x) for x in rows)
-        ids = torch.tensor([[0] * (t - len(x)) + x for x in rows])
-        mask = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in rows])
-        pixels = torch.stack([(torch.arange(3 * size * size) + r) % 255 for r in range(PROMPTS)]).float()
-        pixels = pixels.reshape(PROMPTS, 3, size, size) / 127.0 - 1.0
+        ids, mask, pixels = inputs(PROMPTS, n_img, size, vocab)
+        t = ids.shape[1]
         times = []
         for i in range(4):
             t0 = time.perf_counter()

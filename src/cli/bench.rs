@@ -381,6 +381,20 @@ fn bench_prompt(r: usize, n_img: usize, vocab: usize, size: usize, device: &Devi
     }
 }
 
+/// A generation preset's model (random weights, seed 0): (model, image tokens, input size, device).
+fn gen_model(
+    size_preset: &str,
+    vocab: usize,
+    layer: i64,
+    tied: bool,
+) -> Result<(Llava, usize, usize, Device)> {
+    let device = crate::default_device();
+    device.seed(0);
+    let spec = spec(size_preset, size_preset, vocab, layer, tied)?;
+    let (n_img, size) = (spec.image_tokens(), spec.vision.input_size());
+    Ok((spec.init(&device), n_img, size, device))
+}
+
 const ROLLOUT_PROMPTS: usize = 4;
 const ROLLOUT_GROUP: usize = 8;
 
@@ -390,12 +404,7 @@ fn rollout(
     &(name, size_preset, vocab, layer, tied): &(&str, &str, usize, i64, bool),
     runs: Option<usize>,
 ) -> Result<Vec<serde_json::Value>> {
-    let device = crate::default_device();
-    device.seed(0);
-    let spec = spec(size_preset, size_preset, vocab, layer, tied)?;
-    let n_img = spec.image_tokens();
-    let size = spec.vision.input_size();
-    let model = spec.init(&device);
+    let (model, n_img, size, device) = gen_model(size_preset, vocab, layer, tied)?;
     let cfg = GenConfig {
         temperature: 1.0,
         seed: 1,
@@ -449,12 +458,7 @@ fn generate(
     &(name, size_preset, vocab, layer, tied): &(&str, &str, usize, i64, bool),
     runs: Option<usize>,
 ) -> Result<Vec<serde_json::Value>> {
-    let device = crate::default_device();
-    device.seed(0);
-    let spec = spec(size_preset, size_preset, vocab, layer, tied)?;
-    let n_img = spec.image_tokens();
-    let size = spec.vision.input_size();
-    let model = spec.init(&device);
+    let (model, n_img, size, device) = gen_model(size_preset, vocab, layer, tied)?;
     let mut out = vec![];
     for batch in [1usize, 8] {
         let prompts = || -> Vec<Prompt> {
