@@ -236,13 +236,16 @@ pub fn generate(
     Ok(out.into_iter().next().unwrap_or_default())
 }
 
+/// Turns output ids into text (for stop strings).
+pub type Decode<'a> = Option<&'a dyn Fn(&[i64]) -> String>;
+
 /// Generates for every prompt in one batch. `decode` turns output ids into text; it is needed only when
 /// `cfg.stop` is not empty. `on_token(row, id)` sees every id as it is produced.
 pub fn generate_batch(
     model: &Llava,
     prompts: Vec<Prompt>,
     cfg: &GenConfig,
-    decode: Option<&dyn Fn(&[i64]) -> String>,
+    decode: Decode,
     on_token: impl FnMut(usize, i64),
 ) -> Result<Vec<Generated>> {
     generate_groups(model, prompts, 1, cfg, decode, on_token)
@@ -258,7 +261,7 @@ pub fn generate_groups(
     prompts: Vec<Prompt>,
     group: usize,
     cfg: &GenConfig,
-    decode: Option<&dyn Fn(&[i64]) -> String>,
+    decode: Decode,
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Vec<Generated>> {
     let group = group.max(1);
