@@ -94,6 +94,22 @@ pub fn image_text_logit_error(model: &Llava, e: &Expected, device: &Device) -> f
 
 /// A fresh scratch directory for one test (`tag` keeps parallel tests apart).
 pub fn scratch(tag: &str) -> PathBuf {
+    // an earlier run's folder of this tag (kept for a look after it, whether it passed or not) goes now, so they
+    // do not pile up in the temp dir: one per tag at most
+    let stale = format!("mitune-{tag}-");
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name
+            .strip_prefix(&stale)
+            .is_some_and(|pid| pid.parse::<u32>().is_ok_and(|p| p != std::process::id()))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let d = std::env::temp_dir().join(format!("mitune-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
