@@ -154,12 +154,15 @@ fn choose(logp: &[f64], seen: &[i64], cfg: &GenConfig, rng: &mut StdRng) -> usiz
     if cfg.top_k == 0 && cfg.top_p >= 1.0 {
         // plain sampling: no candidate is cut, so no ranking is needed (a sort of the vocabulary per token was a
         // tenth of a rollout's time); the same distribution, walked in id order
-        let scaled: Vec<f64> = scores.iter().map(|s| s / cfg.temperature).collect();
-        let max = scaled.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-        let probs: Vec<f64> = scaled.iter().map(|&s| (s - max).exp()).collect();
-        let mut r = rng.random::<f64>() * probs.iter().sum::<f64>();
+        let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let mut total = 0.0;
+        for s in scores.iter_mut() {
+            *s = ((*s - max) / cfg.temperature).exp();
+            total += *s;
+        }
+        let mut r = rng.random::<f64>() * total;
         let mut last = 0;
-        for (i, &p) in probs.iter().enumerate() {
+        for (i, &p) in scores.iter().enumerate() {
             if p > 0.0 {
                 last = i;
                 r -= p;

@@ -1,9 +1,22 @@
 //! Which items make the global batch of a step, for the stages that batch their own items (pairs, examples,
 //! prompts): grouped by modality and length like the trainer's loader, a pure function of seed and epoch, so a
-//! resumed run sees the same batches.
+//! resumed run sees the same batches. Also whether a stage may pack its sequences into shared rows.
 use crate::data::loader::Order;
 use crate::error::{Error, Result};
 use crate::recipe::schema::Mix;
+use crate::zoo::mllm::Llava;
+
+/// A stage's `pack = true` as the row length to pack to (`max_len`), or None: packing takes models with a fixed
+/// number of tokens per image (LLaVA-1.5 layout); one that tiles images or uses M-RoPE positions is refused.
+pub fn pack_cap(pack: bool, max_len: usize, model: &Llava, key: &str) -> Result<Option<usize>> {
+    if pack && (model.spec.anyres.is_some() || model.spec.native.is_some()) {
+        return Err(Error::input(format!(
+            "{key}.pack: sequence packing takes models with a fixed number of tokens per image (LLaVA-1.5 layout); \
+             this model tiles images (AnyRes) or uses M-RoPE positions: set pack = false"
+        )));
+    }
+    Ok(pack.then_some(max_len))
+}
 
 pub struct Batches {
     order: Order,

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::backward::{hidden_backward, to_input};
-use super::pairs::{self, EncPair, PrefSetup, SeqBatch, pack_cap, setup};
+use super::batches::pack_cap;
+use super::pairs::{self, EncPair, PrefSetup, SeqBatch, setup};
 use super::pref_loss::{PairLogps, PrefLoss, losses};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::error::{Error, Result, read_json};
@@ -175,7 +176,7 @@ pub fn run(
         mut batches,
     } = setup(&eng, spec, &start)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
-    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
+    let pack = pack_cap(spec.pack, spec.max_len, &start.model, &eng.key)?;
     let device = eng.device;
     let inner = device.clone().inner();
     let t_ref = Instant::now();

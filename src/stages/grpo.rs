@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use super::backward::{hidden_backward, to_input};
 use super::loss;
-use super::rl::{RlSetup, global_stats, response_logps};
+use super::rl::{RlSetup, global_stats, group_stats, response_logps};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::loader::micro_batch;
 use crate::data::templates::Encoded;
@@ -245,25 +245,7 @@ pub fn run(
             .flat_map(|c| c.sampled.iter().copied())
             .collect();
         let (mean, std, _, _) = global_stats(&sampled);
-        let mut dyn_sums = [
-            chunks
-                .iter()
-                .flatten()
-                .flat_map(|c| c.sampled.chunks(spec.group))
-                .filter(|g| g.iter().all(|&r| r == g[0]))
-                .count() as f64,
-            chunks
-                .iter()
-                .flatten()
-                .map(|c| c.sampled.len() / spec.group)
-                .sum::<usize>() as f64,
-            chunks
-                .iter()
-                .flatten()
-                .map(|c| c.refills as f64)
-                .sum::<f64>(),
-        ];
-        crate::dist::sum_f64(&mut dyn_sums, "the group statistics' all-reduce");
+        let (zero_std, refills) = group_stats(&chunks, spec.group);
         let mut counts = [chunks
             .iter()
             .flatten()
@@ -351,8 +333,7 @@ pub fn run(
                     "loss": step_loss, "reward": mean, "reward_std": std,
                     "kl": stats[1] / toks, "clip_fraction": stats[2] / toks, "entropy": stats[3] / toks,
                     "completion_length": counts[0] / n_rolls.max(1) as f64,
-                    "frac_reward_zero_std": dyn_sums[0] / dyn_sums[1].max(1.0),
-                    "refill_rounds": dyn_sums[2],
+                    "frac_reward_zero_std": zero_std, "refill_rounds": refills,
                 })
             },
             |tmp| save(&model, tmp),

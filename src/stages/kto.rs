@@ -16,8 +16,8 @@ use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
 use super::backward::{hidden_backward, to_input};
-use super::batches::Batches;
-use super::pairs::{SeqBatch, pack_cap, response_sample};
+use super::batches::{Batches, pack_cap};
+use super::pairs::{SeqBatch, response_sample};
 use super::steps::{self, Engine, Micro, StageRun};
 use crate::data::contract::{self, Bad};
 use crate::data::preference::{Unpaired, load_unpaired};
@@ -194,7 +194,7 @@ pub fn run(ctx: StageRun, spec: &KtoStage, start: Built, resume: Option<PathBuf>
         spec.max_steps,
     )?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
-    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
+    let pack = pack_cap(spec.pack, spec.max_len, &start.model, &eng.key)?;
     let k = Kto {
         beta: spec.beta,
         desirable_weight: spec.desirable_weight,

@@ -197,18 +197,6 @@ impl SeqBatch {
     }
 }
 
-/// `pack = true` of a preference stage (dpo, reward, kto): only for models with a fixed number of tokens per
-/// image.
-pub fn pack_cap(pack: bool, max_len: usize, b: &Built, key: &str) -> Result<Option<usize>> {
-    if pack && (b.model.spec.anyres.is_some() || b.model.spec.native.is_some()) {
-        return Err(Error::input(format!(
-            "{key}.pack: sequence packing takes models with a fixed number of tokens per image (LLaVA-1.5 layout); \
-             this model tiles images (AnyRes) or uses M-RoPE positions: set pack = false"
-        )));
-    }
-    Ok(pack.then_some(max_len))
-}
-
 /// What the preference stages (dpo, reward) start from: encoded train and held-out pairs, batches.
 pub struct PrefSetup {
     pub pairs: Vec<EncPair>,

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Tensor};
 use std::path::PathBuf;
 
 use super::backward::{hidden_backward, to_input};
-use super::pairs::{self, EncPair, PrefSetup, pack_cap, setup};
+use super::batches::pack_cap;
+use super::pairs::{self, EncPair, PrefSetup, setup};
 use super::pref_loss::bradley_terry;
 use super::reward_model::{self, RewardModel};
 use super::steps::{Engine, Micro, StageRun};
@@ -73,7 +74,7 @@ pub fn run(
         heldout,
         mut batches,
     } = setup(&eng, spec, &start)?;
-    let pack = pack_cap(spec.pack, spec.max_len, &start, &eng.key)?;
+    let pack = pack_cap(spec.pack, spec.max_len, &start.model, &eng.key)?;
     let (per_epoch, total) = (batches.per_epoch, batches.total);
     let train = eng.train(&[Part::Connector, Part::Llm, Part::Head]);
     let rm = match &resume {

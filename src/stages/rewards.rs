@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::LazyLock;
 use std::time::Duration;
 use wait_timeout::ChildExt;
 
@@ -74,8 +75,9 @@ impl RewardSpec {
 /// Qwen2.5-VL's `{"bbox_2d": [10, 20, 50, 60]}`, Qwen2-VL's `(10,20),(50,60)`, `<answer>10 20 50 60</answer>`.
 pub fn first_box(text: &str) -> Option<[f64; 4]> {
     // whole numbers only: the 2 of `bbox_2d` is not a coordinate
-    let re = Regex::new(r"-?\b\d+(?:\.\d+)?\b").expect("a valid pattern");
-    let v: Vec<f64> = re
+    static NUMBER: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"-?\b\d+(?:\.\d+)?\b").expect("a valid pattern"));
+    let v: Vec<f64> = NUMBER
         .find_iter(text)
         .take(4)
         .filter_map(|m| m.as_str().parse().ok())

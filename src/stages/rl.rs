@@ -41,6 +41,19 @@ fn flat(rewards: &[f64]) -> bool {
     rewards.iter().all(|&r| r == rewards[0])
 }
 
+/// Over every rank's micro-batches: the share of the sampled groups whose rewards are all equal (TRL's
+/// `frac_reward_zero_std`) and dynamic sampling's refill rounds.
+pub fn group_stats(chunks: &[Option<Chunk>], g: usize) -> (f64, f64) {
+    let mut s = [0.0f64; 3];
+    for c in chunks.iter().flatten() {
+        s[0] += c.sampled.chunks(g).filter(|r| flat(r)).count() as f64;
+        s[1] += (c.sampled.len() / g) as f64;
+        s[2] += c.refills as f64;
+    }
+    crate::dist::sum_f64(&mut s, "the group statistics' all-reduce");
+    (s[0] / s[1].max(1.0), s[2])
+}
+
 /// A group's rollouts and their rewards.
 type Group = (Vec<Rollout>, Vec<f64>);
 

@@ -169,12 +169,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         )));
     }
 
-    if spec.pack && (built.model.spec.anyres.is_some() || built.model.spec.native.is_some()) {
-        return Err(Error::input(format!(
-            "stages.{name}.pack: sequence packing takes models with a fixed number of tokens per image (LLaVA-1.5 \
-             layout); this model tiles images (AnyRes) or uses M-RoPE positions: set pack = false"
-        )));
-    }
+    let pack = super::batches::pack_cap(spec.pack, spec.max_len, &built.model, &eng.key)?;
 
     // Which parameters learn in full (the engine attaches adapters and trains them too)
     let train = eng.train(&default_train(kind));
@@ -197,7 +192,7 @@ pub fn run(ctx: StageRun, mut built: Built, resume: Option<PathBuf>) -> Result<B
         Arc::new(built.images.clone()),
         spec.batch.micro,
         built.text.pad_id(),
-        spec.pack.then_some(spec.max_len),
+        pack,
         eng.first,
         total,
         4,
